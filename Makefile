@@ -1,0 +1,28 @@
+# Two entry points: `make demo` and `make test`. Both set up `.venv` first (once; quick when already done).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+# Re-runs only when requirements.txt changes; a half-finished install leaves no stamp and is redone.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) demo.py
+
+bench: install
+	$(PY) bench/bench_model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
