@@ -1,0 +1,562 @@
+"""DiT and Fixed Point Diffusion Models (FPDM) in one file.
+
+DiT (Peebles & Xie, 2023) is a stack of adaLN-Zero transformer blocks over patch tokens. FPDM (Bai &
+Melas-Kyriazi, CVPR 2024) keeps a few of those blocks before ("pre") and after ("post") and replaces the middle of
+the stack with ONE block iterated to a fixed point (see `DiT._fixed_point_iterations`, the only place iterations
+happen). State-dict keys match official DiT checkpoints (DiT mode) and the FPDM release (FPDM mode).
+
+    model = DiT_models["DiT-XL/2"]()                                   # DiT-XL/2, 675M parameters
+    fpdm = DiT_models["DiT-XL/2"](fixed_point=True)                     # FPDM-XL/2, 86.5M parameters
+    out = fpdm(x, t, y, num_iterations=26)                              # sampling: a fixed iteration count
+    fpdm.last_residuals                                                 # ||f(z) - z|| / ||z|| per iteration
+"""
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _checkpointed(fn, *args):
+    # Non-reentrant checkpointing works under torch.no_grad, with DDP, and with inputs that need no grad.
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Class Labels                 #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar (possibly fractional) timesteps: 256-d sinusoidal features -> MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """(N,) timesteps -> (N, dim) features, cosine half first then sine (GLIDE/DiT convention)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Embeds class labels; with dropout > 0 the extra last row is the "null" class used by classifier-free guidance."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio),
+                       act_layer=lambda: nn.GELU(approximate="tanh"), drop=0)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map from tokens to patch_size² · out_channels values."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer; with `fixed_point=True` the Fixed Point Diffusion Model.
+
+    DiT mode: `depth` blocks. FPDM mode: `fixed_point_pre_depth` blocks, one fixed-point block iterated with input
+    injection, `fixed_point_post_depth` blocks; `depth` then only sets the default number of iterations at
+    evaluation (depth - pre - post, so one call costs as many block evaluations as a DiT of that depth).
+
+    Iteration counts per call (FPDM):
+      - `forward(..., num_iterations=k)`: exactly k iterations, all with autograd (if grad is enabled);
+      - `forward(..., num_iterations=(n, m))`: n iterations without a graph, then m with one (explicit S-JFB);
+      - training mode, no count given: Stochastic Jacobian-Free Backprop, n ~ U{no_grad_min..no_grad_max},
+        m ~ U{with_grad_min..with_grad_max} drawn from torch's global RNG (so a saved RNG state replays them);
+      - eval mode, no count given: `default_num_iterations`.
+    After each call: `last_residuals` (relative residual per iteration), `last_num_iterations`, `last_sjfb`.
+    """
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        use_gradient_checkpointing=False,
+        fixed_point=False,
+        fixed_point_pre_depth=1,
+        fixed_point_post_depth=1,
+        fixed_point_no_grad_min_iters=0,
+        fixed_point_no_grad_max_iters=10,
+        fixed_point_with_grad_min_iters=1,
+        fixed_point_with_grad_max_iters=12,
+        fixed_point_reuse_solution=False,
+        fixed_point_pre_post_timestep_conditioning=False,
+        fixed_point_checkpoint_iterations=False,
+        fixed_point_track_residuals=True,
+    ):
+        super().__init__()
+        # Plain data that rebuilds this model: saved in every checkpoint (see `DiT.from_config`).
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.input_hw = _as_hw(input_size)
+        # JSON-friendly: an int for square inputs (as DiT and the FPDM release take it), else [height, width].
+        self.config["input_size"] = self.input_hw[0] if self.input_hw[0] == self.input_hw[1] else list(self.input_hw)
+        _validate_config(self.config, self.input_hw)
+
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.use_gradient_checkpointing = use_gradient_checkpointing
+
+        height, width = self.input_hw
+        self.grid_size = (height // patch_size, width // patch_size)
+        self.x_embedder = PatchEmbed((height, width), patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed 2-D sin-cos table. A buffer (as in the FPDM release) rather than DiT's frozen parameter: the key is the
+        # same, so both kinds of checkpoint load, and `parameters()` counts only trainable weights.
+        self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
+
+        def block():
+            return DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio)
+
+        self.fixed_point = fixed_point
+        if fixed_point:
+            self.blocks_pre = nn.ModuleList([block() for _ in range(fixed_point_pre_depth)])
+            self.block_pre_projection = nn.Linear(hidden_size, hidden_size)
+            self.block_fixed_point_projection_fc1 = nn.Linear(2 * hidden_size, 2 * hidden_size)
+            self.block_fixed_point_projection_fc2 = nn.Linear(2 * hidden_size, hidden_size)
+            self.block_fixed_point = block()
+            self.blocks_post = nn.ModuleList([block() for _ in range(fixed_point_post_depth)])
+            self.fixed_point_no_grad_iters = (fixed_point_no_grad_min_iters, fixed_point_no_grad_max_iters)
+            self.fixed_point_with_grad_iters = (fixed_point_with_grad_min_iters, fixed_point_with_grad_max_iters)
+            self.fixed_point_reuse_solution = fixed_point_reuse_solution
+            self.fixed_point_pre_post_timestep_conditioning = fixed_point_pre_post_timestep_conditioning
+            self.fixed_point_checkpoint_iterations = fixed_point_checkpoint_iterations
+            self.fixed_point_track_residuals = fixed_point_track_residuals
+            self.default_num_iterations = max(depth - fixed_point_pre_depth - fixed_point_post_depth, 0)
+            self.last_solution = None
+            self._residuals = []
+            self.last_num_iterations = 0
+            self.last_sjfb = (0, 0)
+        else:
+            self.blocks = nn.ModuleList([block() for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild a model from `model.config` (e.g. as stored in a checkpoint); unknown keys are an error."""
+        unknown = sorted(set(config) - set(cls.config_keys()))
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {cls.config_keys()}")
+        return cls(**config)
+
+    @staticmethod
+    def config_keys():
+        import inspect
+        return [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
+
+    def transformer_blocks(self):
+        """Every DiTBlock, in order of use (the fixed-point block once)."""
+        if self.fixed_point:
+            return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
+        return list(self.blocks)
+
+    def initialize_weights(self):
+        """DiT's scheme: xavier-uniform linears, zero biases, N(0, 0.02) embeddings, adaLN-Zero and a zero output."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
+
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # like nn.Linear over the flattened patch
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        for block in self.transformer_blocks():
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        """(N, T, p² · C) tokens -> (N, C, H, W) images."""
+        c, p = self.out_channels, self.patch_size
+        h, w = self.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _run_block(self, block, x, c):
+        if self.use_gradient_checkpointing and torch.is_grad_enabled():
+            return _checkpointed(block, x, c)
+        return block(x, c)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------------
+
+    def forward(self, x, t, y, num_iterations=None, tol=None):
+        """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels.
+
+        FPDM only: `num_iterations` (int k, or (n, m) for n no-grad then m with-grad iterations) and `tol` (stop once
+        the relative residual falls below it; `num_iterations` is then the cap). Returns (N, out_channels, H, W).
+        """
+        self._check_input(x, t, y)
+        tokens = self.x_embedder(x) + self.pos_embed
+        t_emb = self.t_embedder(t)
+        y_emb = self.y_embedder(y, self.training)
+        c = t_emb + y_emb
+        if not self.fixed_point:
+            if num_iterations is not None or tol is not None:
+                raise ValueError("num_iterations/tol apply to FPDM models only (build with fixed_point=True)")
+            for block in self.blocks:
+                tokens = self._run_block(block, tokens, c)
+            return self.unpatchify(self.final_layer(tokens, c))
+
+        c_pre_post = c if self.fixed_point_pre_post_timestep_conditioning else y_emb
+        for block in self.blocks_pre:
+            tokens = self._run_block(block, tokens, c_pre_post)
+        z = self._fixed_point_iterations(tokens, c, num_iterations, tol)
+        for block in self.blocks_post:
+            z = self._run_block(block, z, c_pre_post)
+        return self.unpatchify(self.final_layer(z, c_pre_post))
+
+    def fixed_point_function(self, z, injection, c):
+        """f(z; u, c) = block( fc2( gelu( fc1([z, u]) ) ), c ): one iteration of the implicit layer."""
+        z = self.block_fixed_point_projection_fc1(torch.cat((z, injection), dim=-1))
+        z = self.block_fixed_point_projection_fc2(F.gelu(z, approximate="tanh"))
+        return self.block_fixed_point(z, c)
+
+    def _fixed_point_iterations(self, h, c, num_iterations, tol):
+        """Iterate f from the pre-blocks' output h (or the previous solution when reusing); returns z_N."""
+        no_grad_iters, with_grad_iters = self._iteration_counts(num_iterations)
+        injection = self.block_pre_projection(h)  # input injection: computed once per call, inside the graph
+        reuse = self.fixed_point_reuse_solution and self.last_solution is not None
+        if reuse and self.last_solution.shape != h.shape:
+            raise ValueError(f"reused solution has shape {tuple(self.last_solution.shape)} but this batch gives "
+                             f"{tuple(h.shape)}: call model.reset() between batches")
+        # z_0 is detached, as in the release: parameters get gradient through the with-grad iterations (and the
+        # injection) only, never through the starting point.
+        z = (self.last_solution.to(h.dtype) if reuse else h).detach()
+
+        track = self.fixed_point_track_residuals or tol is not None
+        self._residuals = []
+        done = 0
+
+        def step(z, with_grad):
+            nonlocal done
+            if with_grad and self.fixed_point_checkpoint_iterations and torch.is_grad_enabled():
+                z_next = _checkpointed(self.fixed_point_function, z, injection, c)
+            else:
+                z_next = self.fixed_point_function(z, injection, c)
+            done += 1
+            if track:
+                with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
+                    self._residuals.append(
+                        (z_next - z).float().norm() / z.float().norm().clamp_min(1e-12))
+            return z_next
+
+        def converged():
+            return tol is not None and bool(self._residuals) and bool(self._residuals[-1] < tol)
+
+        # No-grad phase of S-JFB. torch.no_grad() records nothing for autograd, so none of these iterations is
+        # stored or back-propagated. DDP still works: its reducer only waits for gradients of parameters that the
+        # autograd graph reaches, and with m >= 1 with-grad iterations every parameter is reached there. (Only
+        # when m = 0 is allowed must DDP use find_unused_parameters=True; train.py sets that.) The injection is
+        # detached implicitly, which is the S-JFB gradient: d/dθ flows through the last m iterations only.
+        with torch.no_grad():
+            for _ in range(no_grad_iters):
+                z = step(z, with_grad=False)
+                if converged():
+                    break
+        if not converged():
+            for _ in range(with_grad_iters):
+                z = step(z, with_grad=True)
+                if converged():
+                    break
+        self.last_num_iterations = done
+        self.last_sjfb = (no_grad_iters, with_grad_iters)
+        if self.fixed_point_reuse_solution:
+            self.last_solution = z.detach()
+        return z
+
+    def _iteration_counts(self, num_iterations):
+        if num_iterations is None:
+            if not self.training:
+                return 0, self.default_num_iterations
+            return _randint(*self.fixed_point_no_grad_iters), _randint(*self.fixed_point_with_grad_iters)
+        if isinstance(num_iterations, (tuple, list)):
+            n, m = (int(v) for v in num_iterations)
+        else:
+            n, m = 0, int(num_iterations)
+        if n < 0 or m < 0:
+            raise ValueError(f"iteration counts must be >= 0, got {num_iterations}")
+        return n, m
+
+    def _check_input(self, x, t, y):
+        expected = (self.in_channels, *self.input_hw)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"input has shape {tuple(x.shape)} but this model takes (N, {', '.join(map(str, expected))})")
+        if self.fixed_point and self.fixed_point_reuse_solution and t.numel() > 1 and not bool((t == t[0]).all()):
+            raise ValueError("solution reuse needs one shared timestep per batch, got mixed timesteps: "
+                             "sample with a shared t or build the model with fixed_point_reuse_solution=False")
+
+    def reset(self):
+        """Forget the stored fixed-point solution (call between batches when reusing solutions)."""
+        if self.fixed_point:
+            self.last_solution = None
+
+    @property
+    def last_residuals(self):
+        """Relative residuals ||z_{k+1} - z_k|| / ||z_k|| (norm over the whole batch) of the last call's iterations."""
+        if not self.fixed_point or not self._residuals:
+            return []
+        return torch.stack(self._residuals).tolist()
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=None, **kwargs):
+        """Classifier-free guidance over a doubled batch (first half conditional labels, second half null labels).
+
+        Guidance applies to all `in_channels` output channels by default. Official DiT guides only the first 3
+        channels "for exact reproducibility": pass `guidance_channels=3` to reproduce its published numbers.
+        """
+        if self.y_embedder.dropout_prob <= 0:
+            raise ValueError("classifier-free guidance needs a model trained with class_dropout_prob > 0")
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y, **kwargs)
+        channels = self.in_channels if guidance_channels is None else guidance_channels
+        eps, rest = model_out[:, :channels], model_out[:, channels:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Accounting
+    # ----------------------------------------------------------------------------------------------------------
+
+    def num_parameters(self, include_pos_embed=False):
+        """Trainable parameter count; `include_pos_embed` adds the fixed table (DiT stores it as a parameter)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n + (self.pos_embed.numel() if include_pos_embed else 0)
+
+    def block_evaluations(self, num_iterations=None):
+        """Transformer-block evaluations of one forward call (pre + iterations + post for FPDM)."""
+        if not self.fixed_point:
+            return len(self.blocks)
+        k = self.default_num_iterations if num_iterations is None else num_iterations
+        return len(self.blocks_pre) + k + len(self.blocks_post)
+
+    def block_flops(self):
+        """FLOPs (2 x multiply-adds) of one transformer block per sample: 12·D² per token (qkv, proj, MLP at ratio 4),
+        2·T·D per token (attention scores and values), and the adaLN projection's 6·D² once."""
+        hidden, tokens = self.pos_embed.shape[-1], self.pos_embed.shape[1]
+        per_token = (4 + 2 * self.config["mlp_ratio"]) * hidden ** 2 + 2 * tokens * hidden
+        return 2 * (tokens * per_token + 6 * hidden ** 2)
+
+    def iteration_flops(self):
+        """FLOPs of one fixed-point iteration per sample: a block plus the projection MLP's 6·D² per token
+        (fc1 2D->2D, fc2 2D->D), about 1.48 blocks at XL/2 with 256 tokens. Not one block: report both."""
+        hidden, tokens = self.pos_embed.shape[-1], self.pos_embed.shape[1]
+        return self.block_flops() + 2 * tokens * 6 * hidden ** 2
+
+    def forward_flops(self, num_iterations=None):
+        """Estimated FLOPs of one forward call per sample, embedders and final layer included."""
+        hidden, tokens = self.pos_embed.shape[-1], self.pos_embed.shape[1]
+        embed = 2 * (tokens * self.patch_size ** 2 * self.in_channels * hidden + 256 * hidden + hidden ** 2)
+        final = 2 * (tokens * hidden * self.patch_size ** 2 * self.out_channels + 2 * hidden ** 2)
+        if not self.fixed_point:
+            return embed + len(self.blocks) * self.block_flops() + final
+        k = self.default_num_iterations if num_iterations is None else num_iterations
+        injection = 2 * tokens * hidden ** 2
+        pre_post = len(self.blocks_pre) + len(self.blocks_post)
+        return embed + pre_post * self.block_flops() + injection + k * self.iteration_flops() + final
+
+
+def _randint(low, high):
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def _as_hw(size):
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"input_size must be an int or (height, width), got {size}")
+    return size
+
+
+def _validate_config(cfg, input_hw):
+    height, width = input_hw
+    p = cfg["patch_size"]
+    if p < 1 or height % p or width % p:
+        raise ValueError(f"input size {height}x{width} is not divisible by patch size {p}: "
+                         f"pad or resize the input, or pick a patch size that divides it")
+    if cfg["hidden_size"] % cfg["num_heads"]:
+        raise ValueError(f"hidden_size {cfg['hidden_size']} is not divisible by num_heads {cfg['num_heads']}")
+    if cfg["hidden_size"] % 4:
+        raise ValueError(f"hidden_size {cfg['hidden_size']} must be divisible by 4 (2-D sin-cos position table)")
+    if cfg["num_classes"] < 1:
+        raise ValueError("num_classes must be >= 1 (use 1 class and class_dropout_prob=0 for unconditional models)")
+    if not cfg["fixed_point"]:
+        return
+    for name in ("no_grad", "with_grad"):
+        lo, hi = cfg[f"fixed_point_{name}_min_iters"], cfg[f"fixed_point_{name}_max_iters"]
+        if lo < 0 or hi < lo:
+            raise ValueError(f"fixed_point_{name} iteration range [{lo}, {hi}] is invalid: need 0 <= min <= max")
+    if cfg["fixed_point_pre_depth"] < 0 or cfg["fixed_point_post_depth"] < 0:
+        raise ValueError("fixed_point_pre_depth and fixed_point_post_depth must be >= 0")
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_1d_sincos_pos_embed(embed_dim, positions):
+    """(M,) positions -> (M, embed_dim): sines then cosines of positions · 10000^(-2i/embed_dim), in float64."""
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2))
+    angles = positions.reshape(-1, 1).double() * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """(H·W, embed_dim) table, row-major over the patch grid, as in MAE/DiT: the first half of the channels
+    encodes the column (x) coordinate, the second half the row (y) coordinate."""
+    h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)],
+                    dim=1)
+    return emb.float()
+
+
+#################################################################################
+#                                   DiT Configs                                 #
+#################################################################################
+
+class _Registry(dict):
+    def __missing__(self, name):
+        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(self)}")
+
+
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def _make_constructor(depth, hidden_size, num_heads, patch_size):
+    def constructor(**kwargs):
+        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+    return constructor
+
+
+DiT_models = _Registry()
+for _size, (_depth, _hidden, _heads) in _SIZES.items():
+    for _patch in (2, 4, 8):
+        _name = f"DiT-{_size}/{_patch}"
+        DiT_models[_name] = _make_constructor(_depth, _hidden, _heads, _patch)
+        DiT_models[_name].__name__ = f"DiT_{_size}_{_patch}"
+        globals()[f"DiT_{_size}_{_patch}"] = DiT_models[_name]  # DiT_XL_2(...) etc., as in DiT's models.py
+
+
+def create_model(name, **kwargs):
+    """`DiT_models[name](**kwargs)` with a readable error for unknown names."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(DiT_models)}")
+    return DiT_models[name](**kwargs)
+
+
+def load_state_dict_checked(model, state_dict):
+    """Strict load that names the first problem: a missing or unexpected key, or a key whose shape differs."""
+    own = model.state_dict()
+    for key, value in state_dict.items():
+        if key not in own:
+            raise ValueError(f"checkpoint has key {key!r} that this model lacks (checkpoint from a different "
+                             f"architecture? DiT vs FPDM, or other pre/post depth)")
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs model "
+                             f"{tuple(own[key].shape)}; build the model with the checkpoint's config")
+    missing = [k for k in own if k not in state_dict]
+    if missing:
+        raise ValueError(f"checkpoint lacks key {missing[0]!r} ({len(missing)} missing in all): "
+                         f"build the model with the checkpoint's config")
+    model.load_state_dict(state_dict, strict=True)
+    return model
