@@ -1,0 +1,366 @@
+"""Properties and numbers of diffusion/: schedules, the forward process, parameterizations, respacing, losses and
+samplers. Samplers are checked with the exact denoiser for Gaussian data, so their answers are known in closed form."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType, SpacedDiffusion, create_diffusion,
+                       get_named_beta_schedule, rescale_zero_terminal_snr, space_timesteps)
+from diffusion.gaussian_diffusion import discretized_gaussian_log_likelihood, normal_kl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: intra-op threads only add overhead, and on busy cores make loops 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_diffusion(mean_type=ModelMeanType.EPSILON, var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE,
+                   betas=None, **kwargs):
+    betas = get_named_beta_schedule("linear", 1000) if betas is None else betas
+    return GaussianDiffusion(betas=betas, model_mean_type=mean_type, model_var_type=var_type, loss_type=loss_type,
+                             **kwargs)
+
+
+def gaussian_data_model(base_alphas_cumprod, mu, s, mean_type=ModelMeanType.EPSILON):
+    """The exact (posterior-mean) denoiser for data x_0 ~ N(mu, s² I), called with ORIGINAL timesteps.
+
+    E[x_0 | x_t] = mu + √ᾱ s² (x_t − √ᾱ mu) / (ᾱ s² + 1 − ᾱ); ε and v follow from x_t = √ᾱ x_0 + √(1−ᾱ) ε.
+    Written through x_0 so it stays finite at ᾱ = 0 (zero terminal SNR).
+    """
+    table = torch.from_numpy(base_alphas_cumprod)
+
+    def model(x, t):
+        a = table.to(x.dtype)[t].view(-1, *([1] * (x.dim() - 1)))
+        x0 = mu + a.sqrt() * s ** 2 * (x - a.sqrt() * mu) / (a * s ** 2 + 1 - a)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return {ModelMeanType.EPSILON: eps, ModelMeanType.START_X: x0,
+                ModelMeanType.VELOCITY: a.sqrt() * eps - (1 - a).sqrt() * x0}[mean_type]
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_linear_schedule_endpoints_scale_and_monotone():
+    betas = get_named_beta_schedule("linear", 1000)
+    assert betas.dtype == np.float64 and betas.shape == (1000,)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+    assert np.all(np.diff(np.cumprod(1 - betas)) < 0)
+    half = get_named_beta_schedule("linear", 500)  # scale 1000/T keeps the same total amount of noise
+    assert half[0] == pytest.approx(2e-4) and half[-1] == pytest.approx(0.04)
+
+
+def test_cosine_schedule_follows_squared_cosine():
+    T, s = 1000, 0.008
+    betas = get_named_beta_schedule("cosine", T)
+    alphas_cumprod = np.cumprod(1 - betas)
+    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+    i = np.arange(T - 1)  # the last β is capped at 0.999, so the formula holds before it
+    np.testing.assert_allclose(alphas_cumprod[i], f((i + 1) / T) / f(0), rtol=1e-10)
+    assert betas.max() == pytest.approx(0.999) and np.all(np.diff(alphas_cumprod) < 0)
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        get_named_beta_schedule("quadratic", T)
+
+
+def test_zero_terminal_snr_rescaling():
+    betas = get_named_beta_schedule("linear", 1000)
+    rescaled = rescale_zero_terminal_snr(betas)
+    assert rescaled[-1] == 1.0
+    diffusion = make_diffusion(ModelMeanType.VELOCITY, betas=rescaled)
+    assert diffusion.alphas_cumprod[-1] == 0.0
+    assert diffusion.alphas_cumprod[0] == pytest.approx(1 - betas[0], rel=1e-12)
+    assert np.all(np.diff(diffusion.alphas_cumprod) < 0)
+    with pytest.raises(ValueError, match="v-prediction"):
+        create_diffusion("", rescale_betas_zero_snr=True)
+    # Respacing that keeps the final step keeps SNR_T = 0; one that does not, does not.
+    assert create_diffusion("10", rescale_betas_zero_snr=True, predict_v=True).alphas_cumprod[-1] == 0.0
+    assert create_diffusion("ddim50", rescale_betas_zero_snr=True, predict_v=True).alphas_cumprod[-1] > 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward process, posterior and parameterizations
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_q_sample_moments():
+    torch.manual_seed(0)
+    diffusion = make_diffusion()
+    n = 200_000
+    x_start = torch.tensor([-0.8, 0.1, 0.9]).repeat(n, 1)
+    for index in [0, 300, 999]:
+        t = torch.full((n,), index, dtype=torch.long)
+        x_t = diffusion.q_sample(x_start, t)
+        a = diffusion.alphas_cumprod[index]
+        np.testing.assert_allclose(x_t.mean(0).numpy(), math.sqrt(a) * x_start[0].numpy(), atol=0.01)
+        np.testing.assert_allclose(x_t.var(0).numpy(), [1 - a] * 3, atol=0.01)
+        mean, variance, log_variance = diffusion.q_mean_variance(x_start[:2], t[:2])
+        assert torch.allclose(mean, math.sqrt(a) * x_start[:2]) and torch.allclose(variance.log(), log_variance)
+
+
+def test_q_posterior_is_bayes_rule():
+    """Posterior of x_{t-1} from q(x_t | x_{t-1}) q(x_{t-1} | x_0), as a product of Gaussians."""
+    diffusion = make_diffusion()
+    betas = get_named_beta_schedule("linear", 1000)
+    alphas_cumprod = np.cumprod(1 - betas)
+    t = torch.tensor([1, 10, 500, 999])
+    x_start = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x_t = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mean, variance, log_variance = diffusion.q_posterior_mean_variance(x_start, x_t, t)
+    for row, index in enumerate(t.tolist()):
+        beta, a_prev = betas[index], alphas_cumprod[index - 1]
+        precision = 1 / (1 - a_prev) + (1 - beta) / beta
+        expected_mean = (math.sqrt(a_prev) * x_start[row] / (1 - a_prev)
+                         + math.sqrt(1 - beta) * x_t[row] / beta) / precision
+        torch.testing.assert_close(mean[row], expected_mean, rtol=1e-10, atol=1e-12)
+        assert variance[row].item() == pytest.approx(1 / precision, rel=1e-10)
+        assert variance[row].item() == pytest.approx((1 - a_prev) / (1 - alphas_cumprod[index]) * beta, rel=1e-10)
+        assert log_variance[row].item() == pytest.approx(math.log(1 / precision), rel=1e-10)
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_parameterization_round_trips(zero_snr):
+    betas = get_named_beta_schedule("linear", 1000)
+    diffusion = make_diffusion(ModelMeanType.VELOCITY, betas=rescale_zero_terminal_snr(betas) if zero_snr else betas)
+    generator = torch.Generator().manual_seed(3)
+    x_start = torch.randn(5, 2, 4, dtype=torch.float64, generator=generator)
+    noise = torch.randn(5, 2, 4, dtype=torch.float64, generator=generator)
+    t = torch.tensor([0, 1, 250, 998, 999])
+    x_t = diffusion.q_sample(x_start, t, noise)
+    v = diffusion.predict_v(x_start, t, noise)
+    torch.testing.assert_close(diffusion.predict_xstart_from_v(x_t, t, v), x_start, rtol=0, atol=1e-12)
+    torch.testing.assert_close(diffusion.predict_eps_from_v(x_t, t, v), noise, rtol=0, atol=1e-12)
+    torch.testing.assert_close(diffusion.predict_eps_from_xstart(x_t, t, x_start), noise, rtol=0, atol=1e-10)
+    if zero_snr:  # ᾱ_T = 0: x_T is pure noise, and nothing on the v path may be inf or NaN
+        torch.testing.assert_close(x_t[-1], noise[-1], rtol=0, atol=0)
+        posterior_mean, _, _ = diffusion.q_posterior_mean_variance(x_start, x_t, t)
+        assert torch.isfinite(posterior_mean).all()
+    else:
+        torch.testing.assert_close(diffusion.predict_xstart_from_eps(x_t, t, noise), x_start, rtol=0, atol=1e-10)
+
+
+def test_likelihood_helpers():
+    # The 256 bins tile the real line, so their probabilities sum to one whatever the Gaussian.
+    x = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, log_scale in [(0.0, math.log(0.5)), (0.7, math.log(0.01)), (-2.0, 0.0)]:
+        log_p = discretized_gaussian_log_likelihood(x, means=torch.full_like(x, mean),
+                                                    log_scales=torch.full_like(x, log_scale))
+        assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+    kl = normal_kl(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(math.log(4.0)))
+    assert kl.item() == pytest.approx(0.5 * (math.log(4.0) + 0.25 + 0.25 - 1))  # ½(log σ²₂/σ²₁ + σ²₁/σ²₂ + Δμ²/σ²₂ − 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Respacing
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_space_timesteps_counts():
+    ddim = space_timesteps(1000, "ddim50")
+    assert len(ddim) == 50 and ddim[0] == 0 and set(np.diff(ddim)) == {20}
+    even = space_timesteps(1000, "250")
+    assert len(set(even)) == 250 and even[0] == 0 and even[-1] == 999 and even == space_timesteps(1000, 250)
+    assert even[62] == 249  # 62 · 999/249 = 248.75, rounded to nearest as IDDPM does (DiT's "250" sampling steps)
+    sections = space_timesteps(1000, "10,15,20")
+    assert len(set(sections)) == 45 and sections == space_timesteps(1000, [10, 15, 20])
+    # Sections are [0, 333], [334, 666], [667, 999]; each keeps its endpoints.
+    assert sections[:10][0] == 0 and sections[:10][-1] == 333
+    assert sections[10:25][0] == 334 and sections[10:25][-1] == 666 and sections[25:][-1] == 999
+    assert space_timesteps(1000, "1000") == list(range(1000))
+
+
+@pytest.mark.parametrize("spec", ["abc", "ddim", "ddimx", "ddim999", "ddim0", "0", "1001", "10,,5", "5,0", []])
+def test_space_timesteps_rejects_bad_specs(spec):
+    with pytest.raises(ValueError):
+        space_timesteps(1000, spec)
+
+
+def test_spaced_diffusion_keeps_base_alphas_cumprod_exactly():
+    base = make_diffusion()
+    spaced = create_diffusion("ddim50", learn_sigma=False)
+    assert spaced.num_timesteps == 50 and list(spaced.timestep_map) == list(range(0, 1000, 20))
+    assert np.array_equal(spaced.alphas_cumprod, base.alphas_cumprod[spaced.timestep_map])
+    np.testing.assert_allclose(np.cumprod(1 - spaced.betas), spaced.alphas_cumprod, rtol=1e-12)
+    assert list(base.timestep_map) == list(range(1000))
+    with pytest.raises(ValueError):
+        SpacedDiffusion([], betas=base.betas, model_mean_type="epsilon", model_var_type="fixed_small",
+                        loss_type="mse")
+    with pytest.raises(ValueError):
+        SpacedDiffusion([5, 1000], betas=base.betas, model_mean_type="epsilon", model_var_type="fixed_small",
+                        loss_type="mse")
+
+
+def test_model_sees_original_timesteps():
+    seen = []
+
+    def recorder(x, t):
+        assert t.dtype == torch.long and t.shape == (x.shape[0],) and (t == t[0]).all()
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    diffusion = create_diffusion("ddim50", learn_sigma=False)
+    diffusion.ddim_sample_loop(recorder, (3, 2, 4, 4))
+    assert seen == list(range(980, -1, -20))
+    seen.clear()
+    diffusion.p_sample_loop(recorder, (3, 2, 4, 4))
+    assert seen == list(range(980, -1, -20))
+    seen.clear()
+    diffusion.ddim_reverse_sample_loop(recorder, torch.zeros(3, 2, 4, 4))
+    assert seen == list(range(0, 1000, 20))
+    seen.clear()
+    diffusion.training_losses(recorder, torch.zeros(3, 2, 4, 4), torch.full((3,), 7, dtype=torch.long))
+    assert seen == [140]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers, with the exact denoiser for Gaussian data
+# ----------------------------------------------------------------------------------------------------------------
+
+MU, S = 0.5, 1.0
+
+
+def test_ddim_inversion_round_trip():
+    """DDIM inversion evaluates ε at x_{t-1} instead of x_t: error small and first order (halves as steps double)."""
+    torch.manual_seed(0)
+    base = get_named_beta_schedule("linear", 1000)
+    model = gaussian_data_model(np.cumprod(1 - base), MU, S)
+    x_start = MU + S * torch.randn(64, 2, 4, 4, dtype=torch.float64)
+    errors = {}
+    for spec in ["ddim50", "ddim100"]:
+        diffusion = create_diffusion(spec, learn_sigma=False)
+        x_end = diffusion.ddim_reverse_sample_loop(model, x_start)
+        assert x_end.std().item() == pytest.approx(1.0, abs=0.05)  # the latent looks like N(0, I)
+        x_back = diffusion.ddim_sample_loop(model, x_start.shape, noise=x_end, clip_denoised=False)
+        errors[spec] = (x_back - x_start).abs().max().item()
+    assert errors["ddim100"] < 0.025
+    assert 1.7 < errors["ddim50"] / errors["ddim100"] < 2.3
+
+
+@pytest.mark.parametrize("var_type", [ModelVarType.FIXED_SMALL, ModelVarType.FIXED_LARGE])
+def test_ddpm_sampling_reproduces_data_moments(var_type):
+    torch.manual_seed(0)
+    diffusion = make_diffusion(var_type=var_type)
+    model = gaussian_data_model(diffusion.alphas_cumprod, MU, S)
+    x = diffusion.p_sample_loop(model, (2000, 1, 4, 4), clip_denoised=False)
+    assert x.mean().item() == pytest.approx(MU, abs=0.02)
+    assert x.std().item() == pytest.approx(S, abs=0.02)
+
+
+def test_mean_types_give_the_same_samples():
+    torch.manual_seed(0)
+    base = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
+    noise = torch.randn(16, 2, 4, 4, dtype=torch.float64)
+    samples = {}
+    for mean_type in ModelMeanType:
+        diffusion = SpacedDiffusion(space_timesteps(1000, "ddim50"), betas=get_named_beta_schedule("linear", 1000),
+                                    model_mean_type=mean_type, model_var_type="fixed_small", loss_type="mse")
+        model = gaussian_data_model(base, MU, S, mean_type)
+        samples[mean_type] = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, clip_denoised=False)
+    torch.testing.assert_close(samples[ModelMeanType.START_X], samples[ModelMeanType.EPSILON], rtol=0, atol=1e-9)
+    torch.testing.assert_close(samples[ModelMeanType.VELOCITY], samples[ModelMeanType.EPSILON], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_zero_terminal_snr_v_prediction_samples_data(sampler):
+    torch.manual_seed(0)
+    diffusion = create_diffusion("100", learn_sigma=False, sigma_small=True, predict_v=True,
+                                 rescale_betas_zero_snr=True)
+    base = np.cumprod(1 - rescale_zero_terminal_snr(get_named_beta_schedule("linear", 1000)))
+    model = gaussian_data_model(base, MU, S, ModelMeanType.VELOCITY)
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    x = loop(model, (2000, 1, 4, 4), clip_denoised=False)
+    assert torch.isfinite(x).all()
+    assert x.mean().item() == pytest.approx(MU, abs=0.03) and x.std().item() == pytest.approx(S, abs=0.05)
+
+
+def test_callbacks_and_progress(capsys):
+    diffusion = create_diffusion("10", learn_sigma=False)
+    model = lambda x, t: torch.zeros_like(x)
+    for run in [lambda cb: diffusion.p_sample_loop(model, (2, 1, 2, 2), callback=cb, progress=True),
+                lambda cb: diffusion.ddim_sample_loop(model, (2, 1, 2, 2), eta=0.5, callback=cb, progress=True),
+                lambda cb: diffusion.ddim_reverse_sample_loop(model, torch.zeros(2, 1, 2, 2), callback=cb)]:
+        calls = []
+        x = run(calls.append)
+        assert [c["i"] for c in calls] == list(range(10))
+        assert calls[-1]["x"] is x and calls[-1]["pred_xstart"].shape == x.shape and calls[0]["t"].shape == (2,)
+    assert "10/10" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training losses and learned variance
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_learned_range_variance_endpoints():
+    diffusion = make_diffusion(var_type=ModelVarType.LEARNED_RANGE)
+    x = torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 400, 999])
+    for value, expected in [(-1.0, diffusion.posterior_log_variance_clipped), (1.0, np.log(diffusion.betas))]:
+        model = lambda x, t: torch.cat([torch.zeros_like(x), torch.full_like(x, value)], dim=1)
+        out = diffusion.p_mean_variance(model, x, t)
+        for row, index in enumerate(t.tolist()):
+            assert torch.allclose(out["log_variance"][row], torch.tensor(expected[index], dtype=torch.float32))
+    with pytest.raises(ValueError, match="2C"):
+        diffusion.p_mean_variance(lambda x, t: x, x, t)
+
+
+def test_hybrid_loss_shapes_and_vb():
+    torch.manual_seed(0)
+    diffusion = create_diffusion("")  # DiT's default: ε-prediction, learned variance, hybrid loss
+    x_start = torch.rand(6, 3, 8, 8) * 2 - 1
+    t = torch.tensor([0, 1, 10, 200, 700, 999])
+    output = torch.randn(6, 6, 8, 8) * 0.5
+    terms = diffusion.training_losses(lambda x, t: output, x_start, t)
+    for key in ["loss", "mse", "vb"]:
+        assert terms[key].shape == (6,) and torch.isfinite(terms[key]).all()
+    assert (terms["vb"] >= 0).all()
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+
+
+def test_vb_term_trains_only_the_variance():
+    diffusion = create_diffusion("")
+    output = torch.randn(4, 4, 4, 4, requires_grad=True)
+    terms = diffusion.training_losses(lambda x, t: output, torch.rand(4, 2, 4, 4), torch.tensor([0, 5, 50, 500]))
+    terms["vb"].sum().backward()
+    assert (output.grad[:, :2] == 0).all() and (output.grad[:, 2:] != 0).any()
+
+
+def test_exact_noise_prediction_has_zero_loss():
+    diffusion = create_diffusion("", learn_sigma=False)
+    noise = torch.randn(4, 3, 4, 4)
+    terms = diffusion.training_losses(lambda x, t: noise, torch.rand(4, 3, 4, 4), torch.tensor([0, 3, 300, 999]),
+                                      noise=noise)
+    assert terms["loss"].abs().max().item() == 0.0 and "vb" not in terms
+
+
+@pytest.mark.parametrize("mean_type", list(ModelMeanType))
+def test_min_snr_weights(mean_type):
+    gamma = 5.0
+    t = torch.tensor([0, 100, 300, 900])
+    x_start, noise = torch.rand(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
+    zero_model = lambda x, t: torch.zeros_like(x)
+    plain, weighted = (make_diffusion(mean_type, min_snr_gamma=g).training_losses(zero_model, x_start, t, noise=noise)
+                       for g in [None, gamma])
+    snr = make_diffusion().alphas_cumprod[t] / (1 - make_diffusion().alphas_cumprod[t])
+    expected = {ModelMeanType.EPSILON: np.minimum(snr, gamma) / snr, ModelMeanType.START_X: np.minimum(snr, gamma),
+                ModelMeanType.VELOCITY: np.minimum(snr, gamma) / (snr + 1)}[mean_type]
+    np.testing.assert_allclose((weighted["loss"] / plain["loss"]).numpy(), expected, rtol=1e-5)
+
+
+def test_rescaled_mse_and_kl_loss_scaling():
+    torch.manual_seed(0)
+    x_start, noise = torch.rand(3, 2, 4, 4) * 2 - 1, torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 20, 90])
+    output = torch.randn(3, 4, 4, 4) * 0.3
+    terms = {}
+    for loss_type in LossType:
+        diffusion = SpacedDiffusion(space_timesteps(1000, 100), betas=get_named_beta_schedule("linear", 1000),
+                                    model_mean_type="epsilon", model_var_type="learned_range", loss_type=loss_type)
+        terms[loss_type] = diffusion.training_losses(lambda x, t: output, x_start, t, noise=noise)
+    # With 100 steps, λ = 0.001 · L_vlb ≈ 0.001 · 100 · L_t.
+    torch.testing.assert_close(terms[LossType.RESCALED_MSE]["vb"], 0.1 * terms[LossType.MSE]["vb"])
+    torch.testing.assert_close(terms[LossType.KL]["loss"], 100 * terms[LossType.MSE]["vb"])
