@@ -15,8 +15,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
+# pytest exits 5 when it collected no test: that fails here like any other error.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests"; exit $$rc
 
 demo: install
 	$(PY) demo.py

@@ -524,7 +524,9 @@ _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28,
 
 def _make_constructor(depth, hidden_size, num_heads, patch_size):
     def constructor(**kwargs):
-        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+        # Keywords override the registry's size, so small variants of a named model stay one call.
+        return DiT(**{"depth": depth, "hidden_size": hidden_size, "patch_size": patch_size, "num_heads": num_heads,
+                      **kwargs})
     return constructor
 
 
