@@ -360,9 +360,7 @@ def main(cfg):
         optimizer.load_state_dict(ckpt["opt"])
         scheduler.load_state_dict(ckpt["sched"])
         step = ckpt["step"]
-        if ckpt["world_size"] == world:
-            set_rng_state(ckpt["rng"][rank])
-        elif accelerator.is_main_process:
+        if ckpt["world_size"] != world and accelerator.is_main_process:
             logger.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart (the run "
                            "continues correctly but will not match an uninterrupted one)", ckpt["world_size"], world)
 
@@ -386,8 +384,9 @@ def main(cfg):
 
     sampler = StepBatchSampler(len(dataset), local_batch * world, rank, world, cfg.seed,
                                start_micro_step=step * cfg.grad_accum_steps)
+    # The loader gets its own generator: creating its iterator must not advance the training RNG.
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                              pin_memory=device.type == "cuda",
+                                              pin_memory=device.type == "cuda", generator=torch.Generator(),
                                               persistent_workers=cfg.num_workers > 0))
 
     # Fixed preview noise and labels, drawn from their own generator so they do not disturb the training RNG.
@@ -430,6 +429,8 @@ def main(cfg):
         with open(metrics_path, "w", newline="") as f:
             csv.writer(f).writerow(csv_fields)
 
+    if ckpt is not None and ckpt["world_size"] == world:
+        set_rng_state(ckpt["rng"][rank])  # last, so that nothing above consumes the restored stream
     model.train()
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
