@@ -303,7 +303,7 @@ def main(cfg):
     import data
     from diffusion import create_diffusion
     from models import DiT_models
-    from sampling import diffusion_for_sampling, sample_images
+    from sampling import diffusion_for_sampling, sample_images, save_grid
 
     dataset = data.build_dataset(cfg.data_path, image_size=cfg.image_size, unconditional=cfg.unconditional)
     kwargs = model_config(cfg, dataset)
@@ -396,15 +396,13 @@ def main(cfg):
     preview_diffusion = diffusion_for_sampling({**dataclasses.asdict(cfg)}, cfg.sample_steps)
 
     def write_samples(step):
-        from torchvision.utils import save_image
         cfg_scale = cfg.sample_cfg_scale if raw_model.y_embedder.dropout_prob > 0 else 1.0
         images, _ = sample_images(ema, preview_diffusion, preview_noise, preview_labels, cfg_scale=cfg_scale)
         if dataset.kind == "latents":
             images = dataset.decode(images) if hasattr(dataset, "decode") else images[:, :3]
         path = os.path.join(run_dir, "samples", f"step_{step:07d}.png")
         nrow = dataset.num_classes if 1 < dataset.num_classes <= 16 else int(math.sqrt(len(images)))
-        save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
-        return path
+        return save_grid(images, path, nrow=nrow)
 
     def save_checkpoint(step):
         states = gather_object([rng_state()])  # every process's RNG state, in rank order

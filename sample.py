@@ -1,0 +1,163 @@
+"""Sample a grid from a DiT or FPDM checkpoint, with FPDM's compute dials and a compute report.
+
+    python sample.py --ckpt results/run/checkpoints/step_0002500.pt --num-sampling-steps 50 --cfg-scale 2
+    # FPDM at a budget of 560 block evaluations per image over 40 steps, more iterations at noisy steps, reuse on:
+    python sample.py --ckpt ... --num-sampling-steps 40 --budget-block-evals 560 --schedule more-noisy --reuse
+    # adaptive: stop each step's iterations once the relative residual < 1e-2 (at most 12):
+    python sample.py --ckpt ... --adaptive-tol 1e-2 --iterations 12
+
+Writes `grid.png` and `compute.json` (model calls, block evaluations, FLOPs, iterations and final residual per step,
+wall time) into the output folder, whose name records checkpoint, sampler, steps, guidance, budget and seed.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from sampling import SCHEDULES, diffusion_for_sampling, iteration_schedule, iterations_from_block_budget, \
+    load_model_for_sampling, sample_images, save_grid
+
+
+def build_parser(description=__doc__):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="train.py checkpoint (architecture is read from it)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--num-sampling-steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N channels (3 reproduces official DiT's numbers)")
+    p.add_argument("--class-labels", type=str, default=None, help="comma-separated labels (default: cycle classes)")
+    p.add_argument("--num-samples", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
+    # FPDM compute dials.
+    p.add_argument("--iterations", type=int, default=None,
+                   help="FPDM iterations per step (default: the model's depth - pre - post); the cap with --adaptive-tol")
+    p.add_argument("--budget-block-evals", type=int, default=None,
+                   help="FPDM: total transformer-block evaluations per image over all steps (pre + iterations + post)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="flat",
+                   help="how a budget is spread: flat, more-noisy (more at the first, noisiest steps), more-clean")
+    p.add_argument("--reuse", action="store_true", help="FPDM: start each step from the previous step's solution")
+    p.add_argument("--adaptive-tol", type=float, default=None,
+                   help="FPDM: stop a step's iterations once the relative residual falls below this")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models only)")
+    p.add_argument("--out", default=None, help="output folder (default: samples/<derived name>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def fpdm_iterations(args, model):
+    """Per-step iteration counts (or None for the model default) from the FPDM flags; errors for contradictions."""
+    fpdm_flags = [f for f, v in (("--iterations", args.iterations), ("--budget-block-evals", args.budget_block_evals),
+                                 ("--reuse", args.reuse or None), ("--adaptive-tol", args.adaptive_tol),
+                                 ("--schedule", None if args.schedule == "flat" else args.schedule)) if v is not None]
+    if not model.fixed_point:
+        if fpdm_flags:
+            raise ValueError(f"{fpdm_flags[0]} applies to FPDM checkpoints; this one is a DiT")
+        return None
+    if args.budget_block_evals is not None:
+        if args.iterations is not None:
+            raise ValueError("give either --iterations or --budget-block-evals, not both")
+        return iterations_from_block_budget(model, args.budget_block_evals, args.num_sampling_steps, args.schedule)
+    k = model.default_num_iterations if args.iterations is None else args.iterations
+    if k < 1:
+        raise ValueError(f"--iterations must be >= 1, got {k}")
+    return iteration_schedule(k * args.num_sampling_steps, args.num_sampling_steps, args.schedule)
+
+
+def output_folder(args):
+    if args.out:
+        return args.out
+    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+    run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
+    parts = [run, stem, f"{args.sampler}{args.num_sampling_steps}", f"cfg{args.cfg_scale:g}", f"seed{args.seed}"]
+    if args.budget_block_evals is not None:
+        parts.append(f"budget{args.budget_block_evals}-{args.schedule}")
+    elif args.iterations is not None:
+        parts.append(f"it{args.iterations}")
+    if args.reuse:
+        parts.append("reuse")
+    if args.adaptive_tol is not None:
+        parts.append(f"tol{args.adaptive_tol:g}")
+    return os.path.join("samples", "-".join(parts))
+
+
+def decode(images, model, vae_path, device):
+    """Pixels in [-1, 1]: latent models decode with a local AutoencoderKL, pixel models pass through."""
+    if model.in_channels in (1, 3):
+        return images
+    if vae_path is None:
+        raise ValueError(f"this model samples {model.in_channels}-channel latents: pass --vae with a local diffusers "
+                         f"AutoencoderKL folder (e.g. a download of stabilityai/sd-vae-ft-ema)")
+    from diffusers.models import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+    scale = getattr(vae.config, "scaling_factor", 0.18215)
+    with torch.no_grad():
+        return vae.decode(images / scale).sample
+
+
+def main(args):
+    if args.num_sampling_steps < 1 or args.num_samples < 1:
+        raise ValueError("--num-sampling-steps and --num-samples must be >= 1")
+    device = torch.device(args.device)
+    model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device)
+    iterations = fpdm_iterations(args, model)
+    if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
+        raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
+    if args.class_labels:
+        labels = [int(v) for v in args.class_labels.split(",")]
+    else:
+        labels = [i % model.num_classes for i in range(args.num_samples)]
+    if any(not 0 <= v < model.num_classes for v in labels):
+        raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}]")
+    diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.sampler)
+
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (model.in_channels, *model.input_hw)
+    noise = torch.randn(len(labels), *shape, generator=g).to(device)
+    y = torch.tensor(labels, device=device)
+    start = time.perf_counter()
+    samples, stats = sample_images(model, diffusion, noise, y, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                                   eta=args.eta, iterations_per_step=iterations, reuse=args.reuse,
+                                   tol=args.adaptive_tol, clip_denoised=not args.no_clip, progress=True,
+                                   guidance_channels=args.guidance_channels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    images = decode(samples, model, args.vae, device)
+
+    out = output_folder(args)
+    os.makedirs(out, exist_ok=True)
+    nrow = model.num_classes if 1 < model.num_classes <= 16 and not args.class_labels else 8
+    save_grid(images, os.path.join(out, "grid.png"), nrow=nrow)
+    report = {"args": vars(args), "num_images": len(labels), "wall_time_s": wall,
+              "wall_time_per_image_s": wall / len(labels), **stats.compute()}
+    with open(os.path.join(out, "compute.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    kind = "FPDM" if model.fixed_point else "DiT"
+    print(f"{kind}: {len(labels)} images, {report['model_calls']} model calls, {report['block_evals']} block "
+          f"evaluations per image and pass (x{report['cfg_passes']} with guidance), "
+          f"{report['flops_per_image'] / 1e9:.2f} GFLOPs per image, {wall:.1f} s")
+    if model.fixed_point:
+        print(f"iterations per step: {report['iterations_per_step']}")
+    print(f"wrote {os.path.join(out, 'grid.png')} and compute.json")
+    return out, report
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,231 @@
+"""sampling.py, sample.py and sample_ddp.py: iteration schedules, reuse, adaptive stopping, compute accounting,
+process-count independence and resumption of sharded sampling, and errors for bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import sample as sample_cli
+import sample_ddp
+from models import DiT
+from sampling import (GuidedModel, diffusion_for_sampling, iteration_schedule, iterations_from_block_budget,
+                      sample_images)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CONFIG = {"noise_schedule": "cosine", "learn_sigma": False, "predict_v": True, "zero_terminal_snr": False,
+                "diffusion_steps": 1000}
+
+
+def tiny_fpdm(contractive=True, **kwargs):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=6, num_heads=4, num_classes=10,
+                learn_sigma=False, fixed_point=True, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        if contractive:  # shrink the projection MLP: f(z) = block(fc2(gelu(fc1([z, u])))) contracts in z
+            model.block_fixed_point_projection_fc1.weight.mul_(0.3)
+            model.block_fixed_point_projection_fc2.weight.mul_(0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "step_0000010.pt"
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    torch.save({"format": "fpdm-train-v1", "model_config": model.config, "model": model.state_dict(),
+                "ema": model.state_dict(), "config": TRAIN_CONFIG, "step": 10}, path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Iteration schedules and budgets
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget,steps", [(480, 40), (7, 3), (50, 50), (1001, 17)])
+def test_schedules_sum_to_budget_point_the_named_way_and_never_drop_below_one(budget, steps):
+    flat = iteration_schedule(budget, steps, "flat")
+    noisy = iteration_schedule(budget, steps, "more-noisy")
+    clean = iteration_schedule(budget, steps, "more-clean")
+    for counts in (flat, noisy, clean):
+        assert sum(counts) == budget and len(counts) == steps and min(counts) >= 1
+    assert max(flat) - min(flat) <= 1
+    if budget >= 2 * steps:  # enough slack for the tilt to show
+        half = steps // 2
+        assert sum(noisy[:half]) > sum(noisy[-half:])  # sampling order: the first steps are the noisiest
+        assert sum(clean[:half]) < sum(clean[-half:])
+        assert noisy[0] > noisy[-1] and clean[0] < clean[-1]
+
+
+def test_release_formula_for_the_papers_setting():
+    # 40 steps at 12 iterations each: the release's 1 + (B - S)·r_i / Σr with r linear 1.5 -> 0.5 (noisy first).
+    counts = iteration_schedule(480, 40, "more-noisy")
+    r = np.linspace(1.5, 0.5, 40)
+    ideal = 1 + (480 - 40) * r / r.sum()
+    assert np.abs(np.array(counts) - ideal).max() < 1
+
+
+def test_block_budget_matches_dit_compute():
+    model = tiny_fpdm()  # pre 1 + post 1
+    counts = iterations_from_block_budget(model, 560, 40, "flat")  # the paper's 40 x (1 + 12 + 1)
+    assert counts == [12] * 40
+    assert sum(model.block_evaluations(k) for k in counts) == 560
+
+
+def test_bad_budgets_and_schedules():
+    model = tiny_fpdm()
+    with pytest.raises(ValueError, match="must be positive"):
+        iterations_from_block_budget(model, -5, 10)
+    with pytest.raises(ValueError, match="at least 30"):
+        iterations_from_block_budget(model, 25, 10)  # 20 go to pre/post, 5 < one iteration per step
+    with pytest.raises(ValueError, match="below one iteration per step"):
+        iteration_schedule(9, 10)
+    with pytest.raises(ValueError, match="unknown iteration schedule 'increasing'"):
+        iteration_schedule(100, 10, "increasing")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reuse, adaptive stopping, accounting
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_sampler(model, steps=10, **kwargs):
+    diffusion = diffusion_for_sampling(TRAIN_CONFIG, steps)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4, 1, 8, 8, generator=g)
+    labels = torch.tensor([0, 1, 2, 3])
+    return sample_images(model, diffusion, noise, labels, **kwargs)
+
+
+def test_reuse_lowers_first_iteration_residual():
+    model = tiny_fpdm()
+    _, plain = run_sampler(model, iterations_per_step=4)
+    _, reused = run_sampler(model, iterations_per_step=4, reuse=True)
+    first_plain = [r[0] for r in plain.residuals[1:]]  # step 0 has nothing to reuse
+    first_reused = [r[0] for r in reused.residuals[1:]]
+    assert all(b < a for a, b in zip(first_plain, first_reused))
+    assert np.mean(first_reused) < 0.7 * np.mean(first_plain)  # measured: 0.55 vs 1.03
+    assert reused.residuals[0][0] == pytest.approx(plain.residuals[0][0])
+    assert model.last_solution is None and not model.fixed_point_reuse_solution  # state cleared afterwards
+
+
+def test_adaptive_stopping_respects_tolerance_and_cap():
+    model = tiny_fpdm()
+    _, fn = run_sampler(model, iterations_per_step=30, tol=1e-3)
+    for k, residuals in zip(fn.iterations, fn.residuals):
+        assert k == len(residuals) and k <= 30
+        assert residuals[-1] < 1e-3 and all(r >= 1e-3 for r in residuals[:-1])
+    assert max(fn.iterations) < 30
+    _, capped = run_sampler(model, iterations_per_step=2, tol=1e-9)
+    assert capped.iterations == [2] * 10
+
+
+def test_compute_accounting():
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    schedule = iteration_schedule(50, 10, "more-clean")
+    _, fn = run_sampler(model, iterations_per_step=schedule, cfg_scale=2.0)
+    report = fn.compute()
+    assert report["model_calls"] == 10 and report["cfg_passes"] == 2
+    assert report["iterations_per_step"] == schedule
+    assert report["block_evals"] == 10 * 2 + 50
+    assert report["flops_per_image"] == 2 * sum(model.forward_flops(k) for k in schedule)
+    assert len(report["final_residual_per_step"]) == 10
+
+
+def test_guided_model_rejects_short_schedules():
+    model = tiny_fpdm()
+    fn = GuidedModel(model, iterations_per_step=[1, 1])
+    x, t, y = torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    fn(x, t, y)
+    fn(x, t, y)
+    with pytest.raises(ValueError, match="one entry per sampling step"):
+        fn(x, t, y)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command lines
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_sample_cli_writes_grid_and_compute(checkpoint, tmp_path):
+    out, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--num-sampling-steps", "8", "--budget-block-evals", "40", "--schedule", "more-noisy",
+        "--reuse", "--cfg-scale", "2", "--num-samples", "10", "--out", str(tmp_path / "s"), "--device", "cpu"]))
+    assert os.path.isfile(os.path.join(out, "grid.png"))
+    saved = json.load(open(os.path.join(out, "compute.json")))
+    assert saved["block_evals"] == 40 and sum(saved["iterations_per_step"]) == 40 - 16
+    assert saved["iterations_per_step"][0] >= saved["iterations_per_step"][-1]
+    assert saved["wall_time_s"] > 0 and saved["num_images"] == 10
+
+
+def test_sample_cli_bad_flags(checkpoint, tmp_path):
+    def run(*flags):
+        return sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--out", str(tmp_path / "x"), *flags]))
+    with pytest.raises(ValueError, match="either --iterations or --budget-block-evals"):
+        run("--iterations", "3", "--budget-block-evals", "100")
+    with pytest.raises(ValueError, match="must be positive"):
+        run("--budget-block-evals", "-1")
+    with pytest.raises(ValueError, match="less than one iteration per step"):
+        run("--num-sampling-steps", "10", "--budget-block-evals", "25")
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        sample_cli.parse_args(["--ckpt", checkpoint, "--schedule", "increasing"])
+    dit = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=10,
+              learn_sigma=False)
+    path = tmp_path / "dit.pt"
+    torch.save({"model_config": dit.config, "model": dit.state_dict(), "ema": dit.state_dict(),
+                "config": TRAIN_CONFIG}, path)
+    with pytest.raises(ValueError, match="--reuse applies to FPDM checkpoints"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", str(path), "--reuse", "--out", str(tmp_path / "y")]))
+
+
+def ddp_cmd(checkpoint, out, processes):
+    args = ["sample_ddp.py", "--ckpt", checkpoint, "--num-fid-samples", "10", "--batch-size", "3",
+            "--num-sampling-steps", "5", "--cfg-scale", "2", "--budget-block-evals", "20", "--reuse", "--out", out]
+    if processes == 1:
+        return [sys.executable, *args]
+    return [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", "29521", *args]
+
+
+def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        proc = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / f"p{n}"), n), cwd=ROOT, capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = np.load(tmp_path / "p1" / "samples.npz"), np.load(tmp_path / "p2" / "samples.npz")
+    assert one["arr_0"].shape == (10, 8, 8, 3) and one["arr_0"].dtype == np.uint8
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+    assert json.load(open(tmp_path / "p2" / "compute.json"))["processes"] == 2
+    # Noise and labels are functions of (seed, index) alone.
+    n5, l5 = sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)
+    assert torch.equal(n5, sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)[0]) and one["labels"][5] == l5
+
+
+def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(ddp_cmd(checkpoint, str(out), 1), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len([f for f in os.listdir(out / "images")] if (out / "images").exists()
+                                          else []) < 4:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    partial = sorted(f for f in os.listdir(out / "images") if f.endswith(".png"))
+    assert 0 < len(partial) < 10, partial
+    proc = subprocess.run(ddp_cmd(checkpoint, str(out), 1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = np.load(out / "samples.npz")["arr_0"]
+    assert samples.shape[0] == 10
+    assert len({s.tobytes() for s in samples}) == 10
+    reference = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "ref"), 1), cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)
+    assert reference.returncode == 0
+    assert np.array_equal(samples, np.load(tmp_path / "ref" / "samples.npz")["arr_0"])
