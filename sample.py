@@ -24,8 +24,13 @@ from sampling import SCHEDULES, diffusion_for_sampling, iteration_schedule, iter
 
 def build_parser(description=__doc__):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="train.py checkpoint (architecture is read from it)")
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, an official DiT / FPDM-release .pt, a diffusers "
+                   "DiTTransformer2DModel folder or an export.py safetensors folder (architecture read from it)")
+    p.add_argument("--model", default=None, help="registry name, only to resolve what the weights cannot tell "
+                   "(e.g. the head count of external checkpoints)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow argparse.Namespace objects in DiT training checkpoints (never arbitrary pickle)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--num-sampling-steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -110,7 +115,8 @@ def main(args):
     if args.num_sampling_steps < 1 or args.num_samples < 1:
         raise ValueError("--num-sampling-steps and --num-samples must be >= 1")
     device = torch.device(args.device)
-    model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device)
+    model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device,
+                                                  trust_checkpoint=args.trust_checkpoint, model_name=args.model)
     iterations = fpdm_iterations(args, model)
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")

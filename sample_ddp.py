@@ -62,7 +62,8 @@ def main(args):
     args.device = str(device)
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device)
+    model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device,
+                                                  trust_checkpoint=args.trust_checkpoint, model_name=args.model)
     iterations = sample_cli.fpdm_iterations(args, model)
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")

@@ -35,17 +35,15 @@ def diffusion_kwargs(config):
                 diffusion_steps=config["diffusion_steps"])
 
 
-def load_model_for_sampling(path, use_ema=True, device="cpu"):
-    """(model in eval mode on `device`, training config dict or None) from a train.py checkpoint."""
-    from models import DiT
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a train.py checkpoint (no model_config)")
-    model = DiT.from_config(ckpt["model_config"])
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    return model.to(device).eval(), ckpt.get("config")
+def load_model_for_sampling(path, use_ema=True, device="cpu", trust_checkpoint=False, model_name=None):
+    """(model in eval mode on `device`, training config dict or None) from any checkpoint `checkpoints.load_model`
+    reads: ours, official DiT, the FPDM release, diffusers folders, safetensors exports. EMA weights by default."""
+    from checkpoints import load_model
+    model, info = load_model(path, model_name=model_name, use_ema=use_ema, trust_checkpoint=trust_checkpoint,
+                             device=device)
+    for note in info.get("notes", []):
+        print(f"note: {note}")
+    return model.eval(), info.get("training_config")
 
 
 SCHEDULES = ("flat", "more-noisy", "more-clean")

@@ -91,6 +91,10 @@ class TrainConfig:
     sample_cfg_scale: float = opt(2.0, "guidance scale for sample grids")
     num_sample_images: int = opt(40, "images in a sample grid")
     tracker: str = opt("auto", "auto (wandb offline if installed, else tensorboard), wandb, tensorboard, none")
+    init_from: str = opt(None, "start from a pretrained DiT checkpoint (any format sample.py reads); an FPDM takes "
+                         "its pre/post blocks from the first/last DiT blocks and its fixed-point block from the middle",
+                         str)
+    trust_checkpoint: bool = opt(False, "allow argparse.Namespace objects in --init-from DiT training checkpoints")
 
 
 def parse_args(argv=None):
@@ -280,6 +284,19 @@ def choose_tracker(name):
     return None if name == "none" else name
 
 
+def initialise_from(model, cfg):
+    """Load --init-from weights: FPDM from a DiT (block mapping of checkpoints.init_fpdm_from_dit), DiT from DiT."""
+    from checkpoints import init_fpdm_from_dit, load_model
+    from models import load_state_dict_checked
+    source, info = load_model(cfg.init_from, model_name=cfg.model, trust_checkpoint=cfg.trust_checkpoint)
+    if source.fixed_point:
+        raise ValueError(f"--init-from {cfg.init_from} holds an FPDM; resume it with --resume or pass a DiT")
+    if model.fixed_point:
+        return init_fpdm_from_dit(model, source)
+    load_state_dict_checked(model, source.state_dict())
+    return {"format": info["format"], "weights": info["weights"]}
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -337,6 +354,8 @@ def main(cfg):
     model = DiT_models[cfg.model](**kwargs)
     if ckpt is not None:
         check_same_architecture(ckpt["model_config"], model.config)
+    elif cfg.init_from:
+        init_report = initialise_from(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     diffusion = create_diffusion(timestep_respacing="", noise_schedule=cfg.noise_schedule,
                                  learn_sigma=cfg.learn_sigma, predict_v=cfg.predict_v,
@@ -378,6 +397,8 @@ def main(cfg):
                     device.type, local_batch, cfg.grad_accum_steps, dataset.describe())
         if ckpt is not None:
             logger.info("resumed from %s at step %d", ckpt_path, step)
+        elif cfg.init_from:
+            logger.info("initialised from %s: %s", cfg.init_from, init_report)
     if tracker:
         accelerator.init_trackers("trackers", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})

@@ -177,8 +177,8 @@ def test_sample_cli_bad_flags(checkpoint, tmp_path):
     dit = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=10,
               learn_sigma=False)
     path = tmp_path / "dit.pt"
-    torch.save({"model_config": dit.config, "model": dit.state_dict(), "ema": dit.state_dict(),
-                "config": TRAIN_CONFIG}, path)
+    torch.save({"format": "fpdm-train-v1", "model_config": dit.config, "model": dit.state_dict(),
+                "ema": dit.state_dict(), "config": TRAIN_CONFIG}, path)
     with pytest.raises(ValueError, match="--reuse applies to FPDM checkpoints"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", str(path), "--reuse", "--out", str(tmp_path / "y")]))
 

@@ -178,3 +178,27 @@ def test_two_process_cpu_run_through_accelerate(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeds
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["step_0000002.pt", "step_0000004.pt"]
+
+
+def test_init_fpdm_from_a_trained_dit(tmp_path):
+    dit_args = [a for a in TINY_ARGS if a != "--fixed-point"]
+    cfg = train.parse_args(dit_args + ["--results-dir", str(tmp_path), "--run-name", "dit", "--max-steps", "2"])
+    dit_dir = train.main(cfg)
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    dit_ckpt = os.path.join(dit_dir, "checkpoints", "step_0000002.pt")
+    run_dir = run(tmp_path, "--max-steps", "1", "--init-from", dit_ckpt, name="fpdm")
+    assert "initialised from" in open(os.path.join(run_dir, "log.txt")).read()
+    # Before its first step the FPDM's fixed-point block was the DiT's middle block (block 1 of 4 -> 1 + (4-2)//2 = 2).
+    dit = torch.load(dit_ckpt, weights_only=True)["model"]
+    fpdm_cfg = train.parse_args(TINY_ARGS + ["--init-from", dit_ckpt])
+    from models import DiT_models
+    import data
+    model = DiT_models[fpdm_cfg.model](**train.model_config(fpdm_cfg, data.build_dataset("mnist", image_size=14)))
+    report = train.initialise_from(model, fpdm_cfg)
+    assert report["placement"] == {"blocks_pre.0": 0, "block_fixed_point": 2, "blocks_post.0": 3}
+    torch.testing.assert_close(model.block_fixed_point.attn.qkv.weight, dit["blocks.2.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="holds an FPDM"):
+        train.initialise_from(model, train.parse_args(TINY_ARGS + ["--init-from", os.path.join(
+            run_dir, "checkpoints", "step_0000001.pt")]))

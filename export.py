@@ -1,0 +1,225 @@
+"""Export DiT/FPDM checkpoints: a diffusers DiTTransformer2DModel folder (DiT only) or safetensors + JSON config.
+
+    python export.py --ckpt results/run/checkpoints/0100000.pt --format safetensors --out exports/run
+    python export.py --ckpt DiT-XL-2-256x256.pt --format diffusers --out exports/dit-xl-2
+    python export.py --ckpt dit-train.pt --trust-checkpoint --no-use-ema --format safetensors --out exports/raw
+
+Key mapping, ours -> diffusers (as in diffusers' DiT conversion script):
+  x_embedder.proj -> pos_embed.proj (pos_embed itself is a fixed, unsaved buffer in diffusers)
+  blocks.i.attn.qkv -> transformer_blocks.i.attn1.to_q / to_k / to_v (rows split in three), attn.proj -> to_out.0
+  blocks.i.adaLN_modulation.1 -> norm1.linear (same chunk order: shift, scale, gate for attention, then MLP)
+  blocks.i.mlp.fc1 / fc2 -> ff.net.0.proj / ff.net.2
+  t_embedder.mlp.0 / 2 and y_embedder.embedding_table -> norm1.emb.{timestep_embedder.linear_1 / linear_2,
+      class_embedder.embedding_table} copied into EVERY block (diffusers keeps one embedder per block)
+  final_layer.adaLN_modulation.1 -> proj_out_1, final_layer.linear -> proj_out_2
+Numerics: both put cosines first (`flip_sin_to_cos=True`), but diffusers' DiT uses `downscale_freq_shift=1`, i.e.
+timestep frequencies exp(-ln(1e4)·i/127) where DiT uses i/128: the same weights give different outputs in the two
+libraries (timestep features in [-1, 1] differ by up to 1.98 near t = 999). Call `use_dit_timestep_frequencies` on
+a loaded diffusers model to reproduce ours exactly. Our side is the original DiT function. diffusers' MLP LayerNorm
+takes `norm_eps`; we write DiT's 1e-6.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from checkpoints import SAFETENSORS_FORMAT, load_model
+from models import get_2d_sincos_pos_embed
+
+_TOP = {"pos_embed.proj": "x_embedder.proj", "proj_out_1": "final_layer.adaLN_modulation.1",
+        "proj_out_2": "final_layer.linear"}
+_BLOCK = {"norm1.linear": "adaLN_modulation.1", "attn1.to_out.0": "attn.proj", "ff.net.0.proj": "mlp.fc1",
+          "ff.net.2": "mlp.fc2"}
+_EMBEDDERS = {"norm1.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+              "norm1.emb.timestep_embedder.linear_2": "t_embedder.mlp.2"}
+_TABLE = "norm1.emb.class_embedder.embedding_table.weight"
+_QKV = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
+DIFFUSERS_CONFIG_KEY = "_fpdm_model_config"  # diffusers ignores config keys starting with "_"
+
+
+def _pairs(depth):
+    """(diffusers key, our key) of every one-to-one weight/bias; embedder keys repeat once per block."""
+    pairs = list(_TOP.items())
+    for i in range(depth):
+        block = f"transformer_blocks.{i}."
+        pairs += [(block + theirs, f"blocks.{i}.{ours}") for theirs, ours in _BLOCK.items()]
+        pairs += [(block + theirs, ours) for theirs, ours in _EMBEDDERS.items()]
+    return [(f"{theirs}.{p}", f"{ours}.{p}") for theirs, ours in pairs for p in ("weight", "bias")]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# diffusers
+# ------------------------------------------------------------------------------------------------------------------
+
+def to_diffusers(model, out_dir):
+    """Write our DiT as a diffusers DiTTransformer2DModel folder (config.json + diffusion_pytorch_model.safetensors).
+
+    Our full config rides along under the private key "_fpdm_model_config", so the way back is exact. A model
+    without a null class (class_dropout_prob = 0) gets an unused zero row: diffusers always allocates one.
+    """
+    from safetensors.torch import save_file
+    cfg = model.config
+    if model.fixed_point:
+        raise ValueError("FPDM has no diffusers model class: export it with --format safetensors")
+    height, width = model.input_hw
+    if height != width or cfg["mlp_ratio"] != 4:
+        raise ValueError(f"diffusers' DiT needs square inputs and mlp_ratio 4, this model has input "
+                         f"{height}x{width} and mlp_ratio {cfg['mlp_ratio']}")
+    ours = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    table = ours["y_embedder.embedding_table.weight"]
+    if cfg["class_dropout_prob"] <= 0:
+        table = torch.cat([table, table.new_zeros(1, table.shape[1])])
+    # clone(): every block holds its own embedder copy, and safetensors refuses tensors that share memory.
+    theirs = {t: ours[o].clone() for t, o in _pairs(cfg["depth"])}
+    for i in range(cfg["depth"]):
+        block = f"transformer_blocks.{i}."
+        theirs[block + _TABLE] = table.clone()
+        for p in ("weight", "bias"):
+            for name, part in zip(_QKV, ours[f"blocks.{i}.attn.qkv.{p}"].chunk(3)):
+                theirs[f"{block}{name}.{p}"] = part.clone()
+
+    hidden, heads = cfg["hidden_size"], cfg["num_heads"]
+    config = {"_class_name": "DiTTransformer2DModel", "_diffusers_version": _diffusers_version(),
+              "num_attention_heads": heads, "attention_head_dim": hidden // heads, "in_channels": cfg["in_channels"],
+              "out_channels": model.out_channels, "num_layers": cfg["depth"], "dropout": 0.0,
+              "norm_num_groups": 32, "attention_bias": True, "sample_size": height, "patch_size": cfg["patch_size"],
+              "activation_fn": "gelu-approximate", "num_embeds_ada_norm": cfg["num_classes"],
+              "upcast_attention": False, "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
+              "norm_eps": 1e-6, DIFFUSERS_CONFIG_KEY: cfg}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(theirs, os.path.join(out_dir, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
+
+
+def read_diffusers(folder):
+    """A diffusers DiT folder as (our config, our state dict, notes); used by `checkpoints.load_model`."""
+    with open(os.path.join(folder, "config.json")) as f:
+        dc = json.load(f)
+    if dc.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
+        raise ValueError(f"{folder} holds a diffusers {dc['_class_name']}, not a DiTTransformer2DModel")
+    expected = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "norm_elementwise_affine": False,
+                "attention_bias": True}
+    for key, value in expected.items():
+        if dc.get(key, value) != value:
+            raise ValueError(f"{folder}: {key}={dc[key]!r} has no counterpart in DiT (expected {value!r})")
+    theirs = _read_diffusers_weights(folder)
+    hidden, depth = dc["num_attention_heads"] * dc["attention_head_dim"], dc["num_layers"]
+    in_channels = dc.get("in_channels", 4)
+    out_channels = dc.get("out_channels") or in_channels
+    notes = ["diffusers' DiT uses timestep frequencies i/127 (downscale_freq_shift=1) where DiT uses i/128: this "
+             "model computes the original DiT function, not diffusers' (outputs differ)"]
+    config = dc.get(DIFFUSERS_CONFIG_KEY)
+    if config is None:
+        if out_channels not in (in_channels, 2 * in_channels):
+            raise ValueError(f"{folder}: out_channels {out_channels} is neither in_channels nor twice it")
+        mlp_width = theirs["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+        config = dict(input_size=dc["sample_size"], patch_size=dc["patch_size"], in_channels=in_channels,
+                      hidden_size=hidden, depth=depth, num_heads=dc["num_attention_heads"],
+                      mlp_ratio=mlp_width / hidden, class_dropout_prob=0.1, num_classes=dc["num_embeds_ada_norm"],
+                      learn_sigma=out_channels == 2 * in_channels)
+        if dc.get("norm_eps", 1e-5) != 1e-6:
+            notes.append(f"diffusers config has norm_eps={dc.get('norm_eps', 1e-5)} for the MLP LayerNorm; "
+                         f"DiT (and this model) uses 1e-6")
+
+    ours = {o: theirs[t] for t, o in reversed(_pairs(depth))}  # block 0's embedder copies win
+    for t, o in _pairs(depth):
+        if not torch.equal(theirs[t], ours[o]):
+            raise ValueError(f"{t} differs from block 0's copy: this DiT has per-block embedders, which our DiT "
+                             f"(one shared embedder) cannot represent")
+    tables = [theirs[f"transformer_blocks.{i}.{_TABLE}"] for i in range(depth)]
+    if any(not torch.equal(t, tables[0]) for t in tables):
+        raise ValueError("class embedding tables differ between blocks: our DiT has one shared table")
+    table = tables[0]
+    if config.get("class_dropout_prob", 0.1) <= 0:
+        table = table[:-1]  # the unused null row to_diffusers added
+    ours["y_embedder.embedding_table.weight"] = table
+    for i in range(depth):
+        for p in ("weight", "bias"):
+            ours[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([theirs[f"transformer_blocks.{i}.{n}.{p}"] for n in _QKV])
+    grid = dc["sample_size"] // dc["patch_size"]
+    ours["pos_embed"] = get_2d_sincos_pos_embed(hidden, grid).unsqueeze(0)
+    return dict(config), ours, notes
+
+
+def use_dit_timestep_frequencies(diffusers_model):
+    """Make a diffusers DiTTransformer2DModel compute DiT's timestep features (frequencies i/128, not i/127), so
+    an exported model reproduces our outputs in diffusers (float32: max |diff| 0 in our tests). Returns the model."""
+    for block in diffusers_model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return diffusers_model
+
+
+def _read_diffusers_weights(folder):
+    file = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if os.path.isfile(file):
+        from safetensors.torch import load_file
+        return load_file(file)
+    return torch.load(os.path.join(folder, "diffusion_pytorch_model.bin"), map_location="cpu", weights_only=True)
+
+
+def from_diffusers(folder, **kwargs):
+    """Our DiT from a diffusers DiTTransformer2DModel folder (kwargs as for `checkpoints.load_model`)."""
+    return load_model(folder, **kwargs)[0]
+
+
+def _diffusers_version():
+    try:
+        import diffusers
+        return diffusers.__version__
+    except ImportError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# safetensors + JSON config (DiT and FPDM)
+# ------------------------------------------------------------------------------------------------------------------
+
+def to_safetensors(model, out_dir, metadata=None):
+    """Write `model.safetensors` (every state-dict entry, pos_embed included) and `config.json` (`model.config`).
+
+    metadata: strings stored in the safetensors header (e.g. which weights, from which checkpoint).
+    """
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {"format": "pt", "fpdm_format": SAFETENSORS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file(state_dict, os.path.join(out_dir, "model.safetensors"), metadata=header)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(model.config, f, indent=2)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="any checkpoint checkpoints.load_model reads")
+    parser.add_argument("--format", required=True, choices=["diffusers", "safetensors"])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--model", default=None, help="registry name (e.g. DiT-XL/2) for checkpoints without config")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a pickled argparse.Namespace (DiT/FPDM training checkpoints); nothing else")
+    parser.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="export the EMA weights when the checkpoint has both (default)")
+    args = parser.parse_args(argv)
+    model, info = load_model(args.ckpt, model_name=args.model, use_ema=args.use_ema,
+                             trust_checkpoint=args.trust_checkpoint)
+    if args.format == "diffusers":
+        to_diffusers(model, args.out)
+    else:
+        to_safetensors(model, args.out, metadata={"weights": info["weights"], "source_format": info["format"],
+                                                  "source": os.path.basename(os.path.normpath(args.ckpt))})
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print(f"{args.ckpt} ({info['format']}, {info['weights']} weights, "
+          f"{model.num_parameters():,} parameters) -> {args.out} ({args.format})")
+
+
+if __name__ == "__main__":
+    main()

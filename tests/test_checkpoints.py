@@ -1,0 +1,344 @@
+"""checkpoints.py and export.py: format detection for all six formats, EMA choice, the weights_only allow-list and a
+refused malicious pickle, diffusers and safetensors round trips (outputs vs diffusers measured), clear errors,
+DiT-XL/2 inference on the meta device, and init_fpdm_from_dit."""
+
+import argparse
+import os
+import shlex
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoints import TRAIN_FORMAT, detect_format, infer_config, init_fpdm_from_dit, load_model
+from export import main as export_main
+from export import to_diffusers, to_safetensors, use_dit_timestep_frequencies
+from models import DiT, DiT_models
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)
+TINY_FPDM = dict(TINY, fixed_point=True, fixed_point_pre_depth=1, fixed_point_post_depth=2)
+
+
+def tiny(seed=1, scale=0.2, **kwargs):
+    """A tiny model with every parameter random (adaLN-Zero would otherwise make outputs exactly zero)."""
+    model = DiT(**{**TINY, **kwargs})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def inputs(batch=4, seed=2, num_classes=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    y[-1] = num_classes  # the null class, as classifier-free guidance uses it
+    return x, t, y
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def train_checkpoint(model, ema):
+    return {"format": TRAIN_FORMAT, "step": 7, "model": model.state_dict(), "ema": ema.state_dict(), "opt": {},
+            "sched": {}, "config": {"model": "DiT-S/2", "lr": 1e-4}, "model_config": model.config, "rng": {},
+            "world_size": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Format detection, EMA, allow-list
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_format(name, tmp_path, model):
+    """Write `model` (its weights as the ones to be loaded) in format `name`; returns the path."""
+    path = tmp_path / f"{name}.pt"
+    if name in (TRAIN_FORMAT, "dit-train", "fpdm-release"):  # the raw weights differ from the EMA ones
+        other = tiny(seed=9, **{k: v for k, v in model.config.items() if k in TINY_FPDM})
+    if name == TRAIN_FORMAT:
+        torch.save(train_checkpoint(other, model), path)
+    elif name == "dit-state-dict":
+        torch.save(model.state_dict(), path)
+    elif name in ("dit-train", "fpdm-release"):
+        args = argparse.Namespace(model="DiT-S/2", image_size=64, num_classes=10, global_seed=0)
+        torch.save({"model": other.state_dict(), "ema": model.state_dict(), "opt": {}, "args": args}, path)
+    elif name == "diffusers":
+        path = to_diffusers(model, tmp_path / "diffusers")
+    elif name == "safetensors":
+        path = to_safetensors(model, tmp_path / "safetensors")
+    return path
+
+
+@pytest.mark.parametrize("name", [TRAIN_FORMAT, "dit-state-dict", "dit-train", "fpdm-release", "diffusers",
+                                  "safetensors"])
+def test_each_format_is_detected_and_loads_the_same_weights(name, tmp_path):
+    kwargs = {}
+    if name in ("dit-state-dict", "dit-train"):  # inferred: num_heads from the registry entry of width 384 (DiT-S)
+        kwargs = dict(hidden_size=384, num_heads=6, depth=2)
+    elif name == "fpdm-release":  # and depth (the default iteration count) from the args' model name, DiT-S/2
+        kwargs = dict(TINY_FPDM, hidden_size=384, num_heads=6, depth=12)
+    model = tiny(**kwargs)
+    path = write_format(name, tmp_path, model)
+    trust = name in ("dit-train", "fpdm-release")
+    assert detect_format(path, trust_checkpoint=trust) == name
+    loaded, info = load_model(path, trust_checkpoint=trust)
+    assert info["format"] == name
+    assert not loaded.training
+    assert_same_weights(loaded, model)
+    x, t, y = inputs()
+    kwargs = {"num_iterations": 2} if model.fixed_point else {}  # the inferred depth (12) sets the default count
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y, **kwargs), model(x, t, y, **kwargs))
+    if name in (TRAIN_FORMAT, "dit-train", "fpdm-release"):
+        assert info["weights"] == "ema"
+
+
+def test_inferred_architecture_and_sources(tmp_path):
+    model = tiny(hidden_size=384, num_heads=6, depth=3, input_size=16, patch_size=4, learn_sigma=False, num_classes=5)
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")  # DDP prefixes too
+    loaded, info = load_model(tmp_path / "ddp.pt")
+    cfg = loaded.config
+    assert (cfg["hidden_size"], cfg["depth"], cfg["patch_size"], cfg["num_heads"], cfg["input_size"]) == \
+        (384, 3, 4, 6, 16)
+    assert (cfg["num_classes"], cfg["learn_sigma"], cfg["class_dropout_prob"]) == (5, False, 0.1)
+    assert info["sources"]["depth"] == "weights" and info["sources"]["num_heads"].startswith("registry DiT-S")
+
+
+def test_ema_is_default_and_model_on_request(tmp_path):
+    model, ema = tiny(seed=1), tiny(seed=2)
+    torch.save(train_checkpoint(model, ema), tmp_path / "ckpt.pt")
+    loaded, info = load_model(tmp_path / "ckpt.pt")
+    assert info["weights"] == "ema" and info["step"] == 7 and info["training_config"]["lr"] == 1e-4
+    assert_same_weights(loaded, ema)
+    loaded, info = load_model(tmp_path / "ckpt.pt", use_ema=False)
+    assert info["weights"] == "model"
+    assert_same_weights(loaded, model)
+
+
+def test_pickled_namespace_needs_opt_in(tmp_path):
+    model = tiny(hidden_size=384, num_heads=6)
+    args = argparse.Namespace(model="DiT-S/2", image_size=64, num_classes=10)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": args}, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match=r"argparse\.Namespace.*--trust-checkpoint"):
+        load_model(tmp_path / "d.pt")
+    loaded, info = load_model(tmp_path / "d.pt", trust_checkpoint=True)
+    assert info["format"] == "dit-train" and info["training_config"] == vars(args)
+    assert loaded.config["depth"] == 4 and info["sources"]["depth"] == "weights"
+
+
+class Malicious:
+    """Unpickling this runs a shell command (here: creating a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_malicious_pickle_is_refused_even_when_trusted(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": tiny().state_dict(), "args": Malicious(marker)}, path)
+    for trust in (False, True):
+        with pytest.raises(ValueError, match=r"refusing to load .*posix\.system"):
+            load_model(path, trust_checkpoint=trust)
+        assert not marker.exists()
+    torch.load(path, weights_only=False)  # control: the payload is live when unpickled blindly
+    assert marker.exists()
+
+
+def test_fpdm_release_settings_read_from_args_or_defaulted(tmp_path):
+    model = tiny(**dict(TINY_FPDM, hidden_size=384, num_heads=6, depth=12))
+    release_args = {"model": "DiT-S/2", "fixed_point": True, "fixed_point_pre_depth": 1, "fixed_point_post_depth": 2,
+                    "fixed_point_pre_post_timestep_conditioning": True, "fixed_point_no_grad_max_iters": 10}
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": release_args,
+                "train_steps": 5}, tmp_path / "release.pt")  # the release saves args.as_dict(): plain data
+    loaded, info = load_model(tmp_path / "release.pt")
+    assert info["format"] == "fpdm-release" and info["step"] == 5 and loaded.default_num_iterations == 9
+    assert loaded.config["fixed_point_pre_post_timestep_conditioning"] is True
+    assert info["sources"]["fixed_point_pre_post_timestep_conditioning"] == "args"
+    assert info["sources"]["fixed_point_pre_depth"] == "args" and info["sources"]["num_heads"] == "registry DiT-S/2"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict()}, tmp_path / "no_args.pt")
+    loaded, info = load_model(tmp_path / "no_args.pt", depth=28)
+    assert loaded.config["fixed_point_pre_post_timestep_conditioning"] is False
+    assert info["sources"]["fixed_point_pre_post_timestep_conditioning"].startswith("default")
+    assert info["sources"]["fixed_point_post_depth"] == "weights" and loaded.default_num_iterations == 25
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Round trips
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("class_dropout_prob", [0.1, 0.0])
+def test_diffusers_round_trip(class_dropout_prob, tmp_path):
+    from diffusers import DiTTransformer2DModel
+    from safetensors.torch import load_file
+    ours = tiny(class_dropout_prob=class_dropout_prob)
+    to_diffusers(ours, tmp_path)
+    theirs = DiTTransformer2DModel.from_pretrained(tmp_path).eval()
+    written = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in written.items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}  # exactly diffusers' names and shapes
+    x, t, y = inputs()
+    if class_dropout_prob == 0:
+        y = y.clamp(max=9)  # no null class
+    with torch.no_grad():
+        expected = ours(x, t, y)
+        as_is = theirs(x, timestep=t, class_labels=y).sample
+        use_dit_timestep_frequencies(theirs)  # DiT's timestep frequencies i/128 instead of diffusers' i/127
+        matched = theirs(x, timestep=t, class_labels=y).sample
+    exact, shifted = (matched - expected).abs().max().item(), (as_is - expected).abs().max().item()
+    print(f"\nours vs diffusers, max |diff| (output scale {expected.abs().max():.2f}): {exact:.2e} with DiT's "
+          f"timestep frequencies, {shifted:.2e} with diffusers' own")
+    assert exact <= 1e-5
+    assert shifted > 1e-4  # the known frequency difference is real, and the only one
+    back, info = load_model(tmp_path)
+    assert info["format"] == "diffusers" and back.config == ours.config
+    assert_same_weights(back, ours)
+
+
+def test_diffusers_cli_and_folder_without_our_config(tmp_path):
+    import json
+    ours = tiny()
+    torch.save(train_checkpoint(tiny(seed=3), ours), tmp_path / "ckpt.pt")
+    export_main(["--ckpt", str(tmp_path / "ckpt.pt"), "--format", "diffusers", "--out", str(tmp_path / "out")])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    del config["_fpdm_model_config"]  # as in a folder diffusers wrote: architecture from diffusers' config alone
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    back, info = load_model(tmp_path / "out")
+    assert_same_weights(back, ours)
+    assert {k: back.config[k] for k in TINY} == TINY and "i/127" in info["notes"][0]
+
+
+@pytest.mark.parametrize("kwargs", [{}, TINY_FPDM], ids=["dit", "fpdm"])
+def test_safetensors_round_trip_and_cli(kwargs, tmp_path):
+    model, ema = tiny(seed=3, **kwargs), tiny(seed=4, **kwargs)
+    torch.save(train_checkpoint(model, ema), tmp_path / "ckpt.pt")
+    export_main(["--ckpt", str(tmp_path / "ckpt.pt"), "--format", "safetensors", "--out", str(tmp_path / "out")])
+    back, info = load_model(tmp_path / "out")
+    assert info["format"] == "safetensors" and info["weights"] == "ema" and back.config == ema.config
+    assert_same_weights(back, ema)
+    export_main(["--ckpt", str(tmp_path / "ckpt.pt"), "--format", "safetensors", "--out", str(tmp_path / "raw"),
+                 "--no-use-ema"])
+    assert_same_weights(load_model(tmp_path / "raw" / "model.safetensors")[0], model)
+
+
+def test_fpdm_has_no_diffusers_export(tmp_path):
+    with pytest.raises(ValueError, match="safetensors"):
+        to_diffusers(tiny(**TINY_FPDM), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_mismatched_architecture_names_key_and_shapes(tmp_path):
+    to_safetensors(tiny(), tmp_path)
+    with pytest.raises(ValueError, match=r"'y_embedder\.embedding_table\.weight'.*\(11, 32\).*\(6, 32\)"):
+        load_model(tmp_path, num_classes=5)
+    with pytest.raises(ValueError, match="blocks"):
+        load_model(tmp_path, fixed_point=True)
+    torch.save(tiny(hidden_size=384, num_heads=6).state_dict(), tmp_path / "s.pt")
+    with pytest.raises(ValueError, match="DiT-B/2 has hidden size 768 and patch 2 but the weights have 384 and 2"):
+        load_model(tmp_path / "s.pt", model_name="DiT-B/2")
+    torch.save(tiny().state_dict(), tmp_path / "w32.pt")  # width 32 is no registry width
+    with pytest.raises(ValueError, match="cannot infer num_heads"):
+        load_model(tmp_path / "w32.pt")
+
+
+def test_unknown_formats_are_clear_errors(tmp_path):
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "foo.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    for path, message in [("foo.pt", r"unknown checkpoint format \(top-level keys \['foo'\]\)"),
+                          ("junk.pt", "cannot read .* as a torch checkpoint"), ("empty", "unknown checkpoint folder")]:
+        with pytest.raises(ValueError, match=message):
+            load_model(tmp_path / path)
+    torch.save({"format": "fpdm-train-v9"}, tmp_path / "v9.pt")
+    with pytest.raises(ValueError, match="unsupported checkpoint format 'fpdm-train-v9'"):
+        load_model(tmp_path / "v9.pt")
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT-XL/2 on the meta device
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_dit_xl_2_inferred_on_meta_device(tmp_path):
+    with torch.device("meta"):
+        state_dict = DiT_models["DiT-XL/2"]().state_dict()  # shapes only, no memory
+    config, sources = infer_config(state_dict)
+    assert (config["hidden_size"], config["depth"], config["patch_size"], config["num_heads"],
+            config["num_classes"], config["input_size"], config["learn_sigma"]) == (1152, 28, 2, 16, 1000, 32, True)
+    torch.save(state_dict, tmp_path / "DiT-XL-2-256x256.pt")  # meta tensors save no data
+    model, info = load_model(tmp_path / "DiT-XL-2-256x256.pt", device="meta")
+    assert info["format"] == "dit-state-dict" and model.pos_embed.is_meta
+    assert model.num_parameters(include_pos_embed=True) == 675_129_632
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# init_fpdm_from_dit
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_gelu_difference_is_identity():
+    x = torch.linspace(-30, 30, 100_001, dtype=torch.float64)
+    for approximate in ("none", "tanh"):
+        assert torch.allclose(F.gelu(x, approximate=approximate) - F.gelu(-x, approximate=approximate), x,
+                              atol=1e-12)
+
+
+def init_pair(pre_post_conditioning=True):
+    dit = tiny(depth=7, seed=5)
+    fpdm = tiny(**dict(TINY_FPDM, depth=7, fixed_point_pre_post_timestep_conditioning=pre_post_conditioning), seed=6)
+    return dit, fpdm, init_fpdm_from_dit(fpdm, dit)
+
+
+def test_init_from_dit_report():
+    _, _, report = init_pair(pre_post_conditioning=False)
+    assert report["placement"] == {"blocks_pre.0": 0, "block_fixed_point": 3, "blocks_post.0": 5, "blocks_post.1": 6}
+    assert report["unused_dit_blocks"] == [1, 2, 4] and report["dit_depth"] == 7
+    assert "label embedding" in report["notes"][0]
+
+
+def test_one_iteration_is_the_middle_dit_block():
+    dit, fpdm, report = init_pair()
+    g = torch.Generator().manual_seed(0)
+    z, h, c = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g), torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        got = fpdm.fixed_point_function(z, fpdm.block_pre_projection(h), c)
+        expected = dit.blocks[report["placement"]["block_fixed_point"]](z, c)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fpdm_with_one_iteration_is_the_truncated_dit():
+    dit, fpdm, report = init_pair()
+    x, t, y = inputs()
+    with torch.no_grad():
+        tokens = dit.x_embedder(x) + dit.pos_embed
+        c = dit.t_embedder(t) + dit.y_embedder(y, False)
+        for index in report["placement"].values():  # pre, fixed-point, post: in order of use
+            tokens = dit.blocks[index](tokens, c)
+        expected = dit.unpatchify(dit.final_layer(tokens, c))
+        got = fpdm(x, t, y, num_iterations=1)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_injection_path_receives_gradient_after_init():
+    _, fpdm, _ = init_pair()
+    x, t, y = inputs()
+    fpdm(x, t, y, num_iterations=2).square().mean().backward()
+    assert fpdm.block_pre_projection.weight.grad.abs().max() > 0
+
+
+def test_init_rejects_mismatched_models():
+    with pytest.raises(ValueError, match="num_heads"):
+        init_fpdm_from_dit(tiny(**TINY_FPDM), tiny(num_heads=2))
+    with pytest.raises(ValueError, match="cannot fill"):
+        init_fpdm_from_dit(tiny(**dict(TINY_FPDM, fixed_point_post_depth=3)), tiny(depth=4))
