@@ -1,0 +1,135 @@
+"""`make demo`: train a small FPDM on the bundled MNIST digits (CPU, ~10 minutes), then sample it at several compute
+budgets with and without solution reuse and timestep smoothing, and measure FID-MNIST and class accuracy.
+
+Idempotent: training resumes or is skipped when its run already finished; `--fresh` starts over.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+RUN_DIR = os.path.join(ROOT, "results", "demo-fpdm-mnist")
+
+# The measured CPU recipe (shared/spec/ENVIRONMENT.md): 14x14 digits, patch 2, width 128, 1 pre + FP block + 1 post,
+# S-JFB 3 no-grad + 2 with-grad iterations, v-prediction with the cosine schedule, lr 1e-3 with warm-up, EMA warm-up.
+TRAIN_FLAGS = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "128",
+               "--num-heads", "4", "--depth", "8", "--patch-size", "2", "--fixed-point",
+               "--fixed-point-no-grad-min-iters", "3", "--fixed-point-no-grad-max-iters", "3",
+               "--fixed-point-with-grad-min-iters", "2", "--fixed-point-with-grad-max-iters", "2",
+               "--no-learn-sigma", "--predict-v", "--noise-schedule", "cosine", "--lr", "1e-3",
+               "--warmup-steps", "100", "--global-batch-size", "64", "--ema-warmup", "--log-every", "250",
+               "--ckpt-every", "500", "--num-sample-images", "40", "--tracker", "none"]
+
+
+def train(max_steps):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TRAIN_FLAGS, "--max-steps", str(max_steps),
+           "--results-dir", os.path.dirname(RUN_DIR), "--run-name", os.path.basename(RUN_DIR), "--resume", "auto"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def configurations(model, steps):
+    """(name, block budget per image, schedule, reuse): DiT-equivalent compute, then reduced budgets."""
+    full = steps * model.block_evaluations()  # the same block evaluations as a DiT of this depth
+    rows = [("DiT-equivalent compute, flat", full, "flat", False),
+            ("DiT-equivalent compute, reuse", full, "flat", True)]
+    for fraction in (0.5, 0.3):
+        budget = int(round(full * fraction))
+        rows += [(f"{fraction:.0%} compute, flat", budget, "flat", False),
+                 (f"{fraction:.0%} compute, reuse", budget, "flat", True),
+                 (f"{fraction:.0%} compute, reuse + more-noisy", budget, "more-noisy", True),
+                 (f"{fraction:.0%} compute, reuse + more-clean", budget, "more-clean", True)]
+    return rows
+
+
+def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir):
+    import evaluate
+    from sampling import (diffusion_for_sampling, iterations_from_block_budget, load_model_for_sampling,
+                          sample_images, save_grid)
+    model, train_config = load_model_for_sampling(ckpt_path)
+    diffusion = diffusion_for_sampling(train_config, steps)
+    labels = torch.arange(model.num_classes).repeat_interleave(num_per_class)
+    noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(0))
+    results = []
+    for name, budget, schedule, reuse in configurations(model, steps):
+        iterations = iterations_from_block_budget(model, budget, steps, schedule)
+        start = time.perf_counter()
+        samples, stats = sample_images(model, diffusion, noise, labels, cfg_scale=cfg_scale,
+                                       iterations_per_step=iterations, reuse=reuse)
+        seconds = time.perf_counter() - start
+        row = {"name": name, "block_evals": stats.compute()["block_evals"], "schedule": schedule, "reuse": reuse,
+               "fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
+               "seconds": seconds}
+        results.append(row)
+        grid_name = name.replace(" ", "_").replace(",", "").replace("%", "pct").replace("+", "and")
+        save_grid(samples[:: max(1, num_per_class // 4)][:40], os.path.join(out_dir, f"{grid_name}.png"), nrow=10)
+        print(f"  {name:<42} {row['block_evals']:>5} block evals  FID-MNIST {row['fid_mnist']:7.2f}  "
+              f"accuracy {row['accuracy']:.3f}  ({seconds:.0f} s)", flush=True)
+    return results
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, keep in (("flat, no reuse", lambda r: r["schedule"] == "flat" and not r["reuse"]),
+                        ("flat, reuse", lambda r: r["schedule"] == "flat" and r["reuse"]),
+                        ("reuse + more-noisy", lambda r: r["schedule"] == "more-noisy"),
+                        ("reuse + more-clean", lambda r: r["schedule"] == "more-clean")):
+        rows = sorted((r for r in results if keep(r)), key=lambda r: r["block_evals"])
+        if rows:
+            ax.plot([r["block_evals"] for r in rows], [r["fid_mnist"] for r in rows], "o-", label=label)
+    ax.set_xlabel("transformer-block evaluations per image")
+    ax.set_ylabel("FID-MNIST (lower is better)")
+    ax.set_title("FPDM on MNIST: quality against sampling compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--max-steps", type=int, default=2500, help="training steps (~0.2 s each on 2 cores)")
+    parser.add_argument("--num-per-class", type=int, default=30, help="samples per class for FID-MNIST")
+    parser.add_argument("--sampling-steps", type=int, default=20)
+    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--fresh", action="store_true", help="delete the previous demo run first")
+    args = parser.parse_args()
+    if args.fresh and os.path.isdir(RUN_DIR):
+        shutil.rmtree(RUN_DIR)
+
+    print(f"[1/2] training a small FPDM on MNIST ({args.max_steps} steps) -> {RUN_DIR}", flush=True)
+    start = time.time()
+    train(args.max_steps)
+    train_minutes = (time.time() - start) / 60
+    with open(os.path.join(RUN_DIR, "latest.json")) as f:
+        ckpt = os.path.join(RUN_DIR, json.load(f)["path"])
+
+    out_dir = os.path.join(RUN_DIR, "budgets")
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"[2/2] sampling {args.num_per_class * 10} digits per setting ({args.sampling_steps} DDIM steps, "
+          f"cfg {args.cfg_scale}) and measuring FID-MNIST / accuracy", flush=True)
+    results = evaluate_budgets(ckpt, args.num_per_class, args.sampling_steps, args.cfg_scale, out_dir)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"checkpoint": ckpt, "args": vars(args), "results": results}, f, indent=2)
+    plot(results, os.path.join(out_dir, "fid_vs_compute.png"))
+
+    print("\n| setting | block evals / image | FID-MNIST | accuracy |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['block_evals']} | {r['fid_mnist']:.2f} | {r['accuracy']:.3f} |")
+    samples = sorted(os.listdir(os.path.join(RUN_DIR, "samples")))
+    print(f"\ntraining took {train_minutes:.1f} min (0 if it was already done)")
+    print(f"training samples (EMA, 50-step DDIM): {os.path.join(RUN_DIR, 'samples', samples[-1])}")
+    print(f"budget grids, results.json and the plot fid_vs_compute.png: {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

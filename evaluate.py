@@ -1,0 +1,521 @@
+"""FID of samples: Inception-v3 FID (the DiT/ADM convention) and FID-MNIST (a small digit classifier).
+
+    python evaluate.py fid samples.npz VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py stats reference_images/ --out ref_stats.npz --inception ...   # reference (mu, sigma) once
+    python evaluate.py fid-mnist samples.npz              # class labels from the npz's "labels", or --labels y.npy
+
+FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) between Gaussians fitted to features of samples and reference.
+Inception features are pool3 (2048-d) of the TF FID Inception-v3 (pytorch-fid's port of its weights, read from a
+local file: nothing is downloaded), on images resized to 299x299 (bilinear) and scaled to [-1, 1]. FID-MNIST uses
+the 128-d penultimate layer of a small CNN trained once (seeded, ~10 s on one CPU thread) on the 5,000 bundled
+digits and cached with the statistics of all 5,000 real digits at each MNISTDigits size (7, 14, 28, 32 px): samples
+are compared with real digits of their own size. Results are printed and written as JSON next to the samples.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.models import inception_v3
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionAux, InceptionB, InceptionC, InceptionD, \
+    InceptionE
+from tqdm import tqdm
+
+from data import IMAGE_EXTENSIONS, MNISTDigits
+
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
+DEFAULT_INCEPTION = os.path.join("~", ".cache", "fpdm", "pt_inception-2015-12-05-6726825d.pth")
+
+
+#################################################################################
+#                                   FID math                                    #
+#################################################################################
+
+def feature_statistics(features):
+    """(mu, sigma) of features (N, D) in float64; sigma is the unbiased covariance (np.cov)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must have shape (N >= 2, D), got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^1/2), the Fréchet distance of two Gaussians.
+
+    Float64 throughout. sqrtm of the product returns tiny imaginary parts from round-off, which are dropped; when
+    the product is singular enough that sqrtm fails (not finite), eps * I is added to both covariances.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape} (features of different networks?)")
+    with warnings.catch_warnings():  # "Matrix is singular": common (dead features, N < D) and handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = eps * np.eye(len(mu1))
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"(sigma1 sigma2)^1/2 has an imaginary part of {np.abs(covmean.imag).max():.3g}: "
+                             f"these are not covariance matrices")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+#################################################################################
+#                                   Sample IO                                   #
+#################################################################################
+
+def _as_images(array, name):
+    """uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> (N, H, W, C); one clear error otherwise."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"{name}: images must be uint8 (0-255, as ADM's sample files), got {array.dtype}")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3) or len(array) == 0:
+        raise ValueError(f"{name}: expected images of shape (N, H, W, 3), (N, H, W, 1) or (N, H, W), "
+                         f"got {array.shape}")
+    return array
+
+
+def _read_image(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))[..., None] if image.mode == "L" else np.asarray(image.convert("RGB"))
+
+
+def load_images(path):
+    """An ADM sample file (`.npz` with `arr_0`) or a folder of PNG/JPG images (sorted by name) -> uint8 (N, H, W, C)."""
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"{path}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in this folder")
+        images = [_read_image(os.path.join(path, f)) for f in tqdm(files, desc="reading", disable=len(files) < 1000)]
+        channels = max(image.shape[-1] for image in images)  # a grayscale image among RGB ones becomes RGB
+        images = [np.repeat(image, channels // image.shape[-1], axis=-1) for image in images]
+        sizes = sorted({image.shape[:2] for image in images})
+        if len(sizes) > 1:
+            raise ValueError(f"{path}: images differ in size ({sizes[0]} and {sizes[-1]}); resize them to one size")
+        return np.stack(images)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: pass an .npz of samples (arr_0) or a folder of images")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: not an .npz file or an image folder")
+    with np.load(path) as data:
+        if "arr_0" not in data:
+            raise ValueError(f"{path} has no 'arr_0' images (keys: {', '.join(data.files)})")
+        return _as_images(data["arr_0"], path)
+
+
+#################################################################################
+#                                Inception FID                                  #
+#################################################################################
+# TF's FID graph differs from torchvision's Inception-v3 in its pooling branches: average pools exclude the
+# padding (Mixed_5b-d, 6b-e, 7b) and Mixed_7c max-pools. Parameter names stay torchvision's.
+
+def _avg_pool(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_avg_pool(x))]
+
+
+class FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        double = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            double = conv(double)
+        return [self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), double,
+                self.branch_pool(_avg_pool(x))]
+
+
+class FIDInceptionE(InceptionE):
+    max_pool = False  # True for Mixed_7c
+
+    def _forward(self, x):
+        pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        single, double = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(single), self.branch3x3_2b(single)], 1),
+                torch.cat([self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double)], 1), self.branch_pool(pool)]
+
+
+def load_inception_weights(net, path):
+    """Load pytorch-fid's FID Inception weights (torchvision key names, 1008 classes) into `net`, strictly."""
+    path = os.path.expanduser(str(path or DEFAULT_INCEPTION))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights not found at {path}: download {INCEPTION_URL} (pytorch-fid's FID "
+                                f"Inception-v3) and pass --inception PATH, or save it as {DEFAULT_INCEPTION}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except Exception as e:  # not a state dict, or tensors of other shapes
+        raise ValueError(f"{path}: not FID Inception-v3 weights ({type(e).__name__}); use {INCEPTION_URL}") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from old state dicts
+    if missing or unexpected:
+        raise ValueError(f"{path}: not FID Inception-v3 weights ({len(missing)} missing keys, e.g. "
+                         f"{(missing + [''])[0]!r}; {len(unexpected)} unexpected); use {INCEPTION_URL}")
+
+
+class InceptionFeatures(nn.Module):
+    """The FID Inception-v3 up to pool3: uint8 images (N, H, W, C) -> 2048-d features.
+
+    Images are resized to 299x299 (bilinear, as pytorch-fid) and scaled to [-1, 1]; grayscale is repeated to RGB.
+    `weights`: a local copy of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (default: DEFAULT_INCEPTION).
+    `random_init=True` builds seeded random weights for testing the pipeline: its FIDs mean nothing.
+    """
+
+    def __init__(self, weights=None, random_init=False, seed=0):
+        super().__init__()
+        blocks = [BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE, InceptionAux]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008,
+                               inception_blocks=blocks)
+            if random_init:  # PyTorch's default init shrinks activations ~1e8-fold over the 94 convs: keep scale
+                for m in net.modules():
+                    if isinstance(m, nn.Conv2d):
+                        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        net.Mixed_7c.max_pool = True
+        if not random_init:
+            load_inception_weights(net, weights)
+        net.fc = nn.Identity()  # in eval mode (dropout off) the network now returns pool3
+        self.net = net.eval()
+        self.weights = "random" if random_init else os.path.expanduser(str(weights or DEFAULT_INCEPTION))
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x / 127.5 - 1)
+
+    def features(self, images, batch_size=50, progress=True):
+        """uint8 numpy (N, H, W, C) -> float64 numpy (N, 2048), in batches on the module's device."""
+        images, device = _as_images(np.asarray(images), "images"), next(self.parameters()).device
+        batches = tqdm(range(0, len(images), batch_size), desc="Inception features", disable=not progress)
+        return torch.cat([self(torch.from_numpy(images[i:i + batch_size]).to(device)).double().cpu()
+                          for i in batches]).numpy()
+
+
+def load_statistics(path, model, batch_size=50):
+    """(mu, sigma) of a reference: an .npz with `mu` and `sigma` (ours, or ADM's reference batches), else images."""
+    path = os.path.expanduser(str(path))
+    if path.endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as data:
+            if "mu" in data and "sigma" in data:
+                return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    return feature_statistics(model.features(load_images(path), batch_size))
+
+
+#################################################################################
+#                                   FID-MNIST                                   #
+#################################################################################
+
+MNIST_CLASSIFIER = {"version": 1, "channels": [32, 64], "features": 128, "epochs": 8, "batch_size": 128, "lr": 3e-3,
+                    "seed": 0, "holdout_per_class": 50, "max_shift": 2}
+CLASSIFIER_FORMAT = "fpdm-mnist-classifier-v1"
+
+
+class MNISTClassifier(nn.Module):
+    """28x28 digits in [-1, 1] -> 10 logits. `trunk` ends in the penultimate layer that FID-MNIST compares."""
+
+    def __init__(self, channels=(32, 64), features=128):
+        super().__init__()
+        c1, c2 = channels
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),  # 14x14
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),  # 7x7
+            nn.Flatten(), nn.Linear(c2 * 49, features), nn.ReLU())
+        self.head = nn.Linear(features, 10)
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def _down_up(x, factor):
+    """28 px digits as MNISTDigits stores them at 28 / factor px, then back to 28 as `mnist_inputs` does."""
+    return F.interpolate(F.avg_pool2d(x, factor), size=28, mode="bilinear", align_corners=False)
+
+
+def mnist_inputs(samples):
+    """Digits -> (float (N, 1, 28, 28) in [-1, 1], their size in px).
+
+    Float tensors/arrays are taken to be in [-1, 1]: (N, 1, S, S) or (N, S, S); uint8 (0-255) also as ADM's
+    (N, S, S, 1 or 3) (RGB is averaged to gray). S = 28 as is, 32 cropped to the centre 28 (MNISTDigits pads 2 px),
+    14 and 7 upsampled bilinearly.
+    """
+    x = torch.as_tensor(np.asarray(samples) if not torch.is_tensor(samples) else samples).detach().cpu()
+    scale = x.dtype == torch.uint8
+    if x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[2] != x.shape[3] or len(x) == 0:
+        raise ValueError(f"digits must have shape (N, 1, S, S), (N, S, S) or (N, S, S, 1|3), got {tuple(x.shape)}")
+    x = x.float().mean(dim=1, keepdim=True)
+    x = x / 127.5 - 1 if scale else x
+    size = x.shape[-1]
+    if size == 32:
+        x = x[..., 2:30, 2:30]
+    elif size in (7, 14):
+        x = F.interpolate(x, size=28, mode="bilinear", align_corners=False)
+    elif size != 28:
+        raise ValueError(f"FID-MNIST takes digits of {MNISTDigits.SIZES} px (MNISTDigits sizes), got {size} px")
+    return x.contiguous(), size
+
+
+@torch.no_grad()
+def _classify(model, x, batch_size=1000):
+    """(penultimate features float64 (N, D), predicted labels (N,)) of prepared 28 px digits."""
+    device, features, predictions = next(model.parameters()).device, [], []
+    for i in range(0, len(x), batch_size):
+        f = model.trunk(x[i:i + batch_size].to(device))
+        features.append(f.double().cpu())
+        predictions.append(model.head(f).argmax(1).cpu())
+    return torch.cat(features).numpy(), torch.cat(predictions).numpy()
+
+
+def _fit(model, x, y, config):
+    """Adam with a one-cycle schedule, seeded. A random shift per batch, and a quarter of each batch seen at 14 px
+    and a quarter at 7 px, so that digits of every MNISTDigits size are recognised."""
+    g = torch.Generator().manual_seed(config["seed"])
+    bs, s = config["batch_size"], config["max_shift"]
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], epochs=config["epochs"],
+                                                steps_per_epoch=-(-len(x) // bs))
+    model.train()
+    for _ in range(config["epochs"]):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(order), bs):
+            xb, yb = x[order[i:i + bs]], y[order[i:i + bs]]
+            dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=g).tolist()
+            xb = F.pad(xb, (s, s, s, s), value=-1.0)[..., dy:dy + 28, dx:dx + 28]
+            n = len(xb)
+            xb = torch.cat([xb[:n // 2], _down_up(xb[n // 2:3 * n // 4], 2), _down_up(xb[3 * n // 4:], 4)])
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def train_mnist_classifier(config=MNIST_CLASSIFIER, verbose=True):
+    """Train on the 5,000 bundled digits less the last `holdout_per_class` of each class; returns the checkpoint
+    dict (weights, metrics, reference statistics of all 5,000 real digits at each MNISTDigits size)."""
+    digits = MNISTDigits(28)
+    x, y = digits.images, digits.labels
+    rank = torch.zeros_like(y)  # position of each digit within its class
+    for c in range(10):
+        rank[y == c] = torch.arange(int((y == c).sum()))
+    held = rank >= 500 - config["holdout_per_class"]
+    threads, start = torch.get_num_threads(), time.perf_counter()
+    torch.set_num_threads(1)  # small convs: on 2 busy cores, 2 threads trained ~20x slower than 1
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config["seed"])
+            model = MNISTClassifier(config["channels"], config["features"])
+        model = _fit(model, x[~held], y[~held], config)
+        train_time = time.perf_counter() - start
+
+        def accuracy(images, labels):
+            return float((_classify(model, images)[1] == labels.numpy()).mean())
+
+        metrics = {"train_accuracy": accuracy(x[~held], y[~held]), "train_time_s": round(train_time, 2),
+                   "num_train": int((~held).sum()), "num_heldout": int(held.sum()),
+                   **{f"heldout_accuracy_{28 // f}px": accuracy(x[held] if f == 1 else _down_up(x[held], f), y[held])
+                      for f in (1, 2, 4)}}
+        reference = {}
+        for size in MNISTDigits.SIZES:
+            mu, sigma = feature_statistics(_classify(model, mnist_inputs(MNISTDigits(size).images)[0])[0])
+            reference[size] = {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
+    finally:
+        torch.set_num_threads(threads)
+    if verbose:
+        print(f"FID-MNIST classifier: train accuracy {metrics['train_accuracy']:.4f}, held-out "
+              f"{metrics['heldout_accuracy_28px']:.4f} (28 px) / {metrics['heldout_accuracy_14px']:.4f} (14 px) / "
+              f"{metrics['heldout_accuracy_7px']:.4f} (7 px), trained in {train_time:.1f} s")
+    return {"format": CLASSIFIER_FORMAT, "config": config, "model": model.state_dict(), "metrics": metrics,
+            "reference": reference}
+
+
+def mnist_classifier_path(config=MNIST_CLASSIFIER):
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "fpdm", f"mnist_classifier_{digest}.pt")
+
+
+def load_mnist_classifier(path=None, config=MNIST_CLASSIFIER, verbose=True):
+    """The cached classifier (CPU, eval mode), trained and saved first if the file is missing, corrupt or was made
+    with another config. It carries `.metrics`, `.path` and `.reference` {size: (mu, sigma) of all real digits}."""
+    path = os.path.expanduser(str(path or mnist_classifier_path(config)))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CLASSIFIER_FORMAT or ckpt.get("config") != config:
+            raise ValueError("another format or config")
+        model = MNISTClassifier(config["channels"], config["features"])
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        if verbose:
+            why = "missing" if isinstance(e, FileNotFoundError) else f"unusable ({type(e).__name__}: {e})"
+            print(f"{path} is {why}: training the FID-MNIST classifier (once)")
+        ckpt = train_mnist_classifier(config, verbose)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a torn cache file
+        model = MNISTClassifier(config["channels"], config["features"])
+        model.load_state_dict(ckpt["model"])
+    model.eval()
+    model.path, model.metrics = path, ckpt["metrics"]
+    model.reference = {int(k): (v["mu"].numpy(), v["sigma"].numpy()) for k, v in ckpt["reference"].items()}
+    return model
+
+
+_default_classifier = None
+
+
+def _classifier(classifier, device):
+    global _default_classifier
+    if classifier is None:
+        _default_classifier = _default_classifier or load_mnist_classifier()
+        classifier = _default_classifier
+    return classifier.to(device)
+
+
+def evaluate_mnist(samples, labels=None, classifier=None, device="cpu"):
+    """{"fid_mnist", "accuracy" (None without labels), "num_samples", "image_size"} in one pass over the samples."""
+    model = _classifier(classifier, device)
+    x, size = mnist_inputs(samples)
+    features, predictions = _classify(model, x)
+    accuracy = None
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(x):
+            raise ValueError(f"{len(labels)} labels for {len(x)} samples")
+        accuracy = float((predictions == labels).mean())
+    fid = frechet_distance(*feature_statistics(features), *model.reference[size])
+    return {"fid_mnist": fid, "accuracy": accuracy, "num_samples": len(x), "image_size": size}
+
+
+def mnist_features(samples, classifier=None, device="cpu"):
+    """Penultimate-layer features (N, 128), float64, of digits in any form `mnist_inputs` takes."""
+    return _classify(_classifier(classifier, device), mnist_inputs(samples)[0])[0]
+
+
+def fid_mnist(samples, classifier=None, device="cpu"):
+    """FID-MNIST of samples against all 5,000 real digits at the samples' size."""
+    return evaluate_mnist(samples, classifier=classifier, device=device)["fid_mnist"]
+
+
+def classifier_accuracy(samples, labels, classifier=None, device="cpu"):
+    """Fraction of class-conditional samples that the classifier assigns to their intended label."""
+    return evaluate_mnist(samples, labels, classifier, device)["accuracy"]
+
+
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
+
+def _write_report(samples, command, result):
+    """Write `<samples without .npz>.<command>.json` next to the samples; return its path."""
+    base = os.path.expanduser(str(samples)).rstrip("/\\")
+    path = f"{base[:-4] if base.endswith('.npz') else base}.{command}.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return path
+
+
+def _device(name):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _inception(args):
+    return InceptionFeatures(args.inception).to(_device(args.device))
+
+
+def run_fid(args):
+    model = _inception(args)
+    images = load_images(args.samples)
+    mu, sigma = feature_statistics(model.features(images, args.batch_size))
+    fid = frechet_distance(mu, sigma, *load_statistics(args.ref, model, args.batch_size))
+    result = {"fid": fid, "num_samples": len(images), "image_shape": list(images.shape[1:]), "samples": args.samples,
+              "reference": args.ref, "inception": model.weights}
+    print(f"FID {fid:.4f} ({len(images)} samples vs {args.ref}) -> {_write_report(args.samples, 'fid', result)}")
+    return result
+
+
+def run_stats(args):
+    model = _inception(args)
+    mu, sigma = feature_statistics(model.features(load_images(args.images), args.batch_size))
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    np.savez(out, mu=mu, sigma=sigma)
+    print(f"wrote mu {mu.shape} and sigma {sigma.shape} of {args.images} to {out}")
+    return {"mu": mu, "sigma": sigma}
+
+
+def run_fid_mnist(args):
+    images, labels = load_images(args.samples), None
+    if args.ignore_labels:
+        pass
+    elif args.labels:
+        if not os.path.isfile(args.labels):
+            raise FileNotFoundError(f"{args.labels} does not exist: pass a .npy of class labels")
+        labels = np.load(args.labels)
+    elif args.samples.endswith(".npz"):
+        with np.load(args.samples) as data:
+            labels = data["labels"] if "labels" in data else None
+    model = load_mnist_classifier(args.classifier)
+    result = evaluate_mnist(images, labels, model, _device(args.device))
+    result.update(samples=args.samples, classifier=model.path, classifier_metrics=model.metrics)
+    accuracy = "n/a (no labels)" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
+    print(f"FID-MNIST {result['fid_mnist']:.4f}, classifier accuracy {accuracy} ({result['num_samples']} samples, "
+          f"{result['image_size']} px) -> {_write_report(args.samples, 'fid-mnist', result)}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fid = commands.add_parser("fid", help="Inception FID of SAMPLES against REF")
+    fid.add_argument("samples", help="ADM .npz (arr_0: uint8 N x H x W x 3) or a folder of PNG/JPG images")
+    fid.add_argument("ref", help="an .npz of reference statistics (mu, sigma; e.g. ADM's reference batch) or images")
+    stats = commands.add_parser("stats", help="write the Inception (mu, sigma) of IMAGES, for use as REF")
+    stats.add_argument("images", help="ADM .npz or a folder of PNG/JPG images")
+    stats.add_argument("--out", required=True, help="output .npz")
+    for p in (fid, stats):
+        p.add_argument("--inception", default=DEFAULT_INCEPTION, help=f"FID Inception weights ({INCEPTION_URL})")
+        p.add_argument("--batch-size", type=int, default=50)
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    mnist = commands.add_parser("fid-mnist", help="FID-MNIST and classifier accuracy of MNIST samples")
+    mnist.add_argument("samples", help="ADM .npz (labels from its 'labels' array, if any) or a folder of PNG images")
+    mnist.add_argument("--labels", default=None, help=".npy of the samples' intended class labels")
+    mnist.add_argument("--ignore-labels", action="store_true", help="unconditional samples (labels all 0): FID only")
+    mnist.add_argument("--classifier", default=None, help="classifier cache file (default: ~/.cache/fpdm/...)")
+    mnist.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        return {"fid": run_fid, "stats": run_stats, "fid-mnist": run_fid_mnist}[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
