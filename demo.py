@@ -37,14 +37,12 @@ def train(max_steps):
 def configurations(model, steps):
     """(name, block budget per image, schedule, reuse): DiT-equivalent compute, then reduced budgets."""
     full = steps * model.block_evaluations()  # the same block evaluations as a DiT of this depth
-    rows = [("DiT-equivalent compute, flat", full, "flat", False),
-            ("DiT-equivalent compute, reuse", full, "flat", True)]
+    rows = [("DiT-equivalent compute, flat", full, "flat", False)]
     for fraction in (0.5, 0.3):
         budget = int(round(full * fraction))
         rows += [(f"{fraction:.0%} compute, flat", budget, "flat", False),
                  (f"{fraction:.0%} compute, reuse", budget, "flat", True),
-                 (f"{fraction:.0%} compute, reuse + more-noisy", budget, "more-noisy", True),
-                 (f"{fraction:.0%} compute, reuse + more-clean", budget, "more-clean", True)]
+                 (f"{fraction:.0%} compute, reuse + more-noisy", budget, "more-noisy", True)]
     return rows
 
 
@@ -81,8 +79,7 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, keep in (("flat, no reuse", lambda r: r["schedule"] == "flat" and not r["reuse"]),
                         ("flat, reuse", lambda r: r["schedule"] == "flat" and r["reuse"]),
-                        ("reuse + more-noisy", lambda r: r["schedule"] == "more-noisy"),
-                        ("reuse + more-clean", lambda r: r["schedule"] == "more-clean")):
+                        ("reuse + more-noisy", lambda r: r["schedule"] == "more-noisy")):
         rows = sorted((r for r in results if keep(r)), key=lambda r: r["block_evals"])
         if rows:
             ax.plot([r["block_evals"] for r in rows], [r["fid_mnist"] for r in rows], "o-", label=label)
@@ -98,7 +95,7 @@ def plot(results, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-steps", type=int, default=2500, help="training steps (~0.2 s each on 2 cores)")
-    parser.add_argument("--num-per-class", type=int, default=30, help="samples per class for FID-MNIST")
+    parser.add_argument("--num-per-class", type=int, default=20, help="samples per class for FID-MNIST")
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--fresh", action="store_true", help="delete the previous demo run first")
