@@ -1,0 +1,197 @@
+"""Parallel DDIM: the whole sampling chain as one fixed point.
+
+[DEQ-DDIM] Pokle, Geng & Kolter 2022, "Deep Equilibrium Approaches to Diffusion Models", Sec. 3.
+[ParaDiGMS] Shih, Belkhale, Ermon, Sadigh & Anari 2023, "Parallel Sampling of Diffusion Models", Alg. 1.
+
+A DDIM chain of T' (respaced) steps from x_T is unrolled as x_{s−1} = √ᾱ_{s−1} · (x_T/√ᾱ_T + Σ_{k=s..T} c_k ε_k (+ noise
+terms)), so the unknown X = (x_{T'−1}, …, x_0), stacked as a (T', B, C, H, W) tensor, satisfies X = h(X; x_T): one
+batched network call on all T' states, then a cumulative sum (`ddim_chain_map`). Its exact fixed point is the
+sequential DDIM trajectory, and Picard iteration reaches it after T' evaluations (the chain is triangular: after k
+evaluations the first k states are exact); Anderson acceleration usually gets within tolerance much sooner.
+`parallel_ddim_sample` solves it with Anderson, Picard, or ParaDiGMS' sliding window of Picard iterations.
+
+    x0 = parallel_ddim_sample(GuidedModel(model, cfg_scale=4.0), diffusion, noise, model_kwargs={"y": y})
+
+Costs: memory ≈ T' × a sequential step (all states are live; `chunk_size` bounds the states per network call);
+FLOPs are (iterations × T') network evaluations instead of T'. Wall-clock drops only when the hardware runs a batch
+of T' states at little more than the cost of one (a GPU with spare capacity, several devices); on a CPU the gain
+from batching (~3× for DiT-B at 16 tokens, bench/bench_parallel.py) does not pay for ~8× the evaluations.
+
+The formulation is for clip_denoised=False: clipping x̂_0 makes the step nonlinear in ways the sum does not
+express, so compare with `ddim_sample_loop(..., clip_denoised=False)`. ε comes from `p_mean_variance`, exactly as
+in the sequential sampler, so ε-, x_0- and v-prediction all work (learned-variance channels are ignored). Batches
+are ordered sample-major (all states of sample 0, then of sample 1, …), so a CFG wrapper that splits a doubled
+batch in halves (e.g. `sampling.GuidedModel`) still sees conditional samples first; model_kwargs tensors with the
+batch size are repeated per state to match. FPDM models must run a fixed iteration count without solution reuse
+(a batch mixes all timesteps).
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .solvers import SolverResult, relative_residual, solve
+
+
+def _coefficients(diffusion, first, n, eta, like):
+    """Per-step float64 coefficients for chain positions first..first+n−1 (diffusion index i = T'−1−position),
+    shaped (n, 1, …) to broadcast over (n, B, C, H, W):
+      sqrt_prev = √ᾱ_{i−1};  d = √(1 − ᾱ_{i−1} − σ_i²)/√ᾱ_{i−1};  c = d − √((1 − ᾱ_i)/ᾱ_i);  s = σ_i/√ᾱ_{i−1}
+    with σ_i(η) as in `GaussianDiffusion.ddim_sample` [DDIM Eq. 16]."""
+    i = diffusion.num_timesteps - 1 - np.arange(first, first + n)
+    a, a_prev = diffusion.alphas_cumprod[i], diffusion.alphas_cumprod_prev[i]
+    sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    d = np.sqrt(np.maximum(1 - a_prev - sigma ** 2, 0.0)) / np.sqrt(a_prev)
+    with np.errstate(divide="ignore"):  # ᾱ = 0 only at x_T of a zero-terminal-SNR chain, whose c is never used
+        c = d - np.sqrt((1 - a) / a)
+    shape = (n,) + (1,) * (like.dim() - 1)
+    as_tensor = lambda v: torch.from_numpy(v).to(device=like.device, dtype=torch.float64).view(shape)
+    return as_tensor(np.sqrt(a_prev)), as_tensor(d), as_tensor(c), as_tensor(sigma / np.sqrt(a_prev))
+
+
+def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size):
+    """ε and x̂_0 for the states (n, B, …) entering chain positions first..first+n−1, from one network call per
+    chunk of at most `chunk_size` states (all B samples each)."""
+    n, batch = states.shape[:2]
+    chunk = n if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise ValueError("chunk_size must be >= 1")
+    eps, pred_xstart = [], []
+    for start in range(0, n, chunk):
+        part = states[start:start + chunk]
+        k = len(part)
+        x = part.transpose(0, 1).reshape(batch * k, *part.shape[2:])  # sample-major: b·k + j
+        positions = torch.arange(first + start, first + start + k, device=x.device)
+        t = (diffusion.num_timesteps - 1 - positions).repeat(batch)
+        kwargs = {key: value.repeat_interleave(k, dim=0) if torch.is_tensor(value) and value.dim() > 0
+                  and len(value) == batch else value for key, value in (model_kwargs or {}).items()}
+        out = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=kwargs)
+        unflatten = lambda v: v.reshape(batch, k, *part.shape[2:]).transpose(0, 1)
+        eps.append(unflatten(out["eps"]))
+        pred_xstart.append(unflatten(out["pred_xstart"]))
+    return torch.cat(eps), torch.cat(pred_xstart)
+
+
+def _chain_outputs(diffusion, eps, pred_xstart, first, eta=0.0, noise=None):
+    """Outputs of the consecutive steps at positions first.. given ε and x̂_0 at their inputs, by the cumulative
+    sum of [DEQ-DDIM Eq. 6] in float64. The first input is the anchor (x_T, or the state before a window); its term
+    x_anchor/√ᾱ + c ε is written as x̂_0 + d ε (equal by definition of x̂_0), which also holds at ᾱ_T = 0."""
+    sqrt_prev, d, c, s = _coefficients(diffusion, first, len(eps), eta, eps)
+    eps64 = eps.double()
+    terms = torch.cat([pred_xstart[:1].double() + d[:1] * eps64[:1], c[1:] * eps64[1:]])
+    if eta > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs the pre-sampled noise z_k of every step")
+        terms = terms + s * noise.double()
+    return (sqrt_prev * terms.cumsum(0)).to(eps.dtype)
+
+
+def ddim_chain_map(model, diffusion, x_T, X, eta=0.0, noise=None, model_kwargs=None, chunk_size=None):
+    """h(X; x_T) [DEQ-DDIM Eq. 6]: X = (x_{T'−1}, …, x_0) of shape (T', B, …), states entering the steps are
+    (x_T, x_{T'−1}, …, x_1). For η > 0, `noise` (T', B, …) holds the z_k of each step, in chain order."""
+    states = torch.cat([x_T[None], X[:-1]])
+    eps, pred_xstart = _model_outputs(model, diffusion, states, 0, model_kwargs, chunk_size)
+    return _chain_outputs(diffusion, eps, pred_xstart, 0, eta, noise)
+
+
+def sliding_window_solve(model, diffusion, x_T, window=None, tol=0.1, eta=0.0, noise=None, model_kwargs=None,
+                         chunk_size=None, callback=None):
+    """ParaDiGMS [Alg. 1]: Picard iteration over a window of `window` steps (default all), one batched call per
+    iteration. After each iteration the window slides past the leading steps whose update satisfies
+    ‖Δx‖² / (σ² D) < tol² (D = values per sample, the worst sample of the batch), σ² = 1 − ᾱ_t being the variance
+    of the noise level of the state entering the step; it always slides at least one step, since the first step
+    of a window starts from a finished state and is exact. Steps entering the window start from the newest state
+    at its end. Terminates within T' iterations (max_iter does not apply); tol = 0 gives the exact trajectory.
+    Returns a SolverResult whose x is the whole trajectory and num_evaluations counts states evaluated."""
+    n_steps = diffusion.num_timesteps
+    window = n_steps if window is None else int(window)
+    if window < 1:
+        raise ValueError("window must be >= 1")
+    X = x_T.expand(n_steps, *x_T.shape).clone()
+    variance = torch.from_numpy(1 - diffusion.alphas_cumprod[::-1].copy()).to(x_T.device)  # chain order
+    per_sample = x_T[0].numel()
+    result = SolverResult(x=X, converged=True)
+    start = 0
+    while start < n_steps:
+        end = min(start + window, n_steps)
+        anchor = x_T if start == 0 else X[start - 1]
+        states = torch.cat([anchor[None], X[start:end - 1]])
+        eps, pred_xstart = _model_outputs(model, diffusion, states, start, model_kwargs, chunk_size)
+        new = _chain_outputs(diffusion, eps, pred_xstart, start, eta, None if noise is None else noise[start:end])
+        error = ((new - X[start:end]).double() ** 2).flatten(2).sum(-1).amax(1) / (variance[start:end] * per_sample)
+        result.residuals.append(relative_residual(new, X[start:end]))
+        result.num_iterations += 1
+        result.num_evaluations += end - start
+        X[start:end] = new
+        above = (error >= tol ** 2).nonzero()
+        advance = max(1, int(above[0]) if len(above) else end - start)
+        next_end = min(start + advance + window, n_steps)
+        X[end:next_end] = X[end - 1]
+        start += advance
+        if callback is not None:
+            callback({"i": result.num_iterations - 1, "done": start, "window": (start, next_end),
+                      "residual": result.residuals[-1]})
+    return result
+
+
+def check_model(model):
+    """Refuse models whose outputs depend on call order or batch composition (training mode, FPDM reuse)."""
+    net = getattr(model, "model", model)  # sampling.GuidedModel keeps the network in .model
+    if getattr(net, "training", False):
+        raise ValueError("call model.eval() first: in training mode labels are dropped at random (and FPDM draws "
+                         "random iteration counts), so no two evaluations of h agree")
+    if getattr(model, "reuse", False) or getattr(net, "fixed_point_reuse_solution", False):
+        raise ValueError("FPDM solution reuse needs one timestep per call, but parallel DDIM mixes all timesteps "
+                         "in one batch: turn reuse off and use a fixed iteration count")
+    if isinstance(getattr(model, "iterations_per_step", None), (list, tuple)):
+        raise ValueError("a per-step iteration schedule follows the sequential sampler's call order; use one int")
+
+
+def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwargs=None, eta=0.0, noise_seq=None,
+                         max_iter=15, tol=1e-3, m=5, lam=1e-3, beta=1.0, window=None, window_tol=0.1,
+                         chunk_size=None, progress=False, return_result=False, device=None):
+    """DDIM sampling (clip_denoised=False) of the whole chain at once; returns x_0, or with `return_result`
+    (x_0, SolverResult, stats).
+
+    noise: x_T (B, C, H, W), or a shape to draw it from (on `device`). solver: "anderson" or "picard" on
+    `ddim_chain_map` (max_iter, tol, m, lam, beta: see `solvers.solve`), or "window" (`sliding_window_solve` with
+    window, window_tol). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
+    is given it is drawn after x_T one step at a time, as `ddim_sample_loop` draws it, so both agree for one seed.
+    stats: parallel_iterations, network_evaluations (states evaluated per sample; sequential DDIM needs T'),
+    sequential_evaluations (T'), residual (relative, of the returned trajectory; window: of its last update),
+    converged, wall_time_s.
+    """
+    check_model(model)
+    x_T = noise if torch.is_tensor(noise) else torch.randn(*noise, device=device)
+    n_steps = diffusion.num_timesteps
+    if eta > 0 and noise_seq is None:
+        noise_seq = torch.stack([torch.randn_like(x_T) for _ in range(n_steps)])
+    if noise_seq is not None and tuple(noise_seq.shape) != (n_steps, *x_T.shape):
+        raise ValueError(f"noise_seq must have shape {(n_steps, *x_T.shape)}, got {tuple(noise_seq.shape)}")
+    bar = tqdm(total=n_steps if solver == "window" else max_iter, disable=not progress)
+
+    def report(info):
+        bar.set_postfix(residual=f"{info['residual']:.2e}")
+        bar.update(info["done"] - bar.n if "done" in info else 1)
+
+    began = time.perf_counter()
+    with torch.no_grad():
+        if solver == "window":
+            result = sliding_window_solve(model, diffusion, x_T, window, window_tol, eta, noise_seq, model_kwargs,
+                                          chunk_size, callback=report)
+        else:
+            f = lambda X: ddim_chain_map(model, diffusion, x_T, X, eta, noise_seq, model_kwargs, chunk_size)
+            result = solve(f, x_T.expand(n_steps, *x_T.shape).clone(), solver, max_iter, tol, m, lam, beta,
+                           callback=report)
+            result = dataclasses.replace(result, num_evaluations=result.num_evaluations * n_steps)
+    if x_T.is_cuda:
+        torch.cuda.synchronize(x_T.device)
+    bar.close()
+    stats = {"solver": solver, "parallel_iterations": result.num_iterations,
+             "network_evaluations": result.num_evaluations, "sequential_evaluations": n_steps,
+             "residual": min(result.residuals) if solver != "window" else result.residuals[-1],
+             "converged": result.converged, "wall_time_s": time.perf_counter() - began}
+    return (result.x[-1], result, stats) if return_result else result.x[-1]

@@ -1,0 +1,301 @@
+"""Parallel DDIM (diffusion/parallel.py), the fixed-point solvers (diffusion/solvers.py) and inversion (invert.py).
+
+The reference is always the sequential sampler `ddim_sample_loop(..., clip_denoised=False)`. Tiny DiT/FPDM models
+get all parameters perturbed (adaLN-Zero would make a fresh model output 0); they use v-prediction, whose samples
+stay O(1) for a random network (ε-prediction gives |x_0| ~ 500, where float32 round-off alone exceeds 1e-4, so it
+is checked in float64). Convergence-speed tests also use the exact denoiser for Gaussian data, whose dynamics are
+those of a real model.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import invert
+from diffusion import create_diffusion, get_named_beta_schedule
+from diffusion.parallel import ddim_chain_map, parallel_ddim_sample
+from diffusion.solvers import solve
+from models import DiT
+from sampling import GuidedModel
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead on busy cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(fixed_point=False, in_channels=4, learn_sigma=True, seed=0):
+    torch.manual_seed(seed)
+    net = DiT(input_size=8, patch_size=2, in_channels=in_channels, hidden_size=32, depth=4, num_heads=4,
+              num_classes=10, learn_sigma=learn_sigma, fixed_point=fixed_point)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval()
+
+
+def guided(net, cfg_scale=1.0):
+    return GuidedModel(net, cfg_scale, iterations_per_step=3 if net.fixed_point else None)
+
+
+def inputs(cfg_scale=1.0, batch=2, channels=4, seed=1):
+    """x_T and labels; with CFG the doubled batch that sampling.sample_images builds (second half: null class)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(batch, channels, 8, 8, generator=g), torch.arange(batch) + 1
+    if cfg_scale != 1.0:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 10)])
+    return x, {"y": y}
+
+
+def gaussian_denoiser(mu=0.3, s=0.5):
+    """Exact ε for data N(mu, s² I) under the linear schedule, called with original timesteps."""
+    table = torch.from_numpy(np.cumprod(1 - get_named_beta_schedule("linear", 1000)))
+
+    def model(x, t, y=None):
+        a = table.to(x.dtype)[t].view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s ** 2 + 1 - a)
+    return model
+
+
+def sequential(model, diffusion, x, kwargs=None, eta=0.0):
+    return diffusion.ddim_sample_loop(model, x.shape, noise=x, clip_denoised=False, model_kwargs=kwargs, eta=eta)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parallel == sequential
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("fixed_point", [False, True], ids=["dit", "fpdm"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0], ids=["nocfg", "cfg"])
+def test_parallel_matches_sequential(steps, fixed_point, cfg_scale):
+    model = guided(tiny_model(fixed_point), cfg_scale)
+    diffusion = create_diffusion(f"ddim{steps}", predict_v=True)
+    x, kwargs = inputs(cfg_scale)
+    reference = sequential(model, diffusion, x, kwargs)
+    picard = parallel_ddim_sample(model, diffusion, x, "picard", kwargs, max_iter=steps + 1, tol=1e-7)
+    anderson = parallel_ddim_sample(model, diffusion, x, "anderson", kwargs, max_iter=2 * steps, tol=1e-5)
+    assert (picard - reference).abs().max() <= 1e-4
+    assert (anderson - reference).abs().max() <= 1e-4
+    if cfg_scale != 1.0:  # guidance really acts, and both halves of the doubled batch stay identical
+        unguided = sequential(guided(model.model), diffusion, x[:2], {"y": kwargs["y"][:2]})
+        assert (reference[:2] - unguided).abs().max() > 1e-2
+        assert torch.equal(picard[:2], picard[2:])
+
+
+@pytest.mark.parametrize("case", ["epsilon_float64", "start_x", "zero_terminal_snr_v"])
+def test_other_parameterisations_match_sequential(case):
+    net = tiny_model()
+    dtype = torch.float64 if case == "epsilon_float64" else torch.float32
+    kwargs = {"epsilon_float64": {}, "start_x": {"predict_xstart": True},
+              "zero_terminal_snr_v": {"predict_v": True, "rescale_betas_zero_snr": True}}[case]
+    diffusion = create_diffusion("10", **kwargs)  # "10" keeps t = 999, where ᾱ = 0 with zero terminal SNR
+    assert (diffusion.alphas_cumprod[-1] == 0) == (case == "zero_terminal_snr_v")
+    model = guided(net.to(dtype))
+    x, model_kwargs = inputs()
+    x = x.to(dtype)
+    reference = sequential(model, diffusion, x, model_kwargs)
+    sample = parallel_ddim_sample(model, diffusion, x, "picard", model_kwargs, max_iter=11, tol=1e-12)
+    scale = reference.abs().max().item() if case == "epsilon_float64" else 1.0  # |x_0| ~ 500 here
+    assert (sample - reference).abs().max() <= (1e-10 if dtype == torch.float64 else 1e-4) * scale
+
+
+def test_picard_is_exact_after_T_iterations():
+    """The chain is triangular: after k evaluations of h the first k states are exact, after T all are."""
+    steps, model = 10, gaussian_denoiser()
+    diffusion = create_diffusion(f"ddim{steps}", learn_sigma=False)
+    x, _ = inputs(channels=1)
+    trajectory = []
+    diffusion.ddim_sample_loop(model, x.shape, noise=x, clip_denoised=False,
+                               callback=lambda info: trajectory.append(info["x"]))
+    trajectory = torch.stack(trajectory)
+    iterates = []
+    result = solve(lambda X: ddim_chain_map(model, diffusion, x, X), x.expand(steps, *x.shape).clone(), "picard",
+                   max_iter=steps + 1, tol=0.0, callback=lambda info: iterates.append(info["x"]))
+    for k, X in enumerate(iterates):
+        assert k == 0 or (X[:k] - trajectory[:k]).abs().max() <= 1e-5
+        if k < steps - 1:  # state k is not yet exact (the last step, onto x_0, barely depends on x_1)
+            assert (X[k] - trajectory[k]).abs().max() > 1e-5
+    assert result.residuals[steps - 2] > 1e-5 and result.residuals[steps] < 1e-6
+    assert (result.x - trajectory).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.7, 1.0])
+def test_stochastic_matches_sequential_with_same_noise(eta):
+    model = guided(tiny_model())
+    diffusion = create_diffusion("ddim10", predict_v=True)
+    x, kwargs = inputs()
+    torch.manual_seed(5)
+    reference = sequential(model, diffusion, x, kwargs, eta=eta)  # draws z with randn_like, step by step
+    torch.manual_seed(5)
+    drawn = parallel_ddim_sample(model, diffusion, x, "picard", kwargs, eta=eta, max_iter=11, tol=1e-7)
+    torch.manual_seed(5)
+    noise_seq = torch.stack([torch.randn_like(x) for _ in range(10)])
+    given = parallel_ddim_sample(model, diffusion, x, "anderson", kwargs, eta=eta, noise_seq=noise_seq,
+                                 max_iter=30, tol=1e-5)
+    assert (drawn - reference).abs().max() <= 1e-4
+    assert (given - reference).abs().max() <= 1e-4
+    assert (reference - sequential(model, diffusion, x, kwargs)).abs().max() > 1e-2  # the noise matters
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Solvers
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem", ["dit", "gaussian"])
+def test_anderson_needs_fewer_iterations_than_picard(problem):
+    if problem == "dit":
+        model, diffusion, (x, kwargs) = guided(tiny_model()), create_diffusion("ddim50", predict_v=True), inputs()
+    else:
+        model, diffusion = gaussian_denoiser(), create_diffusion("ddim50", learn_sigma=False)
+        x, kwargs = inputs(channels=1)[0], None
+    runs = {solver: parallel_ddim_sample(model, diffusion, x, solver, kwargs, max_iter=50, tol=1e-3,
+                                         return_result=True) for solver in ("picard", "anderson")}
+    assert all(stats["converged"] for _, _, stats in runs.values())
+    assert runs["anderson"][2]["parallel_iterations"] < runs["picard"][2]["parallel_iterations"]
+    assert runs["anderson"][2]["network_evaluations"] == 50 * runs["anderson"][2]["parallel_iterations"]
+    reference = sequential(model, diffusion, x, kwargs)
+    assert (runs["anderson"][0] - reference).abs().max() < 1e-2  # tolerance 1e-3 on the relative residual
+
+
+def test_sliding_window_matches_sequential():
+    model = guided(tiny_model())
+    diffusion = create_diffusion("ddim20", predict_v=True)
+    x, kwargs = inputs()
+    reference = sequential(model, diffusion, x, kwargs)
+    sample, result, stats = parallel_ddim_sample(model, diffusion, x, "window", kwargs, window=6, window_tol=1e-5,
+                                                 return_result=True)
+    assert (sample - reference).abs().max() <= 1e-4
+    assert stats["network_evaluations"] <= 6 * stats["parallel_iterations"] and result.converged
+    # ParaDiGMS' default τ = 0.1 on denoiser-like dynamics: far fewer iterations than steps, a close sample.
+    model, diffusion = gaussian_denoiser(), create_diffusion("ddim50", learn_sigma=False)
+    x = inputs(channels=1)[0]
+    sample, _, stats = parallel_ddim_sample(model, diffusion, x, "window", window=20, return_result=True)
+    assert stats["parallel_iterations"] < 25
+    assert (sample - sequential(model, diffusion, x)).abs().max() < 0.1
+
+
+def test_chunk_size_gives_identical_results():
+    model = guided(tiny_model(fixed_point=True), cfg_scale=4.0)
+    diffusion = create_diffusion("ddim10", predict_v=True)
+    x, kwargs = inputs(cfg_scale=4.0)
+    X = x + torch.randn((10, *x.shape), generator=torch.Generator().manual_seed(2))
+    calls = model.calls
+    chunked = ddim_chain_map(model, diffusion, x, X, model_kwargs=kwargs, chunk_size=3)
+    assert model.calls - calls == 4  # ceil(10 / 3) network calls per evaluation of h
+    assert (chunked - ddim_chain_map(model, diffusion, x, X, model_kwargs=kwargs)).abs().max() <= 1e-6
+    # Anderson amplifies the last-bit differences of other batch sizes a little: compare whole samples at 1e-4.
+    whole = parallel_ddim_sample(model, diffusion, x, model_kwargs=kwargs)
+    assert (whole - parallel_ddim_sample(model, diffusion, x, model_kwargs=kwargs, chunk_size=3)).abs().max() <= 1e-4
+
+
+def test_anderson_survives_singular_problems():
+    x0 = torch.randn(3, 4)
+    constant = torch.randn(3, 4)
+    result = solve(lambda x: constant.clone(), x0, "anderson", max_iter=10, tol=1e-6)
+    assert result.converged and torch.allclose(result.x, constant) and result.num_evaluations == 2
+    shift = torch.full((3, 4), 0.1)  # no fixed point, identical residuals: GGᵀ has rank one
+    for lam in (1e-3, 0.0):  # λ = 0 makes the bordered system exactly singular
+        result = solve(lambda x: x + shift, x0, "anderson", max_iter=8, lam=lam)
+        assert not result.converged and len(result.residuals) == 8 and torch.isfinite(result.x).all()
+    assert solve(lambda x: x, x0, "anderson").num_iterations == 1  # g = 0 at once
+
+    calls = []
+
+    def blows_up(x):  # finite once, then NaN: restart from the best iterate's f(x), then give up
+        calls.append(x)
+        return x + 1 if len(calls) == 1 else torch.full_like(x, float("nan"))
+    result = solve(blows_up, x0, "anderson", max_iter=6)
+    assert torch.equal(result.x, x0) and result.residuals[1:] == [float("inf")] * 2 and not result.converged
+
+
+def test_solvers_return_the_best_iterate():
+    x0 = torch.full((5,), 1.1)
+    repelling = lambda x: 2 * x - 1  # fixed point 1, Picard runs away from it
+    result = solve(repelling, x0, "picard", max_iter=6, tol=1e-8)
+    assert torch.equal(result.x, x0) and result.residuals == sorted(result.residuals)
+    result = solve(repelling, x0, "anderson", max_iter=6, tol=1e-6)  # linear: Anderson is a secant method
+    assert result.converged and torch.allclose(result.x, torch.ones(5), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown solver"):
+        solve(repelling, x0, "newton")
+
+
+def test_refuses_models_that_depend_on_call_order():
+    net = tiny_model(fixed_point=True)
+    diffusion = create_diffusion("ddim10", predict_v=True)
+    x, kwargs = inputs()
+    with pytest.raises(ValueError, match="reuse"):
+        parallel_ddim_sample(GuidedModel(net, reuse=True), diffusion, x, model_kwargs=kwargs)
+    with pytest.raises(ValueError, match="eval"):
+        parallel_ddim_sample(guided(net.train()), diffusion, x, model_kwargs=kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Inversion
+# ------------------------------------------------------------------------------------------------------------------
+
+def inversion_problem(fixed_point=False):
+    net = tiny_model(fixed_point, in_channels=1, learn_sigma=False).requires_grad_(False)
+    diffusion = create_diffusion("ddim10", predict_v=True, learn_sigma=False)
+    model = guided(net)
+    target = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    kwargs = {"y": torch.tensor([1, 2])}
+    start = diffusion.ddim_reverse_sample_loop(model, target, model_kwargs=kwargs)
+    return model, diffusion, target, kwargs, start
+
+
+@pytest.mark.parametrize("fixed_point", [False, True], ids=["dit", "fpdm"])
+def test_phantom_gradient_aligns_with_exact_gradient(fixed_point):
+    model, diffusion, target, kwargs, start = inversion_problem(fixed_point)
+    x_T = (start + 0.3 * torch.randn(start.shape, generator=torch.Generator().manual_seed(4))).requires_grad_(True)
+    exact, = torch.autograd.grad(F.mse_loss(invert.sequential_ddim(model, diffusion, x_T, kwargs), target), x_T)
+    with torch.no_grad():
+        X_star = parallel_ddim_sample(model, diffusion, x_T, "picard", kwargs, max_iter=11, tol=1e-7,
+                                      return_result=True)[1].x
+    sample = invert.phantom_sample(model, diffusion, x_T, X_star, tau=0.1, model_kwargs=kwargs)[-1]
+    assert (sample - X_star[-1]).abs().max() <= 1e-4  # at the fixed point x̂ is the sample itself
+    phantom, = torch.autograd.grad(F.mse_loss(sample, target), x_T)
+    assert F.cosine_similarity(exact.flatten(), phantom.flatten(), dim=0) > 0.8  # measured 0.95-0.99
+
+
+@pytest.mark.parametrize("method", ["phantom", "sequential"])
+def test_inversion_lowers_the_loss(method):
+    model, diffusion, target, kwargs, start = inversion_problem()
+    x_T, history = invert.invert(model, diffusion, target, start, method, steps=4, lr=0.05, model_kwargs=kwargs)
+    final = F.mse_loss(invert.sequential_ddim(model, diffusion, x_T, kwargs), target).item()
+    assert final < 0.8 * history[0]["mse"]
+    assert [h["mse"] for h in history] == sorted((h["mse"] for h in history), reverse=True)
+    assert history[-1]["time_s"] > history[0]["time_s"] > 0
+
+
+def test_invert_script_end_to_end(tmp_path):
+    from PIL import Image
+    net = tiny_model(in_channels=1, learn_sigma=False)
+    config = {"noise_schedule": "linear", "learn_sigma": False, "predict_v": True, "zero_terminal_snr": False,
+              "diffusion_steps": 1000}
+    torch.save({"ema": net.state_dict(), "model_config": net.config, "config": config}, tmp_path / "ckpt.pt")
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(pixels[:2]):
+        Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
+    np.savez(tmp_path / "targets.npz", arr_0=pixels)
+    assert invert.load_targets(tmp_path / "targets.npz", 8, 1).shape == (3, 1, 8, 8)
+    out = tmp_path / "out"
+    report = invert.main(invert.parse_args(["--ckpt", str(tmp_path / "ckpt.pt"), "--images", str(tmp_path / "images"),
+                                            "--num-sampling-steps", "5", "--steps", "2", "--out", str(out),
+                                            "--device", "cpu", "--class-label", "3"]))
+    saved = json.loads((out / "inversion.json").read_text())
+    assert set(saved["methods"]) == {"phantom", "sequential"} and len(saved["methods"]["phantom"]["history"]) == 2
+    assert saved["initial_mse"] == pytest.approx(report["initial_mse"])
+    assert (out / "mse.png").stat().st_size > 0 and (out / "grid.png").stat().st_size > 0
+    latent = tiny_model(in_channels=4)
+    torch.save({"ema": latent.state_dict(), "model_config": latent.config, "config": config}, tmp_path / "lat.pt")
+    with pytest.raises(ValueError, match="pixel space"):
+        invert.build(invert.parse_args(["--ckpt", str(tmp_path / "lat.pt"), "--images", "x", "--out", "y",
+                                        "--device", "cpu"]))
