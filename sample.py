@@ -51,6 +51,16 @@ def build_parser(description=__doc__):
     p.add_argument("--reuse", action="store_true", help="FPDM: start each step from the previous step's solution")
     p.add_argument("--adaptive-tol", type=float, default=None,
                    help="FPDM: stop a step's iterations once the relative residual falls below this")
+    # DEQ-DDIM: the whole DDIM chain as one fixed point (diffusion/parallel.py).
+    p.add_argument("--parallel", choices=["anderson", "picard", "window"], default=None,
+                   help="sample all DDIM steps in parallel with this solver (DDIM, clipping off, fixed FPDM iterations)")
+    p.add_argument("--parallel-max-iter", type=int, default=15)
+    p.add_argument("--parallel-tol", type=float, default=1e-3, help="relative residual tolerance (release: 1e-3)")
+    p.add_argument("--parallel-window", type=int, default=None, help="sliding-window size (default: all steps)")
+    p.add_argument("--parallel-chunk-size", type=int, default=None,
+                   help="at most this many timesteps per network call (bounds memory)")
+    p.add_argument("--compare-sequential", action="store_true",
+                   help="with --parallel: also run sequential DDIM on the same noise and report both")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models only)")
     p.add_argument("--out", default=None, help="output folder (default: samples/<derived name>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +107,28 @@ def output_folder(args):
     return os.path.join("samples", "-".join(parts))
 
 
+def parallel(args, model, diffusion, noise, y, iterations):
+    """DEQ-DDIM sampling; returns (samples, stats, wall seconds). Guards the settings it cannot honour."""
+    from diffusion.parallel import parallel_ddim_sample
+    from sampling import GuidedModel
+    if args.sampler != "ddim":
+        raise ValueError("--parallel solves the DDIM chain: use --sampler ddim")
+    if args.reuse or args.adaptive_tol is not None or (iterations and len(set(iterations)) > 1):
+        raise ValueError("--parallel evaluates all timesteps at once: it needs a fixed FPDM iteration count "
+                         "(no --reuse, --adaptive-tol or non-flat --schedule)")
+    fn = GuidedModel(model, args.cfg_scale, iterations[0] if iterations else None,
+                     guidance_channels=args.guidance_channels)
+    x, labels = noise, y
+    if args.cfg_scale != 1.0:
+        x, labels = torch.cat([noise, noise]), torch.cat([y, torch.full_like(y, model.num_classes)])
+    start = time.perf_counter()
+    out, _, stats = parallel_ddim_sample(fn, diffusion, x, solver=args.parallel, model_kwargs={"y": labels},
+                                         eta=args.eta, max_iter=args.parallel_max_iter, tol=args.parallel_tol,
+                                         window=args.parallel_window, chunk_size=args.parallel_chunk_size,
+                                         progress=True, return_result=True)
+    return out[: len(noise)], stats, time.perf_counter() - start
+
+
 def decode(images, model, vae_path, device):
     """Pixels in [-1, 1]: latent models decode with a local AutoencoderKL, pixel models pass through."""
     if model.in_channels in (1, 3):
@@ -133,14 +165,32 @@ def main(args):
     shape = (model.in_channels, *model.input_hw)
     noise = torch.randn(len(labels), *shape, generator=g).to(device)
     y = torch.tensor(labels, device=device)
-    start = time.perf_counter()
-    samples, stats = sample_images(model, diffusion, noise, y, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                                   eta=args.eta, iterations_per_step=iterations, reuse=args.reuse,
-                                   tol=args.adaptive_tol, clip_denoised=not args.no_clip, progress=True,
-                                   guidance_channels=args.guidance_channels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+
+    def sequential():
+        start = time.perf_counter()
+        samples, stats = sample_images(model, diffusion, noise, y, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                                       eta=args.eta, iterations_per_step=iterations, reuse=args.reuse,
+                                       tol=args.adaptive_tol, clip_denoised=not args.no_clip, progress=True,
+                                       guidance_channels=args.guidance_channels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return samples, stats.compute(), time.perf_counter() - start
+
+    extra = {}
+    if args.parallel and not args.no_clip:
+        print("note: parallel DDIM samples without x0 clipping (--no-clip); a sequential comparison does the same")
+        args.no_clip = True
+    if args.parallel:
+        samples, compute, wall = parallel(args, model, diffusion, noise, y, iterations)
+        if args.compare_sequential:
+            reference, seq_compute, seq_wall = sequential()
+            extra["sequential"] = {"wall_time_s": seq_wall, "network_evaluations": seq_compute["model_calls"],
+                                   "max_abs_difference": float((samples - reference).abs().max())}
+            print(f"sequential DDIM: {seq_compute['model_calls']} network evaluations, {seq_wall:.1f} s; parallel: "
+                  f"{compute['network_evaluations']} in {compute['parallel_iterations']} parallel iterations, "
+                  f"{wall:.1f} s; max |difference| {extra['sequential']['max_abs_difference']:.2e}")
+    else:
+        samples, compute, wall = sequential()
     images = decode(samples, model, args.vae, device)
 
     out = output_folder(args)
@@ -148,14 +198,19 @@ def main(args):
     nrow = model.num_classes if 1 < model.num_classes <= 16 and not args.class_labels else 8
     save_grid(images, os.path.join(out, "grid.png"), nrow=nrow)
     report = {"args": vars(args), "num_images": len(labels), "wall_time_s": wall,
-              "wall_time_per_image_s": wall / len(labels), **stats.compute()}
+              "wall_time_per_image_s": wall / len(labels), **compute, **extra}
     with open(os.path.join(out, "compute.json"), "w") as f:
         json.dump(report, f, indent=2)
     kind = "FPDM" if model.fixed_point else "DiT"
-    print(f"{kind}: {len(labels)} images, {report['model_calls']} model calls, {report['block_evals']} block "
-          f"evaluations per image and pass (x{report['cfg_passes']} with guidance), "
-          f"{report['flops_per_image'] / 1e9:.2f} GFLOPs per image, {wall:.1f} s")
-    if model.fixed_point:
+    if args.parallel:
+        print(f"{kind}, parallel DDIM ({args.parallel}): {compute['parallel_iterations']} parallel iterations, "
+              f"{compute['network_evaluations']} network evaluations per image (sequential: "
+              f"{compute['sequential_evaluations']}), residual {compute['residual']:.2e}, {wall:.1f} s")
+    else:
+        print(f"{kind}: {len(labels)} images, {report['model_calls']} model calls, {report['block_evals']} block "
+              f"evaluations per image and pass (x{report['cfg_passes']} with guidance), "
+              f"{report['flops_per_image'] / 1e9:.2f} GFLOPs per image, {wall:.1f} s")
+    if model.fixed_point and not args.parallel:
         print(f"iterations per step: {report['iterations_per_step']}")
     print(f"wrote {os.path.join(out, 'grid.png')} and compute.json")
     return out, report

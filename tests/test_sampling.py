@@ -229,3 +229,16 @@ def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp
                                text=True, timeout=300)
     assert reference.returncode == 0
     assert np.array_equal(samples, np.load(tmp_path / "ref" / "samples.npz")["arr_0"])
+
+
+def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
+    out, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2",
+        "--num-samples", "4", "--parallel", "anderson", "--parallel-tol", "1e-6", "--parallel-max-iter", "30",
+        "--compare-sequential", "--out", str(tmp_path / "par"), "--device", "cpu"]))
+    assert report["sequential"]["max_abs_difference"] < 1e-3
+    assert report["parallel_iterations"] >= 1 and report["network_evaluations"] >= 6
+    assert report["sequential"]["network_evaluations"] == 6
+    with pytest.raises(ValueError, match="fixed FPDM iteration count"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "picard", "--reuse",
+                                               "--out", str(tmp_path / "bad")]))
