@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,7 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_parallel.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
