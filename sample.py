@@ -72,7 +72,10 @@ def parse_args(argv=None):
 
 
 def fpdm_iterations(args, model):
-    """Per-step iteration counts (or None for the model default) from the FPDM flags; errors for contradictions."""
+    """Per-step iteration counts (or None for DiT) from the FPDM flags; one-line errors for flags that contradict
+    each other or the model."""
+    if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
+        raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
     fpdm_flags = [f for f, v in (("--iterations", args.iterations), ("--budget-block-evals", args.budget_block_evals),
                                  ("--reuse", args.reuse or None), ("--adaptive-tol", args.adaptive_tol),
                                  ("--schedule", None if args.schedule == "flat" else args.schedule)) if v is not None]
@@ -150,8 +153,6 @@ def main(args):
     model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device,
                                                   trust_checkpoint=args.trust_checkpoint, model_name=args.model)
     iterations = fpdm_iterations(args, model)
-    if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
-        raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
     if args.class_labels:
         labels = [int(v) for v in args.class_labels.split(",")]
     else:

@@ -65,8 +65,6 @@ def main(args):
     model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device,
                                                   trust_checkpoint=args.trust_checkpoint, model_name=args.model)
     iterations = sample_cli.fpdm_iterations(args, model)
-    if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
-        raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
     diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.sampler)
     out = args.out or sample_cli.output_folder(args) + f"-n{args.num_fid_samples}"
     image_dir = os.path.join(out, "images")

@@ -200,10 +200,12 @@ def main():
           f"patch {args.patch_size}, width {args.hidden_size}; DiT depth {args.depth}; FPDM 1 pre + 1 post, forward "
           f"{args.depth - 2} iterations, train S-JFB n={args.no_grad_iters} m={args.with_grad_iters}")
     mem_name = "peak CUDA alloc" if args.device == "cuda" else "peak RSS growth"
-    print(f"{'variant':<22}{'params':>12}{'forward s':>11}{'train s':>10}{'saved MB':>10}{mem_name:>17}")
+    print(f"{'variant':<22}{'params':>12}{'forward s':>11}{'train s':>10}{'train img/s':>13}{'saved MB':>10}"
+          f"{mem_name:>17}")
     for name, r in rows.items():
+        r["train_images_per_s"] = args.batch_size / r["train_step_s"]
         fwd = f"{r['forward_s']:.3f}" if r["forward_s"] is not None else "-"
-        print(f"{name:<22}{r['params']:>12,}{fwd:>11}{r['train_step_s']:>10.3f}"
+        print(f"{name:<22}{r['params']:>12,}{fwd:>11}{r['train_step_s']:>10.3f}{r['train_images_per_s']:>13.1f}"
               f"{r['saved_activation_bytes'] / 2**20:>10.1f}{r['peak_memory_bytes'] / 2**20:>14.1f} MB")
     dit, fpdm, rel = rows["dit"], rows["fpdm"], rows["fpdm_release_nograd"]
     ratios = {
