@@ -183,9 +183,10 @@ def test_sample_cli_bad_flags(checkpoint, tmp_path):
         sample_cli.main(sample_cli.parse_args(["--ckpt", str(path), "--reuse", "--out", str(tmp_path / "y")]))
 
 
-def ddp_cmd(checkpoint, out, processes):
+def ddp_cmd(checkpoint, out, processes, steps=5):
     args = ["sample_ddp.py", "--ckpt", checkpoint, "--num-fid-samples", "10", "--batch-size", "3",
-            "--num-sampling-steps", "5", "--cfg-scale", "2", "--budget-block-evals", "20", "--reuse", "--out", out]
+            "--num-sampling-steps", str(steps), "--cfg-scale", "2", "--budget-block-evals", str(4 * steps), "--reuse",
+            "--out", out]
     if processes == 1:
         return [sys.executable, *args]
     return [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
@@ -210,23 +211,24 @@ def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
 
 def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(ddp_cmd(checkpoint, str(out), 1), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # 200 steps per batch: slow enough that the kill lands long before the last of the 4 batches.
+    cmd = ddp_cmd(checkpoint, str(out), 1, steps=200)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len([f for f in os.listdir(out / "images")] if (out / "images").exists()
-                                          else []) < 4:
-        time.sleep(0.1)
+                                          else []) < 3:
+        time.sleep(0.05)
     proc.kill()
     proc.wait()
     partial = sorted(f for f in os.listdir(out / "images") if f.endswith(".png"))
     assert 0 < len(partial) < 10, partial
-    proc = subprocess.run(ddp_cmd(checkpoint, str(out), 1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = np.load(out / "samples.npz")["arr_0"]
     assert samples.shape[0] == 10
     assert len({s.tobytes() for s in samples}) == 10
-    reference = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "ref"), 1), cwd=ROOT, capture_output=True,
-                               text=True, timeout=300)
+    reference = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "ref"), 1, steps=200), cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0
     assert np.array_equal(samples, np.load(tmp_path / "ref" / "samples.npz")["arr_0"])
 
