@@ -4,7 +4,7 @@ limited, and where do the curves cross?
     python experiments/fpdm_vs_dit.py      # ~15 minutes on 2 cores (trains a DiT; reuses the demo's FPDM)
 
 Both models: MNIST 14 px, width 128, 4 heads, patch 2, the demo recipe (v-prediction, cosine, lr 1e-3, 2,500 steps,
-batch 64). DiT: depth 8 (6.9x FPDM's parameters). FPDM: 1 pre + fixed-point block + 1 post, S-JFB 3 + 2
+batch 64). DiT: depth 8 (2.46 M parameters, 2.3x FPDM's 1.09 M). FPDM: 1 pre + fixed-point block + 1 post, S-JFB 3 + 2
 (`make demo` trains it; this script trains it too if missing). Compute is counted in transformer-block evaluations
 per image (pre + iterations + post for FPDM, depth per step for DiT): at a budget B, DiT takes B / 8 DDIM steps; FPDM
 takes its best of a few step counts, spreading the rest as fixed-point iterations with solution reuse.
