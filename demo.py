@@ -47,23 +47,32 @@ def configurations(model, steps):
     return rows
 
 
-def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir):
+def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, iterations_per_step=None,
+                   reuse=False):
+    """Sample `num_per_class` digits of every class from fixed noise (seed 0) with DDIM; returns a dict with
+    FID-MNIST, class accuracy, the compute report and the samples. Shared by the demo and experiments/."""
     import evaluate
-    from sampling import (diffusion_for_sampling, iterations_from_block_budget, load_model_for_sampling,
-                          sample_images, save_grid)
-    model, train_config = load_model_for_sampling(ckpt_path)
-    diffusion = diffusion_for_sampling(train_config, steps)
+    from sampling import diffusion_for_sampling, sample_images
     labels = torch.arange(model.num_classes).repeat_interleave(num_per_class)
     noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps), noise, labels,
+                                   cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse)
+    seconds = time.perf_counter() - start
+    return {"fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
+            "compute": stats.compute(), "seconds": seconds, "samples": samples}
+
+
+def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir):
+    from sampling import iterations_from_block_budget, load_model_for_sampling, save_grid
+    model, train_config = load_model_for_sampling(ckpt_path)
     results = []
     for name, budget, schedule, reuse in configurations(model, steps):
         iterations = iterations_from_block_budget(model, budget, steps, schedule)
-        start = time.perf_counter()
-        samples, stats = sample_images(model, diffusion, noise, labels, cfg_scale=cfg_scale,
-                                       iterations_per_step=iterations, reuse=reuse)
-        seconds = time.perf_counter() - start
-        row = {"name": name, "block_evals": stats.compute()["block_evals"], "schedule": schedule, "reuse": reuse,
-               "fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
+        quality = sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse)
+        samples, seconds = quality["samples"], quality["seconds"]
+        row = {"name": name, "block_evals": quality["compute"]["block_evals"], "schedule": schedule,
+               "reuse": reuse, "fid_mnist": quality["fid_mnist"], "accuracy": quality["accuracy"],
                "seconds": seconds}
         results.append(row)
         grid_name = name.replace(" ", "_").replace(",", "").replace("%", "pct").replace("+", "and")

@@ -17,8 +17,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -37,14 +35,10 @@ def train_dit(results, steps):
         return os.path.join(results, "dit-mnist", json.load(f)["path"])
 
 
-def evaluate_setting(model, train_config, steps, iterations, reuse, noise, labels, cfg_scale):
-    import evaluate
-    from sampling import diffusion_for_sampling, sample_images
-    samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps), noise, labels,
-                                   cfg_scale=cfg_scale, iterations_per_step=iterations, reuse=reuse)
-    return {"steps": steps, "block_evals": stats.compute()["block_evals"], "fid_mnist": evaluate.fid_mnist(samples),
-            "accuracy": evaluate.classifier_accuracy(samples, labels), "flops_per_image": stats.compute()[
-                "flops_per_image"]}
+def evaluate_setting(model, train_config, steps, iterations, reuse, num_per_class, cfg_scale):
+    result = demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse)
+    return {"steps": steps, "block_evals": result["compute"]["block_evals"], "fid_mnist": result["fid_mnist"],
+            "accuracy": result["accuracy"], "flops_per_image": result["compute"]["flops_per_image"]}
 
 
 def main():
@@ -64,20 +58,17 @@ def main():
     dit_ckpt = train_dit(args.results, args.train_steps)
     fpdm, fpdm_cfg = load_model_for_sampling(fpdm_ckpt)
     dit, dit_cfg = load_model_for_sampling(dit_ckpt)
-    labels = torch.arange(10).repeat_interleave(args.num_per_class)
-    noise = torch.randn(len(labels), 1, 14, 14, generator=torch.Generator().manual_seed(0))
-
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         dit_steps = budget // dit.block_evaluations()
         row = {"budget": budget}
         if dit_steps >= 1:
-            row["dit"] = evaluate_setting(dit, dit_cfg, dit_steps, None, False, noise, labels, args.cfg_scale)
+            row["dit"] = evaluate_setting(dit, dit_cfg, dit_steps, None, False, args.num_per_class, args.cfg_scale)
         candidates = []
         for steps in (20, 12, 8, 5, 3):
             if budget >= steps * 3:  # at least one iteration per step besides pre and post
                 iterations = iterations_from_block_budget(fpdm, budget, steps, "flat")
-                candidates.append(evaluate_setting(fpdm, fpdm_cfg, steps, iterations, True, noise, labels,
+                candidates.append(evaluate_setting(fpdm, fpdm_cfg, steps, iterations, True, args.num_per_class,
                                                    args.cfg_scale))
         row["fpdm_all"] = candidates
         row["fpdm"] = min(candidates, key=lambda r: r["fid_mnist"])

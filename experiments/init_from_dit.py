@@ -15,10 +15,10 @@ import os
 import subprocess
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import demo  # noqa: E402  (sample_quality)
 
 COMMON = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "128", "--num-heads",
           "4", "--depth", "8", "--patch-size", "2", "--no-learn-sigma", "--predict-v", "--noise-schedule", "cosine",
@@ -40,14 +40,10 @@ def train(results, name, steps, *extra):
 
 
 def quality(ckpt, num_per_class, steps, cfg_scale):
-    import evaluate
-    from sampling import diffusion_for_sampling, load_model_for_sampling, sample_images
+    from sampling import load_model_for_sampling
     model, train_config = load_model_for_sampling(ckpt)
-    labels = torch.arange(10).repeat_interleave(num_per_class)
-    noise = torch.randn(len(labels), 1, 14, 14, generator=torch.Generator().manual_seed(0))
-    samples, _ = sample_images(model, diffusion_for_sampling(train_config, steps), noise, labels,
-                               cfg_scale=cfg_scale, iterations_per_step=6)
-    return {"fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels)}
+    result = demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations_per_step=6)
+    return {"fid_mnist": result["fid_mnist"], "accuracy": result["accuracy"]}
 
 
 def main():

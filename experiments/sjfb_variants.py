@@ -65,11 +65,8 @@ def main():
     p.add_argument("--num-per-class", type=int, default=50)
     p.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "sjfb_variants_runs"))
     args = p.parse_args()
-    import evaluate
-    from sampling import diffusion_for_sampling, load_model_for_sampling, sample_images
+    from sampling import load_model_for_sampling
 
-    labels = torch.arange(10).repeat_interleave(args.num_per_class)
-    noise = torch.randn(len(labels), 1, 14, 14, generator=torch.Generator().manual_seed(0))
     report = {"args": vars(args), "variants": {}}
     for name, ranges in VARIANTS.items():
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags_for(ranges), "--max-steps",
@@ -81,13 +78,13 @@ def main():
             rows = list(csv.DictReader(f))
         ckpt = os.path.join(run_dir, f"checkpoints/step_{args.train_steps:07d}.pt")
         model, train_config = load_model_for_sampling(ckpt)
-        samples, _ = sample_images(model, diffusion_for_sampling(train_config, 20), noise, labels, cfg_scale=2.0,
-                                   iterations_per_step=6, reuse=True)
+        quality = demo.sample_quality(model, train_config, 20, args.num_per_class, 2.0, iterations_per_step=6,
+                                      reuse=True)
         n_mean, m_mean = round((ranges[0] + ranges[1]) / 2), round((ranges[2] + ranges[3]) / 2)
         result = {"ranges": ranges, "losses": [(int(r["step"]), float(r["loss"])) for r in rows],
                   "seconds_per_step": sum(1 / float(r["steps_per_s"]) for r in rows[1:]) / max(len(rows) - 1, 1),
                   "saved_activation_mb": saved_activation_mb(ckpt, n_mean, m_mean),
-                  "fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels)}
+                  "fid_mnist": quality["fid_mnist"], "accuracy": quality["accuracy"]}
         report["variants"][name] = result
         print(f"{name:<7} n {ranges[0]}..{ranges[1]} m {ranges[2]}..{ranges[3]}: {result['seconds_per_step']:.3f} s/step"
               f"  saved {result['saved_activation_mb']:.0f} MB  final loss {result['losses'][-1][1]:.4f}  "
