@@ -389,6 +389,11 @@ class DiT(nn.Module):
             self.last_solution = None
 
     @property
+    def last_residual(self):
+        """The last call's final relative residual as a 0-d tensor (no device sync), or None."""
+        return self._residuals[-1] if self.fixed_point and self._residuals else None
+
+    @property
     def last_residuals(self):
         """Relative residuals ||z_{k+1} - z_k|| / ||z_k|| (norm over the whole batch) of the last call's iterations."""
         if not self.fixed_point or not self._residuals:

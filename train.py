@@ -468,8 +468,8 @@ def main(cfg):
             window_loss += loss.detach() / cfg.grad_accum_steps
             if cfg.fixed_point:
                 sjfb_sum = [sjfb_sum[0] + raw_model.last_sjfb[0], sjfb_sum[1] + raw_model.last_sjfb[1]]
-                residuals = raw_model.last_residuals
-                residual_sum += residuals[-1] if residuals else 0.0
+                if raw_model.last_residual is not None:  # a tensor: no device sync on the hot path
+                    residual_sum = residual_sum + raw_model.last_residual
         # NaN guard: all processes agree, nothing is saved, and the last good checkpoint stays as it was.
         if not torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="sum")):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1}: stopping without saving; last good "
@@ -498,7 +498,7 @@ def main(cfg):
                    "peak_mem_mb": peak_memory_bytes(device) / 2**20,
                    "sjfb_no_grad": sjfb_sum[0] / (window_steps * cfg.grad_accum_steps),
                    "sjfb_with_grad": sjfb_sum[1] / (window_steps * cfg.grad_accum_steps),
-                   "fp_residual": residual_sum / (window_steps * cfg.grad_accum_steps)}
+                   "fp_residual": float(residual_sum) / (window_steps * cfg.grad_accum_steps)}
             if accelerator.is_main_process:
                 with open(metrics_path, "a", newline="") as f:
                     csv.writer(f).writerow([row[k] for k in csv_fields])

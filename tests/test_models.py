@@ -423,7 +423,7 @@ def test_residuals_match_definition_and_decay_for_contraction():
     with torch.no_grad():
         model(x, t, y, num_iterations=12)
         res = model.last_residuals
-        assert len(res) == 12
+        assert len(res) == 12 and model.last_residual.item() == res[-1]
         assert res[-1] < 1e-5 * res[0]
         above_noise = [r for r in res if r > 1e-5]
         assert len(above_noise) >= 3 and all(b < 0.5 * a for a, b in zip(above_noise, above_noise[1:]))

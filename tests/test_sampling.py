@@ -211,8 +211,8 @@ def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
 
 def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp_path):
     out = tmp_path / "killed"
-    # 200 steps per batch: slow enough that the kill lands long before the last of the 4 batches.
-    cmd = ddp_cmd(checkpoint, str(out), 1, steps=200)
+    # 60 steps per batch (about a second each): slow enough that the kill lands long before the last of the 4 batches.
+    cmd = ddp_cmd(checkpoint, str(out), 1, steps=60)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len([f for f in os.listdir(out / "images")] if (out / "images").exists()
@@ -227,7 +227,7 @@ def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp
     samples = np.load(out / "samples.npz")["arr_0"]
     assert samples.shape[0] == 10
     assert len({s.tobytes() for s in samples}) == 10
-    reference = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "ref"), 1, steps=200), cwd=ROOT,
+    reference = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "ref"), 1, steps=60), cwd=ROOT,
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0
     assert np.array_equal(samples, np.load(tmp_path / "ref" / "samples.npz")["arr_0"])

@@ -57,6 +57,7 @@ def test_run_writes_checkpoints_logs_and_samples(tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(0 <= float(r["sjfb_no_grad"]) <= 3 and 1 <= float(r["sjfb_with_grad"]) <= 3 for r in rows)
     assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    assert all(0 < float(r["fp_residual"]) < 10 for r in rows)
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["step_0000003.png", "step_0000006.png"]
     assert "saved checkpoints/step_0000006.pt" in open(os.path.join(run_dir, "log.txt")).read()
     # EMA moved away from its starting point, but less than the model (decay 0.9999 over 6 steps).
