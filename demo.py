@@ -122,12 +122,19 @@ def main():
 
     out_dir = os.path.join(RUN_DIR, "budgets")
     os.makedirs(out_dir, exist_ok=True)
-    print(f"[2/2] sampling {args.num_per_class * 10} digits per setting ({args.sampling_steps} DDIM steps, "
-          f"cfg {args.cfg_scale}) and measuring FID-MNIST / accuracy", flush=True)
-    results = evaluate_budgets(ckpt, args.num_per_class, args.sampling_steps, args.cfg_scale, out_dir)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"checkpoint": ckpt, "args": vars(args), "results": results}, f, indent=2)
-    plot(results, os.path.join(out_dir, "fid_vs_compute.png"))
+    results_path = os.path.join(out_dir, "results.json")
+    settings = {"checkpoint": ckpt, "args": {k: v for k, v in vars(args).items() if k != "fresh"}}
+    cached = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    if {k: cached.get(k) for k in settings} == settings:
+        print(f"[2/2] already evaluated for this checkpoint and settings: {results_path} (--fresh to redo)")
+        results = cached["results"]
+    else:
+        print(f"[2/2] sampling {args.num_per_class * 10} digits per setting ({args.sampling_steps} DDIM steps, "
+              f"cfg {args.cfg_scale}) and measuring FID-MNIST / accuracy", flush=True)
+        results = evaluate_budgets(ckpt, args.num_per_class, args.sampling_steps, args.cfg_scale, out_dir)
+        with open(results_path, "w") as f:
+            json.dump({**settings, "results": results}, f, indent=2)
+        plot(results, os.path.join(out_dir, "fid_vs_compute.png"))
 
     print("\n| setting | block evals / image | FID-MNIST | accuracy |\n|---|---|---|---|")
     for r in results:

@@ -7,7 +7,7 @@ of fixed-point iterations per training step (5), differing only in how gradients
   S-JFB:  n ~ U{1..5} iterations without a graph, then m ~ U{1..3} with one (the paper's method)
   JFB:    n ~ U{2..6} without a graph, then m = 1 with one
   unroll: n = 0, m = 5 (backprop through every iteration)
-Reports seconds per step (from train.py's metrics), activation memory autograd saves for one step at the mean
+Reports seconds per step (median over train.py's 50-step metric windows), activation memory autograd saves for one step at the mean
 iteration counts (exact, repeatable), and FID-MNIST / accuracy of EMA samples (20 DDIM steps, 6 iterations, reuse).
 Writes experiments/results/sjfb_variants.{json,png}.
 """
@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -82,7 +83,8 @@ def main():
                                       reuse=True)
         n_mean, m_mean = round((ranges[0] + ranges[1]) / 2), round((ranges[2] + ranges[3]) / 2)
         result = {"ranges": ranges, "losses": [(int(r["step"]), float(r["loss"])) for r in rows],
-                  "seconds_per_step": sum(1 / float(r["steps_per_s"]) for r in rows[1:]) / max(len(rows) - 1, 1),
+                  # median over 50-step windows: robust to a window slowed by other work on the machine
+                  "seconds_per_step": statistics.median(1 / float(r["steps_per_s"]) for r in rows[1:]),
                   "saved_activation_mb": saved_activation_mb(ckpt, n_mean, m_mean),
                   "fid_mnist": quality["fid_mnist"], "accuracy": quality["accuracy"]}
         report["variants"][name] = result
