@@ -519,7 +519,8 @@ def main(cfg):
             last_good = os.path.join(run_dir, f"checkpoints/step_{step:07d}.pt")
     progress.close()
 
-    if accelerator.is_main_process and not (cfg.sample_every and step % cfg.sample_every == 0):
+    final_grid = os.path.join(run_dir, "samples", f"step_{step:07d}.png")
+    if accelerator.is_main_process and not os.path.exists(final_grid):  # a finished run, resumed, is quick
         logger.info("samples: %s", write_samples(step))
     accelerator.wait_for_everyone()
     accelerator.end_training()
