@@ -12,7 +12,6 @@ happen). State-dict keys match official DiT checkpoints (DiT mode) and the FPDM 
 """
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn

@@ -11,7 +11,6 @@ process writes exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 
 `compute.json`. All sampling flags are sample.py's.
 """
 
-import argparse
 import json
 import os
 import sys

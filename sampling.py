@@ -5,7 +5,6 @@ for FPDM, the iteration count of each step (`iteration_schedule`: a budget sprea
 residual tolerance (adaptive iterations), solution reuse, and compute accounting.
 """
 
-import os
 from contextlib import contextmanager
 
 import numpy as np
