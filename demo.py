@@ -48,13 +48,13 @@ def configurations(model, steps):
 
 
 def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, iterations_per_step=None,
-                   reuse=False):
-    """Sample `num_per_class` digits of every class from fixed noise (seed 0) with DDIM; returns a dict with
+                   reuse=False, seed=0):
+    """Sample `num_per_class` digits of every class from fixed noise (`seed`) with DDIM; returns a dict with
     FID-MNIST, class accuracy, the compute report and the samples. Shared by the demo and experiments/."""
     import evaluate
     from sampling import diffusion_for_sampling, sample_images
     labels = torch.arange(model.num_classes).repeat_interleave(num_per_class)
-    noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps), noise, labels,
                                    cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse)

@@ -12,7 +12,6 @@ repeatable) and, measured in a fresh subprocess per variant, the peak resident-s
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from measure import peak_rss_bytes, saved_tensor_bytes  # noqa: E402
 from models import DiT  # noqa: E402
 
 VARIANTS = ("dit", "fpdm", "fpdm_release_nograd")
@@ -99,18 +99,7 @@ def sync(args):
 
 
 def saved_activation_bytes(model, variant, batch, args):
-    seen, total = set(), 0
-
-    def pack(tensor):
-        nonlocal total
-        key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        train_step(model, variant, batch, args)
-    return total
+    return saved_tensor_bytes(lambda: train_step(model, variant, batch, args))
 
 
 def peak_memory(args, variant):
@@ -126,15 +115,6 @@ def peak_memory(args, variant):
         return torch.cuda.max_memory_allocated() - base
     cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", variant] + sys.argv[1:]
     return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-
-
-def peak_rss_bytes():
-    # VmHWM belongs to this process image; ru_maxrss would carry over the (large) peak of the parent across exec.
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_child(args, variant):

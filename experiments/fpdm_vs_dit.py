@@ -12,27 +12,21 @@ Writes experiments/results/fpdm_vs_dit.{json,png}.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import demo  # noqa: E402  (the FPDM recipe)
 
-import demo  # noqa: E402  (the FPDM recipe and run folder)
 
-
-def train_dit(results, steps):
-    flags = [f for f in demo.TRAIN_FLAGS]
+def dit_flags():
+    """The demo recipe without --fixed-point and its four S-JFB range flags (with their values)."""
+    flags = list(demo.TRAIN_FLAGS)
     i = flags.index("--fixed-point")
-    flags = flags[:i] + flags[i + 9:]  # drop --fixed-point and the four S-JFB range flags with their values
+    flags = flags[:i] + flags[i + 9:]
     assert not any(f.startswith("--fixed-point") for f in flags)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--max-steps", str(steps), "--results-dir",
-           results, "--run-name", "dit-mnist", "--resume", "auto"]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    with open(os.path.join(results, "dit-mnist", "latest.json")) as f:
-        return os.path.join(results, "dit-mnist", json.load(f)["path"])
+    return flags
 
 
 def evaluate_setting(model, train_config, steps, iterations, reuse, num_per_class, cfg_scale):
@@ -47,15 +41,12 @@ def main():
     p.add_argument("--budgets", default="160,96,64,40,24", help="block evaluations per image")
     p.add_argument("--num-per-class", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=2.0)
-    p.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "fpdm_vs_dit_runs"))
+    p.add_argument("--results", default=os.path.join(common.RESULTS, "fpdm_vs_dit_runs"))
     args = p.parse_args()
     from sampling import iterations_from_block_budget, load_model_for_sampling
 
-    if not os.path.isfile(os.path.join(demo.RUN_DIR, "latest.json")):
-        demo.train(args.train_steps)
-    with open(os.path.join(demo.RUN_DIR, "latest.json")) as f:
-        fpdm_ckpt = os.path.join(demo.RUN_DIR, json.load(f)["path"])
-    dit_ckpt = train_dit(args.results, args.train_steps)
+    fpdm_ckpt = common.demo_checkpoint(args.train_steps)
+    dit_ckpt, _ = common.train(args.results, "dit-mnist", dit_flags(), args.train_steps)
     fpdm, fpdm_cfg = load_model_for_sampling(fpdm_ckpt)
     dit, dit_cfg = load_model_for_sampling(dit_ckpt)
     rows = []
@@ -78,29 +69,17 @@ def main():
         print(f"budget {budget:>4}: {dit_text} | FPDM best {row['fpdm']['steps']:>2} steps FID "
               f"{row['fpdm']['fid_mnist']:7.2f} (acc {row['fpdm']['accuracy']:.3f})", flush=True)
 
-    out = os.path.join(ROOT, "experiments", "results")
-    os.makedirs(out, exist_ok=True)
     report = {"args": vars(args), "fpdm_params": fpdm.num_parameters(), "dit_params": dit.num_parameters(),
               "rows": rows}
-    with open(os.path.join(out, "fpdm_vs_dit.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("dit", f"DiT depth 8 ({dit.num_parameters() / 1e6:.2f} M)"),
-                       ("fpdm", f"FPDM 1+FP+1 ({fpdm.num_parameters() / 1e6:.2f} M), reuse")):
-        pts = [(r["budget"], r[key]["fid_mnist"]) for r in rows if key in r]
-        ax.plot(*zip(*pts), "o-", label=label)
-    ax.set_xlabel("transformer-block evaluations per image")
-    ax.set_ylabel("FID-MNIST (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title("Equal sampling compute: FPDM vs DiT (MNIST 14 px)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "fpdm_vs_dit.png"), dpi=120)
-    print(f"wrote {out}/fpdm_vs_dit.json and .png")
+    path = common.write_json("fpdm_vs_dit", report)
+    with common.figure("fpdm_vs_dit", "Equal sampling compute: FPDM vs DiT (MNIST 14 px)",
+                       "transformer-block evaluations per image", "FID-MNIST (lower is better)") as ax:
+        for key, label in (("dit", f"DiT depth 8 ({dit.num_parameters() / 1e6:.2f} M)"),
+                           ("fpdm", f"FPDM 1+FP+1 ({fpdm.num_parameters() / 1e6:.2f} M), reuse")):
+            pts = [(r["budget"], r[key]["fid_mnist"]) for r in rows if key in r]
+            ax.plot(*zip(*pts), "o-", label=label)
+        ax.set_yscale("log")
+    print(f"wrote {path} and fpdm_vs_dit.png")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,11 @@ samples at equal steps. Writes experiments/results/init_from_dit.{json,png}.
 """
 
 import argparse
-import csv
-import json
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import demo  # noqa: E402  (sample_quality)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 COMMON = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "128", "--num-heads",
           "4", "--depth", "8", "--patch-size", "2", "--no-learn-sigma", "--predict-v", "--noise-schedule", "cosine",
@@ -29,20 +24,10 @@ FPDM = ["--fixed-point", "--fixed-point-pre-post-timestep-conditioning", "--fixe
         "--fixed-point-with-grad-max-iters", "2"]
 
 
-def train(results, name, steps, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *COMMON, *extra, "--max-steps", str(steps),
-           "--ckpt-every", str(steps), "--results-dir", results, "--run-name", name, "--resume", "auto"]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    run_dir = os.path.join(results, name)
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        losses = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-    return run_dir, os.path.join(run_dir, f"checkpoints/step_{steps:07d}.pt"), losses
-
-
 def quality(ckpt, num_per_class, steps, cfg_scale):
     from sampling import load_model_for_sampling
     model, train_config = load_model_for_sampling(ckpt)
-    result = demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations_per_step=6)
+    result = common.demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations_per_step=6)
     return {"fid_mnist": result["fid_mnist"], "accuracy": result["accuracy"]}
 
 
@@ -52,39 +37,29 @@ def main():
     p.add_argument("--fpdm-steps", type=int, default=500)
     p.add_argument("--num-per-class", type=int, default=20)
     p.add_argument("--sampling-steps", type=int, default=20)
-    p.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "init_from_dit_runs"))
+    p.add_argument("--results", default=os.path.join(common.RESULTS, "init_from_dit_runs"))
     args = p.parse_args()
 
-    _, dit_ckpt, _ = train(args.results, "dit", args.dit_steps)
-    runs = {"scratch": train(args.results, "fpdm-scratch", args.fpdm_steps, *FPDM),
-            "init-from-DiT": train(args.results, "fpdm-init", args.fpdm_steps, *FPDM, "--init-from", dit_ckpt)}
+    dit_ckpt, _ = common.train(args.results, "dit", COMMON, args.dit_steps)
+    runs = {"scratch": common.train(args.results, "fpdm-scratch", COMMON + FPDM, args.fpdm_steps),
+            "init-from-DiT": common.train(args.results, "fpdm-init", COMMON + FPDM + ["--init-from", dit_ckpt],
+                                          args.fpdm_steps)}
     report = {"args": vars(args), "dit_quality": quality(dit_ckpt, args.num_per_class, args.sampling_steps, 2.0)}
-    for name, (_, ckpt, losses) in runs.items():
+    for name, (ckpt, rows) in runs.items():
+        losses = common.losses(rows)
         report[name] = {"losses": losses, **quality(ckpt, args.num_per_class, args.sampling_steps, 2.0)}
         print(f"{name:<14} final loss {losses[-1][1]:.4f}  FID-MNIST {report[name]['fid_mnist']:.2f}  "
               f"accuracy {report[name]['accuracy']:.3f}")
     print(f"DiT teacher    FID-MNIST {report['dit_quality']['fid_mnist']:.2f}  "
           f"accuracy {report['dit_quality']['accuracy']:.3f}")
 
-    out = os.path.join(ROOT, "experiments", "results")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "init_from_dit.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in runs:
-        steps, losses = zip(*report[name]["losses"])
-        ax.plot(steps, losses, label=f"{name} (FID-MNIST {report[name]['fid_mnist']:.1f})")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (mean over 50 steps)")
-    ax.set_title("FPDM on MNIST: from scratch vs initialised from a DiT")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "init_from_dit.png"), dpi=120)
-    print(f"wrote {out}/init_from_dit.json and .png")
+    path = common.write_json("init_from_dit", report)
+    with common.figure("init_from_dit", "FPDM on MNIST: from scratch vs initialised from a DiT", "training step",
+                       "training loss (mean over 50 steps)") as ax:
+        for name in runs:
+            steps, losses = zip(*report[name]["losses"])
+            ax.plot(steps, losses, label=f"{name} (FID-MNIST {report[name]['fid_mnist']:.1f})")
+    print(f"wrote {path} and init_from_dit.png")
 
 
 if __name__ == "__main__":

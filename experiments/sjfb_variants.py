@@ -13,19 +13,15 @@ Writes experiments/results/sjfb_variants.{json,png}.
 """
 
 import argparse
-import csv
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import demo  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import demo  # noqa: E402
 
 VARIANTS = {"S-JFB": (1, 5, 1, 3), "JFB": (2, 6, 1, 1), "unroll": (0, 0, 5, 5)}
 
@@ -40,49 +36,32 @@ def flags_for(ranges):
 
 def saved_activation_mb(ckpt, n, m, batch=64):
     """MB that autograd keeps for backward in one training forward with n no-grad and m with-grad iterations."""
+    from measure import saved_tensor_bytes
     from sampling import load_model_for_sampling
     model, _ = load_model_for_sampling(ckpt)
     model.train()
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(batch, 1, 14, 14, generator=g), torch.randint(0, 1000, (batch,), generator=g), \
         torch.randint(0, 10, (batch,), generator=g)
-    seen, total = set(), 0
-
-    def pack(tensor):
-        nonlocal total
-        key = tensor.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(x, t, y, num_iterations=(n, m)).square().mean().backward()
-    return total / 2**20
+    return saved_tensor_bytes(lambda: model(x, t, y, num_iterations=(n, m)).square().mean().backward()) / 2**20
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-steps", type=int, default=1200)
     p.add_argument("--num-per-class", type=int, default=50)
-    p.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "sjfb_variants_runs"))
+    p.add_argument("--results", default=os.path.join(common.RESULTS, "sjfb_variants_runs"))
     args = p.parse_args()
     from sampling import load_model_for_sampling
 
     report = {"args": vars(args), "variants": {}}
     for name, ranges in VARIANTS.items():
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags_for(ranges), "--max-steps",
-               str(args.train_steps), "--ckpt-every", str(args.train_steps), "--results-dir", args.results,
-               "--run-name", name, "--resume", "auto", "--log-every", "50"]
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        run_dir = os.path.join(args.results, name)
-        with open(os.path.join(run_dir, "metrics.csv")) as f:
-            rows = list(csv.DictReader(f))
-        ckpt = os.path.join(run_dir, f"checkpoints/step_{args.train_steps:07d}.pt")
+        ckpt, rows = common.train(args.results, name, flags_for(ranges) + ["--log-every", "50"], args.train_steps)
         model, train_config = load_model_for_sampling(ckpt)
         quality = demo.sample_quality(model, train_config, 20, args.num_per_class, 2.0, iterations_per_step=6,
                                       reuse=True)
         n_mean, m_mean = round((ranges[0] + ranges[1]) / 2), round((ranges[2] + ranges[3]) / 2)
-        result = {"ranges": ranges, "losses": [(int(r["step"]), float(r["loss"])) for r in rows],
+        result = {"ranges": ranges, "losses": common.losses(rows),
                   # median over 50-step windows: robust to a window slowed by other work on the machine
                   "seconds_per_step": statistics.median(1 / float(r["steps_per_s"]) for r in rows[1:]),
                   "saved_activation_mb": saved_activation_mb(ckpt, n_mean, m_mean),
@@ -92,26 +71,14 @@ def main():
               f"  saved {result['saved_activation_mb']:.0f} MB  final loss {result['losses'][-1][1]:.4f}  "
               f"FID-MNIST {result['fid_mnist']:.2f}  accuracy {result['accuracy']:.3f}", flush=True)
 
-    out = os.path.join(ROOT, "experiments", "results")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "sjfb_variants.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in report["variants"].items():
-        steps, losses = zip(*r["losses"])
-        ax.plot(steps, losses, label=f"{name}: FID-MNIST {r['fid_mnist']:.1f}, {r['seconds_per_step']:.2f} s/step, "
-                                     f"{r['saved_activation_mb']:.0f} MB")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (mean over 50 steps)")
-    ax.set_title("S-JFB vs JFB vs full unroll (MNIST 14 px)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "sjfb_variants.png"), dpi=120)
-    print(f"wrote {out}/sjfb_variants.json and .png")
+    path = common.write_json("sjfb_variants", report)
+    with common.figure("sjfb_variants", "S-JFB vs JFB vs full unroll (MNIST 14 px)", "training step",
+                       "training loss (mean over 50 steps)", legend_size=8) as ax:
+        for name, r in report["variants"].items():
+            steps, losses = zip(*r["losses"])
+            ax.plot(steps, losses, label=f"{name}: FID-MNIST {r['fid_mnist']:.1f}, {r['seconds_per_step']:.2f} "
+                                         f"s/step, {r['saved_activation_mb']:.0f} MB")
+    print(f"wrote {path} and sjfb_variants.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""What every experiment script shares: paths, the demo FPDM checkpoint, sampling over seeds, JSON and plots."""
+
+import contextlib
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import demo  # noqa: E402  (the FPDM recipe, its run folder and sample_quality)
+
+
+def demo_checkpoint(train_steps=2500):
+    """Path of the demo FPDM's final checkpoint; trains it (as `make demo` does) when it is missing."""
+    if not os.path.isfile(os.path.join(demo.RUN_DIR, "latest.json")):
+        demo.train(train_steps)
+    with open(os.path.join(demo.RUN_DIR, "latest.json")) as f:
+        return os.path.join(demo.RUN_DIR, json.load(f)["path"])
+
+
+def train(results, name, flags, steps):
+    """Train (or resume, or skip when finished) `train.py <flags>` for `steps` steps into <results>/<name>, with a
+    checkpoint at the end; returns (checkpoint path, metrics.csv rows as dicts)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--max-steps", str(steps), "--ckpt-every",
+           str(steps), "--results-dir", results, "--run-name", name, "--resume", "auto"]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    run_dir = os.path.join(results, name)
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    return os.path.join(run_dir, "checkpoints", f"step_{steps:07d}.pt"), rows
+
+
+def losses(rows):
+    """(step, loss) pairs from metrics.csv rows."""
+    return [(int(r["step"]), float(r["loss"])) for r in rows]
+
+
+def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num_per_class=50, cfg_scale=2.0):
+    """FID-MNIST and accuracy of one sampling setting for each noise seed, with their mean and standard deviation,
+    the block evaluations per image and the mean relative residual left at the end of each step."""
+    runs = [demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse, seed=seed)
+            for seed in seeds]
+    fids, accs = [r["fid_mnist"] for r in runs], [r["accuracy"] for r in runs]
+    residuals = [v for r in runs for v in r["compute"]["final_residual_per_step"] if v is not None]
+    return {"steps": steps, "iterations": list(iterations), "reuse": reuse,
+            "block_evals": runs[0]["compute"]["block_evals"], "fid_mnist": fids, "accuracy": accs,
+            "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
+            "accuracy_mean": statistics.mean(accs),
+            "final_residual_mean": statistics.mean(residuals) if residuals else None,
+            "seconds": sum(r["seconds"] for r in runs)}
+
+
+def write_json(name, report):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    return path
+
+
+@contextlib.contextmanager
+def figure(name, title, xlabel, ylabel, ncols=1, size=(6, 4), legend_size=None):
+    """Yields the axes (one, or a list of `ncols`); on exit adds grid, labels and legends (where the caller placed
+    none), and writes
+    experiments/results/<name>.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=size, squeeze=False)
+    axes = list(axes[0])
+    yield axes[0] if ncols == 1 else axes
+    for ax in axes:
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
+    if ncols == 1:
+        axes[0].set_title(title)
+    else:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(RESULTS, exist_ok=True)
+    fig.savefig(os.path.join(RESULTS, f"{name}.png"), dpi=120)
+    plt.close(fig)

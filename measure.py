@@ -1,0 +1,31 @@
+"""Memory measurements shared by bench/ and experiments/: bytes autograd saves for backward, and peak RSS."""
+
+import resource
+
+import torch
+
+
+def saved_tensor_bytes(fn):
+    """Run `fn()` and return the bytes of the distinct tensor storages autograd saved for backward while it ran.
+    Exact and repeatable on any device (unlike RSS), and the quantity that activation memory is made of."""
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        key = (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return total
+
+
+def peak_rss_bytes():
+    """Peak resident set of this process image (VmHWM; ru_maxrss would carry a parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
