@@ -22,9 +22,9 @@ test: install
 demo: install
 	$(PY) demo.py
 
+# Every benchmark and one table of ratios, e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--device cuda".
 bench: install
-	$(PY) bench/bench_model.py
-	$(PY) bench/bench_parallel.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,3 +29,12 @@ def peak_rss_bytes():
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss():
+    """Set VmHWM back to the current RSS (Linux >= 4.0), so that a later peak excludes transients before this."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the baseline is then the earlier peak: the growth is underestimated, never overestimated

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from measure import peak_rss_bytes
+
 CHECKPOINT_FORMAT = "fpdm-train-v1"
 logger = logging.getLogger("train")
 
@@ -266,11 +268,7 @@ def check_same_architecture(saved, current):
 def peak_memory_bytes(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return 0
+    return peak_rss_bytes()
 
 
 def choose_tracker(name):

@@ -1,0 +1,108 @@
+"""bench/: one `bench/run.py --quick` run (every benchmark, tiny sizes) checked for what the numbers must satisfy, the
+steady-state throughput of bench_train, and the one-line error when a benchmark fails."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_train  # noqa: E402
+import run as bench_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--device", "cpu",
+                           "--out-dir", str(out_dir)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out_dir / "all.json") as f:
+        return json.load(f), proc.stdout
+
+
+def test_every_benchmark_and_ratio_is_reported(quick):
+    report, stdout = quick
+    assert set(report["results"]) == set(bench_run.BENCHMARKS)
+    assert {r["benchmark"] for r in report["ratios"]} == set(bench_run.BENCHMARKS)
+    assert report["device"].startswith("CPU") and report["torch"] and report["date"]
+    for r in report["ratios"]:
+        assert math.isfinite(r["value"]) and r["value"] > 0, r
+        assert r["meaning"], f"no explanation for {r['benchmark']} / {r['ratio']}"
+        assert r["ratio"] in stdout  # the printed table holds every row of the JSON
+    for name in ("model", "train", "sampling"):  # every ratio a benchmark wrote made it into the combined table
+        listed = {r["ratio"] for r in report["ratios"] if r["benchmark"] == name}
+        assert listed == set(report["results"][name]["ratios"])
+
+
+def test_model_ratios(quick):
+    ratios = quick[0]["results"]["model"]["ratios"]
+    assert ratios["fpdm/dit params"] < 1
+    # The no-grad phase saves nothing for backward; the release-style one saves every iteration (exact, not timed).
+    assert ratios["ours/release-style saved activations"] < 1
+
+
+def test_sampling_budgets(quick):
+    result = quick[0]["results"]["sampling"]
+    args, rows = result["args"], result["rows"]
+    full = args["steps"] * args["depth"]
+    for name in ("dit", "fpdm", "fpdm_reuse"):  # equal budgets: the block evaluations actually run are equal
+        assert rows[name]["block_evals_per_image"] == full
+    assert sum(rows["fpdm"]["iterations_per_step"]) + 2 * args["steps"] == full  # pre + post blocks every step
+    assert rows["fpdm_low"]["block_evals_per_image"] == round(full * args["low_budget"])
+    assert result["ratios"]["low/full budget block evals"] == pytest.approx(args["low_budget"], abs=0.02)
+    assert result["ratios"]["fpdm/dit FLOPs (same block evals)"] > 1  # each iteration also runs the projection MLP
+    assert rows["fpdm"]["params"] < rows["dit"]["params"]
+    assert rows["fpdm"]["max_abs_diff_to_fpdm"] == 0 and rows["fpdm_reuse"]["max_abs_diff_to_fpdm"] > 0  # reuse on
+
+
+def test_train_runs(quick):
+    result = quick[0]["results"]["train"]
+    dit, fpdm = result["rows"]["dit"], result["rows"]["fpdm"]
+    assert result["ratios"]["fpdm/dit params"] < 1
+    for row in (dit, fpdm):
+        assert row["images_per_s"] > 0
+        assert row["peak_memory_bytes"] > row["peak_memory_growth_bytes"] > 0  # training grows RSS past the baseline
+
+
+def test_parallel_rows(quick):
+    result = quick[0]["results"]["parallel"]
+    solvers = result["args"]["solvers"].split(",")
+    assert [r["solver"] for r in result["rows"]] == solvers
+    assert all(r["network_evaluations"] >= r["steps"] for r in result["rows"])  # at least one pass over every state
+    assert len([r for r in quick[0]["ratios"] if r["benchmark"] == "parallel"]) == len(solvers)
+
+
+def test_steady_state_skips_the_first_window(tmp_path):
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "steps_per_s", "peak_mem_mb"])
+        writer.writerows([[10, 0.1, 100], [20, 2.0, 300], [25, 1.0, 400]])  # slow warm-up, then 5 s + 5 s
+    images_per_s, peak = bench_train.steady_state(path, batch_size=4)
+    assert images_per_s == pytest.approx((10 + 5) * 4 / (5 + 5))
+    assert peak == 400 * 2**20
+
+
+def test_failing_benchmark_names_itself_and_its_command(tmp_path, monkeypatch):
+    # Fewer steps than two log windows: bench_train refuses before it starts any training.
+    monkeypatch.setitem(bench_run.QUICK_FLAGS, "train", bench_run.QUICK_FLAGS["train"] + ["--steps", "1"])
+    monkeypatch.setattr(sys, "argv", ["run.py", "--quick", "--device", "cpu", "--only", "train",
+                                      "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.main()
+    message = str(exit_info.value.code)
+    assert message.startswith("error: benchmark 'train' failed (exit 2)") and "\n" not in message
+    assert "bench_train.py" in message and "--steps 1" in message
+    assert not (tmp_path / "all.json").exists()
+
+
+def test_unknown_benchmark_is_refused():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--only", "model,nope"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope" in proc.stderr
