@@ -41,6 +41,24 @@ def losses(rows):
     return [(int(r["step"]), float(r["loss"])) for r in rows]
 
 
+def add_sampling_arguments(parser, name):
+    """The flags of the sampling experiments: seeds, sample count, guidance, checkpoint, results name."""
+    parser.add_argument("--seeds", default="0,1,2", help="noise seeds; every setting sees the same noise per seed")
+    parser.add_argument("--num-per-class", type=int, default=50)
+    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--checkpoint", default=None, help="an FPDM checkpoint (default: the demo's, trained if "
+                        "missing)")
+    parser.add_argument("--name", default=name, help="results name: experiments/results/<name>.{json,png}")
+
+
+def load_for_sampling(args):
+    """(checkpoint path, EMA model, training config, seeds) from the flags of add_sampling_arguments."""
+    from sampling import load_model_for_sampling
+    ckpt = args.checkpoint or demo_checkpoint()
+    model, train_config = load_model_for_sampling(ckpt)
+    return ckpt, model, train_config, [int(s) for s in args.seeds.split(",")]
+
+
 def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num_per_class=50, cfg_scale=2.0):
     """FID-MNIST and accuracy of one sampling setting for each noise seed, with their mean and standard deviation,
     the block evaluations per image and the mean relative residual left at the end of each step."""

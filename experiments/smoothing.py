@@ -23,15 +23,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", default="20:96:reuse,20:64:reuse,10:80:reuse,20:96:no-reuse",
                    help="comma-separated steps:budget:reuse|no-reuse")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--num-per-class", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=2.0)
+    common.add_sampling_arguments(p, "smoothing")
     args = p.parse_args()
-    from sampling import iterations_from_block_budget, load_model_for_sampling
+    from sampling import iterations_from_block_budget
 
-    ckpt = common.demo_checkpoint()
-    model, train_config = load_model_for_sampling(ckpt)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    ckpt, model, train_config, seeds = common.load_for_sampling(args)
     rows = []
     for setting in args.settings.split(","):
         steps, budget, reuse = setting.split(":")
@@ -46,9 +42,9 @@ def main():
                   f"FID-MNIST {row['fid_mean']:7.2f} ± {row['fid_std']:5.2f}  accuracy {row['accuracy_mean']:.3f}"
                   f"  ({row['seconds']:.0f} s)", flush=True)
 
-    path = common.write_json("smoothing", {"args": vars(args), "checkpoint": ckpt, "rows": rows})
+    path = common.write_json(args.name, {"args": vars(args), "checkpoint": ckpt, "rows": rows})
     settings = args.settings.split(",")
-    with common.figure("smoothing", "Timestep smoothing at fixed budgets (FPDM, MNIST 14 px)", "setting",
+    with common.figure(args.name, "Timestep smoothing at fixed budgets (FPDM, MNIST 14 px)", "setting",
                        f"FID-MNIST (mean ± std, {len(seeds)} seeds)", size=(8, 4)) as ax:
         width = 0.8 / len(SCHEDULES)
         for k, schedule in enumerate(SCHEDULES):
@@ -57,7 +53,7 @@ def main():
                    yerr=[r["fid_std"] for r in sel], capsize=3, label=schedule)
         ax.set_xticks(range(len(settings)))
         ax.set_xticklabels([s.replace(":", " steps, ", 1).replace(":", " evals, ") for s in settings], fontsize=8)
-    print(f"wrote {path} and smoothing.png")
+    print(f"wrote {path} and {args.name}.png")
 
 
 if __name__ == "__main__":
