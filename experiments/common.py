@@ -74,6 +74,14 @@ def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num
             "seconds": sum(r["seconds"] for r in runs)}
 
 
+def paired_difference(baseline, other):
+    """FID-MNIST of `other` minus `baseline`, seed by seed, with mean and std: both settings saw the same noise per
+    seed, so the paired difference is far less noisy than either FID."""
+    diffs = [b - a for a, b in zip(baseline["fid_mnist"], other["fid_mnist"])]
+    return {"fid_differences": diffs, "mean": statistics.mean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}
+
+
 def write_json(name, report):
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")

@@ -11,11 +11,16 @@ the relative fixed-point residual left at the end of each step. Writes experimen
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+
+def paired_differences(rows):
+    """Per budget, FID-MNIST with reuse minus without, paired by seed (rows alternate off, on)."""
+    return [{"block_evals": on["block_evals"], **common.paired_difference(off, on)}
+            for off, on in zip(rows[0::2], rows[1::2])]
 
 
 def main():
@@ -38,14 +43,10 @@ def main():
                   f" ± {row['fid_std']:5.2f}  accuracy {row['accuracy_mean']:.3f}  final residual "
                   f"{row['final_residual_mean']:.4f}  ({row['seconds']:.0f} s)", flush=True)
 
-    # Every setting sees the same noise per seed, so the per-seed difference is far less noisy than either FID.
-    paired = []
-    for off, on in zip(rows[0::2], rows[1::2]):
-        diffs = [b - a for a, b in zip(off["fid_mnist"], on["fid_mnist"])]
-        paired.append({"block_evals": on["block_evals"], "fid_reuse_minus_no_reuse": diffs,
-                       "mean": statistics.mean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0})
-        print(f"budget {on['block_evals']:>4}: FID-MNIST with reuse minus without {paired[-1]['mean']:+7.2f} ± "
-              f"{paired[-1]['std']:.2f} (paired over seeds)")
+    paired = paired_differences(rows)
+    for row in paired:
+        print(f"budget {row['block_evals']:>4}: FID-MNIST with reuse minus without {row['mean']:+7.2f} ± "
+              f"{row['std']:.2f} (paired over seeds)")
     path = common.write_json(args.name, {"args": vars(args), "checkpoint": ckpt, "rows": rows, "paired": paired})
     with common.figure(args.name, "Solution reuse at fixed budgets (FPDM, MNIST 14 px, 20 steps)",
                        "transformer-block evaluations per image", "", ncols=2, size=(10, 4)) as (left, right):

@@ -19,6 +19,13 @@ import common  # noqa: E402
 SCHEDULES = ("flat", "more-noisy", "more-clean")
 
 
+def paired_vs_flat(rows):
+    """Per setting and non-flat schedule, FID-MNIST minus that of flat, paired by seed."""
+    flat = {r["setting"]: r for r in rows if r["schedule"] == "flat"}
+    return [{"setting": r["setting"], "schedule": r["schedule"], **common.paired_difference(flat[r["setting"]], r)}
+            for r in rows if r["schedule"] != "flat"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", default="20:96:reuse,20:64:reuse,10:80:reuse,20:96:no-reuse",
@@ -42,7 +49,11 @@ def main():
                   f"FID-MNIST {row['fid_mean']:7.2f} ± {row['fid_std']:5.2f}  accuracy {row['accuracy_mean']:.3f}"
                   f"  ({row['seconds']:.0f} s)", flush=True)
 
-    path = common.write_json(args.name, {"args": vars(args), "checkpoint": ckpt, "rows": rows})
+    paired = paired_vs_flat(rows)
+    for row in paired:
+        print(f"{row['setting']:<16} {row['schedule']:<11} minus flat: FID-MNIST {row['mean']:+6.2f} ± {row['std']:.2f}"
+              f" (paired over seeds)")
+    path = common.write_json(args.name, {"args": vars(args), "checkpoint": ckpt, "rows": rows, "paired": paired})
     settings = args.settings.split(",")
     with common.figure(args.name, "Timestep smoothing at fixed budgets (FPDM, MNIST 14 px)", "setting",
                        f"FID-MNIST (mean ± std, {len(seeds)} seeds)", size=(8, 4)) as ax:
