@@ -66,10 +66,10 @@ def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num
             for seed in seeds]
     fids, accs = [r["fid_mnist"] for r in runs], [r["accuracy"] for r in runs]
     residuals = [v for r in runs for v in r["compute"]["final_residual_per_step"] if v is not None]
-    return {"steps": steps, "iterations": list(iterations), "reuse": reuse,
+    return {"steps": steps, "iterations": None if iterations is None else list(iterations), "reuse": reuse,
             "block_evals": runs[0]["compute"]["block_evals"], "fid_mnist": fids, "accuracy": accs,
             "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
-            "accuracy_mean": statistics.mean(accs),
+            "accuracy_mean": statistics.mean(accs), "flops_per_image": runs[0]["compute"]["flops_per_image"],
             "final_residual_mean": statistics.mean(residuals) if residuals else None,
             "seconds": sum(r["seconds"] for r in runs)}
 
