@@ -54,7 +54,7 @@ def add_sampling_arguments(parser, name):
 def load_for_sampling(args):
     """(checkpoint path, EMA model, training config, seeds) from the flags of add_sampling_arguments."""
     from sampling import load_model_for_sampling
-    ckpt = args.checkpoint or demo_checkpoint()
+    ckpt = args.checkpoint or demo_checkpoint(getattr(args, "train_steps", 2500))
     model, train_config = load_model_for_sampling(ckpt)
     return ckpt, model, train_config, [int(s) for s in args.seeds.split(",")]
 
