@@ -75,16 +75,21 @@ def main():
               "fpdm_params": fpdm.num_parameters(), "dit_params": dit.num_parameters(),
               "rows": rows}
     path = common.write_json(args.name, report)
-    with common.figure(args.name, "Equal sampling compute: FPDM vs DiT (MNIST 14 px)",
+    plot(report)
+    print(f"wrote {path} and {args.name}.png")
+
+
+def plot(report):
+    """FID-MNIST (mean ± std over seeds) against block evaluations per image, both models."""
+    rows, seeds = report["rows"], report["args"]["seeds"].split(",")
+    with common.figure(report["args"]["name"], "Equal sampling compute: FPDM vs DiT (MNIST 14 px)",
                        "transformer-block evaluations per image",
                        f"FID-MNIST (mean ± std over {len(seeds)} seeds)") as ax:
-        for key, label in (("dit", f"DiT depth 8 ({dit.num_parameters() / 1e6:.2f} M)"),
-                           ("fpdm", f"FPDM 1+FP+1 ({fpdm.num_parameters() / 1e6:.2f} M), reuse")):
+        for key, label in (("dit", f"DiT depth 8 ({report['dit_params'] / 1e6:.2f} M)"),
+                           ("fpdm", f"FPDM 1+FP+1 ({report['fpdm_params'] / 1e6:.2f} M), reuse")):
             sel = [r for r in rows if key in r]
             ax.errorbar([r["budget"] for r in sel], [r[key]["fid_mean"] for r in sel],
                         yerr=[r[key]["fid_std"] for r in sel], fmt="o-", capsize=3, label=label)
-        ax.set_yscale("log")
-    print(f"wrote {path} and {args.name}.png")
 
 
 if __name__ == "__main__":
