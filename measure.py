@@ -1,8 +1,17 @@
-"""Memory measurements shared by bench/ and experiments/: bytes autograd saves for backward, and peak RSS."""
+"""Shared by bench/ and experiments/: bytes autograd saves for backward, peak RSS, and random-weight models."""
 
 import resource
 
 import torch
+
+
+def perturb_parameters_(model, scale=0.02):
+    """Add `scale`·N(0, 1) (torch's global RNG) to every parameter, in place, and return the model. adaLN-Zero makes a
+    freshly initialised DiT output 0; perturbed, every op does real work, as in a trained model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
 
 
 def saved_tensor_bytes(fn):

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from measure import peak_rss_bytes, saved_tensor_bytes  # noqa: E402
+from measure import peak_rss_bytes, perturb_parameters_, saved_tensor_bytes  # noqa: E402
 from models import DiT  # noqa: E402
 
 VARIANTS = ("dit", "fpdm", "fpdm_release_nograd")
@@ -35,10 +35,7 @@ def build(args, variant):
         model = DiT(depth=args.depth, **common)
     else:
         model = DiT(depth=args.depth, fixed_point=True, fixed_point_pre_depth=1, fixed_point_post_depth=1, **common)
-    with torch.no_grad():  # non-zero adaLN so every op does real work
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.to(args.device)
+    return perturb_parameters_(model).to(args.device)
 
 
 def release_style_forward(model, x, t, y, n, m):

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import create_diffusion  # noqa: E402
 from diffusion.parallel import parallel_ddim_sample  # noqa: E402
+from measure import perturb_parameters_  # noqa: E402
 from models import DiT, DiT_models, load_state_dict_checked  # noqa: E402
 from sampling import GuidedModel, diffusion_for_sampling  # noqa: E402
 
@@ -40,9 +41,7 @@ def build(args):
         torch.manual_seed(0)
         net = DiT_models[args.model](input_size=args.input_size, num_classes=10,
                                      **({"depth": args.depth} if args.depth else {}))
-        with torch.no_grad():  # adaLN-Zero makes a fresh model output 0: perturb every weight
-            for p in net.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+        perturb_parameters_(net)  # adaLN-Zero makes a fresh model output 0
         make_diffusion = lambda steps: create_diffusion(f"ddim{steps}", predict_v=True)
     return net.to(args.device).eval(), make_diffusion
 

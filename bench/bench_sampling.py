@@ -27,6 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from measure import perturb_parameters_  # noqa: E402
 from models import DiT  # noqa: E402
 from sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images  # noqa: E402
 
@@ -38,10 +39,7 @@ def build(args, fixed_point):
     fpdm = dict(fixed_point=True, fixed_point_pre_depth=1, fixed_point_post_depth=1) if fixed_point else {}
     model = DiT(input_size=args.input_size, patch_size=args.patch_size, in_channels=4, hidden_size=args.hidden_size,
                 num_heads=args.num_heads, depth=args.depth, num_classes=10, learn_sigma=True, **fpdm)
-    with torch.no_grad():  # non-zero adaLN so every op does real work
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.to(args.device).eval()
+    return perturb_parameters_(model).to(args.device).eval()
 
 
 def variants(args, dit, fpdm):

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from measure import saved_tensor_bytes  # noqa: E402
+from measure import perturb_parameters_, saved_tensor_bytes  # noqa: E402
 from models import DiT_models  # noqa: E402
 
 BYTES_PER_PARAM = 20  # fp32 weights + gradients + AdamW exp_avg + exp_avg_sq + EMA copy
@@ -30,10 +30,7 @@ def build(name, fixed_point, checkpointing):
     if fixed_point:
         kwargs.update(fixed_point=True, fixed_point_checkpoint_iterations=checkpointing)
     model = DiT_models[name](**kwargs).train()
-    with torch.no_grad():  # non-zero adaLN so every op does real work
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return perturb_parameters_(model)
 
 
 def saved_mb_per_image(model, num_iterations=None):
