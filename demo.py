@@ -28,6 +28,13 @@ TRAIN_FLAGS = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2
                "--ckpt-every", "500", "--num-sample-images", "40", "--tracker", "none"]
 
 
+def add_spacing_argument(parser):
+    """--timestep-spacing for the demo and experiments/ (recorded with their results)."""
+    from diffusion import TIMESTEP_SPACINGS
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=TIMESTEP_SPACINGS[0],
+                        help="DDIM timesteps (diffusers' names); trailing starts at T-1")
+
+
 def train(max_steps):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TRAIN_FLAGS, "--max-steps", str(max_steps),
            "--results-dir", os.path.dirname(RUN_DIR), "--run-name", os.path.basename(RUN_DIR), "--resume", "auto"]
@@ -48,28 +55,30 @@ def configurations(model, steps):
 
 
 def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, iterations_per_step=None,
-                   reuse=False, seed=0):
-    """Sample `num_per_class` digits of every class from fixed noise (`seed`) with DDIM; returns a dict with
-    FID-MNIST, class accuracy, the compute report and the samples. Shared by the demo and experiments/."""
+                   reuse=False, seed=0, timestep_spacing="trailing"):
+    """Sample `num_per_class` digits of every class from fixed noise (`seed`) with DDIM over `timestep_spacing`;
+    returns a dict with FID-MNIST, class accuracy, the compute report and the samples. Shared by the demo and
+    experiments/."""
     import evaluate
     from sampling import diffusion_for_sampling, sample_images
     labels = torch.arange(model.num_classes).repeat_interleave(num_per_class)
     noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps), noise, labels,
+    samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps, timestep_spacing), noise, labels,
                                    cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse)
     seconds = time.perf_counter() - start
     return {"fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
             "compute": stats.compute(), "seconds": seconds, "samples": samples}
 
 
-def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir):
+def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir, timestep_spacing):
     from sampling import iterations_from_block_budget, load_model_for_sampling, save_grid
     model, train_config = load_model_for_sampling(ckpt_path)
     results = []
     for name, budget, schedule, reuse in configurations(model, steps):
         iterations = iterations_from_block_budget(model, budget, steps, schedule)
-        quality = sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse)
+        quality = sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse,
+                                 timestep_spacing=timestep_spacing)
         samples, seconds = quality["samples"], quality["seconds"]
         row = {"name": name, "block_evals": quality["compute"]["block_evals"], "schedule": schedule,
                "reuse": reuse, "fid_mnist": quality["fid_mnist"], "accuracy": quality["accuracy"],
@@ -108,6 +117,7 @@ def main():
     parser.add_argument("--num-per-class", type=int, default=50, help="samples per class for FID-MNIST")
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
+    add_spacing_argument(parser)
     parser.add_argument("--fresh", action="store_true", help="delete the previous demo run first")
     args = parser.parse_args()
     if args.fresh and os.path.isdir(RUN_DIR):
@@ -130,8 +140,9 @@ def main():
         results = cached["results"]
     else:
         print(f"[2/2] sampling {args.num_per_class * 10} digits per setting ({args.sampling_steps} DDIM steps, "
-              f"cfg {args.cfg_scale}) and measuring FID-MNIST / accuracy", flush=True)
-        results = evaluate_budgets(ckpt, args.num_per_class, args.sampling_steps, args.cfg_scale, out_dir)
+              f"{args.timestep_spacing} spacing, cfg {args.cfg_scale}) and measuring FID-MNIST / accuracy", flush=True)
+        results = evaluate_budgets(ckpt, args.num_per_class, args.sampling_steps, args.cfg_scale, out_dir,
+                                   args.timestep_spacing)
         with open(results_path, "w") as f:
             json.dump({**settings, "results": results}, f, indent=2)
         plot(results, os.path.join(out_dir, "fid_vs_compute.png"))

@@ -17,12 +17,14 @@ DDIM-inversion start, phantom result, sequential result). Pixel-space models onl
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusion import TIMESTEP_SPACINGS
 from diffusion.parallel import check_model, ddim_chain_map
 from diffusion.solvers import solve
 
@@ -149,7 +151,7 @@ def build(args):
     iterations = args.num_iterations if net.fixed_point else None
     guided = GuidedModel(net, args.cfg_scale, iterations_per_step=iterations)
     model = HalfBatchCFG(guided, net.num_classes) if args.cfg_scale != 1.0 else guided
-    return net, model, diffusion_for_sampling(ckpt["config"], args.num_sampling_steps)
+    return net, model, diffusion_for_sampling(ckpt["config"], args.num_sampling_steps, args.timestep_spacing)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -177,8 +179,14 @@ def plot(histories, path):
 
 def main(args):
     from torchvision.utils import save_image
+
+    from sampling import claim_output_folder, file_fingerprint
     torch.manual_seed(args.seed)
     net, model, diffusion = build(args)
+    # The folder holds one configuration: args.json first, a rerun with other settings refused.
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "device", "overwrite")},
+                "checkpoint_sha256": file_fingerprint(args.ckpt), "images_sha256": file_fingerprint(args.images)}
+    claim_output_folder(args.out, settings, args.overwrite)
     target = load_targets(args.images, net.input_hw, net.in_channels, args.num_images).to(args.device)
     labels = torch.full((len(target),), args.class_label, dtype=torch.long, device=args.device)
     kwargs = {"y": labels}
@@ -200,7 +208,6 @@ def main(args):
         rows.append(final)
         print(f"{method:>10}: MSE {history[0]['mse']:.5f} -> {final_mse:.5f} in {args.steps} steps, "
               f"{history[-1]['time_s']:.1f} s")
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "inversion.json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(histories, os.path.join(args.out, "mse.png"))
@@ -217,6 +224,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num-images", type=int, default=8, help="first N targets")
     parser.add_argument("--num-sampling-steps", type=int, default=10, help="DDIM steps T'")
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=TIMESTEP_SPACINGS[0],
+                        help="the DDIM timesteps (diffusers' names; trailing starts at T-1)")
     parser.add_argument("--steps", type=int, default=50, help="Adam steps")
     parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
     parser.add_argument("--tau", type=float, default=0.1, help="phantom-gradient damping τ")
@@ -229,8 +238,13 @@ def parse_args(argv=None):
     parser.add_argument("--num-iterations", type=int, default=None, help="FPDM iterations per step (default: model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="start over in an --out of other settings")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

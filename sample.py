@@ -6,8 +6,11 @@
     # adaptive: stop each step's iterations once the relative residual < 1e-2 (at most 12):
     python sample.py --ckpt ... --adaptive-tol 1e-2 --iterations 12
 
-Writes `grid.png` and `compute.json` (model calls, block evaluations, FLOPs, iterations and final residual per step,
-wall time) into the output folder, whose name records checkpoint, sampler, steps, guidance, budget and seed.
+Writes `args.json` (every setting that changes the samples, the checkpoint by content hash), then `grid.png` and
+`compute.json` (model calls, block evaluations, FLOPs, iterations and final residual per step, wall time) into the
+output folder. Its default name is readable and ends in a hash of those settings; a folder made with other settings
+is never reused (one-line refusal; --overwrite starts over). DDIM and DDPM start at t = T - 1 ("trailing" spacing)
+and clip x̂_0 only for pixel-space models (see --timestep-spacing, --clip-denoised).
 """
 
 import argparse
@@ -18,8 +21,10 @@ import time
 
 import torch
 
-from sampling import SCHEDULES, diffusion_for_sampling, iteration_schedule, iterations_from_block_budget, \
-    load_model_for_sampling, sample_images, save_grid
+from diffusion import TIMESTEP_SPACINGS
+from sampling import CLIP_CHOICES, SCHEDULES, claim_output_folder, clip_denoised_for, diffusion_for_sampling, \
+    file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, load_model_for_sampling, \
+    sample_images, save_grid, settings_hash
 
 
 def build_parser(description=__doc__):
@@ -33,6 +38,9 @@ def build_parser(description=__doc__):
                    help="allow argparse.Namespace objects in DiT training checkpoints (never arbitrary pickle)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--num-sampling-steps", type=int, default=50)
+    p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=TIMESTEP_SPACINGS[0],
+                   help="which timesteps the sampler visits (diffusers' names): trailing (default) starts at T-1 with "
+                   "equal steps; linspace is the FPDM release's; leading (starts at T - T/N) matches DiT/ADM's ddimN")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-channels", type=int, default=None,
@@ -40,7 +48,9 @@ def build_parser(description=__doc__):
     p.add_argument("--class-labels", type=str, default=None, help="comma-separated labels (default: cycle classes)")
     p.add_argument("--num-samples", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
+    p.add_argument("--clip-denoised", choices=CLIP_CHOICES, default="auto",
+                   help="clip predicted x0 to [-1, 1]: auto = only for pixel-space models (never for latents)")
+    p.add_argument("--no-clip", dest="clip_denoised", action="store_const", const="off", help=argparse.SUPPRESS)
     # FPDM compute dials.
     p.add_argument("--iterations", type=int, default=None,
                    help="FPDM iterations per step (default: the model's depth - pre - post); the cap with --adaptive-tol")
@@ -62,7 +72,9 @@ def build_parser(description=__doc__):
     p.add_argument("--compare-sequential", action="store_true",
                    help="with --parallel: also run sequential DDIM on the same noise and report both")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models only)")
-    p.add_argument("--out", default=None, help="output folder (default: samples/<derived name>)")
+    p.add_argument("--out", default=None, help="output folder (default: samples/<readable name>-<settings hash>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an output folder that holds samples of other settings and start over")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -93,10 +105,30 @@ def fpdm_iterations(args, model):
     return iteration_schedule(k * args.num_sampling_steps, args.num_sampling_steps, args.schedule)
 
 
-def output_folder(args):
+def sample_settings(args, model, iterations, clip, labels):
+    """Every setting that changes the samples, as plain data: written first into the output folder as args.json,
+    compared on every rerun, and hashed into the default folder name."""
+    settings = {"checkpoint_sha256": file_fingerprint(args.ckpt), "checkpoint": os.path.abspath(args.ckpt),
+                "model": args.model, "ema": not args.no_ema, "sampler": args.sampler,
+                "num_sampling_steps": args.num_sampling_steps, "timestep_spacing": args.timestep_spacing,
+                "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
+                "guidance_channels": args.guidance_channels, "clip_denoised": clip, "seed": args.seed,
+                "labels": labels, "precision": "fp32",
+                "vae_sha256": None if is_pixel_model(model) else file_fingerprint(args.vae),
+                "fixed_point": {"iterations_per_step": iterations, "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
+                                "budget_block_evals": args.budget_block_evals, "schedule": args.schedule}
+                if model.fixed_point else None}
+    if args.parallel:
+        settings["parallel"] = {"solver": args.parallel, "max_iter": args.parallel_max_iter, "tol": args.parallel_tol,
+                                "window": args.parallel_window}
+    return settings
+
+
+def output_folder(args, settings, suffix=""):
+    """--out, or samples/<run>-<checkpoint>-<sampler and steps>-cfg-seed[-FPDM dials]<suffix>-<settings hash>."""
     if args.out:
         return args.out
-    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+    stem = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
     run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
     parts = [run, stem, f"{args.sampler}{args.num_sampling_steps}", f"cfg{args.cfg_scale:g}", f"seed{args.seed}"]
     if args.budget_block_evals is not None:
@@ -107,7 +139,7 @@ def output_folder(args):
         parts.append("reuse")
     if args.adaptive_tol is not None:
         parts.append(f"tol{args.adaptive_tol:g}")
-    return os.path.join("samples", "-".join(parts))
+    return os.path.join("samples", "-".join(p for p in parts if p) + suffix + "-" + settings_hash(settings))
 
 
 def parallel(args, model, diffusion, noise, y, iterations):
@@ -132,18 +164,35 @@ def parallel(args, model, diffusion, noise, y, iterations):
     return out[: len(noise)], stats, time.perf_counter() - start
 
 
-def decode(images, model, vae_path, device):
-    """Pixels in [-1, 1]: latent models decode with a local AutoencoderKL, pixel models pass through."""
-    if model.in_channels in (1, 3):
-        return images
+def load_vae(model, vae_path, device):
+    """The AutoencoderKL that decodes this model's latents (loaded once per process), or None for pixel models."""
+    if is_pixel_model(model):
+        return None
     if vae_path is None:
         raise ValueError(f"this model samples {model.in_channels}-channel latents: pass --vae with a local diffusers "
                          f"AutoencoderKL folder (e.g. a download of stabilityai/sd-vae-ft-ema)")
     from diffusers.models import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+    return AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+
+
+def decode(images, vae):
+    """Pixels in [-1, 1]: latents decode with `vae` (from load_vae), pixel samples (vae None) pass through."""
+    if vae is None:
+        return images
     scale = getattr(vae.config, "scaling_factor", 0.18215)
     with torch.no_grad():
         return vae.decode(images / scale).sample
+
+
+def clipping(args, model):
+    """The resolved x̂_0 clipping; parallel DDIM solves the unclipped chain, so "auto" turns it off there."""
+    clip = clip_denoised_for(model, args.clip_denoised)
+    if args.parallel and clip:
+        if args.clip_denoised == "on":
+            raise ValueError("--parallel solves the DDIM chain without x0 clipping: drop --clip-denoised on")
+        print("note: parallel DDIM samples without x0 clipping; a sequential comparison does the same")
+        clip = False
+    return clip
 
 
 def main(args):
@@ -159,7 +208,11 @@ def main(args):
         labels = [i % model.num_classes for i in range(args.num_samples)]
     if any(not 0 <= v < model.num_classes for v in labels):
         raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}]")
-    diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.sampler)
+    diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.timestep_spacing)
+    clip = clipping(args, model)
+    vae = load_vae(model, args.vae, device)
+    settings = sample_settings(args, model, iterations, clip, labels)
+    out = claim_output_folder(output_folder(args, settings), settings, args.overwrite)
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -171,16 +224,13 @@ def main(args):
         start = time.perf_counter()
         samples, stats = sample_images(model, diffusion, noise, y, cfg_scale=args.cfg_scale, sampler=args.sampler,
                                        eta=args.eta, iterations_per_step=iterations, reuse=args.reuse,
-                                       tol=args.adaptive_tol, clip_denoised=not args.no_clip, progress=True,
+                                       tol=args.adaptive_tol, clip_denoised=clip, progress=True,
                                        guidance_channels=args.guidance_channels)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return samples, stats.compute(), time.perf_counter() - start
 
     extra = {}
-    if args.parallel and not args.no_clip:
-        print("note: parallel DDIM samples without x0 clipping (--no-clip); a sequential comparison does the same")
-        args.no_clip = True
     if args.parallel:
         samples, compute, wall = parallel(args, model, diffusion, noise, y, iterations)
         if args.compare_sequential:
@@ -192,13 +242,11 @@ def main(args):
                   f"{wall:.1f} s; max |difference| {extra['sequential']['max_abs_difference']:.2e}")
     else:
         samples, compute, wall = sequential()
-    images = decode(samples, model, args.vae, device)
+    images = decode(samples, vae)
 
-    out = output_folder(args)
-    os.makedirs(out, exist_ok=True)
     nrow = model.num_classes if 1 < model.num_classes <= 16 and not args.class_labels else 8
     save_grid(images, os.path.join(out, "grid.png"), nrow=nrow)
-    report = {"args": vars(args), "num_images": len(labels), "wall_time_s": wall,
+    report = {"args": vars(args), "settings": settings, "num_images": len(labels), "wall_time_s": wall,
               "wall_time_per_image_s": wall / len(labels), **compute, **extra}
     with open(os.path.join(out, "compute.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -220,6 +268,6 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

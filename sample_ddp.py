@@ -5,10 +5,13 @@
     python sample_ddp.py --ckpt CKPT --num-fid-samples 1000 --budget-block-evals 560 --reuse   # one process
 
 Sample i's noise and label derive from (seed, i) alone, and batches are fixed blocks of consecutive indices whose
-RNG is seeded by (seed, batch), so the images do not depend on the number of processes. Each image is written as
-`images/{i:06d}.png` (atomically); a killed run skips finished batches when started again. At the end the main
-process writes exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N) and
-`compute.json`. All sampling flags are sample.py's.
+RNG is seeded by (seed, batch), so the images do not depend on the number of processes. The folder holds one
+configuration: `args.json` (every setting that changes the samples, N and the batch size included) is written first
+and a rerun with other settings is refused (sample.py's rules). Each finished batch is committed as one file,
+`batches/{b:06d}.npz` (images and labels together, written atomically), then viewable as `images/{i:06d}.png`; a
+killed run, restarted, skips exactly the committed batches. At the end the main process writes exactly N samples as
+an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N) and `compute.json`. All sampling flags are
+sample.py's.
 """
 
 import json
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 import sample as sample_cli
-from sampling import diffusion_for_sampling, load_model_for_sampling, sample_images
+from sampling import atomic_write, claim_output_folder, diffusion_for_sampling, load_model_for_sampling, sample_images
 
 
 def parse_args(argv=None):
@@ -44,11 +47,29 @@ def to_uint8(images):
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def write_png(array, path):
+def batch_path(batch_dir, b):
+    return os.path.join(batch_dir, f"{b:06d}.npz")
+
+
+def commit_batch(batch_dir, b, images, indices, labels):
+    """Images and labels of batch `b` in one atomically written file: a batch is either wholly done or not at all."""
+    atomic_write(batch_path(batch_dir, b),
+                 lambda f: np.savez(f, images=images, indices=indices, labels=labels), "wb")
+
+
+def images_shape(batch_dir):
+    """(H, W, 3) of the committed batches."""
+    with np.load(batch_path(batch_dir, 0)) as batch:
+        return batch["images"].shape[1:]
+
+
+def write_pngs(image_dir, images, indices, only_missing=False):
+    """`images/{i:06d}.png` for viewing (the batch files are the record), each written atomically."""
     from PIL import Image
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    for array, i in zip(images, indices):
+        path = os.path.join(image_dir, f"{int(i):06d}.png")
+        if not (only_missing and os.path.exists(path)):
+            atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), "wb")
 
 
 def main(args):
@@ -63,10 +84,20 @@ def main(args):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device,
                                                   trust_checkpoint=args.trust_checkpoint, model_name=args.model)
+    if args.parallel:
+        raise ValueError("sample_ddp.py samples sequentially: use sample.py for --parallel")
     iterations = sample_cli.fpdm_iterations(args, model)
-    diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.sampler)
-    out = args.out or sample_cli.output_folder(args) + f"-n{args.num_fid_samples}"
-    image_dir = os.path.join(out, "images")
+    diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.timestep_spacing)
+    clip = sample_cli.clipping(args, model)
+    vae = sample_cli.load_vae(model, args.vae, device)
+    settings = {**sample_cli.sample_settings(args, model, iterations, clip, labels=None),
+                "num_fid_samples": args.num_fid_samples, "batch_size": args.batch_size}
+    out = sample_cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
+    # Every process checks the folder (so all refuse alike); the main one writes args.json.
+    claim_output_folder(out, settings, args.overwrite, write=state.is_main_process)
+    state.wait_for_everyone()
+    batch_dir, image_dir = os.path.join(out, "batches"), os.path.join(out, "images")
+    os.makedirs(batch_dir, exist_ok=True)
     os.makedirs(image_dir, exist_ok=True)
 
     shape = (model.in_channels, *model.input_hw)
@@ -76,8 +107,7 @@ def main(args):
     from tqdm.auto import tqdm
     for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
         indices = range(b * args.batch_size, min((b + 1) * args.batch_size, args.num_fid_samples))
-        paths = [os.path.join(image_dir, f"{i:06d}.png") for i in indices]
-        if all(os.path.exists(p) for p in paths):
+        if os.path.exists(batch_path(batch_dir, b)):
             done += 1
             continue
         pairs = [sample_noise_and_label(args.seed, i, shape, model.num_classes) for i in indices]
@@ -87,34 +117,29 @@ def main(args):
         start = time.perf_counter()
         samples, fn = sample_images(model, diffusion, noise, labels, cfg_scale=args.cfg_scale, sampler=args.sampler,
                                     eta=args.eta, iterations_per_step=iterations, reuse=args.reuse,
-                                    tol=args.adaptive_tol, clip_denoised=not args.no_clip,
+                                    tol=args.adaptive_tol, clip_denoised=clip,
                                     guidance_channels=args.guidance_channels)
-        images = to_uint8(sample_cli.decode(samples, model, args.vae, device))
+        images = to_uint8(sample_cli.decode(samples, vae))
         wall += time.perf_counter() - start
         stats.append(fn.compute())
-        for array, path in zip(images, paths):
-            write_png(array, path)
-        with open(os.path.join(image_dir, f"labels_{b:06d}.json"), "w") as f:
-            json.dump({"indices": list(indices), "labels": labels.tolist()}, f)
+        commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
+        write_pngs(image_dir, images, indices)
 
     state.wait_for_everyone()
     if state.is_main_process:
-        from PIL import Image
-        arrays = np.stack([np.asarray(Image.open(os.path.join(image_dir, f"{i:06d}.png")).convert("RGB"))
-                           for i in range(args.num_fid_samples)])
+        arrays = np.zeros((args.num_fid_samples, *images_shape(batch_dir)), dtype=np.uint8)
         labels = np.zeros(args.num_fid_samples, dtype=np.int64)
         for b in range(num_batches):
-            with open(os.path.join(image_dir, f"labels_{b:06d}.json")) as f:
-                record = json.load(f)
-            labels[record["indices"]] = record["labels"]
-        np.savez(os.path.join(out, "samples.npz"), arr_0=arrays, labels=labels)
-        report = {"args": vars(args), "num_images": args.num_fid_samples, "processes": world,
+            with np.load(batch_path(batch_dir, b)) as batch:
+                arrays[batch["indices"]], labels[batch["indices"]] = batch["images"], batch["labels"]
+                write_pngs(image_dir, batch["images"], batch["indices"], only_missing=True)
+        atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=arrays, labels=labels), "wb")
+        report = {"args": vars(args), "settings": settings, "num_images": args.num_fid_samples, "processes": world,
                   "batches_skipped_as_done_on_rank0": done, "wall_time_rank0_s": wall}
         if stats:
             report.update({k: stats[0][k] for k in ("cfg_passes", "block_evals", "flops_per_image",
                                                      "iterations_per_step")})
-        with open(os.path.join(out, "compute.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
         print(f"wrote {arrays.shape[0]} samples to {os.path.join(out, 'samples.npz')}")
     state.wait_for_everyone()
     return out
@@ -123,6 +148,6 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

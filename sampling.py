@@ -5,20 +5,45 @@ for FPDM, the iteration count of each step (`iteration_schedule`: a budget sprea
 residual tolerance (adaptive iterations), solution reuse, and compute accounting.
 """
 
+import hashlib
+import json
+import os
+import shutil
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from diffusion import create_diffusion
+from diffusion import TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
 
 
-def diffusion_for_sampling(config, num_sampling_steps, sampler="ddim"):
-    """A respaced diffusion with the same schedule and parameterisation the model was trained with."""
-    spacing = f"ddim{num_sampling_steps}" if sampler == "ddim" else str(num_sampling_steps)
-    if sampler == "ddim" and 1000 % num_sampling_steps:
-        spacing = str(num_sampling_steps)  # sectioned spacing when no integer stride gives that many steps
-    return create_diffusion(spacing, **diffusion_kwargs(config))
+def diffusion_for_sampling(config, num_sampling_steps, spacing=TIMESTEP_SPACINGS[0]):
+    """A diffusion over the `num_sampling_steps` timesteps of `spacing` (diffusers' names: "trailing", the default,
+    starts at t = T - 1; see diffusion.timestep_spacing), with the schedule and parameterisation the model was
+    trained with. DDPM, DDIM, parallel DDIM and inversion all take their timesteps from here."""
+    kwargs = diffusion_kwargs(config)
+    timestep_spacing(num_sampling_steps, kwargs["diffusion_steps"], spacing)  # one-line error for a bad N or name
+    return create_diffusion(f"{spacing}{num_sampling_steps}", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# x̂_0 clipping
+# ------------------------------------------------------------------------------------------------------------------
+
+CLIP_CHOICES = ("auto", "on", "off")
+
+
+def is_pixel_model(model):
+    """Pixel-space models have 1 or 3 channels; 4 channels are SD-VAE latents (DiT, the FPDM release, ours)."""
+    return model.in_channels in (1, 3)
+
+
+def clip_denoised_for(model, choice="auto"):
+    """Whether samplers clip x̂_0 to [-1, 1]. "auto": only pixel-space models, whose data lie in [-1, 1]. Latents
+    (× 0.18215) have std ≈ 1, so clipping them distorts samples and FID; DiT and the release never clip latents."""
+    if choice not in CLIP_CHOICES:
+        raise ValueError(f"unknown clipping choice {choice!r}: use one of {', '.join(CLIP_CHOICES)}")
+    return is_pixel_model(model) if choice == "auto" else choice == "on"
 
 
 # What DiT and the FPDM release train with; used for checkpoints that carry no training config.
@@ -163,12 +188,15 @@ def solution_reuse(model, enabled):
 
 @torch.no_grad()
 def sample_images(model, diffusion, noise, labels, *, cfg_scale=1.0, sampler="ddim", eta=0.0,
-                  iterations_per_step=None, reuse=False, tol=None, clip_denoised=True, progress=False,
+                  iterations_per_step=None, reuse=False, tol=None, clip_denoised=None, progress=False,
                   guidance_channels=None):
     """Draw samples from `noise` (N, C, H, W) with class `labels` (N,); returns (samples, GuidedModel stats).
 
-    With cfg_scale != 1 the batch is doubled internally (second half: the null class).
+    With cfg_scale != 1 the batch is doubled internally (second half: the null class). clip_denoised=None follows
+    `clip_denoised_for(model)`: pixel models clip x̂_0, latent models do not.
     """
+    if clip_denoised is None:
+        clip_denoised = clip_denoised_for(model)
     was_training = model.training
     model.eval()
     fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol)
@@ -183,3 +211,72 @@ def sample_images(model, diffusion, noise, labels, *, cfg_scale=1.0, sampler="dd
                    **extra)
     model.train(was_training)
     return out[: len(noise)], fn
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sample folders: the samples of exactly one configuration
+# ------------------------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write, mode="w"):
+    """Write through `write(file)` into a temporary file beside `path`, flush it to disk, then rename: a kill at any
+    instant leaves either the old file or the complete new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def file_fingerprint(path):
+    """SHA-256 (first 16 hex digits) of a file's content, or of a folder's files (names and contents): a
+    checkpoint's identity is what it holds, not where it lies."""
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    if not files:
+        raise FileNotFoundError(f"nothing to read at {path}")
+    for name in files:
+        digest.update(os.path.relpath(name, path).encode() if name != path else b"")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def settings_hash(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+SETTINGS_FILE = "args.json"
+
+
+def claim_output_folder(out, settings, overwrite=False, write=True):
+    """Make `out` the folder of exactly these `settings`: a new folder gets `args.json` written first; a folder of
+    the same settings is reused (resumed); one of other settings, or of unknown settings, is refused with one line
+    naming what differs, unless `overwrite` (then its contents are deleted first). With write=False (processes
+    other than the main one) only the refusal is checked."""
+    path = os.path.join(out, SETTINGS_FILE)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if not os.path.isfile(path):
+            raise FileExistsError(f"{out} holds files but no {SETTINGS_FILE}: choose another --out, or pass "
+                                  f"--overwrite to delete them")
+        with open(path) as f:
+            previous = json.load(f)
+        differing = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if differing:
+            details = ", ".join(f"{k} {previous.get(k)!r} -> {settings.get(k)!r}" for k in differing)
+            raise FileExistsError(f"{out} holds samples of other settings ({details}): choose another --out, or pass "
+                                  f"--overwrite to start over")
+        return out
+    if not write:
+        return out
+    if overwrite and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    atomic_write(path, lambda f: json.dump(settings, f, indent=2, sort_keys=True))
+    return out

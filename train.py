@@ -412,7 +412,7 @@ def main(cfg):
     g = torch.Generator().manual_seed(cfg.seed)
     preview_noise = torch.randn(cfg.num_sample_images, *dataset.image_shape, generator=g).to(device)
     preview_labels = (torch.arange(cfg.num_sample_images) % dataset.num_classes).to(device)
-    preview_diffusion = diffusion_for_sampling({**dataclasses.asdict(cfg)}, cfg.sample_steps)
+    preview_diffusion = diffusion_for_sampling({**dataclasses.asdict(cfg)}, cfg.sample_steps)  # trailing spacing
 
     def write_samples(step):
         cfg_scale = cfg.sample_cfg_scale if raw_model.y_embedder.dropout_prob > 0 else 1.0
@@ -452,6 +452,7 @@ def main(cfg):
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.time()
+    nonfinite = torch.zeros((), device=device)  # non-finite micro-batch losses of this step (no sync to count)
     sjfb_sum, residual_sum = [0, 0], 0.0
     last_good = ckpt_path
     while step < cfg.max_steps:
@@ -463,18 +464,24 @@ def main(cfg):
             with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
                 loss = diffusion.training_losses(model, x, t, model_kwargs={"y": y})["loss"].mean()
             accelerator.backward(loss / cfg.grad_accum_steps)
+            nonfinite += ~torch.isfinite(loss.detach())
             window_loss += loss.detach() / cfg.grad_accum_steps
             if cfg.fixed_point:
                 sjfb_sum = [sjfb_sum[0] + raw_model.last_sjfb[0], sjfb_sum[1] + raw_model.last_sjfb[1]]
                 if raw_model.last_residual is not None:  # a tensor: no device sync on the hot path
                     residual_sum = residual_sum + raw_model.last_residual
-        # NaN guard: all processes agree, nothing is saved, and the last good checkpoint stays as it was.
-        if not torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="sum")):
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1}: stopping without saving; last good "
-                                     f"checkpoint: {last_good or 'none'} (lower --lr, enable --max-grad-norm, or "
-                                     f"check the data)")
+        # NaN guard, before anything reaches the optimizer: every micro-batch's loss on every process, and the
+        # (all-reduced) gradient norm, checked with one host sync per step. All processes agree, nothing is saved,
+        # and the weights, optimizer state and last good checkpoint stay as they were.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                 else float("inf"))
+        bad = accelerator.reduce(nonfinite, reduction="sum") + ~torch.isfinite(torch.as_tensor(grad_norm).to(device))
+        if bad.item():
+            raise NonFiniteLossError(f"non-finite loss or gradient at step {step + 1} ({int(nonfinite.item())} of "
+                                     f"{cfg.grad_accum_steps} micro-batches on this process had a non-finite loss): "
+                                     f"stopping without saving; last good checkpoint: {last_good or 'none'} (lower "
+                                     f"--lr, enable --max-grad-norm, or check the data)")
+        nonfinite.zero_()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ def build(args):
         net = DiT_models[args.model](input_size=args.input_size, num_classes=10,
                                      **({"depth": args.depth} if args.depth else {}))
         perturb_parameters_(net)  # adaLN-Zero makes a fresh model output 0
-        make_diffusion = lambda steps: create_diffusion(f"ddim{steps}", predict_v=True)
+        make_diffusion = lambda steps: create_diffusion(f"trailing{steps}", predict_v=True)
     return net.to(args.device).eval(), make_diffusion
 
 

@@ -12,9 +12,10 @@ and the like travel in model_kwargs; wrap the network in a function to adapt any
 
 from .gaussian_diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule,
                                  rescale_zero_terminal_snr)
-from .respace import SpacedDiffusion, space_timesteps
+from .respace import TIMESTEP_SPACINGS, SpacedDiffusion, space_timesteps, timestep_spacing
 
-__all__ = ["create_diffusion", "GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "get_named_beta_schedule",
+__all__ = ["create_diffusion", "GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "timestep_spacing",
+           "TIMESTEP_SPACINGS", "get_named_beta_schedule",
            "rescale_zero_terminal_snr", "ModelMeanType", "ModelVarType", "LossType"]
 
 

@@ -49,6 +49,7 @@ def add_sampling_arguments(parser, name):
     parser.add_argument("--checkpoint", default=None, help="an FPDM checkpoint (default: the demo's, trained if "
                         "missing)")
     parser.add_argument("--name", default=name, help="results name: experiments/results/<name>.{json,png}")
+    demo.add_spacing_argument(parser)
 
 
 def load_for_sampling(args):
@@ -59,14 +60,15 @@ def load_for_sampling(args):
     return ckpt, model, train_config, [int(s) for s in args.seeds.split(",")]
 
 
-def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num_per_class=50, cfg_scale=2.0):
+def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num_per_class=50, cfg_scale=2.0,
+                       timestep_spacing="trailing"):
     """FID-MNIST and accuracy of one sampling setting for each noise seed, with their mean and standard deviation,
     the block evaluations per image and the mean relative residual left at the end of each step."""
-    runs = [demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse, seed=seed)
-            for seed in seeds]
+    runs = [demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse, seed=seed,
+                                timestep_spacing=timestep_spacing) for seed in seeds]
     fids, accs = [r["fid_mnist"] for r in runs], [r["accuracy"] for r in runs]
     residuals = [v for r in runs for v in r["compute"]["final_residual_per_step"] if v is not None]
-    return {"steps": steps, "iterations": None if iterations is None else list(iterations), "reuse": reuse,
+    return {"steps": steps, "timestep_spacing": timestep_spacing, "iterations": None if iterations is None else list(iterations), "reuse": reuse,
             "block_evals": runs[0]["compute"]["block_evals"], "fid_mnist": fids, "accuracy": accs,
             "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
             "accuracy_mean": statistics.mean(accs), "flops_per_image": runs[0]["compute"]["flops_per_image"],

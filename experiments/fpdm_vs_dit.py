@@ -47,7 +47,7 @@ def main():
 
     def quality(model, config, steps, iterations, reuse):
         return common.quality_over_seeds(model, config, steps, iterations, reuse, seeds, args.num_per_class,
-                                         args.cfg_scale)
+                                         args.cfg_scale, args.timestep_spacing)
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         dit_steps = budget // dit.block_evaluations()

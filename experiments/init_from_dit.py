@@ -24,10 +24,11 @@ FPDM = ["--fixed-point", "--fixed-point-pre-post-timestep-conditioning", "--fixe
         "--fixed-point-with-grad-max-iters", "2"]
 
 
-def quality(ckpt, num_per_class, steps, cfg_scale):
+def quality(ckpt, num_per_class, steps, cfg_scale, timestep_spacing):
     from sampling import load_model_for_sampling
     model, train_config = load_model_for_sampling(ckpt)
-    result = common.demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations_per_step=6)
+    result = common.demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations_per_step=6,
+                                        timestep_spacing=timestep_spacing)
     return {"fid_mnist": result["fid_mnist"], "accuracy": result["accuracy"]}
 
 
@@ -38,16 +39,18 @@ def main():
     p.add_argument("--num-per-class", type=int, default=20)
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--results", default=os.path.join(common.RESULTS, "init_from_dit_runs"))
+    common.demo.add_spacing_argument(p)
     args = p.parse_args()
 
     dit_ckpt, _ = common.train(args.results, "dit", COMMON, args.dit_steps)
     runs = {"scratch": common.train(args.results, "fpdm-scratch", COMMON + FPDM, args.fpdm_steps),
             "init-from-DiT": common.train(args.results, "fpdm-init", COMMON + FPDM + ["--init-from", dit_ckpt],
                                           args.fpdm_steps)}
-    report = {"args": vars(args), "dit_quality": quality(dit_ckpt, args.num_per_class, args.sampling_steps, 2.0)}
+    sampling = (args.num_per_class, args.sampling_steps, 2.0, args.timestep_spacing)
+    report = {"args": vars(args), "dit_quality": quality(dit_ckpt, *sampling)}
     for name, (ckpt, rows) in runs.items():
         losses = common.losses(rows)
-        report[name] = {"losses": losses, **quality(ckpt, args.num_per_class, args.sampling_steps, 2.0)}
+        report[name] = {"losses": losses, **quality(ckpt, *sampling)}
         print(f"{name:<14} final loss {losses[-1][1]:.4f}  FID-MNIST {report[name]['fid_mnist']:.2f}  "
               f"accuracy {report[name]['accuracy']:.3f}")
     print(f"DiT teacher    FID-MNIST {report['dit_quality']['fid_mnist']:.2f}  "

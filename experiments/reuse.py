@@ -37,7 +37,7 @@ def main():
         iterations = iterations_from_block_budget(model, budget, args.steps, "flat")
         for reuse in (False, True):
             row = common.quality_over_seeds(model, train_config, args.steps, iterations, reuse, seeds,
-                                            args.num_per_class, args.cfg_scale)
+                                            args.num_per_class, args.cfg_scale, args.timestep_spacing)
             rows.append(row)
             print(f"budget {row['block_evals']:>4} reuse {'on ' if reuse else 'off'}: FID-MNIST {row['fid_mean']:7.2f}"
                   f" ± {row['fid_std']:5.2f}  accuracy {row['accuracy_mean']:.3f}  final residual "

@@ -51,6 +51,7 @@ def main():
     p.add_argument("--train-steps", type=int, default=1200)
     p.add_argument("--num-per-class", type=int, default=50)
     p.add_argument("--results", default=os.path.join(common.RESULTS, "sjfb_variants_runs"))
+    demo.add_spacing_argument(p)
     args = p.parse_args()
     from sampling import load_model_for_sampling
 
@@ -59,7 +60,7 @@ def main():
         ckpt, rows = common.train(args.results, name, flags_for(ranges) + ["--log-every", "50"], args.train_steps)
         model, train_config = load_model_for_sampling(ckpt)
         quality = demo.sample_quality(model, train_config, 20, args.num_per_class, 2.0, iterations_per_step=6,
-                                      reuse=True)
+                                      reuse=True, timestep_spacing=args.timestep_spacing)
         n_mean, m_mean = round((ranges[0] + ranges[1]) / 2), round((ranges[2] + ranges[3]) / 2)
         result = {"ranges": ranges, "losses": common.losses(rows),
                   # median over 50-step windows: robust to a window slowed by other work on the machine

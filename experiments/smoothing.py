@@ -42,7 +42,7 @@ def main():
         for schedule in SCHEDULES:
             iterations = iterations_from_block_budget(model, budget, steps, schedule)
             row = common.quality_over_seeds(model, train_config, steps, iterations, reuse, seeds,
-                                            args.num_per_class, args.cfg_scale)
+                                            args.num_per_class, args.cfg_scale, args.timestep_spacing)
             row.update(setting=setting, schedule=schedule)
             rows.append(row)
             print(f"{setting:<16} {schedule:<11} iterations {iterations[0]:>2}..{iterations[-1]:<2} (noisy..clean)  "

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType, SpacedDiffusion, create_diffusion,
-                       get_named_beta_schedule, rescale_zero_terminal_snr, space_timesteps)
+from diffusion import (TIMESTEP_SPACINGS, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, SpacedDiffusion,
+                       create_diffusion, get_named_beta_schedule, rescale_zero_terminal_snr, space_timesteps,
+                       timestep_spacing)
 from diffusion.gaussian_diffusion import discretized_gaussian_log_likelihood, normal_kl
 
 
@@ -174,7 +175,83 @@ def test_space_timesteps_counts():
     assert space_timesteps(1000, "1000") == list(range(1000))
 
 
-@pytest.mark.parametrize("spec", ["abc", "ddim", "ddimx", "ddim999", "ddim0", "0", "1001", "10,,5", "5,0", []])
+def iddpm_section(size, count):
+    """IDDPM's own loop for one section (improved-diffusion respace.py): a float position advanced by the stride."""
+    stride, position, kept = (size - 1) / (count - 1) if count > 1 else 1, 0.0, []
+    for _ in range(count):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
+def test_iddpm_section_rounding_is_iddpms_for_every_count():
+    naive_differs = []
+    for count in range(1, 1001):
+        assert space_timesteps(1000, str(count)) == iddpm_section(1000, count)
+        stride = 999 / (count - 1) if count > 1 else 1
+        if iddpm_section(1000, count) != [round(j * stride) for j in range(count)]:
+            naive_differs.append(count)
+    # round(j·stride), what this file did before, is not IDDPM's rounding for 278 counts.
+    assert len(naive_differs) == 278 and {21, 45, 111} <= set(naive_differs)
+    assert space_timesteps(1000, "10,15,20") == (iddpm_section(334, 10) + [334 + t for t in iddpm_section(333, 15)]
+                                                 + [667 + t for t in iddpm_section(333, 20)])
+
+
+@pytest.mark.parametrize("T", [1000, 500])
+def test_default_spacing_starts_at_the_last_training_timestep(T):
+    for n in (1, 3, 5, 7, 8, 10, 13, 20, 50, 250, 1000):
+        if n > T:
+            continue
+        steps = timestep_spacing(n, T)
+        assert steps[0] == T - 1 and len(set(steps)) == n and min(steps) >= 0 and steps == sorted(steps)[::-1]
+        diffusion = create_diffusion(f"trailing{n}", diffusion_steps=T, learn_sigma=False)
+        assert diffusion.timestep_map[-1] == T - 1 and len(diffusion.timestep_map) == n
+    # What the old default ("ddimN", IDDPM's leading stride) did: start well inside the chain at few steps.
+    assert [timestep_spacing(n, 1000, "leading")[0] for n in (20, 10, 8, 5)] == [950, 900, 875, 800]
+    with pytest.raises(ValueError, match="cannot take 1001 sampling steps from 1000"):
+        timestep_spacing(1001, 1000)
+    with pytest.raises(ValueError, match="unknown timestep spacing 'even'"):
+        timestep_spacing(10, 1000, "even")
+
+
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("T", [1000, 500])
+def test_spacings_equal_diffusers_ddim_scheduler(spacing, T):
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    for n in range(1, T + 1):
+        scheduler.set_timesteps(n)
+        theirs = scheduler.timesteps.tolist()
+        if spacing == "trailing" and len(theirs) == n + 1:  # diffusers' float np.arange overshoots for some n
+            assert theirs[-1] == -1
+            theirs = theirs[:n]
+        assert timestep_spacing(n, T, spacing) == theirs, n
+
+
+@pytest.mark.parametrize("spacing,steps", [("trailing", 10), ("trailing", 20), ("leading", 10), ("linspace", 1),
+                                           ("trailing", 1), ("leading", 25)])
+def test_ddim_sampling_equals_diffusers_scheduler(spacing, steps):
+    """Our DDIM over `spacing` with the exact ε-model of Gaussian data equals diffusers' DDIMScheduler driven by the
+    same model (where diffusers' own previous-timestep rule, t - T // N, is the next timestep of the list)."""
+    from diffusers import DDIMScheduler
+    base = get_named_beta_schedule("linear", 1000)
+    model = gaussian_data_model(np.cumprod(1 - base), MU, S)
+    noise = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = create_diffusion(f"{spacing}{steps}", learn_sigma=False).ddim_sample_loop(
+        model, noise.shape, noise=noise, clip_denoised=False)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=True)
+    scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1 - base))  # the same float64 ᾱ as ours
+    scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    scheduler.set_timesteps(steps)
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, torch.full((4,), int(t))), int(t), x, eta=0.0).prev_sample
+    assert torch.allclose(ours, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
+
+
+@pytest.mark.parametrize("spec", ["abc", "ddim", "ddimx", "ddim999", "ddim0", "0", "1001", "10,,5", "5,0", [],
+                                  "trailing0", "trailing1001", "leadingx"])
 def test_space_timesteps_rejects_bad_specs(spec):
     with pytest.raises(ValueError):
         space_timesteps(1000, spec)

@@ -244,3 +244,164 @@ def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="fixed FPDM iteration count"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "picard", "--reuse",
                                                "--out", str(tmp_path / "bad")]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Correct by default: clipping only in pixel space, sample folders of exactly one configuration, atomic batches,
+# one VAE load
+# ----------------------------------------------------------------------------------------------------------------
+
+def random_dit(channels, **kwargs):
+    from measure import perturb_parameters_
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=channels, hidden_size=32, depth=2, num_heads=4,
+                num_classes=10, learn_sigma=False, **kwargs)
+    return perturb_parameters_(model, 0.3).eval()
+
+
+@pytest.mark.parametrize("channels,clips", [(4, False), (1, True), (3, True)])
+def test_default_clips_x0_only_for_pixel_models(channels, clips):
+    from sampling import clip_denoised_for
+    model = random_dit(channels)
+    noise = torch.randn(4, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    diffusion = diffusion_for_sampling({**TRAIN_CONFIG, "predict_v": False, "noise_schedule": "linear"}, 5)
+    # The last DDIM step lands on x̂_0 (ᾱ = 1 after it), so the sample is x̂_0: clipped or not.
+    default, _ = sample_images(model, diffusion, noise, torch.arange(4))
+    unclipped, _ = sample_images(model, diffusion, noise, torch.arange(4), clip_denoised=False)
+    assert unclipped.abs().max() > 1.5
+    assert clip_denoised_for(model) is clips
+    if clips:
+        assert default.abs().max() <= 1.0
+    else:
+        assert torch.equal(default, unclipped)  # a latent |x̂_0| > 1 survives
+
+
+def save_checkpoint(model, path, config=TRAIN_CONFIG):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"format": "fpdm-train-v1", "model_config": model.config, "model": model.state_dict(),
+                "ema": model.state_dict(), "config": config, "step": 1}, path)
+    return str(path)
+
+
+def test_sample_folder_is_one_configuration(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--ckpt", checkpoint, "--num-sampling-steps", "3", "--num-samples", "2", "--device", "cpu",
+            "--cfg-scale", "2", "--iterations", "2"]
+
+    def run(*flags):
+        return sample_cli.main(sample_cli.parse_args(base + list(flags)))
+    first, _ = run()
+    assert first.startswith("samples" + os.sep) and os.path.isfile(os.path.join(first, "args.json"))
+    settings = json.load(open(os.path.join(first, "args.json")))
+    assert settings["timestep_spacing"] == "trailing" and settings["clip_denoised"] is True
+    grid = open(os.path.join(first, "grid.png"), "rb").read()
+    assert run()[0] == first  # the same settings: the same folder
+    # Each setting that changes the samples gives another folder (the old images are never returned) ...
+    changes = [("--eta", "0.5"), ("--timestep-spacing", "linspace"), ("--clip-denoised", "off"),
+               ("--guidance-channels", "1"), ("--no-ema",), ("--schedule", "more-noisy"), ("--seed", "1"),
+               ("--sampler", "ddpm"), ("--num-sampling-steps", "4"), ("--cfg-scale", "3"), ("--reuse",),
+               ("--adaptive-tol", "0.5"), ("--num-samples", "3"), ("--class-labels", "3,4")]
+    folders = {first}
+    for change in changes:
+        out, _ = run(*change)
+        assert out not in folders, change
+        folders.add(out)
+    # ... and into one named folder, another setting is refused with one line naming it; --overwrite starts over.
+    named = str(tmp_path / "named")
+    run("--out", named)
+    with pytest.raises(FileExistsError, match=r"other settings \(eta 0.0 -> 0.5\).*--overwrite"):
+        run("--out", named, "--eta", "0.5")
+    run("--out", named, "--eta", "0.5", "--overwrite")
+    assert json.load(open(os.path.join(named, "args.json")))["eta"] == 0.5
+    assert open(os.path.join(first, "grid.png"), "rb").read() == grid
+    # A folder of unknown origin is not written into.
+    os.makedirs(tmp_path / "foreign")
+    open(tmp_path / "foreign" / "grid.png", "w").close()
+    with pytest.raises(FileExistsError, match="no args.json"):
+        run("--out", str(tmp_path / "foreign"))
+
+
+def test_checkpoint_identity_is_its_content(tmp_path, monkeypatch):
+    """Two different models whose run folders and checkpoint files have the same names get different folders, and
+    a checkpoint replaced in place is refused in a named folder."""
+    monkeypatch.chdir(tmp_path)
+    a = save_checkpoint(random_dit(1), tmp_path / "a" / "run" / "checkpoints" / "step_0000001.pt")
+    b = save_checkpoint(random_dit(1, class_dropout_prob=0.0), tmp_path / "b" / "run" / "checkpoints"
+                        / "step_0000001.pt")
+    flags = ["--num-sampling-steps", "2", "--num-samples", "2", "--device", "cpu"]
+    out_a, _ = sample_cli.main(sample_cli.parse_args(["--ckpt", a, *flags]))
+    out_b, _ = sample_cli.main(sample_cli.parse_args(["--ckpt", b, *flags]))
+    assert out_a != out_b and os.path.basename(out_a).split("-")[:-1] == os.path.basename(out_b).split("-")[:-1]
+    sample_cli.main(sample_cli.parse_args(["--ckpt", a, *flags, "--out", "fixed"]))
+    save_checkpoint(random_dit(1, class_dropout_prob=0.0), a)  # new weights at the same path
+    with pytest.raises(FileExistsError, match="checkpoint_sha256"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", a, *flags, "--out", "fixed"]))
+
+
+def ddp_args(checkpoint, out, *extra):
+    return sample_ddp.parse_args(["--ckpt", checkpoint, "--num-fid-samples", "7", "--batch-size", "3",
+                                  "--num-sampling-steps", "3", "--iterations", "2", "--out", str(out), *extra])
+
+
+def test_sample_ddp_refuses_other_batch_size_in_same_folder(checkpoint, tmp_path):
+    sample_ddp.main(ddp_args(checkpoint, tmp_path / "s"))
+    with pytest.raises(FileExistsError, match=r"batch_size 3 -> 2"):
+        sample_ddp.main(ddp_args(checkpoint, tmp_path / "s", "--batch-size", "2"))
+    labels = np.load(tmp_path / "s" / "samples.npz")["labels"]
+    assert [sample_ddp.sample_noise_and_label(0, i, (1, 8, 8), 10)[1] for i in range(7)] == labels.tolist()
+
+
+@pytest.mark.parametrize("where", ["inside the batch file", "after the batch file, before its PNGs"])
+def test_sample_ddp_failure_at_any_write_resumes_to_the_same_samples(checkpoint, tmp_path, monkeypatch, where):
+    reference = np.load(os.path.join(sample_ddp.main(ddp_args(checkpoint, tmp_path / "ref")), "samples.npz"))
+    calls = {"n": 0}
+    if where == "inside the batch file":
+        real = np.savez
+
+        def failing(f, **arrays):  # the second batch dies half-way through writing its one file
+            calls["n"] += 1
+            if calls["n"] == 2:
+                f.write(b"partial")
+                raise KeyboardInterrupt("killed")
+            return real(f, **arrays)
+        monkeypatch.setattr(sample_ddp.np, "savez", failing)
+    else:
+        real = sample_ddp.write_pngs
+
+        def failing(*args, **kwargs):  # dies right after the first batch was committed
+            raise KeyboardInterrupt("killed")
+        monkeypatch.setattr(sample_ddp, "write_pngs", failing)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        sample_ddp.main(ddp_args(checkpoint, out))
+    monkeypatch.undo()
+    committed = sorted(os.listdir(out / "batches"))
+    assert committed == ["000000.npz"]  # exactly the finished batch, no partial or temporary file
+    resumed = np.load(os.path.join(sample_ddp.main(ddp_args(checkpoint, out)), "samples.npz"))
+    assert np.array_equal(resumed["arr_0"], reference["arr_0"])
+    assert np.array_equal(resumed["labels"], reference["labels"])
+    assert len(os.listdir(out / "images")) == 7
+
+
+def test_vae_is_loaded_once_for_many_batches(tmp_path, monkeypatch):
+    from diffusers.models import AutoencoderKL
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=8, layers_per_block=1)
+    vae.save_pretrained(tmp_path / "vae")
+    loads = {"n": 0}
+    real = AutoencoderKL.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads["n"] += 1
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(counting))
+    ckpt = save_checkpoint(random_dit(4), tmp_path / "latent" / "checkpoints" / "step_0000001.pt")
+    out = sample_ddp.main(sample_ddp.parse_args(["--ckpt", ckpt, "--num-fid-samples", "8", "--batch-size", "2",
+                                                 "--num-sampling-steps", "2", "--vae", str(tmp_path / "vae"),
+                                                 "--out", str(tmp_path / "s")]))
+    assert loads["n"] == 1
+    assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (8, 8, 8, 3)
+    assert json.load(open(os.path.join(out, "args.json")))["clip_denoised"] is False  # latents: never clipped

@@ -136,11 +136,54 @@ def test_nan_loss_stops_without_saving(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step 5.*last good checkpoint: .*step_0000003"):
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradient at step 5.*last good checkpoint: .*step_0000003"):
         run(tmp_path, "--max-steps", "6")
     run_dir = tmp_path / "run"
     assert os.listdir(run_dir / "checkpoints") == ["step_0000003.pt"]
     assert json.load(open(run_dir / "latest.json"))["step"] == 3
+
+
+def test_nan_in_any_micro_batch_never_reaches_the_optimizer(tmp_path, monkeypatch):
+    """Gradient accumulation 4, a NaN loss in the FIRST micro-batch of step 2: the run stops before the optimizer
+    steps, and the last checkpoint (step 1) is unchanged. The old guard checked only the last micro-batch."""
+    import hashlib
+
+    from diffusion.gaussian_diffusion import GaussianDiffusion
+    real, calls, steps = GaussianDiffusion.training_losses, {"n": 0}, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        out = real(self, *args, **kwargs)
+        if calls["n"] == 5:  # step 2, micro-batch 1 of 4
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps["n"] += 1
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    digest = {}
+    real_save = train.atomic_torch_save
+
+    def recording_save(obj, path):
+        real_save(obj, path)
+        digest[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    monkeypatch.setattr(train, "atomic_torch_save", recording_save)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradient at step 2 \(1 of 4 micro-batches"):
+        run(tmp_path, "--max-steps", "3", "--grad-accum-steps", "4", "--ckpt-every", "1")
+    run_dir = tmp_path / "run"
+    assert steps["n"] == 1 and calls["n"] == 8  # step 2's four micro-batches ran; its optimizer step did not
+    assert os.listdir(run_dir / "checkpoints") == ["step_0000001.pt"]
+    assert json.load(open(run_dir / "latest.json"))["step"] == 1
+    path = str(run_dir / "checkpoints" / "step_0000001.pt")
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest[path]
+    ckpt = torch.load(path, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(v).all() for s in ckpt["opt"]["state"].values() for v in s.values()
+               if torch.is_tensor(v))
 
 
 def test_bad_input_gives_one_line_and_overwrites_nothing(tmp_path):
