@@ -405,3 +405,33 @@ def test_vae_is_loaded_once_for_many_batches(tmp_path, monkeypatch):
     assert loads["n"] == 1
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (8, 8, 8, 3)
     assert json.load(open(os.path.join(out, "args.json")))["clip_denoised"] is False  # latents: never clipped
+
+
+def test_sample_ddp_sample_equals_in_process_sampling_and_uint8_mapping(checkpoint, tmp_path):
+    """Batch 1 of the sharded run (samples 3..5) equals sample_images on the noise and labels of (seed, i), and the
+    uint8 conversion maps -1, 0, 1 to 0, 128, 255 (grayscale repeated to RGB)."""
+    from sampling import load_model_for_sampling
+    out = sample_ddp.main(ddp_args(checkpoint, tmp_path / "s", "--cfg-scale", "2", "--seed", "3"))
+    saved = np.load(os.path.join(out, "samples.npz"))
+    model, config = load_model_for_sampling(checkpoint)
+    pairs = [sample_ddp.sample_noise_and_label(3, i, (1, 8, 8), 10) for i in range(3, 6)]
+    samples, _ = sample_images(model, diffusion_for_sampling(config, 3), torch.stack([n for n, _ in pairs]),
+                               torch.tensor([label for _, label in pairs]), cfg_scale=2.0, iterations_per_step=2)
+    assert np.array_equal(sample_ddp.to_uint8(samples), saved["arr_0"][3:6])
+    assert saved["labels"][3:6].tolist() == [label for _, label in pairs]
+    levels = sample_ddp.to_uint8(torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3))
+    assert levels.shape == (1, 1, 3, 3) and levels[0, 0, :, 0].tolist() == [0, 128, 255]
+    assert (levels == levels[..., :1]).all()
+
+
+def test_decode_divides_latents_by_the_vae_scaling_factor():
+    class StubVAE:
+        config = type("Config", (), {"scaling_factor": 0.5})()
+
+        def decode(self, latents):
+            self.seen = latents
+            return type("Output", (), {"sample": latents[:, :3] * 2})()
+    vae, latents = StubVAE(), torch.randn(2, 4, 8, 8)
+    images = sample_cli.decode(latents, vae)
+    assert torch.equal(vae.seen, latents / 0.5) and torch.equal(images, latents[:, :3] * 4)
+    assert sample_cli.decode(latents, None) is latents  # pixel models pass through
