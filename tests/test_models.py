@@ -155,6 +155,26 @@ def test_paper_parameter_counts_and_keys():
     assert dit.forward_flops() - dit.block_flops() * 28 == fpdm.forward_flops(0) - 2 * fpdm.block_flops() - 2 * 256 * 1152 ** 2
 
 
+def counted_flops(model, **kwargs):
+    from torch.utils.flop_counter import FlopCounterMode
+    x, t, y = inputs(2, channels=model.in_channels, size=round(model.pos_embed.shape[1] ** 0.5) * model.patch_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, y, **kwargs)
+    return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("patch,size", [(2, 8), (4, 16)])
+def test_flop_estimates_equal_torch_flop_counter(patch, size):
+    """forward_flops / iteration_flops against torch.utils.flop_counter on real forward calls (matmuls, convolution,
+    attention), for DiT and for FPDM at several iteration counts."""
+    dit = tiny(input_size=size, patch_size=patch).eval()
+    assert counted_flops(dit) == dit.forward_flops()
+    fpdm = tiny(input_size=size, patch_size=patch, fixed_point=True, fixed_point_pre_depth=2).eval()
+    for k in (0, 1, 3):
+        assert counted_flops(fpdm, num_iterations=k) == fpdm.forward_flops(k)
+    assert counted_flops(fpdm, num_iterations=3) - counted_flops(fpdm, num_iterations=2) == fpdm.iteration_flops()
+
+
 @pytest.mark.parametrize("name", list(DiT_models))
 def test_every_registry_entry_forward_shape(name):
     with torch.device("meta"):
@@ -166,15 +186,27 @@ def test_every_registry_entry_forward_shape(name):
     assert model.block_evaluations() == depth
 
 
-@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-S/4", "DiT-S/8"])
-def test_small_fpdm_real_forward(name):
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_fpdm_with_random_weights_matches_reference_for_every_patch_size(patch):
+    """A fresh model outputs zeros (adaLN-Zero), which a model ignoring its input would too: random weights, compared
+    with the functional reference at patch 2, 4 and 8 (16 px: 64, 16 and 4 tokens)."""
+    for fixed_point in (False, True):
+        model = randomize(tiny(input_size=16, patch_size=patch, fixed_point=fixed_point), scale=0.1).eval()
+        x, t, y = inputs(2, size=16)
+        ref = ref_forward(model.state_dict(), x, t, y, patch=patch, heads=4, out_channels=8, fixed_point=fixed_point,
+                          pre=1, post=1, iters=2)
+        out = model(x, t, y, **({"num_iterations": 2} if fixed_point else {}))
+        assert out.shape == (2, 8, 16, 16) and out.abs().mean() > 0.1
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_registry_model_outputs_zeros():
     torch.manual_seed(0)
-    model = DiT_models[name](input_size=16, num_classes=10, fixed_point=True).eval()
+    model = DiT_models["DiT-S/8"](input_size=16, num_classes=10, fixed_point=True).eval()
     x, t, y = inputs(2, size=16)
     with torch.no_grad():
         out = model(x, t, y, num_iterations=2)
-    assert out.shape == (2, 8, 16, 16) and torch.isfinite(out).all()
-    assert out.abs().max() == 0  # adaLN-Zero: the output layer starts at zero
+    assert out.shape == (2, 8, 16, 16) and out.abs().max() == 0  # adaLN-Zero: the output layer starts at zero
 
 
 @pytest.mark.parametrize("channels,size,classes,dropout,learn_sigma", [
@@ -185,12 +217,17 @@ def test_small_fpdm_real_forward(name):
 def test_channels_sizes_and_unconditional(channels, size, classes, dropout, learn_sigma):
     for fixed_point in (False, True):
         model = randomize(tiny(in_channels=channels, input_size=size, num_classes=classes,
-                               class_dropout_prob=dropout, learn_sigma=learn_sigma, fixed_point=fixed_point))
+                               class_dropout_prob=dropout, learn_sigma=learn_sigma, fixed_point=fixed_point)).eval()
         h, w = (size, size) if isinstance(size, int) else size
         x = torch.randn(2, channels, h, w)
         y = torch.zeros(2, dtype=torch.long)
-        out = model(x, torch.tensor([3, 900]), y)
-        assert out.shape == (2, channels * (2 if learn_sigma else 1), h, w)
+        t = torch.tensor([3, 900])
+        out = model(x, t, y)
+        out_channels = channels * (2 if learn_sigma else 1)
+        assert out.shape == (2, out_channels, h, w)
+        ref = ref_forward(model.state_dict(), x, t, y, patch=2, heads=4, out_channels=out_channels,
+                          fixed_point=fixed_point, pre=1, post=1, iters=3)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert model.y_embedder.embedding_table.weight.shape[0] == classes + (dropout > 0)
         if classes == 1:
             with pytest.raises(ValueError, match="class_dropout_prob"):
@@ -363,16 +400,27 @@ def test_gradient_checkpointing_gives_same_gradients(fixed_point):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_ddp_single_process_with_no_grad_phase(tmp_path):
+def test_ddp_single_process_gradients_equal_the_plain_model(tmp_path):
+    import copy
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+    plain = randomize(tiny(fixed_point=True, class_dropout_prob=0.0), 0.1).train()
+    reference = copy.deepcopy(plain)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        model = DistributedDataParallel(randomize(tiny(fixed_point=True, class_dropout_prob=0.0), 0.1).train())
-        x, t, y = inputs()
-        for _ in range(3):  # a second step would fail if the reducer had waited on unused parameters
+        model = DistributedDataParallel(plain)
+        for seed in range(3):  # a second step would fail if the reducer had waited on unused parameters
+            x, t, y = inputs(seed=seed)
+            model.zero_grad()
+            reference.zero_grad()
             model(x, t, y, num_iterations=(3, 1)).square().mean().backward()
-        assert model.module.block_fixed_point.attn.qkv.weight.grad.abs().sum() > 0
+            reference(x, t, y, num_iterations=(3, 1)).square().mean().backward()
+            for (name, a), b in zip(plain.named_parameters(), reference.parameters()):
+                if b.grad is None:
+                    assert a.grad is None or not a.grad.any(), name
+                else:
+                    torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-6, msg=name)
+        assert plain.block_fixed_point.attn.qkv.weight.grad.abs().sum() > 0
     finally:
         dist.destroy_process_group()
 
@@ -409,12 +457,18 @@ def test_reuse_errors():
 
 
 def test_reuse_covers_cfg_doubled_batch():
+    """Under guidance the stored solution covers the doubled batch: 2 + 3 reused iterations equal 5 straight."""
     model = randomize(tiny(fixed_point=True, fixed_point_reuse_solution=True), scale=0.1).eval()
     x, _, y = inputs(batch=2)
-    t = torch.full((4,), 100)
+    t, yy, xx = torch.full((4,), 100), torch.cat([y, torch.full((2,), 10)]), torch.cat([x, x])
     with torch.no_grad():
-        model.forward_with_cfg(torch.cat([x, x]), t, torch.cat([y, torch.full((2,), 10)]), 4.0, num_iterations=2)
-    assert model.last_solution.shape[0] == 4
+        straight = model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=5)
+        model.reset()
+        model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=2)
+        assert model.last_solution.shape[0] == 4
+        resumed = model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=3)
+    torch.testing.assert_close(resumed, straight, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(resumed, model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=3))  # reuse matters
 
 
 def test_residuals_match_definition_and_decay_for_contraction():
