@@ -318,14 +318,67 @@ def test_ddim_inversion_round_trip():
     assert 1.7 < errors["ddim50"] / errors["ddim100"] < 2.3
 
 
+def exact_sample_moments(alphas_cumprod, timesteps, mu, s, variance):
+    """Mean and std of DDPM / DDIM(η = 1) samples of N(mu, s²) data with the exact denoiser, by the linear-Gaussian
+    recursion: x̂_0 = mu + A(x_t − √ᾱ mu), x_prev = c1 x̂_0 + c2 x_t + σ z, so Var_prev = (c1 A + c2)² Var_t + σ².
+    variance: "small" (σ² = β̃) or "large" (σ² = β), with β = 1 − ᾱ_t/ᾱ_prev between visited timesteps."""
+    a = alphas_cumprod[sorted(timesteps)]
+    mean, var = 0.0, 1.0
+    for k in range(len(a) - 1, -1, -1):
+        a_t, a_prev = a[k], (a[k - 1] if k > 0 else 1.0)
+        beta = 1 - a_t / a_prev
+        c1, c2 = math.sqrt(a_prev) * beta / (1 - a_t), math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
+        gain = math.sqrt(a_t) * s ** 2 / (a_t * s ** 2 + 1 - a_t)
+        noise = 0.0 if k == 0 else (beta * (1 - a_prev) / (1 - a_t) if variance == "small" else beta)
+        mean = c1 * (mu - gain * math.sqrt(a_t) * mu) + (c1 * gain + c2) * mean
+        var = (c1 * gain + c2) ** 2 * var + noise
+    return mean, math.sqrt(var)
+
+
 @pytest.mark.parametrize("var_type", [ModelVarType.FIXED_SMALL, ModelVarType.FIXED_LARGE])
 def test_ddpm_sampling_reproduces_data_moments(var_type):
+    """1000 steps: both variances give the data's moments (their exact stds, 0.9955 and 0.9999, are too close to tell
+    apart by sampling)."""
     torch.manual_seed(0)
     diffusion = make_diffusion(var_type=var_type)
     model = gaussian_data_model(diffusion.alphas_cumprod, MU, S)
     x = diffusion.p_sample_loop(model, (2000, 1, 4, 4), clip_denoised=False)
     assert x.mean().item() == pytest.approx(MU, abs=0.02)
     assert x.std().item() == pytest.approx(S, abs=0.02)
+
+
+@pytest.mark.parametrize("spec", ["10", "trailing10"])
+def test_few_step_ddpm_and_eta_one_ddim_match_the_exact_recursion(spec):
+    """At 10 steps the two variances give clearly different samples (std 0.72 vs 1.00 with IDDPM's "10"); each
+    sampler must give its own exact value, and DDIM with η = 1 must be DDPM with σ² = β̃."""
+    base = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
+    timesteps = space_timesteps(1000, spec)
+    model = gaussian_data_model(base, MU, S)
+    runs = {}
+    for var_type in ("fixed_small", "fixed_large"):
+        torch.manual_seed(0)
+        diffusion = SpacedDiffusion(timesteps, betas=get_named_beta_schedule("linear", 1000), model_mean_type="epsilon",
+                                    model_var_type=var_type, loss_type="mse")
+        runs[var_type] = diffusion.p_sample_loop(model, (4000, 1, 4, 4), clip_denoised=False)
+    torch.manual_seed(1)
+    runs["ddim_eta1"] = diffusion.ddim_sample_loop(model, (4000, 1, 4, 4), clip_denoised=False, eta=1.0)
+    expected = {"fixed_small": exact_sample_moments(base, timesteps, MU, S, "small"),
+                "fixed_large": exact_sample_moments(base, timesteps, MU, S, "large")}
+    expected["ddim_eta1"] = expected["fixed_small"]
+    assert expected["fixed_large"][1] - expected["fixed_small"][1] > 0.2
+    for name, x in runs.items():
+        assert x.mean().item() == pytest.approx(expected[name][0], abs=0.01), name
+        assert x.std().item() == pytest.approx(expected[name][1], abs=0.01), name
+
+
+def test_eta_one_sigma_is_the_posterior_standard_deviation():
+    """σ_i(η = 1)² of the parallel sampler's coefficients equals the (spaced) posterior variance β̃ at every step."""
+    from diffusion.parallel import _coefficients
+    diffusion = create_diffusion("trailing25", learn_sigma=False)
+    sqrt_prev, _, _, s = _coefficients(diffusion, 0, 24, 1.0, torch.zeros(1))
+    sigma = (s * sqrt_prev).view(-1).numpy()
+    expected = diffusion.posterior_variance[::-1][:24]  # chain positions 0..23 are diffusion indices 24..1
+    np.testing.assert_allclose(sigma ** 2, expected, rtol=1e-10)
 
 
 def test_mean_types_give_the_same_samples():
@@ -385,17 +438,50 @@ def test_learned_range_variance_endpoints():
         diffusion.p_mean_variance(lambda x, t: x, x, t)
 
 
-def test_hybrid_loss_shapes_and_vb():
+def gaussian_kl_bits(mean1, var1, mean2, var2):
+    return (0.5 * (torch.log(var2 / var1) + var1 / var2 + (mean1 - mean2) ** 2 / var2 - 1)).mean(dim=(1, 2, 3)) / math.log(2)
+
+
+def test_hybrid_loss_vb_is_the_closed_form_kl_and_decoder_nll_in_bits():
+    """vb written out by hand: the true posterior q(x_{t-1}|x_t,x_0) = N(c1 x_0 + c2 x_t, β̃) against
+    p = N(c1 x̂_0 + c2 x_t, exp(f log β + (1 − f) log β̃)) with f = (v + 1)/2, in bits per dimension; at t = 0 the
+    discretized Gaussian NLL of x_0 (bins of width 2/255, open edge bins); and the loss is mse + vb."""
     torch.manual_seed(0)
-    diffusion = create_diffusion("")  # DiT's default: ε-prediction, learned variance, hybrid loss
-    x_start = torch.rand(6, 3, 8, 8) * 2 - 1
-    t = torch.tensor([0, 1, 10, 200, 700, 999])
-    output = torch.randn(6, 6, 8, 8) * 0.5
-    terms = diffusion.training_losses(lambda x, t: output, x_start, t)
-    for key in ["loss", "mse", "vb"]:
-        assert terms[key].shape == (6,) and torch.isfinite(terms[key]).all()
-    assert (terms["vb"] >= 0).all()
+    diffusion = make_diffusion(var_type=ModelVarType.LEARNED_RANGE)
+    x_start = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.float64) / 127.5 - 1  # 8-bit data, edges included
+    x_start[0, 0, 0, :2] = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    t, noise = torch.tensor([0, 1, 10, 200, 700, 999]), torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    output = torch.cat([torch.randn(6, 3, 4, 4, dtype=torch.float64) * 0.5,
+                        torch.rand(6, 3, 4, 4, dtype=torch.float64) * 2 - 1], dim=1)
+    terms = diffusion.training_losses(lambda x, t: output, x_start, t, noise=noise)
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+
+    table = lambda values: torch.from_numpy(np.asarray(values))[t].view(-1, 1, 1, 1)
+    betas = torch.from_numpy(diffusion.betas)
+    a = table(diffusion.alphas_cumprod)
+    a_prev = table(np.append(1.0, diffusion.alphas_cumprod[:-1]))
+    beta, tilde = table(diffusion.betas), table(np.append(diffusion.posterior_variance[1], diffusion.posterior_variance[1:]))
+    x_t = a.sqrt() * x_start + (1 - a).sqrt() * noise
+    c1, c2 = a_prev.sqrt() * beta / (1 - a), (1 - beta).sqrt() * (1 - a_prev) / (1 - a)
+    eps, v = output.chunk(2, dim=1)
+    x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    frac = (v + 1) / 2
+    var = torch.exp(frac * torch.log(beta) + (1 - frac) * torch.log(tilde))
+    mean = c1 * x0_hat + c2 * x_t
+    kl = gaussian_kl_bits(c1 * x_start + c2 * x_t, tilde, mean, var)
+    torch.testing.assert_close(terms["vb"][1:], kl[1:], rtol=1e-6, atol=1e-9)
+
+    normal = torch.distributions.Normal(mean[0], var[0].sqrt())
+    upper = torch.where(x_start[0] > 0.999, torch.ones_like(mean[0]), normal.cdf(x_start[0] + 1 / 255))
+    lower = torch.where(x_start[0] < -0.999, torch.zeros_like(mean[0]), normal.cdf(x_start[0] - 1 / 255))
+    nll_bits = -torch.log(upper - lower).mean() / math.log(2)
+    assert terms["vb"][0].item() == pytest.approx(nll_bits.item(), rel=2e-3)  # DDPM's tanh approximation of Φ
+    assert betas[0] < tilde.max()
+
+    # Exact ε and Σ = β̃ (v = −1): every KL term is zero.
+    exact = torch.cat([noise, -torch.ones_like(noise)], dim=1)
+    zero = diffusion.training_losses(lambda x, t: exact, x_start, t, noise=noise)
+    assert zero["vb"][1:].abs().max().item() < 1e-9 and zero["mse"].abs().max().item() < 1e-20
 
 
 def test_vb_term_trains_only_the_variance():
@@ -415,17 +501,25 @@ def test_exact_noise_prediction_has_zero_loss():
 
 
 @pytest.mark.parametrize("mean_type", list(ModelMeanType))
-def test_min_snr_weights(mean_type):
+def test_min_snr_loss_is_min_snr_gamma_times_the_x0_error(mean_type):
+    """Min-SNR-γ [Hang et al. 2023]: for every target the weighted loss is min(SNR, γ)·‖x_0 − x̂_0‖² (per-dimension
+    mean), x̂_0 recovered from the model output by hand."""
     gamma = 5.0
+    torch.manual_seed(0)
     t = torch.tensor([0, 100, 300, 900])
-    x_start, noise = torch.rand(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
-    zero_model = lambda x, t: torch.zeros_like(x)
-    plain, weighted = (make_diffusion(mean_type, min_snr_gamma=g).training_losses(zero_model, x_start, t, noise=noise)
-                       for g in [None, gamma])
-    snr = make_diffusion().alphas_cumprod[t] / (1 - make_diffusion().alphas_cumprod[t])
-    expected = {ModelMeanType.EPSILON: np.minimum(snr, gamma) / snr, ModelMeanType.START_X: np.minimum(snr, gamma),
-                ModelMeanType.VELOCITY: np.minimum(snr, gamma) / (snr + 1)}[mean_type]
-    np.testing.assert_allclose((weighted["loss"] / plain["loss"]).numpy(), expected, rtol=1e-5)
+    x_start, noise = torch.rand(4, 2, 4, 4, dtype=torch.float64), torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    output = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    diffusion = make_diffusion(mean_type, min_snr_gamma=gamma)
+    loss = diffusion.training_losses(lambda x, t: output, x_start, t, noise=noise)["loss"]
+    a = torch.from_numpy(diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x_start + (1 - a).sqrt() * noise
+    x0_hat = {ModelMeanType.EPSILON: (x_t - (1 - a).sqrt() * output) / a.sqrt(),
+              ModelMeanType.START_X: output,
+              ModelMeanType.VELOCITY: a.sqrt() * x_t - (1 - a).sqrt() * output}[mean_type]
+    snr = (a / (1 - a)).view(-1)
+    expected = torch.clamp(snr, max=gamma) * ((x_start - x0_hat) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)
+    assert (snr > gamma).any() and (snr < gamma).any()  # both branches of the min are exercised
 
 
 def test_rescaled_mse_and_kl_loss_scaling():
