@@ -482,6 +482,7 @@ def main(cfg):
                                      f"stopping without saving; last good checkpoint: {last_good or 'none'} (lower "
                                      f"--lr, enable --max-grad-norm, or check the data)")
         nonfinite.zero_()
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -497,7 +498,7 @@ def main(cfg):
             elapsed = time.time() - window_start
             row = {"step": step,
                    "loss": accelerator.reduce(window_loss, reduction="mean").item() / window_steps,
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "lr": lr,
                    "steps_per_s": window_steps / elapsed,
                    "images_per_s": window_steps * cfg.global_batch_size / elapsed,
                    "peak_mem_mb": peak_memory_bytes(device) / 2**20,

@@ -560,3 +560,27 @@ def test_bad_input_errors():
     partial.pop("final_layer.linear.bias")
     with pytest.raises(ValueError, match="lacks key 'final_layer.linear.bias'"):
         load_state_dict_checked(tiny(), partial)
+
+
+def test_label_dropout_rate_and_null_class():
+    """Training drops each label with probability class_dropout_prob to the null class (the last row); each example of
+    a training forward equals the eval forward with either its own label or the null label; eval never drops."""
+    from models import LabelEmbedder
+    torch.manual_seed(0)
+    embedder = LabelEmbedder(10, 8, 0.1)
+    labels = torch.randint(0, 10, (40_000,))
+    dropped = embedder.token_drop(labels)
+    is_null = dropped == 10
+    assert is_null.float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert torch.equal(dropped[~is_null], labels[~is_null])
+    assert torch.equal(embedder(labels, train=False), embedder.embedding_table.weight[labels])
+
+    model = randomize(tiny(class_dropout_prob=0.5), scale=0.1)
+    x, t, y = inputs(batch=16)
+    torch.manual_seed(1)
+    trained = model.train()(x, t, y)
+    model.eval()
+    conditional, null = model(x, t, y), model(x, t, torch.full_like(y, 10))
+    took_null = [(trained[i] - null[i]).abs().max() < 1e-6 for i in range(16)]
+    took_label = [(trained[i] - conditional[i]).abs().max() < 1e-6 for i in range(16)]
+    assert all(a != b for a, b in zip(took_null, took_label)) and 3 <= sum(took_null) <= 13

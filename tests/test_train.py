@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import deterministic_train
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,94 @@ def test_run_writes_checkpoints_logs_and_samples(tmp_path):
     init = DiT.from_config(ckpt["model_config"]).state_dict()
     key = "blocks_pre.0.attn.qkv.weight"
     assert 0 < (ema[key] - init[key]).abs().max() < (model[key] - init[key]).abs().max()
+
+
+@pytest.mark.parametrize("flags,decays", [(["--ema-decay", "0.5"], [0.5, 0.5]),
+                                          (["--ema-warmup"], [3 / 12, 4 / 13])])  # min(0.9999, (1 + k)/(10 + k))
+def test_ema_follows_its_formula_at_every_step(tmp_path, flags, decays):
+    """ema_k = d_k · ema_{k−1} + (1 − d_k) · model_k, checked on the checkpoints of steps 1..3."""
+    run_dir = run(tmp_path, "--max-steps", "3", "--ckpt-every", "1", "--keep-last", "5", *flags)
+    weights = [final_weights(run_dir, k) for k in (1, 2, 3)]
+    for k, decay in zip((2, 3), decays):
+        (_, ema_prev), (model, ema) = weights[k - 2], weights[k - 1]
+        for key in ema:
+            expected = decay * ema_prev[key] + (1 - decay) * model[key]
+            torch.testing.assert_close(ema[key], expected, atol=1e-7, rtol=1e-6, msg=key)
+        assert any(not torch.equal(ema[key], ema_prev[key]) for key in ema)
+
+
+def record_optimizer_steps(monkeypatch):
+    """Each AdamW step's learning rate, weight decay, gradients and parameters before and after."""
+    steps, real_step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        params = [p for group in self.param_groups for p in group["params"]]
+        record = {"lr": self.param_groups[0]["lr"], "grads": [None if p.grad is None else p.grad.clone()
+                                                              for p in params],
+                  "before": [p.detach().clone() for p in params]}
+        out = real_step(self, *args, **kwargs)
+        record["after"] = [p.detach().clone() for p in params]
+        steps.append(record)
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return steps
+
+
+def test_warmup_clipping_and_weight_decay_follow_their_formulas(tmp_path, monkeypatch):
+    """Warm-up: step k uses lr·min(1, k/W) (and logs it). Clipping: the gradient reaching the optimizer has norm
+    exactly --max-grad-norm when the raw norm is larger. Decoupled weight decay: AdamW's first step is
+    p₁ = p₀(1 − lr·wd) − lr·g/(|g| + ε)."""
+    steps = record_optimizer_steps(monkeypatch)
+    run_dir = run(tmp_path, "--max-steps", "3", "--warmup-steps", "4", "--max-grad-norm", "1e-3", "--weight-decay",
+                  "0.5")
+    assert [s["lr"] for s in steps] == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3)], rel=1e-12)
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([s["lr"] for s in steps], rel=1e-12)
+    for record, row in zip(steps, rows):
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in record["grads"]
+                                                     if g is not None]))
+        assert float(row["grad_norm"]) > 1e-2 and norm.item() == pytest.approx(1e-3, rel=1e-4)
+    first, lr = steps[0], steps[0]["lr"]
+    for g, before, after in zip(first["grads"], first["before"], first["after"]):
+        g = torch.zeros_like(before) if g is None else g
+        expected = before * (1 - lr * 0.5) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(after, expected, atol=1e-9, rtol=1e-5)
+
+
+def test_step_batch_sampler_splits_the_one_process_batch(tmp_path):
+    """Two ranks' index lists at each micro-step are disjoint halves of the one-process batch, and each epoch of
+    positions is a permutation of the dataset."""
+    one = iter(train.StepBatchSampler(20, 8, 0, 1, seed=3, start_micro_step=0))
+    ranks = [iter(train.StepBatchSampler(20, 8, r, 2, seed=3, start_micro_step=0)) for r in (0, 1)]
+    stream = []
+    for _ in range(5):
+        batch, halves = next(one), [next(r) for r in ranks]
+        assert halves[0] + halves[1] == batch and len(halves[0]) == 4
+        stream += batch
+    assert sorted(stream[:20]) == list(range(20)) == sorted(stream[20:40]) and stream[:20] != stream[20:40]
+    resumed = iter(train.StepBatchSampler(20, 8, 0, 1, seed=3, start_micro_step=3))
+    assert next(resumed) == stream[24:32]
+
+
+def test_gradient_accumulation_takes_the_same_steps(tmp_path, monkeypatch):
+    """Global batch 8 as 1 × 8 and as 4 micro-batches of 2: the same loss and gradients at every optimizer step,
+    hence the same weights (per-example timesteps and noise, see deterministic_train.py)."""
+    monkeypatch.setattr(deterministic_train.GaussianDiffusion, "training_losses",
+                        deterministic_train.per_example_losses(deterministic_train.GaussianDiffusion.training_losses))
+    steps = record_optimizer_steps(monkeypatch)
+    dirs = [run(tmp_path, "--max-steps", "2", *deterministic_train.FLAGS, "--grad-accum-steps", accum, name=f"a{accum}")
+            for accum in ("1", "4")]
+    assert len(steps) == 4
+    for a, b in ((steps[0], steps[2]), (steps[1], steps[3])):
+        for ga, gb in zip(a["grads"], b["grads"]):
+            assert (ga is None) == (gb is None)
+            if ga is not None:
+                torch.testing.assert_close(ga, gb, atol=1e-7, rtol=1e-4)
+    assert losses(dirs[0]) == pytest.approx(losses(dirs[1]), rel=1e-5)
+    for x, y in zip(final_weights(dirs[0], 2), final_weights(dirs[1], 2)):
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-4)
 
 
 def test_resume_is_exact(tmp_path):
@@ -211,11 +300,15 @@ def test_bad_input_gives_one_line_and_overwrites_nothing(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "with-grad range" in proc.stderr
 
 
-def test_two_process_cpu_run_through_accelerate(tmp_path):
+def test_two_process_cpu_run_through_accelerate(tmp_path, monkeypatch):
+    """accelerate launch, 2 processes × accumulation 2 × micro-batch 2, equals 1 process × batch 8: the same losses
+    and weights after 4 steps (per-example timesteps and noise, deterministic_train.py), one checkpoint per rank's
+    RNG."""
+    flags = [*TINY_ARGS, *deterministic_train.FLAGS, "--results-dir", str(tmp_path), "--max-steps", "4",
+             "--ckpt-every", "2"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
            os.path.join(ROOT, "aconfs", "cpu_2proc.yaml"), "--main_process_port", "29517",
-           os.path.join(ROOT, "train.py"), *TINY_ARGS, "--results-dir", str(tmp_path), "--run-name", "ddp",
-           "--max-steps", "4", "--ckpt-every", "2"]
+           os.path.join(ROOT, "tests", "deterministic_train.py"), *flags, "--run-name", "ddp", "--grad-accum-steps", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -224,6 +317,14 @@ def test_two_process_cpu_run_through_accelerate(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeds
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["step_0000002.pt", "step_0000004.pt"]
+
+    monkeypatch.setattr(deterministic_train.GaussianDiffusion, "training_losses",
+                        deterministic_train.per_example_losses(deterministic_train.GaussianDiffusion.training_losses))
+    single = train.main(train.parse_args([*flags, "--run-name", "single"]))
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(single), rel=1e-5)
+    for x, y in zip(final_weights(tmp_path / "ddp", 4), final_weights(single, 4)):
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-4, msg=key)
 
 
 def test_init_fpdm_from_a_trained_dit(tmp_path):
