@@ -155,16 +155,21 @@ def test_load_images_formats_and_errors(rgb_samples, tmp_path):
         load_images(folder)
 
 
-def test_inception_pipeline_end_to_end_random_weights(rgb_samples, tmp_path):
+@pytest.fixture(scope="module")
+def random_inception():
+    """Built once per module: the 94-conv network dominates these tests' time."""
+    return InceptionFeatures(random_init=True)
+
+
+def test_inception_pipeline_end_to_end_random_weights(rgb_samples, random_inception, tmp_path):
     images, npz, folder = rgb_samples
-    model = InceptionFeatures(random_init=True)
+    model = random_inception
     from_npz = model.features(load_images(npz), batch_size=4, progress=False)
     from_folder = model.features(load_images(folder), batch_size=4, progress=False)
     assert from_npz.shape == (6, 2048) and from_npz.dtype == np.float64 and np.isfinite(from_npz).all()
     assert np.array_equal(from_npz, from_folder)
     assert from_npz.std(axis=0).mean() > 1e-3  # random weights still separate the images
-    assert np.allclose(InceptionFeatures(random_init=True).features(images[:2], progress=False), from_npz[:2])
-    gray = images[..., :1]  # grayscale is repeated to RGB
+    gray = images[:2, ..., :1]  # grayscale is repeated to RGB
     assert np.allclose(model.features(gray, progress=False), model.features(gray.repeat(3, -1), progress=False),
                        rtol=1e-5, atol=1e-5)
     # A weights file in pytorch-fid's layout (torchvision names, 1008-way fc) loads and gives the same features.
@@ -178,6 +183,23 @@ def test_inception_pipeline_end_to_end_random_weights(rgb_samples, tmp_path):
     mu, sigma = load_statistics(tmp_path / "ref.npz", model)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     assert np.allclose(mu, from_npz.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(from_npz, rowvar=False))
+
+
+def test_inception_features_equal_pytorch_fid(rgb_samples, random_inception, monkeypatch):
+    """pytorch-fid's own FID Inception (its FIDInceptionA/C/E blocks, resize and input scaling), given the same random
+    weights through its weight loader, gives the same pool3 features: the network and preprocessing are pytorch-fid's.
+    Non-square 24x40 inputs exercise the resize."""
+    import pytorch_fid.inception as pytorch_fid_inception  # test-only dependency (requirements.txt)
+    state = {**random_inception.net.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
+    monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
+    reference = pytorch_fid_inception.InceptionV3([pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    images = np.ascontiguousarray(rgb_samples[0][:2, 4:28])
+    images = np.concatenate([images, images[:, :, :8]], axis=2)  # (2, 24, 40, 3)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)[0].flatten(1).double()
+    ours = random_inception.features(images, progress=False)
+    assert expected.abs().mean() > 1e-2
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_inception_weights_errors(tmp_path, capsys):
