@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 import sample as sample_cli
-from sampling import atomic_write, claim_output_folder, diffusion_for_sampling, load_model_for_sampling, sample_images
+from sampling import (atomic_write, claim_output_folder, diffusion_for_sampling, load_model_for_sampling,
+                      remove_stale_temporaries, sample_images)
 
 
 def parse_args(argv=None):
@@ -95,8 +96,11 @@ def main(args):
     out = sample_cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
     # Every process checks the folder (so all refuse alike); the main one writes args.json.
     claim_output_folder(out, settings, args.overwrite, write=state.is_main_process)
-    state.wait_for_everyone()
     batch_dir, image_dir = os.path.join(out, "batches"), os.path.join(out, "images")
+    if state.is_main_process:  # a killed earlier run's half-written files
+        for folder in (out, batch_dir, image_dir):
+            remove_stale_temporaries(folder)
+    state.wait_for_everyone()
     os.makedirs(batch_dir, exist_ok=True)
     os.makedirs(image_dir, exist_ok=True)
 

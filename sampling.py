@@ -232,6 +232,31 @@ def atomic_write(path, write, mode="w"):
             os.remove(tmp)
 
 
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete `atomic_write` temporaries (`*.tmp-PID`) that a killed process left in `folder`; those of processes still
+    running on this machine are kept. Their names end in the PID, so no image reader counts them as images."""
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        stem, sep, pid = name.rpartition(".tmp-")
+        if not (sep and pid.isdigit()):
+            continue
+        if _process_alive(int(pid)):
+            continue  # another writer's file in progress
+        os.remove(os.path.join(folder, name))
+        removed += 1
+    return removed
+
+
 def file_fingerprint(path):
     """SHA-256 (first 16 hex digits) of a file's content, or of a folder's files (names and contents): a
     checkpoint's identity is what it holds, not where it lies."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sample as sample_cli
+from evaluate import load_images
 import sample_ddp
 from models import DiT
 from sampling import (GuidedModel, diffusion_for_sampling, iteration_schedule, iterations_from_block_budget,
@@ -377,10 +378,22 @@ def test_sample_ddp_failure_at_any_write_resumes_to_the_same_samples(checkpoint,
     monkeypatch.undo()
     committed = sorted(os.listdir(out / "batches"))
     assert committed == ["000000.npz"]  # exactly the finished batch, no partial or temporary file
+    # What a SIGKILL mid-write leaves (atomic_write's cleanup never runs): temporaries of a process that is gone.
+    stale = [out / "images" / "000004.png.tmp-999999999", out / "batches" / "000001.npz.tmp-999999999"]
+    for path in stale:
+        path.write_bytes(b"half")
+    live = out / "images" / f"000005.png.tmp-{os.getppid()}"  # a live writer's file is left alone
+    live.write_bytes(b"")
+    pngs = [f for f in os.listdir(out / "images") if f.endswith(".png")]
+    if pngs:  # temporaries are never read as images
+        assert len(load_images(str(out / "images"))) == len(pngs) == len(os.listdir(out / "images")) - 2
     resumed = np.load(os.path.join(sample_ddp.main(ddp_args(checkpoint, out)), "samples.npz"))
     assert np.array_equal(resumed["arr_0"], reference["arr_0"])
     assert np.array_equal(resumed["labels"], reference["labels"])
-    assert len(os.listdir(out / "images")) == 7
+    assert not any(path.exists() for path in stale) and live.exists()
+    live.unlink()
+    assert sorted(os.listdir(out / "images")) == [f"{i:06d}.png" for i in range(7)]
+    assert np.array_equal(load_images(str(out / "images")), reference["arr_0"])
 
 
 def test_vae_is_loaded_once_for_many_batches(tmp_path, monkeypatch):
