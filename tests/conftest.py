@@ -1,6 +1,21 @@
 import os
 import sys
 
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
 # Tests import the top-level modules (models, diffusion, ...) from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub: nothing can be downloaded here
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Every test's tensors are tiny: extra torch / BLAS threads only add overhead, and on busy cores make loops many
+    times slower. (Subprocesses set their own threads.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)

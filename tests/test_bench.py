@@ -16,11 +16,17 @@ import bench_train  # noqa: E402
 import run as bench_run  # noqa: E402
 
 
+# The train benchmark (two training subprocesses, ~25 s) is left out of the smoke run; its steady-state arithmetic and
+# its refusal of too few steps are tested below.
+SMOKE = ("model", "sampling", "parallel")
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--device", "cpu",
-                           "--out-dir", str(out_dir)], capture_output=True, text=True, cwd=ROOT)
+                           "--only", ",".join(SMOKE), "--out-dir", str(out_dir)], capture_output=True, text=True,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out_dir / "all.json") as f:
         return json.load(f), proc.stdout
@@ -28,14 +34,14 @@ def quick(tmp_path_factory):
 
 def test_every_benchmark_and_ratio_is_reported(quick):
     report, stdout = quick
-    assert set(report["results"]) == set(bench_run.BENCHMARKS)
-    assert {r["benchmark"] for r in report["ratios"]} == set(bench_run.BENCHMARKS)
+    assert set(report["results"]) == set(SMOKE) and set(SMOKE) <= set(bench_run.BENCHMARKS)
+    assert {r["benchmark"] for r in report["ratios"]} == set(SMOKE)
     assert report["device"].startswith("CPU") and report["torch"] and report["date"]
     for r in report["ratios"]:
         assert math.isfinite(r["value"]) and r["value"] > 0, r
         assert r["meaning"], f"no explanation for {r['benchmark']} / {r['ratio']}"
         assert r["ratio"] in stdout  # the printed table holds every row of the JSON
-    for name in ("model", "train", "sampling"):  # every ratio a benchmark wrote made it into the combined table
+    for name in ("model", "sampling"):  # every ratio a benchmark wrote made it into the combined table
         listed = {r["ratio"] for r in report["ratios"] if r["benchmark"] == name}
         assert listed == set(report["results"][name]["ratios"])
 
@@ -59,15 +65,6 @@ def test_sampling_budgets(quick):
     assert result["ratios"]["fpdm/dit FLOPs (same block evals)"] > 1  # each iteration also runs the projection MLP
     assert rows["fpdm"]["params"] < rows["dit"]["params"]
     assert rows["fpdm"]["max_abs_diff_to_fpdm"] == 0 and rows["fpdm_reuse"]["max_abs_diff_to_fpdm"] > 0  # reuse on
-
-
-def test_train_runs(quick):
-    result = quick[0]["results"]["train"]
-    dit, fpdm = result["rows"]["dit"], result["rows"]["fpdm"]
-    assert result["ratios"]["fpdm/dit params"] < 1
-    for row in (dit, fpdm):
-        assert row["images_per_s"] > 0
-        assert row["peak_memory_bytes"] > row["peak_memory_growth_bytes"] > 0  # training grows RSS past the baseline
 
 
 def test_parallel_rows(quick):

@@ -13,15 +13,6 @@ from diffusion import (TIMESTEP_SPACINGS, GaussianDiffusion, LossType, ModelMean
 from diffusion.gaussian_diffusion import discretized_gaussian_log_likelihood, normal_kl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on busy cores make loops 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_diffusion(mean_type=ModelMeanType.EPSILON, var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE,
                    betas=None, **kwargs):
     betas = get_named_beta_schedule("linear", 1000) if betas is None else betas

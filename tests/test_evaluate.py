@@ -2,7 +2,6 @@
 pipeline end to end with random weights, FID-MNIST sanity (real vs real small, noise large, corruptions monotone),
 the classifier cache, and the CLI."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -22,21 +21,6 @@ from evaluate import (INCEPTION_URL, InceptionFeatures, MNIST_CLASSIFIER, classi
                       mnist_features)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs and 128-d sqrtm: on busy cores, extra torch / BLAS threads make them many times slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-        blas = threadpool_limits(1)
-    except ImportError:
-        blas = contextlib.nullcontext()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with blas:
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -22,14 +22,6 @@ from models import DiT
 from sampling import GuidedModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead on busy cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(fixed_point=False, in_channels=4, learn_sigma=True, seed=0):
     torch.manual_seed(seed)
     net = DiT(input_size=8, patch_size=2, in_channels=in_channels, hidden_size=32, depth=4, num_heads=4,
@@ -71,12 +63,13 @@ def sequential(model, diffusion, x, kwargs=None, eta=0.0):
 # Parallel == sequential
 # ------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("steps", [10, 50])
-@pytest.mark.parametrize("fixed_point", [False, True], ids=["dit", "fpdm"])
-@pytest.mark.parametrize("cfg_scale", [1.0, 4.0], ids=["nocfg", "cfg"])
+@pytest.mark.parametrize("steps,fixed_point,cfg_scale", [
+    (10, False, 1.0), (10, False, 4.0), (10, True, 1.0), (10, True, 4.0),  # T = 10 shows correctness
+    (50, True, 4.0),                                                       # one long chain
+], ids=["dit-nocfg", "dit-cfg", "fpdm-nocfg", "fpdm-cfg", "fpdm-cfg-50"])
 def test_parallel_matches_sequential(steps, fixed_point, cfg_scale):
     model = guided(tiny_model(fixed_point), cfg_scale)
-    diffusion = create_diffusion(f"ddim{steps}", predict_v=True)
+    diffusion = create_diffusion(f"trailing{steps}", predict_v=True)
     x, kwargs = inputs(cfg_scale)
     reference = sequential(model, diffusion, x, kwargs)
     picard = parallel_ddim_sample(model, diffusion, x, "picard", kwargs, max_iter=steps + 1, tol=1e-7)
