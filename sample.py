@@ -84,8 +84,15 @@ def parse_args(argv=None):
 
 
 def fpdm_iterations(args, model):
-    """Per-step iteration counts (or None for DiT) from the FPDM flags; one-line errors for flags that contradict
-    each other or the model."""
+    """Per-step iteration counts (or None for DiT) from the FPDM flags; one-line errors for flags out of range or that
+    contradict each other or the model."""
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+    if args.adaptive_tol is not None and not args.adaptive_tol > 0:
+        raise ValueError(f"--adaptive-tol must be > 0, got {args.adaptive_tol}")
+    if args.guidance_channels is not None and not 1 <= args.guidance_channels <= model.in_channels:
+        raise ValueError(f"--guidance-channels must lie in [1, {model.in_channels}] for this {model.in_channels}-channel "
+                         f"model, got {args.guidance_channels}")
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
     fpdm_flags = [f for f, v in (("--iterations", args.iterations), ("--budget-block-evals", args.budget_block_evals),

@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from measure import peak_rss_bytes
+from runs import RunLock, exit_with_parent, prune_checkpoints, truncate_metrics
 
 CHECKPOINT_FORMAT = "fpdm-train-v1"
 logger = logging.getLogger("train")
@@ -97,18 +98,85 @@ class TrainConfig:
                          "its pre/post blocks from the first/last DiT blocks and its fixed-point block from the middle",
                          str)
     trust_checkpoint: bool = opt(False, "allow argparse.Namespace objects in --init-from DiT training checkpoints")
+    override: list = field(default_factory=list, metadata={
+        "help": "KEY=VALUE (repeatable): change a setting of a resumed run on purpose, e.g. --override lr=5e-5; applied "
+                "and recorded (other differences from the run's settings are refused)", "type": None})
+
+
+# Settings that define the network's weights and function: never changed on resume.
+ARCHITECTURE = ("model", "hidden_size", "depth", "num_heads", "patch_size", "fixed_point", "fixed_point_pre_depth",
+                "fixed_point_post_depth", "fixed_point_pre_post_timestep_conditioning", "learn_sigma",
+                "class_dropout_prob", "image_size", "unconditional")
+# Settings a resumed run may change freely: how long, how often it logs / checkpoints / previews, where it reads
+# and writes, and memory-for-speed switches that leave the numbers alone. Any other difference needs --override.
+RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps",
+                     "sample_cfg_scale", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
+                     "run_name", "compile", "grad_ckpt", "grad_ckpt_iterations", "trust_checkpoint", "init_from",
+                     "override")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
+        if f.name == "override":
+            parser.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=f.metadata["help"])
+        elif f.type is bool or isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
                                 help=f.metadata["help"] + f" (default: {f.default})")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    apply_overrides(cfg)
+    return cfg
+
+
+def _parse_value(f, text):
+    if f.type is bool or isinstance(f.default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--override {f.name}={text}: use true or false")
+        return text.lower() in ("true", "1")
+    if text.lower() == "none" and f.default is None:
+        return None
+    kind = f.metadata["type"] or type(f.default)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--override {f.name}={text}: not a valid {kind.__name__}") from None
+
+
+def apply_overrides(cfg):
+    """Set each --override KEY=VALUE on cfg (KEY with - or _), typed like its flag."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for item in cfg.override:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields or key == "override":
+            raise ValueError(f"--override {item!r}: expected KEY=VALUE with KEY a train.py setting, e.g. lr=5e-5")
+        if key in ARCHITECTURE:
+            raise ValueError(f"--override {item!r}: the architecture of a run cannot change; start a new run")
+        setattr(cfg, key, _parse_value(fields[key], text.strip()))
+
+
+def overridden_keys(cfg):
+    return {item.partition("=")[0].strip().replace("-", "_") for item in cfg.override}
+
+
+def check_resume_settings(saved, cfg):
+    """Refuse, in one line, a resume whose settings differ from the run's outside RESUME_MAY_CHANGE and --override;
+    the architecture can never change."""
+    current, allowed = dataclasses.asdict(cfg), set(RESUME_MAY_CHANGE) | overridden_keys(cfg)
+    differ = [key for key in current if key not in allowed and key in saved and saved[key] != current[key]]
+    fixed = [key for key in differ if key in ARCHITECTURE]
+    if fixed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {current[k]!r} (run: {saved[k]!r})" for k in fixed)
+        raise ValueError(f"cannot resume: the architecture of a run cannot change: {listed}; use the run's settings, "
+                         f"or a new --run-name (with --init-from to start from its weights)")
+    if differ:
+        listed = ", ".join(f"--{k.replace('_', '-')} {current[k]!r} (run: {saved[k]!r})" for k in differ)
+        fix = " ".join(f"--override {k}={current[k]}" for k in differ)
+        raise ValueError(f"resuming with settings that differ from the run's: {listed}; pass the run's values, or "
+                         f"{fix} to change them on purpose")
 
 
 def validate(cfg):
@@ -126,9 +194,21 @@ def validate(cfg):
         raise ValueError(f"unknown --mixed-precision {cfg.mixed_precision!r}: use no, bf16 or fp16")
     if cfg.tracker not in ("auto", "wandb", "tensorboard", "none"):
         raise ValueError(f"unknown --tracker {cfg.tracker!r}: use auto, wandb, tensorboard or none")
-    for name in ("max_steps", "global_batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_last"):
+    for name in ("max_steps", "global_batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_last",
+                 "sample_steps", "diffusion_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("weight_decay", "warmup_steps", "max_grad_norm", "sample_every", "num_sample_images", "num_workers"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.class_dropout_prob < 1:
+        raise ValueError(f"--class-dropout-prob must lie in [0, 1), got {cfg.class_dropout_prob}")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise ValueError(f"--ema-decay must lie in [0, 1], got {cfg.ema_decay}")
+    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
+        raise ValueError(f"--min-snr-gamma must be > 0, got {cfg.min_snr_gamma}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -258,8 +338,8 @@ def load_checkpoint(path):
 
 def check_same_architecture(saved, current):
     for key in sorted(set(saved) | set(current)):
-        if key in ("use_gradient_checkpointing", "fixed_point_checkpoint_iterations"):
-            continue
+        if key in ("use_gradient_checkpointing", "fixed_point_checkpoint_iterations") or key.endswith("_iters"):
+            continue  # memory switches, and S-JFB ranges (training settings: check_resume_settings)
         if saved.get(key) != current.get(key):
             raise ValueError(f"cannot resume: the checkpoint was trained with {key}={saved.get(key)!r} but this run "
                              f"asks for {current.get(key)!r}; use the checkpoint's settings or a new --run-name")
@@ -311,6 +391,11 @@ class TqdmHandler(logging.StreamHandler):
 # ------------------------------------------------------------------------------------------------------------------
 
 def main(cfg):
+    with ExitStack() as cleanup:  # releases the run lock however the run ends
+        return _main(cfg, cleanup)
+
+
+def _main(cfg, cleanup):
     validate(cfg)
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object
@@ -329,7 +414,18 @@ def main(cfg):
     if ckpt_path is None and os.path.isfile(os.path.join(run_dir, "latest.json")):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or choose "
                               f"another --run-name")
+    if ckpt_path is None and cfg.resume is None and any(
+            os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "metrics.csv")):
+        raise FileExistsError(f"{run_dir} holds a run that has not written a checkpoint yet: pass --resume auto to "
+                              f"start it over, or choose another --run-name")
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None:
+        check_resume_settings(ckpt["config"], cfg)
+        if cfg.max_steps < ckpt["step"]:
+            raise ValueError(f"{ckpt_path} is at step {ckpt['step']}, beyond --max-steps {cfg.max_steps}: raise "
+                             f"--max-steps to continue the run")
+    if "LOCAL_RANK" in os.environ:  # a worker of accelerate launch / torchrun: stop when the launcher dies
+        exit_with_parent()
 
     # find_unused_parameters only when an S-JFB draw may have no with-grad iteration (see models.py).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.fixed_point and
@@ -377,10 +473,22 @@ def main(cfg):
         optimizer.load_state_dict(ckpt["opt"])
         scheduler.load_state_dict(ckpt["sched"])
         step = ckpt["step"]
+        # The optimizer state carries the old run's rates: apply this run's (equal unless --override changed them).
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        for group, rate in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+            group["lr"] = cfg.lr * rate(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if ckpt["world_size"] != world and accelerator.is_main_process:
             logger.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart (the run "
                            "continues correctly but will not match an uninterrupted one)", ckpt["world_size"], world)
 
+    lock = None
+    if accelerator.is_main_process:  # one writer per run folder, for the whole run
+        lock = RunLock(run_dir).acquire()
+        cleanup.callback(lock.release)
+        # Rows logged after the checkpoint we continue from (or by a start that never checkpointed) are logged again.
+        dropped = truncate_metrics(os.path.join(run_dir, "metrics.csv"), step)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     accelerator.wait_for_everyone()
@@ -393,6 +501,12 @@ def main(cfg):
         logger.info("%s | %s, %s parameters | %d process(es) on %s, micro-batch %d x %d accumulation | %s",
                     run_dir, "FPDM" if cfg.fixed_point else "DiT", f"{raw_model.num_parameters():,}", world,
                     device.type, local_batch, cfg.grad_accum_steps, dataset.describe())
+        if lock.previous_owner:
+            logger.info("took over the lock of %s, which did not exit cleanly", lock.previous_owner)
+        if dropped:
+            logger.info("dropped %d metrics.csv rows after step %d (they are logged again)", dropped, step)
+        if cfg.override:
+            logger.info("settings changed on purpose (--override): %s", ", ".join(cfg.override))
         if ckpt is not None:
             logger.info("resumed from %s at step %d", ckpt_path, step)
         elif cfg.init_from:
@@ -415,6 +529,8 @@ def main(cfg):
     preview_diffusion = diffusion_for_sampling({**dataclasses.asdict(cfg)}, cfg.sample_steps)  # trailing spacing
 
     def write_samples(step):
+        if cfg.num_sample_images == 0:
+            return "none (--num-sample-images 0)"
         cfg_scale = cfg.sample_cfg_scale if raw_model.y_embedder.dropout_prob > 0 else 1.0
         images, _ = sample_images(ema, preview_diffusion, preview_noise, preview_labels, cfg_scale=cfg_scale)
         if dataset.kind == "latents":
@@ -433,9 +549,7 @@ def main(cfg):
             name = f"checkpoints/step_{step:07d}.pt"
             atomic_torch_save(ckpt, os.path.join(run_dir, name))
             atomic_write_text(json.dumps({"step": step, "path": name}), os.path.join(run_dir, "latest.json"))
-            kept = sorted(f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if f.endswith(".pt"))
-            for old in kept[: -cfg.keep_last]:
-                os.remove(os.path.join(run_dir, "checkpoints", old))
+            prune_checkpoints(os.path.join(run_dir, "checkpoints"), step, cfg.keep_last)  # never the one just written
             logger.info("saved %s", name)
         accelerator.wait_for_everyone()
 
@@ -526,7 +640,7 @@ def main(cfg):
     progress.close()
 
     final_grid = os.path.join(run_dir, "samples", f"step_{step:07d}.png")
-    if accelerator.is_main_process and not os.path.exists(final_grid):  # a finished run, resumed, is quick
+    if accelerator.is_main_process and cfg.num_sample_images and not os.path.exists(final_grid):  # resumed: quick
         logger.info("samples: %s", write_samples(step))
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -175,6 +175,11 @@ def test_sample_cli_bad_flags(checkpoint, tmp_path):
         run("--num-sampling-steps", "10", "--budget-block-evals", "25")
     with pytest.raises(SystemExit):  # argparse names the valid choices
         sample_cli.parse_args(["--ckpt", checkpoint, "--schedule", "increasing"])
+    for flags, message in ((("--eta", "-0.5"), "--eta must be >= 0"), (("--adaptive-tol", "0"), "--adaptive-tol must"),
+                           (("--guidance-channels", "2"), r"--guidance-channels must lie in \[1, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            run(*flags)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
     dit = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=10,
               learn_sigma=False)
     path = tmp_path / "dit.pt"

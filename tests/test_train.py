@@ -289,7 +289,7 @@ def test_bad_input_gives_one_line_and_overwrites_nothing(tmp_path):
         os.path.join(run_dir, "checkpoints"))}
     with pytest.raises(FileExistsError, match="--resume auto"):
         run(tmp_path, "--max-steps", "6")
-    with pytest.raises(ValueError, match="hidden_size=32 but this run asks for 64"):
+    with pytest.raises(ValueError, match=r"architecture of a run cannot change: --hidden-size 64 \(run: 32\)"):
         run(tmp_path, "--max-steps", "6", "--resume", "auto", "--hidden-size", "64")
     after = {f: os.path.getmtime(os.path.join(run_dir, "checkpoints", f)) for f in os.listdir(
         os.path.join(run_dir, "checkpoints"))}
@@ -349,3 +349,113 @@ def test_init_fpdm_from_a_trained_dit(tmp_path):
     with pytest.raises(ValueError, match="holds an FPDM"):
         train.initialise_from(model, train.parse_args(TINY_ARGS + ["--init-from", os.path.join(
             run_dir, "checkpoints", "step_0000001.pt")]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Run folders: pruning, resume settings, one writer, metrics once per step
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Resumed from an older checkpoint with --keep-last 1: the new checkpoint survives (it used to be deleted at once,
+    leaving latest.json pointing at nothing); later checkpoints of the abandoned run wait to be overwritten."""
+    run_dir = run(tmp_path, "--max-steps", "4", "--ckpt-every", "2")
+    run(tmp_path, "--max-steps", "3", "--ckpt-every", "1", "--keep-last", "1", "--resume",
+        os.path.join(run_dir, "checkpoints", "step_0000002.pt"))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_0000003.pt", "step_0000004.pt"]
+    assert json.load(open(os.path.join(run_dir, "latest.json")))["path"] == "checkpoints/step_0000003.pt"
+    run(tmp_path, "--max-steps", "6", "--ckpt-every", "1", "--keep-last", "2", "--resume", "auto")
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_0000005.pt", "step_0000006.pt"]
+    assert [step for step in losses(run_dir)] == [1, 2, 3, 4, 5, 6]  # each step once, in order
+
+
+def test_resume_refuses_other_settings_and_applies_overrides(tmp_path, monkeypatch):
+    run_dir = run(tmp_path, "--max-steps", "2")
+    with pytest.raises(ValueError, match=r"--lr 0.0005 \(run: 0.001\); .*--override lr=0.0005"):
+        run(tmp_path, "--max-steps", "3", "--resume", "auto", "--lr", "5e-4")
+    with pytest.raises(ValueError, match=r"--noise-schedule 'cosine' \(run: 'linear'\), --predict-v True"):
+        run(tmp_path, "--max-steps", "3", "--resume", "auto", "--noise-schedule", "cosine", "--predict-v")
+    with pytest.raises(ValueError, match=r"at step 2, beyond --max-steps 1"):
+        run(tmp_path, "--max-steps", "1", "--resume", "auto")
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        train.parse_args(TINY_ARGS + ["--override", "learning_rate=1"])
+    assert json.load(open(os.path.join(run_dir, "latest.json")))["step"] == 2  # nothing was written
+    steps = record_optimizer_steps(monkeypatch)
+    run(tmp_path, "--max-steps", "4", "--resume", "auto", "--override", "lr=5e-4", "--override", "weight-decay=0.01",
+        "--log-every", "2")  # logging may change freely
+    assert [(s["lr"]) for s in steps] == [5e-4, 5e-4]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "step_0000004.pt"), weights_only=True)
+    assert ckpt["config"]["lr"] == 5e-4 and ckpt["opt"]["param_groups"][0]["weight_decay"] == 0.01
+    assert "--override): lr=5e-4, weight-decay=0.01" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_a_run_folder_has_one_writer_and_metrics_hold_each_step_once(tmp_path, monkeypatch):
+    from diffusion.gaussian_diffusion import GaussianDiffusion
+    from runs import RunLock
+    real = GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def dies_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):  # two steps logged, no checkpoint yet
+        run(tmp_path, "--max-steps", "6", "--ckpt-every", "5")
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert list(losses(run_dir)) == [1, 2] and not (run_dir / "latest.json").exists()
+    with pytest.raises(FileExistsError, match="has not written a checkpoint yet: pass --resume auto"):
+        run(tmp_path, "--max-steps", "6")
+    holder = RunLock(str(run_dir)).acquire()  # a live run holds the folder
+    try:
+        with pytest.raises(FileExistsError, match=r"in use by a running training \(.*:\d+\)"):
+            run(tmp_path, "--max-steps", "6", "--resume", "auto")
+    finally:
+        holder.release()
+    (run_dir / ".lock").write_text("elsewhere:4242")  # the owner died without cleaning up: taken over
+    run(tmp_path, "--max-steps", "6", "--ckpt-every", "5", "--resume", "auto")
+    assert list(losses(run_dir)) == [1, 2, 3, 4, 5, 6]  # the start-over's rows replace the first attempt's
+    log = open(run_dir / "log.txt").read()
+    assert "took over the lock of elsewhere:4242" in log and (run_dir / ".lock").read_text() == ""
+    # Rows logged after the checkpoint a run resumes from are logged again, not duplicated.
+    run(tmp_path, "--max-steps", "7", "--resume", str(run_dir / "checkpoints" / "step_0000005.pt"))
+    assert list(losses(run_dir)) == [1, 2, 3, 4, 5, 6, 7]
+    assert "dropped 1 metrics.csv rows after step 5" in open(run_dir / "log.txt").read()
+
+
+def test_no_preview_images_and_out_of_range_flags(tmp_path):
+    run_dir = run(tmp_path, "--max-steps", "2", "--num-sample-images", "0", "--sample-every", "1")
+    assert os.listdir(os.path.join(run_dir, "samples")) == []
+    for flags, message in ((("--class-dropout-prob", "1.5"), r"class-dropout-prob must lie in \[0, 1\)"),
+                           (("--ema-decay", "2"), r"ema-decay must lie in \[0, 1\]"),
+                           (("--lr", "0"), "--lr must be > 0"), (("--num-sample-images", "-1"), "must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path, *flags, name="bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_workers_exit_when_their_launcher_dies(tmp_path):
+    """exit_with_parent: a child that asked for it is terminated when its parent is SIGKILLed (as workers of a killed
+    accelerate launch must be); without it the child would live on as an orphan."""
+    pid_file = tmp_path / "child.pid"
+    child = (f"import os, sys, time; sys.path.insert(0, {ROOT!r}); import runs; runs.exit_with_parent(); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"])
+    deadline = time.time() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")

@@ -1,0 +1,122 @@
+"""Run-folder mechanics for train.py: one writer per folder (a lock), workers that exit with their launcher,
+checkpoint pruning that never deletes what `latest.json` names, and metrics that hold each step once.
+
+No torch import: these are small file operations, tested on their own.
+"""
+
+import csv
+import ctypes
+import fcntl
+import os
+import re
+import signal
+import socket
+import sys
+
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the lifetime of the run (`flock` on `<run>/.lock`, which names the owner's
+    host and PID). The kernel releases it when the owner dies, so a lock left by a killed run is taken over (and
+    `previous_owner` says whose it was); a live owner makes `acquire` fail with one line naming it."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, ".lock")
+        self.previous_owner = None
+        self._file = None
+
+    @staticmethod
+    def owner():
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise FileExistsError(f"{os.path.dirname(self.path)} is in use by a running training ({owner}): wait for "
+                                  f"it to finish or stop it, or choose another --run-name") from None
+        handle.seek(0)
+        self.previous_owner = handle.read().strip() or None  # written by a run that did not exit cleanly
+        handle.seek(0)
+        handle.truncate()
+        handle.write(self.owner())
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self):
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()  # a clean exit leaves no owner behind
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def exit_with_parent(sig=signal.SIGTERM):
+    """Linux: ask the kernel to send `sig` to this process when its parent dies, so that workers of a killed
+    `accelerate launch` / torchrun do not train on as orphans. Returns False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def checkpoint_steps(ckpt_dir):
+    """{step: file name} of the `step_NNNNNNN.pt` files in `ckpt_dir`."""
+    found = {}
+    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            found[int(match.group(1))] = name
+    return found
+
+
+def prune_checkpoints(ckpt_dir, current_step, keep_last):
+    """After writing step `current_step`: keep it and the `keep_last − 1` newest checkpoints of earlier steps; delete
+    older ones. Checkpoints of later steps (left by a run that was resumed from an earlier checkpoint) are not
+    touched: this run overwrites them when it gets there. Returns the deleted file names."""
+    earlier = sorted(step for step in checkpoint_steps(ckpt_dir) if step < current_step)
+    doomed = earlier[:max(0, len(earlier) - (keep_last - 1))]
+    names = checkpoint_steps(ckpt_dir)
+    for step in doomed:
+        os.remove(os.path.join(ckpt_dir, names[step]))
+    return [names[step] for step in doomed]
+
+
+def truncate_metrics(path, last_step):
+    """Drop the rows of `metrics.csv` after `last_step` (logged by a run after its last checkpoint, and about to be
+    logged again by the resumed run), atomically. Returns how many rows were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return 0
+    header, body = rows[0], rows[1:]
+    kept = [row for row in body if row and int(float(row[0])) <= last_step]
+    if len(kept) == len(body):
+        return 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([header, *kept])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(body) - len(kept)
