@@ -92,6 +92,7 @@ def _read(path, info, model_name, use_ema, trust, overrides, infer=True):
             info["format"] = "diffusers"
             config, state_dict, notes = export.read_diffusers(folder)
             info["notes"] += notes
+            info["training_config"] = export.read_scheduler_config(folder)
             info["sources"] = dict.fromkeys(config, "checkpoint")
             return state_dict, config
         if os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -164,6 +165,16 @@ def _torch_load(path, trust):
     return result
 
 
+# The diffusion settings a model was trained with (train.py's config names) and DiT's values when unrecorded.
+DIFFUSION_KEYS = ("noise_schedule", "predict_v", "zero_terminal_snr", "diffusion_steps", "learn_sigma")
+
+
+def diffusion_settings(training_config):
+    """The recorded diffusion settings of a training config (only the keys it has), or None when it has none."""
+    found = {k: training_config[k] for k in DIFFUSION_KEYS if k in (training_config or {})}
+    return found or None
+
+
 def _read_safetensors(folder, info):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -176,6 +187,8 @@ def _read_safetensors(folder, info):
     if meta.get("source_format"):
         info["notes"].append(f"exported from a {meta['source_format']} checkpoint ({meta.get('source', '?')})")
     info["sources"] = dict.fromkeys(config, "checkpoint")
+    if meta.get("diffusion"):
+        info["training_config"] = json.loads(meta["diffusion"])
     return load_file(file), config
 
 

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from checkpoints import SAFETENSORS_FORMAT, load_model
+from checkpoints import SAFETENSORS_FORMAT, diffusion_settings, load_model
 from models import get_2d_sincos_pos_embed
 
 _TOP = {"pos_embed.proj": "x_embedder.proj", "proj_out_1": "final_layer.adaLN_modulation.1",
@@ -53,7 +53,7 @@ def _pairs(depth):
 # diffusers
 # ------------------------------------------------------------------------------------------------------------------
 
-def to_diffusers(model, out_dir):
+def to_diffusers(model, out_dir, diffusion=None):
     """Write our DiT as a diffusers DiTTransformer2DModel folder (config.json + diffusion_pytorch_model.safetensors).
 
     Our full config rides along under the private key "_fpdm_model_config", so the way back is exact. A model
@@ -92,6 +92,9 @@ def to_diffusers(model, out_dir):
     save_file(theirs, os.path.join(out_dir, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    if diffusion:
+        with open(os.path.join(out_dir, SCHEDULER_CONFIG), "w") as f:
+            json.dump(scheduler_config(diffusion), f, indent=2)
     return out_dir
 
 
@@ -145,6 +148,47 @@ def read_diffusers(folder):
     return dict(config), ours, notes
 
 
+SCHEDULER_CONFIG = "scheduler_config.json"
+DIFFUSERS_DIFFUSION_KEY = "_fpdm_diffusion"
+_BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def scheduler_config(diffusion):
+    """A diffusers DDIMScheduler config for our diffusion settings (train.py names), with ours under a private key.
+    diffusers' "linear" is linspace(β_start, β_end) with IDDPM's 1000/T scaling folded into the two ends."""
+    steps = diffusion.get("diffusion_steps", 1000)
+    scale = 1000 / steps
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": _diffusers_version(), "num_train_timesteps": steps,
+            "beta_schedule": _BETA_SCHEDULES[diffusion.get("noise_schedule", "linear")],
+            "beta_start": scale * 0.0001, "beta_end": scale * 0.02,
+            "prediction_type": "v_prediction" if diffusion.get("predict_v") else "epsilon",
+            "rescale_betas_zero_snr": bool(diffusion.get("zero_terminal_snr")), "timestep_spacing": "trailing",
+            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 0, DIFFUSERS_DIFFUSION_KEY: diffusion}
+
+
+def read_scheduler_config(folder):
+    """Diffusion settings (train.py names) from a diffusers scheduler config beside the model (`scheduler_config.json`)
+    or in a pipeline's `../scheduler/`; None when there is none. Settings we cannot reproduce are refused."""
+    for path in (os.path.join(folder, SCHEDULER_CONFIG),
+                 os.path.join(os.path.dirname(os.path.normpath(folder)), "scheduler", SCHEDULER_CONFIG)):
+        if os.path.isfile(path):
+            break
+    else:
+        return None
+    with open(path) as f:
+        sc = json.load(f)
+    if DIFFUSERS_DIFFUSION_KEY in sc:
+        return dict(sc[DIFFUSERS_DIFFUSION_KEY])
+    schedules = {v: k for k, v in _BETA_SCHEDULES.items()}
+    prediction = sc.get("prediction_type", "epsilon")
+    if sc.get("beta_schedule", "linear") not in schedules or prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{path}: beta_schedule {sc.get('beta_schedule')!r} / prediction_type {prediction!r} have no "
+                         f"counterpart here (linear or squaredcos_cap_v2; epsilon or v_prediction)")
+    return {"noise_schedule": schedules[sc.get("beta_schedule", "linear")], "predict_v": prediction == "v_prediction",
+            "zero_terminal_snr": bool(sc.get("rescale_betas_zero_snr", False)),
+            "diffusion_steps": int(sc.get("num_train_timesteps", 1000))}
+
+
 def use_dit_timestep_frequencies(diffusers_model):
     """Make a diffusers DiTTransformer2DModel compute DiT's timestep features (frequencies i/128, not i/127), so
     an exported model reproduces our outputs in diffusers (float32: max |diff| 0 in our tests). Returns the model."""
@@ -178,15 +222,18 @@ def _diffusers_version():
 # safetensors + JSON config (DiT and FPDM)
 # ------------------------------------------------------------------------------------------------------------------
 
-def to_safetensors(model, out_dir, metadata=None):
+def to_safetensors(model, out_dir, metadata=None, diffusion=None):
     """Write `model.safetensors` (every state-dict entry, pos_embed included) and `config.json` (`model.config`).
 
-    metadata: strings stored in the safetensors header (e.g. which weights, from which checkpoint).
+    metadata: strings stored in the safetensors header (e.g. which weights, from which checkpoint). diffusion: the
+    diffusion settings (train.py names), stored as JSON under "diffusion" so that sampling uses them.
     """
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": "pt", "fpdm_format": SAFETENSORS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
+    if diffusion:
+        header["diffusion"] = json.dumps(diffusion)
     save_file(state_dict, os.path.join(out_dir, "model.safetensors"), metadata=header)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(model.config, f, indent=2)
@@ -208,13 +255,23 @@ def main(argv=None):
     parser.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=True,
                         help="export the EMA weights when the checkpoint has both (default)")
     args = parser.parse_args(argv)
+    run_files = [f for f in ("latest.json", "checkpoints", "metrics.csv") if os.path.exists(os.path.join(args.out, f))]
+    if run_files:
+        raise ValueError(f"--out {args.out} holds a training run ({', '.join(run_files)}): export into another folder")
     model, info = load_model(args.ckpt, model_name=args.model, use_ema=args.use_ema,
                              trust_checkpoint=args.trust_checkpoint)
+    diffusion = diffusion_settings(info["training_config"])
+    if diffusion is not None:
+        diffusion["learn_sigma"] = model.learn_sigma
+    else:
+        info["notes"].append("the checkpoint records no diffusion settings: the export carries none (sampling "
+                             "assumes DiT's linear schedule and epsilon-prediction unless told otherwise)")
     if args.format == "diffusers":
-        to_diffusers(model, args.out)
+        to_diffusers(model, args.out, diffusion)
     else:
         to_safetensors(model, args.out, metadata={"weights": info["weights"], "source_format": info["format"],
-                                                  "source": os.path.basename(os.path.normpath(args.ckpt))})
+                                                  "source": os.path.basename(os.path.normpath(args.ckpt))},
+                       diffusion=diffusion)
     for note in info["notes"]:
         print(f"note: {note}")
     print(f"{args.ckpt} ({info['format']}, {info['weights']} weights, "
@@ -222,4 +279,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")

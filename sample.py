@@ -21,10 +21,11 @@ import time
 
 import torch
 
+from checkpoints import diffusion_settings
 from diffusion import TIMESTEP_SPACINGS
-from sampling import CLIP_CHOICES, SCHEDULES, claim_output_folder, clip_denoised_for, diffusion_for_sampling, \
-    file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, load_model_for_sampling, \
-    sample_images, save_grid, settings_hash
+from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, SCHEDULES, claim_output_folder, clip_denoised_for, \
+    diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
+    load_model_for_sampling, sample_images, save_grid, settings_hash
 
 
 def build_parser(description=__doc__):
@@ -41,6 +42,14 @@ def build_parser(description=__doc__):
     p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=TIMESTEP_SPACINGS[0],
                    help="which timesteps the sampler visits (diffusers' names): trailing (default) starts at T-1 with "
                    "equal steps; linspace is the FPDM release's; leading (starts at T - T/N) matches DiT/ADM's ddimN")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default=None,
+                   help="diffusion settings for checkpoints that record none (official DiT, bare state dicts); "
+                   "default DiT's linear. A value that contradicts the checkpoint's is refused")
+    p.add_argument("--predict-v", action=argparse.BooleanOptionalAction, default=None,
+                   help="v-prediction (for checkpoints that record no diffusion settings; default epsilon)")
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero-terminal-SNR betas (as --predict-v)")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="training diffusion steps T (as --predict-v)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-channels", type=int, default=None,
@@ -112,10 +121,29 @@ def fpdm_iterations(args, model):
     return iteration_schedule(k * args.num_sampling_steps, args.num_sampling_steps, args.schedule)
 
 
-def sample_settings(args, model, iterations, clip, labels):
+def diffusion_config(args, model, train_config):
+    """The diffusion to sample with: the checkpoint's recorded settings, else the --noise-schedule / --predict-v /
+    --zero-terminal-snr / --diffusion-steps flags, else DiT's defaults (with a note). learn_sigma is the model's.
+    A flag that contradicts a recorded setting is refused in one line."""
+    carried = diffusion_settings(train_config) or {}
+    given = {k: getattr(args, k) for k in ("noise_schedule", "predict_v", "zero_terminal_snr", "diffusion_steps")
+             if getattr(args, k, None) is not None}
+    conflicts = [k for k, v in given.items() if k in carried and carried[k] != v]
+    if conflicts:
+        listed = ", ".join(f"--{k.replace('_', '-')} {given[k]} (checkpoint: {carried[k]})" for k in conflicts)
+        raise ValueError(f"{listed}: the checkpoint records how it was trained; drop the flag")
+    if not carried and not given:
+        print("note: the checkpoint records no diffusion settings: sampling with DiT's (linear schedule, epsilon-"
+              "prediction, 1000 steps); pass --noise-schedule / --predict-v / --diffusion-steps if it was trained "
+              "otherwise")
+    return {**DIFFUSION_DEFAULTS, **carried, **given, "learn_sigma": model.learn_sigma}
+
+
+def sample_settings(args, model, iterations, clip, labels, diffusion):
     """Every setting that changes the samples, as plain data: written first into the output folder as args.json,
     compared on every rerun, and hashed into the default folder name."""
     settings = {"checkpoint_sha256": file_fingerprint(args.ckpt), "checkpoint": os.path.abspath(args.ckpt),
+                "diffusion": {k: diffusion[k] for k in sorted(DIFFUSION_DEFAULTS)},
                 "model": args.model, "ema": not args.no_ema, "sampler": args.sampler,
                 "num_sampling_steps": args.num_sampling_steps, "timestep_spacing": args.timestep_spacing,
                 "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
@@ -215,10 +243,11 @@ def main(args):
         labels = [i % model.num_classes for i in range(args.num_samples)]
     if any(not 0 <= v < model.num_classes for v in labels):
         raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}]")
-    diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.timestep_spacing)
+    diffusion_cfg = diffusion_config(args, model, train_config)
+    diffusion = diffusion_for_sampling(diffusion_cfg, args.num_sampling_steps, args.timestep_spacing)
     clip = clipping(args, model)
     vae = load_vae(model, args.vae, device)
-    settings = sample_settings(args, model, iterations, clip, labels)
+    settings = sample_settings(args, model, iterations, clip, labels, diffusion_cfg)
     out = claim_output_folder(output_folder(args, settings), settings, args.overwrite)
 
     torch.manual_seed(args.seed)

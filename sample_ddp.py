@@ -88,10 +88,11 @@ def main(args):
     if args.parallel:
         raise ValueError("sample_ddp.py samples sequentially: use sample.py for --parallel")
     iterations = sample_cli.fpdm_iterations(args, model)
-    diffusion = diffusion_for_sampling(train_config, args.num_sampling_steps, args.timestep_spacing)
+    diffusion_cfg = sample_cli.diffusion_config(args, model, train_config)
+    diffusion = diffusion_for_sampling(diffusion_cfg, args.num_sampling_steps, args.timestep_spacing)
     clip = sample_cli.clipping(args, model)
     vae = sample_cli.load_vae(model, args.vae, device)
-    settings = {**sample_cli.sample_settings(args, model, iterations, clip, labels=None),
+    settings = {**sample_cli.sample_settings(args, model, iterations, clip, labels=None, diffusion=diffusion_cfg),
                 "num_fid_samples": args.num_fid_samples, "batch_size": args.batch_size}
     out = sample_cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
     # Every process checks the folder (so all refuse alike); the main one writes args.json.

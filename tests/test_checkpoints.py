@@ -342,3 +342,82 @@ def test_init_rejects_mismatched_models():
         init_fpdm_from_dit(tiny(**TINY_FPDM), tiny(num_heads=2))
     with pytest.raises(ValueError, match="cannot fill"):
         init_fpdm_from_dit(tiny(**dict(TINY_FPDM, fixed_point_post_depth=3)), tiny(depth=4))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exports carry the diffusion settings
+# ----------------------------------------------------------------------------------------------------------------
+
+COSINE_V = {"noise_schedule": "cosine", "predict_v": True, "zero_terminal_snr": False, "diffusion_steps": 1000,
+            "learn_sigma": False}
+
+
+def sample_with(path, steps=4, flags=()):
+    """Four DDIM samples from whatever diffusion sample.py resolves for `path` and its diffusion `flags`."""
+    import sample as sample_cli
+    from sampling import diffusion_for_sampling, load_model_for_sampling, sample_images
+    model, train_config = load_model_for_sampling(str(path))
+    args = sample_cli.build_parser().parse_args(["--ckpt", str(path), *flags])
+    config = sample_cli.diffusion_config(args, model, train_config)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    samples, _ = sample_images(model, diffusion_for_sampling(config, steps), noise, torch.arange(4),
+                               clip_denoised=False)
+    return samples, config
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
+def test_exports_carry_the_diffusion_settings(fmt, tmp_path):
+    """An export of a cosine / v-prediction model samples exactly like its checkpoint (it used to fall back to linear
+    / epsilon silently), through safetensors metadata or a diffusers scheduler_config.json."""
+    model = tiny(learn_sigma=False)
+    ckpt = train_checkpoint(model, model)
+    ckpt["config"] = {**ckpt["config"], **COSINE_V}
+    torch.save(ckpt, tmp_path / "run.pt")
+    export_main(["--ckpt", str(tmp_path / "run.pt"), "--format", fmt, "--out", str(tmp_path / "export")])
+    original, config = sample_with(tmp_path / "run.pt")
+    exported, exported_config = sample_with(tmp_path / "export")
+    assert exported_config == config and config["noise_schedule"] == "cosine" and config["predict_v"]
+    torch.testing.assert_close(exported, original, atol=1e-5, rtol=1e-5)
+    if fmt == "diffusers":  # a standard diffusers DDIMScheduler reads the same schedule
+        from diffusers import DDIMScheduler
+        from diffusion import create_diffusion
+        scheduler = DDIMScheduler.from_pretrained(str(tmp_path / "export"))
+        reference = create_diffusion("", noise_schedule="cosine", predict_v=True, learn_sigma=False)
+        assert scheduler.config.prediction_type == "v_prediction"
+        torch.testing.assert_close(scheduler.alphas_cumprod.double(),
+                                   torch.from_numpy(reference.alphas_cumprod), atol=1e-6, rtol=1e-4)
+
+
+def test_diffusion_flags_for_checkpoints_that_record_none(tmp_path, capsys):
+    import sample as sample_cli
+    model = tiny(learn_sigma=False)
+    to_safetensors(model, tmp_path / "bare")  # records nothing (as official DiT weights): DiT's defaults, with a note
+    _, config = sample_with(tmp_path / "bare")
+    assert (config["noise_schedule"], config["predict_v"]) == ("linear", False)
+    assert "records no diffusion settings" in capsys.readouterr().out
+    ckpt = train_checkpoint(model, model)
+    ckpt["config"] = {**ckpt["config"], **COSINE_V}
+    torch.save(ckpt, tmp_path / "run.pt")
+    original, _ = sample_with(tmp_path / "run.pt")
+    from sampling import load_model_for_sampling
+    bare_model, bare_config = load_model_for_sampling(str(tmp_path / "bare"))
+    args = sample_cli.build_parser().parse_args(["--ckpt", "x", "--noise-schedule", "cosine", "--predict-v"])
+    assert sample_cli.diffusion_config(args, bare_model, bare_config) == sample_with(tmp_path / "run.pt")[1]
+    flagged = sample_with(tmp_path / "bare", flags=("--noise-schedule", "cosine", "--predict-v"))[0]
+    torch.testing.assert_close(flagged, original, atol=1e-5, rtol=1e-5)  # the flags reproduce the recorded run
+    with pytest.raises(ValueError, match=r"--noise-schedule linear \(checkpoint: cosine\): .*drop the flag"):
+        run_model, run_config = load_model_for_sampling(str(tmp_path / "run.pt"))
+        sample_cli.diffusion_config(sample_cli.build_parser().parse_args(["--ckpt", "x", "--noise-schedule", "linear"]),
+                                    run_model, run_config)
+    assert original.shape == (4, 4, 8, 8)
+
+
+def test_export_refuses_a_run_folder(tmp_path):
+    model = tiny()
+    torch.save(train_checkpoint(model, model), tmp_path / "run.pt")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"train": {}}')
+    with pytest.raises(ValueError, match="holds a training run"):
+        export_main(["--ckpt", str(tmp_path / "run.pt"), "--format", "safetensors", "--out", str(run_dir)])
+    assert (run_dir / "config.json").read_text() == '{"train": {}}'
