@@ -85,6 +85,12 @@ def detect_format(path, trust_checkpoint=False):
 
 def _read(path, info, model_name, use_ema, trust, overrides, infer=True):
     """Fill `info` and return (state_dict, DiT config) for any supported format."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest.json")):  # a train.py run folder
+        with open(os.path.join(path, "latest.json")) as f:
+            latest = os.path.join(path, json.load(f)["path"])
+        info["notes"].append(f"{path} is a run folder: loading its latest checkpoint {latest}")
+        info["path"] = latest
+        return _read(latest, info, model_name, use_ema, trust, overrides, infer)
     if os.path.isdir(path) or path.endswith(".safetensors"):
         folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
         if any(os.path.isfile(os.path.join(folder, f)) for f in DIFFUSERS_WEIGHTS):

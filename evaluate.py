@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -115,10 +116,16 @@ def load_images(path):
         raise FileNotFoundError(f"{path} does not exist: pass an .npz of samples (arr_0) or a folder of images")
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: not an .npz file or an image folder")
-    with np.load(path) as data:
-        if "arr_0" not in data:
-            raise ValueError(f"{path} has no 'arr_0' images (keys: {', '.join(data.files)})")
-        return _as_images(data["arr_0"], path)
+    try:
+        with np.load(path) as data:
+            if "arr_0" not in data:
+                raise ValueError(f"{path} has no 'arr_0' images (keys: {', '.join(data.files)})")
+            return _as_images(data["arr_0"], path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable .npz of images ({type(e).__name__}); write samples with "
+                         f"sample_ddp.py or np.savez(path, arr_0=uint8 array (N, H, W, C))") from None
 
 
 #################################################################################
@@ -444,7 +451,8 @@ def _write_report(samples, command, result):
 
 
 def _device(name):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    from sampling import resolve_device
+    return resolve_device(name)
 
 
 def _inception(args):

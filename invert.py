@@ -180,7 +180,8 @@ def plot(histories, path):
 def main(args):
     from torchvision.utils import save_image
 
-    from sampling import claim_output_folder, file_fingerprint
+    from sampling import claim_output_folder, file_fingerprint, resolve_device
+    args.device = str(resolve_device(args.device))
     torch.manual_seed(args.seed)
     net, model, diffusion = build(args)
     # The folder holds one configuration: args.json first, a rerun with other settings refused.

@@ -25,7 +25,7 @@ from checkpoints import diffusion_settings
 from diffusion import TIMESTEP_SPACINGS
 from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, SCHEDULES, claim_output_folder, clip_denoised_for, \
     diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
-    load_model_for_sampling, sample_images, save_grid, settings_hash
+    load_model_for_sampling, resolve_device, sample_images, save_grid, settings_hash
 
 
 def build_parser(description=__doc__):
@@ -233,7 +233,7 @@ def clipping(args, model):
 def main(args):
     if args.num_sampling_steps < 1 or args.num_samples < 1:
         raise ValueError("--num-sampling-steps and --num-samples must be >= 1")
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device,
                                                   trust_checkpoint=args.trust_checkpoint, model_name=args.model)
     iterations = fpdm_iterations(args, model)

@@ -59,6 +59,20 @@ def diffusion_kwargs(config):
                 diffusion_steps=config["diffusion_steps"])
 
 
+def resolve_device(name):
+    """A torch.device for --device ("auto": CUDA when visible), or a one-line error for a GPU this machine lacks."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use "
+                         f"--device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
 def load_model_for_sampling(path, use_ema=True, device="cpu", trust_checkpoint=False, model_name=None):
     """(model in eval mode on `device`, training config dict or None) from any checkpoint `checkpoints.load_model`
     reads: ours, official DiT, the FPDM release, diffusers folders, safetensors exports. EMA weights by default."""

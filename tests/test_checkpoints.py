@@ -421,3 +421,13 @@ def test_export_refuses_a_run_folder(tmp_path):
     with pytest.raises(ValueError, match="holds a training run"):
         export_main(["--ckpt", str(tmp_path / "run.pt"), "--format", "safetensors", "--out", str(run_dir)])
     assert (run_dir / "config.json").read_text() == '{"train": {}}'
+
+
+def test_a_run_folder_loads_its_latest_checkpoint(tmp_path):
+    model = tiny()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(train_checkpoint(model, model), tmp_path / "run" / "checkpoints" / "step_0000007.pt")
+    (tmp_path / "run" / "latest.json").write_text('{"step": 7, "path": "checkpoints/step_0000007.pt"}')
+    loaded, info = load_model(str(tmp_path / "run"))
+    assert_same_weights(loaded, model)
+    assert info["format"] == TRAIN_FORMAT and info["step"] == 7 and "is a run folder" in info["notes"][0]

@@ -112,6 +112,16 @@ def rgb_samples(tmp_path):
     return images, str(npz), str(folder)
 
 
+def test_unreadable_npz_is_one_clear_line(tmp_path):
+    (tmp_path / "text.npz").write_text("not a zip archive")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    os.replace(tmp_path / "objects.npy", tmp_path / "objects.npz")
+    for name in ("text.npz", "objects.npz"):
+        with pytest.raises(ValueError, match=r"not a readable \.npz of images .*np\.savez") as error:
+            load_images(tmp_path / name)
+        assert "\n" not in str(error.value)
+
+
 def test_load_images_formats_and_errors(rgb_samples, tmp_path):
     images, npz, folder = rgb_samples
     assert np.array_equal(load_images(npz), images) and np.array_equal(load_images(folder), images)

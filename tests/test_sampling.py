@@ -180,6 +180,9 @@ def test_sample_cli_bad_flags(checkpoint, tmp_path):
         with pytest.raises(ValueError, match=message):
             run(*flags)
     assert not (tmp_path / "x").exists()  # refused before anything is written
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA GPU is visible here"):
+            run("--device", "cuda")
     dit = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=10,
               learn_sigma=False)
     path = tmp_path / "dit.pt"
