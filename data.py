@@ -100,6 +100,71 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
+def read_rgb(path):
+    """An image file as a PIL RGB image, fully decoded. 16-bit grayscale (PNG "I;16") is scaled to 8 bits, not
+    clipped (PIL's own convert clips it: a 16-bit gradient would come out nearly all white)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I"):
+            arr = np.asarray(image).astype(np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            image = Image.fromarray(np.round(arr.clip(0, top) * (255.0 / top)).astype(np.uint8), mode="L")
+        return image.convert("RGB")
+
+
+def _check_image(path):
+    try:
+        read_rgb(path)
+        return None
+    except Exception as e:  # noqa: BLE001 (every unreadable file is reported the same way)
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def scan_images(files, cache_path=None, workers=None, progress=True):
+    """{path: reason} for the files that cannot be decoded, checked in parallel (threads: PIL releases the GIL)
+    with a progress bar. `cache_path`: a JSON index of earlier results keyed by path, size and mtime, so that a
+    rerun only decodes new or changed files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+    cache = {}
+    if cache_path and os.path.isfile(cache_path):
+        try:
+            with open(cache_path) as f:
+                cache = json.load(f)
+        except ValueError:
+            cache = {}
+    stats = {path: os.stat(path) for path in files}
+    result, todo = {}, []
+    for path, st in stats.items():
+        entry = cache.get(path)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            result[path] = entry[2]
+        else:
+            todo.append(path)
+    if todo:
+        with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
+            checked = tqdm(pool.map(_check_image, todo), total=len(todo), desc="checking images", unit="img",
+                           disable=not progress or len(todo) < 1000)
+            result.update(zip(todo, checked))
+        if cache_path:
+            index = {path: [stats[path].st_size, stats[path].st_mtime_ns, result[path]] for path in files}
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+            tmp = f"{cache_path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(index, f)
+            os.replace(tmp, cache_path)
+    return {path: reason for path, reason in result.items() if reason}
+
+
+def image_index_path(root):
+    """Where the scan results of an image folder are cached (the dataset itself may be read-only)."""
+    import hashlib
+    key = hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16]
+    cache = os.environ.get("FPDM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fpdm")
+    return os.path.join(cache, f"image-index-{key}.json")
+
+
 def _list_images(folder):
     found = []
     for directory, _, files in os.walk(folder, followlinks=True):
@@ -115,8 +180,10 @@ class ImageFolderDataset(Dataset):
 
     kind = "pixels"
 
-    def __init__(self, root, image_size=256, unconditional=False, random_flip=True):
-        self.root, self.random_flip = root, random_flip
+    def __init__(self, root, image_size=256, unconditional=False, random_flip=True, skip_bad_images=False,
+                 scan=True):
+        self.root, self.random_flip, self.skip_bad_images = root, random_flip, skip_bad_images
+        self.skipped = {}
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
             raise ValueError(f"{root}: no class subfolders found; expected {root}/<class name>/<images> "
@@ -134,13 +201,30 @@ class ImageFolderDataset(Dataset):
             self.labels.zero_()
         self.num_classes = 1 if unconditional else len(self.classes)
         self.image_shape = (3, image_size, image_size)
+        if scan:
+            self.scan()
+
+    def scan(self, cache=True):
+        """Decode every file once (cached by path, size and mtime): unreadable, truncated or non-image files stop
+        here with their paths, or are dropped with a count under `skip_bad_images` — never a traceback mid-run."""
+        bad = scan_images(self.files, image_index_path(self.root) if cache else None)
+        if bad and not self.skip_bad_images:
+            first = sorted(bad)[0]
+            raise ValueError(f"{self.root}: {len(bad)} of {len(self.files)} image files cannot be read, e.g. {first} "
+                             f"({bad[first]}){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: fix or remove "
+                             f"them, or pass --skip-bad-images to go on without them")
+        if bad:
+            keep = [i for i, path in enumerate(self.files) if path not in bad]
+            self.files = [self.files[i] for i in keep]
+            self.labels = self.labels[keep]
+            self.skipped = bad
+        return bad
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        with Image.open(self.files[index]) as image:
-            arr = center_crop_arr(image.convert("RGB"), self.image_shape[-1])
+        arr = center_crop_arr(read_rgb(self.files[index]), self.image_shape[-1])
         x = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
         return x, self.labels[index]
 
@@ -151,7 +235,8 @@ class ImageFolderDataset(Dataset):
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
     def describe(self):
-        return _describe(self, f"image folder {self.root}")
+        skipped = f", {len(self.skipped)} unreadable files skipped" if self.skipped else ""
+        return _describe(self, f"image folder {self.root}{skipped}")
 
 
 #################################################################################
@@ -262,10 +347,12 @@ class LatentDataset(Dataset):
 #                                    Factory                                    #
 #################################################################################
 
-def build_dataset(name_or_path, image_size=None, num_classes=None, unconditional=False):
+def build_dataset(name_or_path, image_size=None, num_classes=None, unconditional=False, skip_bad_images=False,
+                  scan=True):
     """"mnist" | a latent folder (meta.json from extract_features.py) | an image folder (ImageNet layout).
 
     `num_classes=1` means unconditional; any other value must match the data (a guard against a wrong path).
+    Image folders are checked file by file (`ImageFolderDataset.scan`) unless `scan=False` (call it later).
     For latents the image size is fixed by the extraction; a different `image_size` is an error.
     """
     unconditional = unconditional or num_classes == 1
@@ -290,7 +377,8 @@ def build_dataset(name_or_path, image_size=None, num_classes=None, unconditional
             raise ValueError(f"{root} holds latents of {ds.meta['image_size']}px images, not {image_size}px: "
                              f"pass --image-size {ds.meta['image_size']} or extract again")
     else:
-        ds = ImageFolderDataset(root, image_size or 256, unconditional=unconditional)
+        ds = ImageFolderDataset(root, image_size or 256, unconditional=unconditional, skip_bad_images=skip_bad_images,
+                                scan=scan)
     if num_classes not in (None, 1, ds.num_classes):
         raise ValueError(f"{root} has {ds.num_classes} classes, not {num_classes}: fix --num-classes or the path")
     return ds

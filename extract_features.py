@@ -60,7 +60,7 @@ def _save_shard(path, tensors):
 
 @torch.no_grad()
 def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=4096, flip=True,
-            accelerator=None, device=None, num_workers=0):
+            accelerator=None, device=None, num_workers=0, skip_bad_images=False):
     """Encode `data_path` into shards in `output`; return the meta dict (also written to output/meta.json).
 
     `vae` is a path / hub id or an AutoencoderKL. Without `accelerator` this runs as a single process on
@@ -74,7 +74,12 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
     vae_name = vae if isinstance(vae, str) else getattr(vae.config, "_name_or_path", "") or type(vae).__name__
     vae = (load_vae(vae) if isinstance(vae, str) else vae).to(device).eval()
     scaling_factor = float(getattr(vae.config, "scaling_factor", None) or DEFAULT_SCALING_FACTOR)
-    dataset = ImageFolderDataset(data_path, image_size)
+    dataset = ImageFolderDataset(data_path, image_size, skip_bad_images=skip_bad_images, scan=False)
+    if accelerator:  # every file decoded once before encoding starts (one scan per node, cached)
+        with accelerator.local_main_process_first():
+            dataset.scan()
+    else:
+        dataset.scan()
     if os.path.isfile(os.path.join(output, "meta.json")):
         with open(os.path.join(output, "meta.json")) as f:
             if json.load(f).get("format") != LATENT_FORMAT:
@@ -134,6 +139,7 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
         "num_classes": len(dataset.classes), "classes": dataset.classes,
         "scaling_factor": scaling_factor, "vae": vae_name, "image_size": image_size, "flip": flip,
         "shards": sorted(shards, key=lambda s: s["file"]), "dtype": "float16",
+        "skipped_files": len(dataset.skipped),
     }
     if is_main:
         _atomic_write(os.path.join(output, "meta.json"), lambda tmp: _write_json(tmp, meta))
@@ -149,10 +155,12 @@ def main(args):
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu)
     meta = extract(args.data_path, args.output, args.vae, args.image_size, args.batch_size, args.shard_size,
-                   flip=not args.no_flip, accelerator=accelerator, num_workers=args.num_workers)
+                   flip=not args.no_flip, accelerator=accelerator, num_workers=args.num_workers,
+                   skip_bad_images=args.skip_bad_images)
     if accelerator.is_main_process:
+        skipped = f", {meta['skipped_files']} unreadable files skipped" if meta.get("skipped_files") else ""
         print(f"{meta['num_images']} images -> {len(meta['shards'])} shards of latents "
-              f"{tuple(meta['latent_shape'])} in {args.output} ({accelerator.num_processes} processes)")
+              f"{tuple(meta['latent_shape'])} in {args.output} ({accelerator.num_processes} processes{skipped})")
 
 
 if __name__ == "__main__":
@@ -167,4 +175,9 @@ if __name__ == "__main__":
     parser.add_argument("--no-flip", action="store_true", help="skip the latents of mirrored images")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    main(parser.parse_args())
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="encode without unreadable files (counted) instead of stopping before the first batch")
+    try:
+        main(parser.parse_args())
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")

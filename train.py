@@ -61,6 +61,8 @@ class TrainConfig:
     image_size: int = opt(None, "image size (mnist: 28, 14, 7 or 32; folders: default 256)", int)
     unconditional: bool = opt(False, "one class, no label dropout")
     num_workers: int = opt(0, "data-loader worker processes")
+    skip_bad_images: bool = opt(False, "image folders: train without unreadable files (counted in the log) instead "
+                                "of stopping before step 1")
     # Diffusion.
     noise_schedule: str = opt("linear", "linear or cosine")
     predict_v: bool = opt(False, "v-prediction instead of epsilon")
@@ -405,7 +407,8 @@ def _main(cfg, cleanup):
     from models import DiT_models
     from sampling import diffusion_for_sampling, sample_images, save_grid
 
-    dataset = data.build_dataset(cfg.data_path, image_size=cfg.image_size, unconditional=cfg.unconditional)
+    dataset = data.build_dataset(cfg.data_path, image_size=cfg.image_size, unconditional=cfg.unconditional,
+                                 skip_bad_images=cfg.skip_bad_images, scan=False)
     kwargs = model_config(cfg, dataset)
     run_name = cfg.run_name or (f"{cfg.model.replace('/', '-')}-{'fpdm' if cfg.fixed_point else 'dit'}-"
                                 f"{os.path.basename(os.path.normpath(cfg.data_path))}")
@@ -434,6 +437,9 @@ def _main(cfg, cleanup):
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                               kwargs_handlers=[ddp], log_with=tracker, project_dir=run_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
+    if hasattr(dataset, "scan"):  # image folders: every file decoded once before step 1 (one scan per node, cached)
+        with accelerator.local_main_process_first():
+            dataset.scan()
     if cfg.global_batch_size % (world * cfg.grad_accum_steps):
         raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by processes ({world}) x "
                          f"--grad-accum-steps ({cfg.grad_accum_steps})")

@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub: nothing c
 
 
 @pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Image-folder scan indexes go to a temporary folder, not the user's ~/.cache/fpdm (subprocesses inherit it)."""
+    os.environ["FPDM_CACHE"] = str(tmp_path_factory.mktemp("fpdm-cache"))
+    yield
+    del os.environ["FPDM_CACHE"]
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Every test's tensors are tiny: extra torch / BLAS threads only add overhead, and on busy cores make loops many
     times slower. (Subprocesses set their own threads.)"""

@@ -299,3 +299,72 @@ def test_errors_are_one_clear_line(tmp_path, folder, latents):
 
     from extract_features import load_vae
     raises(ValueError, "cannot load VAE .*pass a local folder", load_vae, str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------- bad files, 16-bit images
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from data import read_rgb
+    gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (4, 1))
+    Image.fromarray(gradient).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(read_rgb(tmp_path / "g16.png"))
+    assert rgb.shape == (4, 64, 3) and (rgb == rgb[..., :1]).all()
+    np.testing.assert_array_equal(rgb[0, :, 0], np.round(gradient[0] / 257).astype(np.uint8))
+    assert (rgb == 255).mean() < 0.05  # PIL's own convert("RGB") makes 99.6% of it white
+
+
+def test_unreadable_images_stop_before_training_or_are_skipped(tmp_path, monkeypatch):
+    import data
+    root = tmp_path / "images"
+    for i in range(3):
+        save(root / "a" / f"{i}.png", noise(12, 12, i))
+    good = (root / "a" / "0.png").read_bytes()
+    (root / "a" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "b" / "text.png").parent.mkdir()
+    (root / "b" / "text.png").write_text("not an image")
+    save(root / "b" / "ok.png", noise(12, 12, 9))
+    with pytest.raises(ValueError, match=r"2 of 6 image files cannot be read, e\.g\. .*truncated\.png .* and 1 more: "
+                                         r"fix or remove them, or pass --skip-bad-images") as error:
+        ImageFolderDataset(str(root), 8)
+    assert "\n" not in str(error.value)
+    checks = {"n": 0}
+    real = data._check_image
+
+    def counting(path):
+        checks["n"] += 1
+        return real(path)
+    monkeypatch.setattr(data, "_check_image", counting)
+    ds = ImageFolderDataset(str(root), 8, skip_bad_images=True)
+    assert checks["n"] == 0  # the index cached by the first scan: nothing decoded again
+    assert len(ds) == 4 and sorted(os.path.basename(p) for p in ds.skipped) == ["text.png", "truncated.png"]
+    assert ds.labels.tolist() == [0, 0, 0, 1] and "2 unreadable files skipped" in ds.describe()
+    assert all(torch.isfinite(ds[i][0]).all() for i in range(len(ds)))
+    (root / "b" / "text.png").write_bytes(good)  # fixed: only the changed file is decoded again
+    assert len(ImageFolderDataset(str(root), 8, skip_bad_images=True)) == 5 and checks["n"] == 1
+
+
+def test_train_and_extract_check_the_folder_first(tmp_path, vae_dir):
+    import train
+    from extract_features import extract
+    root = tmp_path / "images"
+    for i in range(4):
+        save(root / f"c{i % 2}" / f"{i}.png", noise(16, 16, i))
+    (root / "c1" / "broken.png").write_text("not an image")
+    args = ["--data-path", str(root), "--image-size", "8", "--hidden-size", "32", "--depth", "2", "--num-heads",
+            "2", "--patch-size", "4", "--global-batch-size", "2", "--max-steps", "1", "--num-sample-images", "0",
+            "--tracker", "none", "--results-dir", str(tmp_path / "runs")]
+    with pytest.raises(ValueError, match=r"1 of 5 image files cannot be read, e\.g\. .*broken\.png"):
+        train.main(train.parse_args(args))
+    assert not (tmp_path / "runs").exists()  # stopped before step 1, nothing written
+    with pytest.raises(ValueError, match="broken.png"):
+        extract(str(root), str(tmp_path / "latents"), vae_dir, image_size=16, device="cpu")
+    from accelerate.state import AcceleratorState, GradientState
+    try:
+        run_dir = train.main(train.parse_args(args + ["--skip-bad-images"]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert "4 items" in open(os.path.join(run_dir, "log.txt")).read()
+    meta = extract(str(root), str(tmp_path / "latents"), vae_dir, image_size=16, device="cpu", skip_bad_images=True)
+    assert meta["num_images"] == 4 and meta["skipped_files"] == 1
