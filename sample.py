@@ -272,7 +272,8 @@ def main(args):
         if args.compare_sequential:
             reference, seq_compute, seq_wall = sequential()
             extra["sequential"] = {"wall_time_s": seq_wall, "network_evaluations": seq_compute["model_calls"],
-                                   "max_abs_difference": float((samples - reference).abs().max())}
+                                   "max_abs_difference": float((samples - reference).abs().max()),
+                                   "grid": "grid_sequential.png"}
             print(f"sequential DDIM: {seq_compute['model_calls']} network evaluations, {seq_wall:.1f} s; parallel: "
                   f"{compute['network_evaluations']} in {compute['parallel_iterations']} parallel iterations, "
                   f"{wall:.1f} s; max |difference| {extra['sequential']['max_abs_difference']:.2e}")
@@ -282,6 +283,8 @@ def main(args):
 
     nrow = model.num_classes if 1 < model.num_classes <= 16 and not args.class_labels else 8
     save_grid(images, os.path.join(out, "grid.png"), nrow=nrow)
+    if "sequential" in extra:  # the reference beside the parallel result, never over it
+        save_grid(decode(reference, vae), os.path.join(out, extra["sequential"]["grid"]), nrow=nrow)
     report = {"args": vars(args), "settings": settings, "num_images": len(labels), "wall_time_s": wall,
               "wall_time_per_image_s": wall / len(labels), **compute, **extra}
     with open(os.path.join(out, "compute.json"), "w") as f:

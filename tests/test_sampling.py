@@ -250,6 +250,12 @@ def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
     assert report["sequential"]["max_abs_difference"] < 1e-3
     assert report["parallel_iterations"] >= 1 and report["network_evaluations"] >= 6
     assert report["sequential"]["network_evaluations"] == 6
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["grid.png", "grid_sequential.png"]
+    # A sequential run into the parallel run's folder is refused (their default folders differ by the settings hash).
+    with pytest.raises(FileExistsError, match="holds samples of other settings .*parallel"):
+        sample_cli.main(sample_cli.parse_args([
+            "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2",
+            "--num-samples", "4", "--out", str(tmp_path / "par"), "--device", "cpu"]))
     with pytest.raises(ValueError, match="fixed FPDM iteration count"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "picard", "--reuse",
                                                "--out", str(tmp_path / "bad")]))
