@@ -21,6 +21,8 @@ from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from runs import atomic_write
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENT_FORMAT = "fpdm-latents-v1"
 META_KEYS = ("num_images", "latent_shape", "num_classes", "classes", "scaling_factor", "vae", "image_size", "flip",
@@ -150,10 +152,7 @@ def scan_images(files, cache_path=None, workers=None, progress=True):
         if cache_path:
             index = {path: [stats[path].st_size, stats[path].st_mtime_ns, result[path]] for path in files}
             os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-            tmp = f"{cache_path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(index, f)
-            os.replace(tmp, cache_path)
+            atomic_write(cache_path, lambda f: json.dump(index, f))
     return {path: reason for path, reason in result.items() if reason}
 
 

@@ -33,6 +33,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionAux, 
 from tqdm import tqdm
 
 from data import IMAGE_EXTENSIONS, MNISTDigits
+from runs import atomic_write
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")
@@ -385,9 +386,7 @@ def load_mnist_classifier(path=None, config=MNIST_CLASSIFIER, verbose=True):
             print(f"{path} is {why}: training the FID-MNIST classifier (once)")
         ckpt = train_mnist_classifier(config, verbose)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a torn cache file
+        atomic_write(path, lambda f: torch.save(ckpt, f), "wb")  # a killed run never leaves a torn cache file
         model = MNISTClassifier(config["channels"], config["features"])
         model.load_state_dict(ckpt["model"])
     model.eval()

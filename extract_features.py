@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from data import LATENT_FORMAT, ImageFolderDataset
+from runs import atomic_write
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD VAEs (sd-vae-ft-mse / -ema): latents of roughly unit variance
 
@@ -38,23 +39,12 @@ def load_vae(vae):
                          f"AutoencoderKL.save_pretrained, or download the id once with network access") from None
 
 
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
 def _save_shard(path, tensors):
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     # Slices of one batch (and chunks of the VAE output): give each its own packed storage.
     tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path, lambda f: f.write(save(tensors)), "wb")
     return {"file": os.path.basename(path), "count": len(tensors["index"])}
 
 
@@ -142,7 +132,7 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
         "skipped_files": len(dataset.skipped),
     }
     if is_main:
-        _atomic_write(os.path.join(output, "meta.json"), lambda tmp: _write_json(tmp, meta))
+        atomic_write(os.path.join(output, "meta.json"), lambda f: json.dump(meta, f, indent=1))
     if accelerator:
         accelerator.wait_for_everyone()
     return meta

@@ -1,4 +1,5 @@
-"""Run-folder mechanics for train.py: one writer per folder (a lock), workers that exit with their launcher,
+"""Durable files and run folders: atomic writes (the one helper every script uses) and the cleanup of temporaries a
+killed process left; for train.py, one writer per run folder (a lock), workers that exit with their launcher,
 checkpoint pruning that never deletes what `latest.json` names, and metrics that hold each step once.
 
 No torch import: these are small file operations, tested on their own.
@@ -14,6 +15,46 @@ import socket
 import sys
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_write(path, write, mode="w"):
+    """Write through `write(file)` into a temporary file beside `path`, flush it to disk, then rename: a kill at any
+    instant leaves either the old file or the complete new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete `atomic_write` temporaries (`*.tmp-PID`) that a killed process left in `folder`; those of processes still
+    running on this machine are kept. Their names end in the PID, so no image reader counts them as images."""
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        stem, sep, pid = name.rpartition(".tmp-")
+        if not (sep and pid.isdigit()):
+            continue
+        if _process_alive(int(pid)):
+            continue  # another writer's file in progress
+        os.remove(os.path.join(folder, name))
+        removed += 1
+    return removed
 
 
 class RunLock:
@@ -113,10 +154,5 @@ def truncate_metrics(path, last_step):
     kept = [row for row in body if row and int(float(row[0])) <= last_step]
     if len(kept) == len(body):
         return 0
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([header, *kept])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: csv.writer(f).writerows([header, *kept]))
     return len(body) - len(kept)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 import sample as sample_cli
-from sampling import (atomic_write, claim_output_folder, diffusion_for_sampling, load_model_for_sampling,
-                      remove_stale_temporaries, sample_images)
+from runs import atomic_write, remove_stale_temporaries
+from sampling import claim_output_folder, diffusion_for_sampling, load_model_for_sampling, sample_images
 
 
 def parse_args(argv=None):

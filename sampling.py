@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from diffusion import TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
+from runs import atomic_write
 
 
 def diffusion_for_sampling(config, num_sampling_steps, spacing=TIMESTEP_SPACINGS[0]):
@@ -230,46 +231,6 @@ def sample_images(model, diffusion, noise, labels, *, cfg_scale=1.0, sampler="dd
 # ------------------------------------------------------------------------------------------------------------------
 # Sample folders: the samples of exactly one configuration
 # ------------------------------------------------------------------------------------------------------------------
-
-def atomic_write(path, write, mode="w"):
-    """Write through `write(file)` into a temporary file beside `path`, flush it to disk, then rename: a kill at any
-    instant leaves either the old file or the complete new one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # exists, under another user
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder):
-    """Delete `atomic_write` temporaries (`*.tmp-PID`) that a killed process left in `folder`; those of processes still
-    running on this machine are kept. Their names end in the PID, so no image reader counts them as images."""
-    removed = 0
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        stem, sep, pid = name.rpartition(".tmp-")
-        if not (sep and pid.isdigit()):
-            continue
-        if _process_alive(int(pid)):
-            continue  # another writer's file in progress
-        os.remove(os.path.join(folder, name))
-        removed += 1
-    return removed
-
 
 def file_fingerprint(path):
     """SHA-256 (first 16 hex digits) of a file's content, or of a folder's files (names and contents): a

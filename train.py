@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from measure import peak_rss_bytes
-from runs import RunLock, exit_with_parent, prune_checkpoints, truncate_metrics
+from runs import RunLock, atomic_write, exit_with_parent, prune_checkpoints, truncate_metrics
 
 CHECKPOINT_FORMAT = "fpdm-train-v1"
 logger = logging.getLogger("train")
@@ -290,26 +290,8 @@ def _as_tuple(value):
 
 
 def atomic_torch_save(obj, path):
-    """Write to a temporary file in the same folder, flush to disk, then rename: a crash leaves the old file intact."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through runs.atomic_write: a crash mid-write leaves the old file intact."""
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def find_checkpoint(resume, run_dir):
@@ -554,7 +536,7 @@ def _main(cfg, cleanup):
                     "rng": states}
             name = f"checkpoints/step_{step:07d}.pt"
             atomic_torch_save(ckpt, os.path.join(run_dir, name))
-            atomic_write_text(json.dumps({"step": step, "path": name}), os.path.join(run_dir, "latest.json"))
+            atomic_write(os.path.join(run_dir, "latest.json"), lambda f: json.dump({"step": step, "path": name}, f))
             prune_checkpoints(os.path.join(run_dir, "checkpoints"), step, cfg.keep_last)  # never the one just written
             logger.info("saved %s", name)
         accelerator.wait_for_everyone()
