@@ -289,6 +289,17 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def to_cpu(obj):
+    """obj with every tensor inside (dicts, lists, tuples) moved to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_torch_save(obj, path):
     """torch.save through runs.atomic_write: a crash mid-write leaves the old file intact."""
     atomic_write(path, lambda f: torch.save(obj, f), "wb")
@@ -530,8 +541,11 @@ def _main(cfg, cleanup):
     def save_checkpoint(step):
         states = gather_object([rng_state()])  # every process's RNG state, in rank order
         if accelerator.is_main_process:
-            ckpt = {"format": CHECKPOINT_FORMAT, "step": step, "model": raw_model.state_dict(),
-                    "ema": ema.state_dict(), "opt": optimizer.state_dict(), "sched": scheduler.state_dict(),
+            # CPU tensors: a checkpoint written on a GPU loads anywhere with plain torch.load (the optimizer state
+            # returns to the parameters' device on resume).
+            ckpt = {"format": CHECKPOINT_FORMAT, "step": step, "model": to_cpu(raw_model.state_dict()),
+                    "ema": to_cpu(ema.state_dict()), "opt": to_cpu(optimizer.state_dict()),
+                    "sched": scheduler.state_dict(),
                     "config": dataclasses.asdict(cfg), "model_config": raw_model.config, "world_size": world,
                     "rng": states}
             name = f"checkpoints/step_{step:07d}.pt"

@@ -244,7 +244,7 @@ def test_extract_two_processes_equals_one(latents, vae_dir, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            os.path.join(ROOT, "extract_features.py"), "--data-path", root, "--output", out2, "--vae", vae_dir,
            "--image-size", "16", "--batch-size", "2", "--shard-size", "2", "--num-workers", "0", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU beside a GPU
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(2 processes)" in result.stdout

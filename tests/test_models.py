@@ -156,9 +156,12 @@ def test_paper_parameter_counts_and_keys():
 
 
 def counted_flops(model, **kwargs):
+    """FLOPs per sample by torch's counter; attention on its math path (matmuls), which every torch version counts
+    (the fused CPU kernel is not counted by older versions)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     x, t, y = inputs(2, channels=model.in_channels, size=round(model.pos_embed.shape[1] ** 0.5) * model.patch_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, y, **kwargs)
     return counter.get_total_flops() / 2
 

@@ -204,7 +204,7 @@ def ddp_cmd(checkpoint, out, processes, steps=5):
 
 
 def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU processes, even beside a GPU
     for n in (1, 2):
         proc = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / f"p{n}"), n), cwd=ROOT, capture_output=True,
                               text=True, env=env, timeout=300)

@@ -310,7 +310,7 @@ def test_two_process_cpu_run_through_accelerate(tmp_path, monkeypatch):
            os.path.join(ROOT, "aconfs", "cpu_2proc.yaml"), "--main_process_port", "29517",
            os.path.join(ROOT, "tests", "deterministic_train.py"), *flags, "--run-name", "ddp", "--grad-accum-steps", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # CPU, even beside a GPU
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in open(tmp_path / "ddp" / "log.txt").read()
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "step_0000004.pt", weights_only=True)
