@@ -95,10 +95,12 @@ def main(args):
     settings = {**sample_cli.sample_settings(args, model, iterations, clip, labels=None, diffusion=diffusion_cfg),
                 "num_fid_samples": args.num_fid_samples, "batch_size": args.batch_size}
     out = sample_cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
-    # Every process checks the folder (so all refuse alike); the main one writes args.json.
-    claim_output_folder(out, settings, args.overwrite, write=state.is_main_process)
+    # The main process claims the folder (checks it, writes args.json) and clears a killed run's temporaries while
+    # the others wait: checking concurrently, they could see its half-written args.json and refuse. If it refuses,
+    # its exit stops the others (accelerate launch ends the whole group).
     batch_dir, image_dir = os.path.join(out, "batches"), os.path.join(out, "images")
-    if state.is_main_process:  # a killed earlier run's half-written files
+    if state.is_main_process:
+        claim_output_folder(out, settings, args.overwrite)
         for folder in (out, batch_dir, image_dir):
             remove_stale_temporaries(folder)
     state.wait_for_everyone()

@@ -255,11 +255,11 @@ def settings_hash(settings):
 SETTINGS_FILE = "args.json"
 
 
-def claim_output_folder(out, settings, overwrite=False, write=True):
+def claim_output_folder(out, settings, overwrite=False):
     """Make `out` the folder of exactly these `settings`: a new folder gets `args.json` written first; a folder of
     the same settings is reused (resumed); one of other settings, or of unknown settings, is refused with one line
-    naming what differs, unless `overwrite` (then its contents are deleted first). With write=False (processes
-    other than the main one) only the refusal is checked."""
+    naming what differs, unless `overwrite` (then its contents are deleted first). One process claims a folder (under
+    accelerate: the main one, before the others start writing)."""
     path = os.path.join(out, SETTINGS_FILE)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         if not os.path.isfile(path):
@@ -272,8 +272,6 @@ def claim_output_folder(out, settings, overwrite=False, write=True):
             details = ", ".join(f"{k} {previous.get(k)!r} -> {settings.get(k)!r}" for k in differing)
             raise FileExistsError(f"{out} holds samples of other settings ({details}): choose another --out, or pass "
                                   f"--overwrite to start over")
-        return out
-    if not write:
         return out
     if overwrite and os.path.isdir(out):
         shutil.rmtree(out)

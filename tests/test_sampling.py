@@ -204,11 +204,13 @@ def ddp_cmd(checkpoint, out, processes, steps=5):
 
 
 def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
+    """Two processes (accelerate launch, a real subprocess) write the same .npz as one process (in-process, one thread
+    like the workers)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU processes, even beside a GPU
-    for n in (1, 2):
-        proc = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / f"p{n}"), n), cwd=ROOT, capture_output=True,
-                              text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "p2"), 2), cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample_ddp.main(sample_ddp.parse_args(ddp_cmd(checkpoint, str(tmp_path / "p1"), 1)[2:]))
     one, two = np.load(tmp_path / "p1" / "samples.npz"), np.load(tmp_path / "p2" / "samples.npz")
     assert one["arr_0"].shape == (10, 8, 8, 3) and one["arr_0"].dtype == np.uint8
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
@@ -222,7 +224,8 @@ def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp
     out = tmp_path / "killed"
     # 60 steps per batch (about a second each): slow enough that the kill lands long before the last of the 4 batches.
     cmd = ddp_cmd(checkpoint, str(out), 1, steps=60)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as this process (fixture)
     deadline = time.time() + 120
     while time.time() < deadline and len([f for f in os.listdir(out / "images")] if (out / "images").exists()
                                           else []) < 3:
@@ -231,14 +234,11 @@ def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp
     proc.wait()
     partial = sorted(f for f in os.listdir(out / "images") if f.endswith(".png"))
     assert 0 < len(partial) < 10, partial
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample_ddp.main(sample_ddp.parse_args(cmd[2:]))  # the resumed run (in-process: the kill is what must be real)
     samples = np.load(out / "samples.npz")["arr_0"]
     assert samples.shape[0] == 10
     assert len({s.tobytes() for s in samples}) == 10
-    reference = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "ref"), 1, steps=60), cwd=ROOT,
-                               capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0
+    sample_ddp.main(sample_ddp.parse_args(ddp_cmd(checkpoint, str(tmp_path / "ref"), 1, steps=60)[2:]))
     assert np.array_equal(samples, np.load(tmp_path / "ref" / "samples.npz")["arr_0"])
 
 

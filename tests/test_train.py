@@ -167,11 +167,14 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_killed_process_resumes_exactly(tmp_path):
-    """SIGKILL a real training process after its first checkpoint, resume it, and match an uninterrupted run."""
+    """SIGKILL a real training process after its first checkpoint, resume it, and match an uninterrupted run (both
+    in-process, with one thread like the killed process: bitwise equality on CPU needs equal thread counts)."""
+    from accelerate.state import AcceleratorState, GradientState
     common = [sys.executable, os.path.join(ROOT, "train.py"), *TINY_ARGS, "--results-dir", str(tmp_path),
               "--ckpt-every", "2"]
     proc = subprocess.Popen(common + ["--run-name", "killed", "--max-steps", "100000"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     pointer = tmp_path / "killed" / "latest.json"
     deadline = time.time() + 120
     while not pointer.exists() and time.time() < deadline:
@@ -181,10 +184,10 @@ def test_killed_process_resumes_exactly(tmp_path):
     assert pointer.exists(), "no checkpoint within 120 s"
     resumed_from = json.load(open(pointer))["step"]
     target = resumed_from + 2
-    # Both runs in fresh processes like the killed one: bitwise equality on CPU also needs equal thread counts.
     for name, extra in (("killed", ["--resume", "auto"]), ("straight", [])):
-        subprocess.run(common + ["--run-name", name, "--max-steps", str(target), *extra], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run(tmp_path, "--ckpt-every", "2", "--max-steps", str(target), *extra, name=name)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     killed, straight = losses(tmp_path / "killed"), losses(tmp_path / "straight")
     assert {s: killed[s] for s in straight} == straight
     for a, b in zip(final_weights(tmp_path / "killed", target), final_weights(tmp_path / "straight", target)):
