@@ -28,6 +28,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
+from diffusion import DIFFUSION_DEFAULTS
 from models import DiT, DiT_models, load_state_dict_checked
 
 TRAIN_FORMAT = "fpdm-train-v1"  # train.py's CHECKPOINT_FORMAT
@@ -171,13 +172,10 @@ def _torch_load(path, trust):
     return result
 
 
-# The diffusion settings a model was trained with (train.py's config names) and DiT's values when unrecorded.
-DIFFUSION_KEYS = ("noise_schedule", "predict_v", "zero_terminal_snr", "diffusion_steps", "learn_sigma")
-
-
 def diffusion_settings(training_config):
-    """The recorded diffusion settings of a training config (only the keys it has), or None when it has none."""
-    found = {k: training_config[k] for k in DIFFUSION_KEYS if k in (training_config or {})}
+    """The recorded diffusion settings of a training config (only the keys of diffusion.DIFFUSION_DEFAULTS it has),
+    or None when it has none."""
+    found = {k: training_config[k] for k in DIFFUSION_DEFAULTS if k in (training_config or {})}
     return found or None
 
 

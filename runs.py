@@ -133,9 +133,9 @@ def prune_checkpoints(ckpt_dir, current_step, keep_last):
     """After writing step `current_step`: keep it and the `keep_last − 1` newest checkpoints of earlier steps; delete
     older ones. Checkpoints of later steps (left by a run that was resumed from an earlier checkpoint) are not
     touched: this run overwrites them when it gets there. Returns the deleted file names."""
-    earlier = sorted(step for step in checkpoint_steps(ckpt_dir) if step < current_step)
-    doomed = earlier[:max(0, len(earlier) - (keep_last - 1))]
     names = checkpoint_steps(ckpt_dir)
+    earlier = sorted(step for step in names if step < current_step)
+    doomed = earlier[:max(0, len(earlier) - (keep_last - 1))]
     for step in doomed:
         os.remove(os.path.join(ckpt_dir, names[step]))
     return [names[step] for step in doomed]

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from diffusion import TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
+from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
 from runs import atomic_write
 
 
@@ -45,11 +45,6 @@ def clip_denoised_for(model, choice="auto"):
     if choice not in CLIP_CHOICES:
         raise ValueError(f"unknown clipping choice {choice!r}: use one of {', '.join(CLIP_CHOICES)}")
     return is_pixel_model(model) if choice == "auto" else choice == "on"
-
-
-# What DiT and the FPDM release train with; used for checkpoints that carry no training config.
-DIFFUSION_DEFAULTS = {"noise_schedule": "linear", "learn_sigma": True, "predict_v": False, "zero_terminal_snr": False,
-                      "diffusion_steps": 1000}
 
 
 def diffusion_kwargs(config):

@@ -528,8 +528,6 @@ def _main(cfg, cleanup):
     preview_diffusion = diffusion_for_sampling({**dataclasses.asdict(cfg)}, cfg.sample_steps)  # trailing spacing
 
     def write_samples(step):
-        if cfg.num_sample_images == 0:
-            return "none (--num-sample-images 0)"
         cfg_scale = cfg.sample_cfg_scale if raw_model.y_embedder.dropout_prob > 0 else 1.0
         images, _ = sample_images(ema, preview_diffusion, preview_noise, preview_labels, cfg_scale=cfg_scale)
         if dataset.kind == "latents":
@@ -634,7 +632,7 @@ def _main(cfg, cleanup):
             window_loss.zero_()
             window_steps, window_start, sjfb_sum, residual_sum = 0, time.time(), [0, 0], 0.0
 
-        if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
+        if cfg.sample_every and cfg.num_sample_images and step % cfg.sample_every == 0 and accelerator.is_main_process:
             logger.info("samples: %s", write_samples(step))
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save_checkpoint(step)

@@ -14,9 +14,15 @@ from .gaussian_diffusion import (GaussianDiffusion, LossType, ModelMeanType, Mod
                                  rescale_zero_terminal_snr)
 from .respace import TIMESTEP_SPACINGS, SpacedDiffusion, space_timesteps, timestep_spacing
 
-__all__ = ["create_diffusion", "GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "timestep_spacing",
+__all__ = ["create_diffusion", "DIFFUSION_DEFAULTS", "GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "timestep_spacing",
            "TIMESTEP_SPACINGS", "get_named_beta_schedule",
            "rescale_zero_terminal_snr", "ModelMeanType", "ModelVarType", "LossType"]
+
+
+# The settings that define a trained model's diffusion, with train.py's names, and DiT's values for each: what a
+# checkpoint, an export or a sample folder records, and what sampling assumes when nothing is recorded.
+DIFFUSION_DEFAULTS = {"noise_schedule": "linear", "learn_sigma": True, "predict_v": False, "zero_terminal_snr": False,
+                      "diffusion_steps": 1000}
 
 
 def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,
