@@ -100,8 +100,8 @@ def fpdm_iterations(args, model):
     if args.adaptive_tol is not None and not args.adaptive_tol > 0:
         raise ValueError(f"--adaptive-tol must be > 0, got {args.adaptive_tol}")
     if args.guidance_channels is not None and not 1 <= args.guidance_channels <= model.in_channels:
-        raise ValueError(f"--guidance-channels must lie in [1, {model.in_channels}] for this {model.in_channels}-channel "
-                         f"model, got {args.guidance_channels}")
+        raise ValueError(f"--guidance-channels must lie in [1, {model.in_channels}] for this "
+                         f"{model.in_channels}-channel model, got {args.guidance_channels}")
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
     fpdm_flags = [f for f, v in (("--iterations", args.iterations), ("--budget-block-evals", args.budget_block_evals),

@@ -101,8 +101,8 @@ class TrainConfig:
                          str)
     trust_checkpoint: bool = opt(False, "allow argparse.Namespace objects in --init-from DiT training checkpoints")
     override: list = field(default_factory=list, metadata={
-        "help": "KEY=VALUE (repeatable): change a setting of a resumed run on purpose, e.g. --override lr=5e-5; applied "
-                "and recorded (other differences from the run's settings are refused)", "type": None})
+        "help": "KEY=VALUE (repeatable): change a setting of a resumed run on purpose, e.g. --override lr=5e-5; "
+                "applied and recorded (other differences from the run's settings are refused)", "type": None})
 
 
 # Settings that define the network's weights and function: never changed on resume.
