@@ -8,11 +8,14 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Re-runs only when requirements.txt changes; a half-finished install leaves no stamp and is redone.
-$(STAMP): requirements.txt
+# Re-runs only when requirements.txt or pyproject.toml changes; a half-finished install leaves no stamp and is redone.
+# The repository itself is installed in editable mode (pyproject.toml), so every script, test, benchmark and
+# experiment imports `models`, `diffusion`, ... without touching sys.path.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 # pytest exits 5 when it collected no test: that fails here like any other error.

@@ -28,6 +28,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
+from diffusers_dit import read_diffusers, read_scheduler_config
 from diffusion import DIFFUSION_DEFAULTS
 from models import DiT, DiT_models, load_state_dict_checked
 
@@ -95,11 +96,10 @@ def _read(path, info, model_name, use_ema, trust, overrides, infer=True):
     if os.path.isdir(path) or path.endswith(".safetensors"):
         folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
         if any(os.path.isfile(os.path.join(folder, f)) for f in DIFFUSERS_WEIGHTS):
-            import export  # export.py imports this module: import lazily
             info["format"] = "diffusers"
-            config, state_dict, notes = export.read_diffusers(folder)
+            config, state_dict, notes = read_diffusers(folder)
             info["notes"] += notes
-            info["training_config"] = export.read_scheduler_config(folder)
+            info["training_config"] = read_scheduler_config(folder)
             info["sources"] = dict.fromkeys(config, "checkpoint")
             return state_dict, config
         if os.path.isfile(os.path.join(folder, "model.safetensors")):

@@ -164,7 +164,11 @@ def image_index_path(root):
     return os.path.join(cache, f"image-index-{key}.json")
 
 
-def _list_images(folder):
+def list_images(folder, recursive=True):
+    """Sorted paths of the image files (IMAGE_EXTENSIONS, any case) in `folder` and, if `recursive`, its subfolders
+    (symlinks followed): the one image listing every script uses."""
+    if not recursive:
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     found = []
     for directory, _, files in os.walk(folder, followlinks=True):
         found += [os.path.join(directory, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -189,7 +193,7 @@ class ImageFolderDataset(Dataset):
                              f"(put all images in one subfolder for an unconditional dataset)")
         self.files, labels = [], []
         for label, name in enumerate(self.classes):
-            files = _list_images(os.path.join(root, name))
+            files = list_images(os.path.join(root, name))
             if not files:
                 raise ValueError(f"{os.path.join(root, name)}: class folder has no images "
                                  f"({'/'.join(IMAGE_EXTENSIONS)}); add images or remove the folder")

@@ -32,7 +32,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionAux, 
     InceptionE
 from tqdm import tqdm
 
-from data import IMAGE_EXTENSIONS, MNISTDigits
+from data import IMAGE_EXTENSIONS, MNISTDigits, list_images
 from runs import atomic_write
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -103,10 +103,10 @@ def load_images(path):
     """An ADM sample file (`.npz` with `arr_0`) or a folder of PNG/JPG images (sorted by name) -> uint8 (N, H, W, C)."""
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = list_images(path, recursive=False)
         if not files:
             raise ValueError(f"{path}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in this folder")
-        images = [_read_image(os.path.join(path, f)) for f in tqdm(files, desc="reading", disable=len(files) < 1000)]
+        images = [_read_image(f) for f in tqdm(files, desc="reading", disable=len(files) < 1000)]
         channels = max(image.shape[-1] for image in images)  # a grayscale image among RGB ones becomes RGB
         images = [np.repeat(image, channels // image.shape[-1], axis=-1) for image in images]
         sizes = sorted({image.shape[:2] for image in images})

@@ -20,24 +20,9 @@ import os
 import torch
 from tqdm import tqdm
 
+import vae as vae_io
 from data import LATENT_FORMAT, ImageFolderDataset
 from runs import atomic_write
-
-DEFAULT_SCALING_FACTOR = 0.18215  # SD VAEs (sd-vae-ft-mse / -ema): latents of roughly unit variance
-
-
-def load_vae(vae):
-    """A local diffusers AutoencoderKL folder or a hub id (needs network); one clear line if neither works."""
-    from diffusers import AutoencoderKL
-
-    try:
-        return AutoencoderKL.from_pretrained(vae)
-    except Exception as e:
-        where = "the local folder is not a diffusers AutoencoderKL" if os.path.isdir(vae) else \
-            "it is no local folder and the hub is unreachable or has no such id"
-        raise ValueError(f"cannot load VAE {vae!r}: {where} ({type(e).__name__}); pass a local folder saved with "
-                         f"AutoencoderKL.save_pretrained, or download the id once with network access") from None
-
 
 def _save_shard(path, tensors):
     from safetensors.torch import save
@@ -62,8 +47,8 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
     device = accelerator.device if accelerator else torch.device(device or ("cuda" if torch.cuda.is_available()
                                                                              else "cpu"))
     vae_name = vae if isinstance(vae, str) else getattr(vae.config, "_name_or_path", "") or type(vae).__name__
-    vae = (load_vae(vae) if isinstance(vae, str) else vae).to(device).eval()
-    scaling_factor = float(getattr(vae.config, "scaling_factor", None) or DEFAULT_SCALING_FACTOR)
+    vae = (vae_io.load(vae) if isinstance(vae, str) else vae).to(device).eval()
+    scaling_factor = vae_io.scaling_factor(vae)
     dataset = ImageFolderDataset(data_path, image_size, skip_bad_images=skip_bad_images, scan=False)
     if accelerator:  # every file decoded once before encoding starts (one scan per node, cached)
         with accelerator.local_main_process_first():
@@ -101,9 +86,7 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
         x = x.to(device)
         if flip:  # one VAE call for both views
             x = torch.cat([x, x.flip(-1)])
-        posterior = vae.encode(x).latent_dist
-        mean = (posterior.mean * scaling_factor).half().cpu()
-        std = (posterior.std * scaling_factor).half().cpu()
+        mean, std = (m.half().cpu() for m in vae_io.encode_moments(vae, x))
         batch = {"mean": mean[:n], "std": std[:n], "labels": y.long(),
                  "index": torch.tensor(mine[start:start + n], dtype=torch.long)}
         if flip:

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import IMAGE_EXTENSIONS, list_images, read_rgb
 from diffusion import TIMESTEP_SPACINGS
 from diffusion.parallel import check_model, ddim_chain_map
 from diffusion.solvers import solve
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -109,12 +109,10 @@ def load_targets(path, image_size, channels, num_images=None):
             arrays = data["arr_0"][:num_images]
         images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
     else:
-        from PIL import Image
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                       if name.lower().endswith(IMAGE_EXTENSIONS))[:num_images]
+        files = list_images(path)[:num_images]
         if not files:
             raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        images = torch.stack([torch.from_numpy(np.array(read_rgb(f))).permute(2, 0, 1)
                               for f in files]).float() / 127.5 - 1
     if channels == 1:
         images = images.mean(dim=1, keepdim=True)

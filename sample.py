@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import vae as vae_io
 from checkpoints import diffusion_settings
 from diffusion import TIMESTEP_SPACINGS
 from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, SCHEDULES, claim_output_folder, clip_denoised_for, \
@@ -206,17 +207,12 @@ def load_vae(model, vae_path, device):
     if vae_path is None:
         raise ValueError(f"this model samples {model.in_channels}-channel latents: pass --vae with a local diffusers "
                          f"AutoencoderKL folder (e.g. a download of stabilityai/sd-vae-ft-ema)")
-    from diffusers.models import AutoencoderKL
-    return AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+    return vae_io.load(vae_path).to(device).eval()
 
 
 def decode(images, vae):
     """Pixels in [-1, 1]: latents decode with `vae` (from load_vae), pixel samples (vae None) pass through."""
-    if vae is None:
-        return images
-    scale = getattr(vae.config, "scaling_factor", 0.18215)
-    with torch.no_grad():
-        return vae.decode(images / scale).sample
+    return images if vae is None else vae_io.decode(images, vae)
 
 
 def clipping(args, model):

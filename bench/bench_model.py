@@ -19,9 +19,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from measure import peak_rss_bytes, perturb_parameters_, saved_tensor_bytes  # noqa: E402
-from models import DiT  # noqa: E402
+from measure import peak_rss_bytes, perturb_parameters_, saved_tensor_bytes
+from models import DiT
 
 VARIANTS = ("dit", "fpdm", "fpdm_release_nograd")
 

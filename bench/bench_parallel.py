@@ -23,12 +23,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusion import create_diffusion  # noqa: E402
-from diffusion.parallel import parallel_ddim_sample  # noqa: E402
-from measure import perturb_parameters_  # noqa: E402
-from models import DiT, DiT_models, load_state_dict_checked  # noqa: E402
-from sampling import GuidedModel, diffusion_for_sampling  # noqa: E402
+from diffusion import create_diffusion
+from diffusion.parallel import parallel_ddim_sample
+from measure import perturb_parameters_
+from models import DiT, DiT_models, load_state_dict_checked
+from sampling import GuidedModel, diffusion_for_sampling
 
 
 def build(args):

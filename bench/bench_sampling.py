@@ -26,10 +26,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from measure import perturb_parameters_  # noqa: E402
-from models import DiT  # noqa: E402
-from sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images  # noqa: E402
+from measure import perturb_parameters_
+from models import DiT
+from sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images
 
 DIFFUSION_CONFIG = {"predict_v": True, "learn_sigma": True}
 

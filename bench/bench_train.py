@@ -27,8 +27,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from measure import peak_rss_bytes, reset_peak_rss  # noqa: E402
+from measure import peak_rss_bytes, reset_peak_rss
 
 VARIANTS = ("dit", "fpdm")
 CHILD_PREFIX = "bench_train child: "

@@ -10,10 +10,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import demo  # noqa: E402  (the FPDM recipe, its run folder and sample_quality)
+import demo  # (the FPDM recipe, its run folder and sample_quality)
 
 
 def demo_checkpoint(train_steps=2500):

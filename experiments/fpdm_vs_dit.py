@@ -17,9 +17,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from common import demo  # noqa: E402  (the FPDM recipe)
+import common
+from common import demo  # (the FPDM recipe)
 
 
 def dit_flags():

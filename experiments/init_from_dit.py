@@ -12,8 +12,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 COMMON = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "128", "--num-heads",
           "4", "--depth", "8", "--patch-size", "2", "--no-learn-sigma", "--predict-v", "--noise-schedule", "cosine",

@@ -16,10 +16,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from measure import perturb_parameters_, saved_tensor_bytes  # noqa: E402
-from models import DiT_models  # noqa: E402
+import common
+from measure import perturb_parameters_, saved_tensor_bytes
+from models import DiT_models
 
 BYTES_PER_PARAM = 20  # fp32 weights + gradients + AdamW exp_avg + exp_avg_sq + EMA copy
 

@@ -19,9 +19,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from common import demo  # noqa: E402
+import common
+from common import demo
 
 VARIANTS = {"S-JFB": (1, 5, 1, 3), "JFB": (2, 6, 1, 1), "unroll": (0, 0, 5, 5)}
 

@@ -4,16 +4,12 @@ so runs that split the same global batch differently (processes, accumulation) m
     accelerate launch ... tests/deterministic_train.py <train.py flags>
 """
 
-import os
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import train  # noqa: E402
-from diffusion.gaussian_diffusion import GaussianDiffusion  # noqa: E402
+import train
+from diffusion.gaussian_diffusion import GaussianDiffusion
 
 # FPDM with fixed S-JFB counts and no label dropout: no other randomness in the loss.
 FLAGS = ["--fixed-point-no-grad-min-iters", "3", "--fixed-point-no-grad-max-iters", "3",

@@ -2,6 +2,7 @@
 steady-state throughput of bench_train, and the one-line error when a benchmark fails."""
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -11,9 +12,18 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import bench_train  # noqa: E402
-import run as bench_run  # noqa: E402
+
+
+def bench_script(name):
+    """A bench/ script loaded as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_train = bench_script("bench_train")
+bench_run = bench_script("run")
 
 
 # The train benchmark (two training subprocesses, ~25 s) is left out of the smoke run; its steady-state arithmetic and

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from checkpoints import TRAIN_FORMAT, detect_format, infer_config, init_fpdm_from_dit, load_model
 from export import main as export_main
-from export import to_diffusers, to_safetensors, use_dit_timestep_frequencies
+from diffusers_dit import to_diffusers, use_dit_timestep_frequencies
+from export import to_safetensors
 from models import DiT, DiT_models
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)

@@ -297,8 +297,8 @@ def test_errors_are_one_clear_line(tmp_path, folder, latents):
     os.remove(os.path.join(bad, "shard-r000-00000.safetensors"))
     raises(ValueError, "shard-r000-00000.safetensors: latent shard is missing", build_dataset, bad)
 
-    from extract_features import load_vae
-    raises(ValueError, "cannot load VAE .*pass a local folder", load_vae, str(tmp_path / "empty"))
+    import vae
+    raises(ValueError, "cannot load VAE .*pass a local folder", vae.load, str(tmp_path / "empty"))
 
 
 # --------------------------------------------------------------------------- bad files, 16-bit images
