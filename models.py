@@ -2,16 +2,18 @@
 
 DiT (Peebles & Xie, 2023) is a stack of adaLN-Zero transformer blocks over patch tokens. FPDM (Bai &
 Melas-Kyriazi, CVPR 2024) keeps a few of those blocks before ("pre") and after ("post") and replaces the middle of
-the stack with ONE block iterated to a fixed point (see `DiT._fixed_point_iterations`, the only place iterations
-happen). State-dict keys match official DiT checkpoints (DiT mode) and the FPDM release (FPDM mode).
+the stack with ONE block iterated to a fixed point (`FPDM.solve`, the only place iterations happen); `FPDM` is a
+subclass of `DiT` that overrides the trunk between embedding and final layer. State-dict keys match official DiT
+checkpoints (DiT) and the FPDM release (FPDM).
 
     model = DiT_models["DiT-XL/2"]()                                   # DiT-XL/2, 675M parameters
     fpdm = DiT_models["DiT-XL/2"](fixed_point=True)                     # FPDM-XL/2, 86.5M parameters
     out = fpdm(x, t, y, num_iterations=26)                              # sampling: a fixed iteration count
-    fpdm.last_residuals                                                 # ||f(z) - z|| / ||z|| per iteration
+    fpdm.last_stats.residual_values()                                   # ||f(z) - z|| / ||z|| per iteration
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -121,21 +123,58 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+@dataclass
+class FixedPointStats:
+    """What one FPDM call did: the iterations run, the S-JFB counts asked for (n without a graph, m with one) and the
+    relative residual ||f(z) - z|| / ||z|| (norm over the batch) after each iteration, as 0-d tensors (no device
+    sync until read). `FPDM.last_stats` holds the last call's."""
+    iterations: int = 0
+    sjfb: tuple = (0, 0)
+    residuals: list = field(default_factory=list)
+
+    @property
+    def residual(self):
+        """The final relative residual as a 0-d tensor, or None when none was tracked."""
+        return self.residuals[-1] if self.residuals else None
+
+    def residual_values(self):
+        """Every iteration's residual as floats (one device sync)."""
+        return torch.stack(self.residuals).tolist() if self.residuals else []
+
+
+class SolutionCache:
+    """Solution reuse between consecutive calls (sampling timesteps): the fixed-point state z of the last call, the
+    next call's starting point. A sampler owns one per batch and passes it as `model(..., reuse=cache)`; a model built
+    with `fixed_point_reuse_solution=True` (the release's keyword) uses its own `model.solution_cache`."""
+
+    def __init__(self):
+        self.solution = None
+
+    def start(self, h):
+        """The starting point for pre-block output `h`: the stored solution, or None on the first call."""
+        if self.solution is not None and self.solution.shape != h.shape:
+            raise ValueError(f"reused solution has shape {tuple(self.solution.shape)} but this batch gives "
+                             f"{tuple(h.shape)}: call reset() between batches")
+        return None if self.solution is None else self.solution.to(h.dtype)
+
+    def reset(self):
+        self.solution = None
+
+
 class DiT(nn.Module):
-    """Diffusion transformer; with `fixed_point=True` the Fixed Point Diffusion Model.
+    """Diffusion transformer (Peebles & Xie, 2023): patch embedding, `depth` adaLN-Zero blocks, final layer.
 
-    DiT mode: `depth` blocks. FPDM mode: `fixed_point_pre_depth` blocks, one fixed-point block iterated with input
-    injection, `fixed_point_post_depth` blocks; `depth` then only sets the default number of iterations at
-    evaluation (depth - pre - post, so one call costs as many block evaluations as a DiT of that depth).
-
-    Iteration counts per call (FPDM):
-      - `forward(..., num_iterations=k)`: exactly k iterations, all with autograd (if grad is enabled);
-      - `forward(..., num_iterations=(n, m))`: n iterations without a graph, then m with one (explicit S-JFB);
-      - training mode, no count given: Stochastic Jacobian-Free Backprop, n ~ U{no_grad_min..no_grad_max},
-        m ~ U{with_grad_min..with_grad_max} drawn from torch's global RNG (so a saved RNG state replays them);
-      - eval mode, no count given: `default_num_iterations`.
-    After each call: `last_residuals` (relative residual per iteration), `last_num_iterations`, `last_sjfb`.
+    `DiT(..., fixed_point=True)` — the release's keyword, also `DiT_models[name](fixed_point=True)` — builds an
+    `FPDM`, the subclass below that replaces the trunk of blocks. Both take the same keywords (`config` records them
+    all, so a checkpoint rebuilds either with `DiT.from_config`); a DiT ignores the `fixed_point_*` ones.
     """
+
+    fixed_point = False
+
+    def __new__(cls, *args, **kwargs):
+        if cls is DiT and kwargs.get("fixed_point", False):
+            cls = FPDM
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -163,6 +202,9 @@ class DiT(nn.Module):
         fixed_point_track_residuals=True,
     ):
         super().__init__()
+        if fixed_point != self.fixed_point:
+            raise ValueError(f"{type(self).__name__}(fixed_point={fixed_point}): build a DiT with DiT(...) and an "
+                             f"FPDM with FPDM(...) or DiT(..., fixed_point=True)")
         # Plain data that rebuilds this model: saved in every checkpoint (see `DiT.from_config`).
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.input_hw = _as_hw(input_size)
@@ -186,33 +228,17 @@ class DiT(nn.Module):
         # Fixed 2-D sin-cos table. A buffer (as in the FPDM release) rather than DiT's frozen parameter: the key is the
         # same, so both kinds of checkpoint load, and `parameters()` counts only trainable weights.
         self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
-
-        def block():
-            return DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio)
-
-        self.fixed_point = fixed_point
-        if fixed_point:
-            self.blocks_pre = nn.ModuleList([block() for _ in range(fixed_point_pre_depth)])
-            self.block_pre_projection = nn.Linear(hidden_size, hidden_size)
-            self.block_fixed_point_projection_fc1 = nn.Linear(2 * hidden_size, 2 * hidden_size)
-            self.block_fixed_point_projection_fc2 = nn.Linear(2 * hidden_size, hidden_size)
-            self.block_fixed_point = block()
-            self.blocks_post = nn.ModuleList([block() for _ in range(fixed_point_post_depth)])
-            self.fixed_point_no_grad_iters = (fixed_point_no_grad_min_iters, fixed_point_no_grad_max_iters)
-            self.fixed_point_with_grad_iters = (fixed_point_with_grad_min_iters, fixed_point_with_grad_max_iters)
-            self.fixed_point_reuse_solution = fixed_point_reuse_solution
-            self.fixed_point_pre_post_timestep_conditioning = fixed_point_pre_post_timestep_conditioning
-            self.fixed_point_checkpoint_iterations = fixed_point_checkpoint_iterations
-            self.fixed_point_track_residuals = fixed_point_track_residuals
-            self.default_num_iterations = max(depth - fixed_point_pre_depth - fixed_point_post_depth, 0)
-            self.last_solution = None
-            self._residuals = []
-            self.last_num_iterations = 0
-            self.last_sjfb = (0, 0)
-        else:
-            self.blocks = nn.ModuleList([block() for _ in range(depth)])
+        self.build_trunk(lambda: DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    def build_trunk(self, make_block):
+        """The blocks between embedding and final layer: `depth` DiT blocks."""
+        self.blocks = nn.ModuleList([make_block() for _ in range(self.config["depth"])])
+
+    def transformer_blocks(self):
+        """Every DiTBlock, in order of use (an FPDM's fixed-point block once)."""
+        return list(self.blocks)
 
     @classmethod
     def from_config(cls, config):
@@ -220,18 +246,12 @@ class DiT(nn.Module):
         unknown = sorted(set(config) - set(cls.config_keys()))
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; valid keys: {cls.config_keys()}")
-        return cls(**config)
+        return DiT(**config)
 
     @staticmethod
     def config_keys():
         import inspect
         return [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
-
-    def transformer_blocks(self):
-        """Every DiTBlock, in order of use (the fixed-point block once)."""
-        if self.fixed_point:
-            return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
-        return list(self.blocks)
 
     def initialize_weights(self):
         """DiT's scheme: xavier-uniform linears, zero biases, N(0, 0.02) embeddings, adaLN-Zero and a zero output."""
@@ -276,128 +296,33 @@ class DiT(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------------------------
 
-    def forward(self, x, t, y, num_iterations=None, tol=None):
-        """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels.
+    def forward(self, x, t, y, **solver):
+        """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels -> (N, out_channels, H, W).
 
-        FPDM only: `num_iterations` (int k, or (n, m) for n no-grad then m with-grad iterations) and `tol` (stop once
-        the relative residual falls below it; `num_iterations` is then the cap). Returns (N, out_channels, H, W).
+        `solver`: FPDM only (see `FPDM.trunk`): `num_iterations`, `tol`, `reuse`.
         """
-        self._check_input(x, t, y)
+        self._check_input(x, t, y, **solver)
         tokens = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
         y_emb = self.y_embedder(y, self.training)
-        c = t_emb + y_emb
-        if not self.fixed_point:
-            if num_iterations is not None or tol is not None:
-                raise ValueError("num_iterations/tol apply to FPDM models only (build with fixed_point=True)")
-            for block in self.blocks:
-                tokens = self._run_block(block, tokens, c)
-            return self.unpatchify(self.final_layer(tokens, c))
+        tokens, c_final = self.trunk(tokens, t_emb + y_emb, y_emb, **solver)
+        return self.unpatchify(self.final_layer(tokens, c_final))
 
-        c_pre_post = c if self.fixed_point_pre_post_timestep_conditioning else y_emb
-        for block in self.blocks_pre:
-            tokens = self._run_block(block, tokens, c_pre_post)
-        z = self._fixed_point_iterations(tokens, c, num_iterations, tol)
-        for block in self.blocks_post:
-            z = self._run_block(block, z, c_pre_post)
-        return self.unpatchify(self.final_layer(z, c_pre_post))
+    def trunk(self, tokens, c, y_emb, **solver):
+        """Blocks between embedding and final layer; returns (tokens, the final layer's conditioning)."""
+        if any(v is not None for v in solver.values()):
+            raise ValueError(f"{'/'.join(solver)} apply to FPDM models only (build with fixed_point=True)")
+        for block in self.blocks:
+            tokens = self._run_block(block, tokens, c)
+        return tokens, c
 
-    def fixed_point_function(self, z, injection, c):
-        """f(z; u, c) = block( fc2( gelu( fc1([z, u]) ) ), c ): one iteration of the implicit layer."""
-        z = self.block_fixed_point_projection_fc1(torch.cat((z, injection), dim=-1))
-        z = self.block_fixed_point_projection_fc2(F.gelu(z, approximate="tanh"))
-        return self.block_fixed_point(z, c)
-
-    def _fixed_point_iterations(self, h, c, num_iterations, tol):
-        """Iterate f from the pre-blocks' output h (or the previous solution when reusing); returns z_N."""
-        no_grad_iters, with_grad_iters = self._iteration_counts(num_iterations)
-        injection = self.block_pre_projection(h)  # input injection: computed once per call, inside the graph
-        reuse = self.fixed_point_reuse_solution and self.last_solution is not None
-        if reuse and self.last_solution.shape != h.shape:
-            raise ValueError(f"reused solution has shape {tuple(self.last_solution.shape)} but this batch gives "
-                             f"{tuple(h.shape)}: call model.reset() between batches")
-        # z_0 is detached, as in the release: parameters get gradient through the with-grad iterations (and the
-        # injection) only, never through the starting point.
-        z = (self.last_solution.to(h.dtype) if reuse else h).detach()
-
-        track = self.fixed_point_track_residuals or tol is not None
-        self._residuals = []
-        done = 0
-
-        def step(z, with_grad):
-            nonlocal done
-            if with_grad and self.fixed_point_checkpoint_iterations and torch.is_grad_enabled():
-                z_next = _checkpointed(self.fixed_point_function, z, injection, c)
-            else:
-                z_next = self.fixed_point_function(z, injection, c)
-            done += 1
-            if track:
-                with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
-                    self._residuals.append(
-                        (z_next - z).float().norm() / z.float().norm().clamp_min(1e-12))
-            return z_next
-
-        def converged():
-            return tol is not None and bool(self._residuals) and bool(self._residuals[-1] < tol)
-
-        # No-grad phase of S-JFB. torch.no_grad() records nothing for autograd, so none of these iterations is
-        # stored or back-propagated. DDP still works: its reducer only waits for gradients of parameters that the
-        # autograd graph reaches, and with m >= 1 with-grad iterations every parameter is reached there. (Only
-        # when m = 0 is allowed must DDP use find_unused_parameters=True; train.py sets that.) The injection is
-        # detached implicitly, which is the S-JFB gradient: d/dθ flows through the last m iterations only.
-        with torch.no_grad():
-            for _ in range(no_grad_iters):
-                z = step(z, with_grad=False)
-                if converged():
-                    break
-        if not converged():
-            for _ in range(with_grad_iters):
-                z = step(z, with_grad=True)
-                if converged():
-                    break
-        self.last_num_iterations = done
-        self.last_sjfb = (no_grad_iters, with_grad_iters)
-        if self.fixed_point_reuse_solution:
-            self.last_solution = z.detach()
-        return z
-
-    def _iteration_counts(self, num_iterations):
-        if num_iterations is None:
-            if not self.training:
-                return 0, self.default_num_iterations
-            return _randint(*self.fixed_point_no_grad_iters), _randint(*self.fixed_point_with_grad_iters)
-        if isinstance(num_iterations, (tuple, list)):
-            n, m = (int(v) for v in num_iterations)
-        else:
-            n, m = 0, int(num_iterations)
-        if n < 0 or m < 0:
-            raise ValueError(f"iteration counts must be >= 0, got {num_iterations}")
-        return n, m
-
-    def _check_input(self, x, t, y):
+    def _check_input(self, x, t, y, **solver):
         expected = (self.in_channels, *self.input_hw)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"input has shape {tuple(x.shape)} but this model takes (N, {', '.join(map(str, expected))})")
-        if self.fixed_point and self.fixed_point_reuse_solution and t.numel() > 1 and not bool((t == t[0]).all()):
-            raise ValueError("solution reuse needs one shared timestep per batch, got mixed timesteps: "
-                             "sample with a shared t or build the model with fixed_point_reuse_solution=False")
 
     def reset(self):
-        """Forget the stored fixed-point solution (call between batches when reusing solutions)."""
-        if self.fixed_point:
-            self.last_solution = None
-
-    @property
-    def last_residual(self):
-        """The last call's final relative residual as a 0-d tensor (no device sync), or None."""
-        return self._residuals[-1] if self.fixed_point and self._residuals else None
-
-    @property
-    def last_residuals(self):
-        """Relative residuals ||z_{k+1} - z_k|| / ||z_k|| (norm over the whole batch) of the last call's iterations."""
-        if not self.fixed_point or not self._residuals:
-            return []
-        return torch.stack(self._residuals).tolist()
+        """Forget state carried between calls (an FPDM's reused solution); a DiT has none."""
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=None, **kwargs):
         """Classifier-free guidance over a doubled batch (first half conditional labels, second half null labels).
@@ -416,7 +341,7 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Accounting
+    # Accounting: parameters, transformer-block evaluations and FLOPs per sample
     # ----------------------------------------------------------------------------------------------------------
 
     def num_parameters(self, include_pos_embed=False):
@@ -425,11 +350,8 @@ class DiT(nn.Module):
         return n + (self.pos_embed.numel() if include_pos_embed else 0)
 
     def block_evaluations(self, num_iterations=None):
-        """Transformer-block evaluations of one forward call (pre + iterations + post for FPDM)."""
-        if not self.fixed_point:
-            return len(self.blocks)
-        k = self.default_num_iterations if num_iterations is None else num_iterations
-        return len(self.blocks_pre) + k + len(self.blocks_post)
+        """Transformer-block evaluations of one forward call (an FPDM's: pre + iterations + post)."""
+        return len(self.blocks)
 
     def block_flops(self):
         """FLOPs (2 x multiply-adds) of one transformer block per sample: 12·D² per token (qkv, proj, MLP at ratio 4),
@@ -438,6 +360,154 @@ class DiT(nn.Module):
         per_token = (4 + 2 * self.config["mlp_ratio"]) * hidden ** 2 + 2 * tokens * hidden
         return 2 * (tokens * per_token + 6 * hidden ** 2)
 
+    def forward_flops(self, num_iterations=None):
+        """Estimated FLOPs of one forward call per sample, embedders and final layer included."""
+        return self._embed_and_final_flops() + len(self.blocks) * self.block_flops()
+
+    def _embed_and_final_flops(self):
+        hidden, tokens = self.pos_embed.shape[-1], self.pos_embed.shape[1]
+        embed = 2 * (tokens * self.patch_size ** 2 * self.in_channels * hidden + 256 * hidden + hidden ** 2)
+        final = 2 * (tokens * hidden * self.patch_size ** 2 * self.out_channels + 2 * hidden ** 2)
+        return embed + final
+
+
+class FPDM(DiT):
+    """Fixed Point Diffusion Model (Bai & Melas-Kyriazi, CVPR 2024): `fixed_point_pre_depth` DiT blocks, ONE block
+    iterated towards a fixed point with input injection (`solve`, the only place iterations happen), then
+    `fixed_point_post_depth` blocks. `depth` only sets the default iteration count at evaluation (depth - pre - post,
+    so one call costs as many block evaluations as a DiT of that depth).
+
+    Iteration counts per call:
+      - `forward(..., num_iterations=k)`: exactly k iterations, all with autograd (if grad is enabled);
+      - `forward(..., num_iterations=(n, m))`: n iterations without a graph, then m with one (explicit S-JFB);
+      - training mode, no count given: Stochastic Jacobian-Free Backprop, n ~ U{no_grad_min..no_grad_max},
+        m ~ U{with_grad_min..with_grad_max} drawn from torch's global RNG (so a saved RNG state replays them);
+      - eval mode, no count given: `default_num_iterations`.
+    `tol` stops once the relative residual falls below it (the count is then the cap); `reuse` (a SolutionCache)
+    starts from the previous call's solution (False: never; None: the model's own cache if built with reuse). After each call `last_stats` (FixedPointStats) says what happened.
+    """
+
+    fixed_point = True
+
+    def build_trunk(self, make_block):
+        cfg, hidden = self.config, self.config["hidden_size"]
+        self.blocks_pre = nn.ModuleList([make_block() for _ in range(cfg["fixed_point_pre_depth"])])
+        self.block_pre_projection = nn.Linear(hidden, hidden)
+        self.block_fixed_point_projection_fc1 = nn.Linear(2 * hidden, 2 * hidden)
+        self.block_fixed_point_projection_fc2 = nn.Linear(2 * hidden, hidden)
+        self.block_fixed_point = make_block()
+        self.blocks_post = nn.ModuleList([make_block() for _ in range(cfg["fixed_point_post_depth"])])
+        self.fixed_point_no_grad_iters = (cfg["fixed_point_no_grad_min_iters"], cfg["fixed_point_no_grad_max_iters"])
+        self.fixed_point_with_grad_iters = (cfg["fixed_point_with_grad_min_iters"],
+                                            cfg["fixed_point_with_grad_max_iters"])
+        self.fixed_point_reuse_solution = cfg["fixed_point_reuse_solution"]
+        self.fixed_point_pre_post_timestep_conditioning = cfg["fixed_point_pre_post_timestep_conditioning"]
+        self.fixed_point_checkpoint_iterations = cfg["fixed_point_checkpoint_iterations"]
+        self.fixed_point_track_residuals = cfg["fixed_point_track_residuals"]
+        self.default_num_iterations = max(cfg["depth"] - cfg["fixed_point_pre_depth"] - cfg["fixed_point_post_depth"], 0)
+        self.solution_cache = SolutionCache()
+        self.last_stats = FixedPointStats()
+
+    def transformer_blocks(self):
+        return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
+
+    def trunk(self, tokens, c, y_emb, num_iterations=None, tol=None, reuse=None):
+        """Pre blocks, the fixed-point layer, post blocks. Pre/post blocks and the final layer see only the class
+        embedding unless `fixed_point_pre_post_timestep_conditioning` (as in the release)."""
+        c_outer = c if self.fixed_point_pre_post_timestep_conditioning else y_emb
+        for block in self.blocks_pre:
+            tokens = self._run_block(block, tokens, c_outer)
+        z = self.solve(tokens, c, num_iterations, tol, reuse)
+        for block in self.blocks_post:
+            z = self._run_block(block, z, c_outer)
+        return z, c_outer
+
+    def fixed_point_function(self, z, injection, c):
+        """f(z; u, c) = block( fc2( gelu( fc1([z, u]) ) ), c ): one iteration of the implicit layer."""
+        z = self.block_fixed_point_projection_fc1(torch.cat((z, injection), dim=-1))
+        z = self.block_fixed_point_projection_fc2(F.gelu(z, approximate="tanh"))
+        return self.block_fixed_point(z, c)
+
+    def solve(self, h, c, num_iterations=None, tol=None, reuse=None):
+        """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N."""
+        no_grad_iters, with_grad_iters = self.iteration_counts(num_iterations)
+        cache = self._cache_for(reuse)
+        injection = self.block_pre_projection(h)  # input injection: computed once per call, inside the graph
+        start = cache.start(h) if cache is not None else None
+        # z_0 is detached, as in the release: parameters get gradient through the with-grad iterations (and the
+        # injection) only, never through the starting point.
+        z = (h if start is None else start).detach()
+        stats = FixedPointStats(sjfb=(no_grad_iters, with_grad_iters))
+        track = self.fixed_point_track_residuals or tol is not None
+
+        def step(z, with_grad):
+            if with_grad and self.fixed_point_checkpoint_iterations and torch.is_grad_enabled():
+                z_next = _checkpointed(self.fixed_point_function, z, injection, c)
+            else:
+                z_next = self.fixed_point_function(z, injection, c)
+            stats.iterations += 1
+            if track:
+                with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
+                    stats.residuals.append((z_next - z).float().norm() / z.float().norm().clamp_min(1e-12))
+            return z_next
+
+        def converged():
+            return tol is not None and bool(stats.residuals) and bool(stats.residuals[-1] < tol)
+
+        # No-grad phase of S-JFB. torch.no_grad() records nothing for autograd, so none of these iterations is
+        # stored or back-propagated. DDP still works: its reducer only waits for gradients of parameters that the
+        # autograd graph reaches, and with m >= 1 with-grad iterations every parameter is reached there. (Only
+        # when m = 0 is allowed must DDP use find_unused_parameters=True; train.py sets that.) The injection is
+        # detached implicitly, which is the S-JFB gradient: d/dθ flows through the last m iterations only.
+        with torch.no_grad():
+            for _ in range(no_grad_iters):
+                z = step(z, with_grad=False)
+                if converged():
+                    break
+        if not converged():
+            for _ in range(with_grad_iters):
+                z = step(z, with_grad=True)
+                if converged():
+                    break
+        self.last_stats = stats
+        if cache is not None:
+            cache.solution = z.detach()
+        return z
+
+    def iteration_counts(self, num_iterations=None):
+        """(n no-grad, m with-grad) iterations for a call given `num_iterations` (see the class docstring)."""
+        if num_iterations is None:
+            if not self.training:
+                return 0, self.default_num_iterations
+            return _randint(*self.fixed_point_no_grad_iters), _randint(*self.fixed_point_with_grad_iters)
+        if isinstance(num_iterations, (tuple, list)):
+            n, m = (int(v) for v in num_iterations)
+        else:
+            n, m = 0, int(num_iterations)
+        if n < 0 or m < 0:
+            raise ValueError(f"iteration counts must be >= 0, got {num_iterations}")
+        return n, m
+
+    def _cache_for(self, reuse):
+        """reuse: a SolutionCache, False (no reuse) or None (the model's own cache if built with reuse)."""
+        if reuse is None:
+            return self.solution_cache if self.fixed_point_reuse_solution else None
+        return reuse or None
+
+    def _check_input(self, x, t, y, reuse=None, **solver):
+        super()._check_input(x, t, y)
+        if self._cache_for(reuse) is not None and t.numel() > 1 and not bool((t == t[0]).all()):
+            raise ValueError("solution reuse needs one shared timestep per batch, got mixed timesteps: "
+                             "sample with a shared t or turn reuse off")
+
+    def reset(self):
+        """Forget the model's own stored solution (call between batches when built with reuse)."""
+        self.solution_cache.reset()
+
+    def block_evaluations(self, num_iterations=None):
+        k = self.default_num_iterations if num_iterations is None else num_iterations
+        return len(self.blocks_pre) + k + len(self.blocks_post)
+
     def iteration_flops(self):
         """FLOPs of one fixed-point iteration per sample: a block plus the projection MLP's 6·D² per token
         (fc1 2D->2D, fc2 2D->D), about 1.48 blocks at XL/2 with 256 tokens. Not one block: report both."""
@@ -445,16 +515,11 @@ class DiT(nn.Module):
         return self.block_flops() + 2 * tokens * 6 * hidden ** 2
 
     def forward_flops(self, num_iterations=None):
-        """Estimated FLOPs of one forward call per sample, embedders and final layer included."""
-        hidden, tokens = self.pos_embed.shape[-1], self.pos_embed.shape[1]
-        embed = 2 * (tokens * self.patch_size ** 2 * self.in_channels * hidden + 256 * hidden + hidden ** 2)
-        final = 2 * (tokens * hidden * self.patch_size ** 2 * self.out_channels + 2 * hidden ** 2)
-        if not self.fixed_point:
-            return embed + len(self.blocks) * self.block_flops() + final
         k = self.default_num_iterations if num_iterations is None else num_iterations
+        hidden, tokens = self.pos_embed.shape[-1], self.pos_embed.shape[1]
         injection = 2 * tokens * hidden ** 2
         pre_post = len(self.blocks_pre) + len(self.blocks_post)
-        return embed + pre_post * self.block_flops() + injection + k * self.iteration_flops() + final
+        return self._embed_and_final_flops() + pre_post * self.block_flops() + injection + k * self.iteration_flops()
 
 
 def _randint(low, high):

@@ -9,12 +9,12 @@ import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
+from models import SolutionCache
 from runs import atomic_write
 
 
@@ -126,6 +126,7 @@ class GuidedModel:
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
                  tol=None):
         self.model, self.cfg_scale, self.reuse, self.tol = model, cfg_scale, reuse, tol
+        self.cache = SolutionCache() if reuse and model.fixed_point else None  # this batch's reused solution
         self.iterations_per_step = iterations_per_step
         self.guidance_channels = guidance_channels
         self.calls = 0
@@ -143,15 +144,16 @@ class GuidedModel:
             kwargs["num_iterations"] = iters
             if self.tol is not None:
                 kwargs["tol"] = self.tol
+            kwargs["reuse"] = self.cache or False  # the sampler decides, whatever the model was built with
         if self.cfg_scale != 1.0:
             out = self.model.forward_with_cfg(x, t, y, self.cfg_scale, guidance_channels=self.guidance_channels,
                                               **kwargs)
         else:
             out = self.model(x, t, y, **kwargs)
         if self.model.fixed_point:
-            k = self.model.last_num_iterations
+            k = self.model.last_stats.iterations
             self.iterations.append(k)
-            self.residuals.append(self.model.last_residuals)  # every iteration's relative residual, per step
+            self.residuals.append(self.model.last_stats.residual_values())  # every iteration's, per step
         else:
             k = None
         self.block_evals.append(self.model.block_evaluations(k))
@@ -181,21 +183,6 @@ def save_grid(images, path, nrow=8):
     return path
 
 
-@contextmanager
-def solution_reuse(model, enabled):
-    """Turn FPDM solution reuse on for one batch, and leave the model as it was (state cleared) afterwards."""
-    previous = getattr(model, "fixed_point_reuse_solution", False)
-    if model.fixed_point:
-        model.fixed_point_reuse_solution = enabled
-        model.reset()
-    try:
-        yield
-    finally:
-        if model.fixed_point:
-            model.fixed_point_reuse_solution = previous
-            model.reset()
-
-
 @torch.no_grad()
 def sample_images(model, diffusion, noise, labels, *, cfg_scale=1.0, sampler="ddim", eta=0.0,
                   iterations_per_step=None, reuse=False, tol=None, clip_denoised=None, progress=False,
@@ -216,9 +203,7 @@ def sample_images(model, diffusion, noise, labels, *, cfg_scale=1.0, sampler="dd
         y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     extra = {"eta": eta} if sampler == "ddim" else {}
-    with solution_reuse(model, reuse):
-        out = loop(fn, x.shape, noise=x, clip_denoised=clip_denoised, model_kwargs={"y": y}, progress=progress,
-                   **extra)
+    out = loop(fn, x.shape, noise=x, clip_denoised=clip_denoised, model_kwargs={"y": y}, progress=progress, **extra)
     model.train(was_training)
     return out[: len(noise)], fn
 

@@ -581,9 +581,10 @@ def _main(cfg, cleanup):
             nonfinite += ~torch.isfinite(loss.detach())
             window_loss += loss.detach() / cfg.grad_accum_steps
             if cfg.fixed_point:
-                sjfb_sum = [sjfb_sum[0] + raw_model.last_sjfb[0], sjfb_sum[1] + raw_model.last_sjfb[1]]
-                if raw_model.last_residual is not None:  # a tensor: no device sync on the hot path
-                    residual_sum = residual_sum + raw_model.last_residual
+                stats = raw_model.last_stats
+                sjfb_sum = [sjfb_sum[0] + stats.sjfb[0], sjfb_sum[1] + stats.sjfb[1]]
+                if stats.residual is not None:  # a tensor: no device sync on the hot path
+                    residual_sum = residual_sum + stats.residual
         # NaN guard, before anything reaches the optimizer: every micro-batch's loss on every process, and the
         # (all-reduced) gradient norm, checked with one host sync per step. All processes agree, nothing is saved,
         # and the weights, optimizer state and last good checkpoint stay as they were.

@@ -1,6 +1,7 @@
 """models.py: key names and parameter counts of the paper's models, an independent functional reference for the
 forward pass, S-JFB gradient properties, solution reuse, residuals, CFG, and errors for bad input."""
 
+import copy
 import json
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import DiT, DiT_models, create_model, get_2d_sincos_pos_embed, load_state_dict_checked
+from models import FPDM, DiT, DiT_models, SolutionCache, create_model, get_2d_sincos_pos_embed, load_state_dict_checked
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=5, num_heads=4, num_classes=10)
 
@@ -262,7 +263,7 @@ def test_fpdm_matches_reference(pre, post, pre_post_t):
         ref = ref_forward(sd, x, t, y, patch=2, heads=4, out_channels=8, fixed_point=True, pre=pre, post=post,
                           iters=iters, pre_post_t=pre_post_t)
         torch.testing.assert_close(model(x, t, y, num_iterations=iters), ref, atol=1e-5, rtol=1e-5)
-        assert model.last_num_iterations == iters and len(model.last_residuals) == iters
+        assert model.last_stats.iterations == iters and len(model.last_stats.residuals) == iters
     # Eval default: depth - pre - post iterations.
     ref = ref_forward(sd, x, t, y, patch=2, heads=4, out_channels=8, fixed_point=True, pre=pre, post=post,
                       iters=5 - pre - post, pre_post_t=pre_post_t)
@@ -375,14 +376,14 @@ def test_training_draws_sjfb_counts_from_torch_rng_within_ranges():
     draws = []
     for _ in range(30):
         model(x, t, y)
-        draws.append(model.last_sjfb)
-        assert model.last_num_iterations == sum(model.last_sjfb)
+        draws.append(model.last_stats.sjfb)
+        assert model.last_stats.iterations == sum(model.last_stats.sjfb)
     assert {n for n, _ in draws} == {1, 2, 3} and {m for _, m in draws} == {2, 3, 4}
     torch.manual_seed(5)
     replay = []
     for _ in range(30):
         model(x, t, y)
-        replay.append(model.last_sjfb)
+        replay.append(model.last_stats.sjfb)
     assert replay == draws
 
 
@@ -439,14 +440,45 @@ def test_reuse_continues_from_stored_solution_and_reset_clears_it():
         straight = model(x, t, y, num_iterations=5)
         model.reset()
         model(x, t, y, num_iterations=2)
-        assert model.last_solution is not None
+        assert model.solution_cache.solution is not None
         resumed = model(x, t, y, num_iterations=3)  # 2 + 3 iterations from the same input = 5 straight
         torch.testing.assert_close(resumed, straight, atol=1e-6, rtol=1e-6)
         model.reset()
-        assert model.last_solution is None
+        assert model.solution_cache.solution is None
         fresh = model(x, t, y, num_iterations=3)
         model.fixed_point_reuse_solution = False
         torch.testing.assert_close(fresh, model(x, t, y, num_iterations=3), atol=0, rtol=0)
+
+
+def test_sampler_owned_cache_equals_model_reuse_and_false_turns_reuse_off():
+    """An explicit SolutionCache (what samplers pass) continues from its own solution like the model's built-in reuse;
+    reuse=False overrides a model built with reuse; separate caches do not interfere."""
+    model = randomize(tiny(fixed_point=True, fixed_point_reuse_solution=True), scale=0.1).eval()
+    x, t, y = inputs(same_t=True)
+    with torch.no_grad():
+        straight = model(x, t, y, num_iterations=5, reuse=False)
+        assert model.solution_cache.solution is None  # reuse=False neither reads nor writes the model's cache
+        a, b = SolutionCache(), SolutionCache()
+        model(x, t, y, num_iterations=2, reuse=a)
+        model(x, t, y, num_iterations=1, reuse=b)
+        torch.testing.assert_close(model(x, t, y, num_iterations=3, reuse=a), straight, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(x, t, y, num_iterations=4, reuse=b), straight, atol=1e-6, rtol=1e-6)
+        assert model.solution_cache.solution is None
+    with pytest.raises(ValueError, match="mixed timesteps"):
+        model(x, torch.tensor([1, 2, 3]), y, reuse=SolutionCache())
+    model(x, torch.tensor([1, 2, 3]), y, reuse=False)  # no reuse: mixed timesteps are fine
+
+
+def test_fpdm_is_a_subclass_built_by_the_release_keyword():
+    fpdm, dit = tiny(fixed_point=True), tiny()
+    assert type(fpdm) is FPDM and isinstance(fpdm, DiT) and type(dit) is DiT
+    assert type(DiT_models["DiT-S/8"](fixed_point=True, depth=3, hidden_size=64, num_heads=2)) is FPDM
+    assert type(DiT.from_config(fpdm.config)) is FPDM and type(DiT.from_config(dit.config)) is DiT
+    assert type(copy.deepcopy(fpdm)) is FPDM and fpdm.config["fixed_point"] is True
+    with pytest.raises(ValueError, match="FPDM"):
+        FPDM(fixed_point=False)
+    with pytest.raises(ValueError, match="apply to FPDM models only"):
+        dit(*inputs(), num_iterations=2)
 
 
 def test_reuse_errors():
@@ -468,7 +500,7 @@ def test_reuse_covers_cfg_doubled_batch():
         straight = model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=5)
         model.reset()
         model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=2)
-        assert model.last_solution.shape[0] == 4
+        assert model.solution_cache.solution.shape[0] == 4
         resumed = model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=3)
     torch.testing.assert_close(resumed, straight, atol=1e-6, rtol=1e-6)
     assert not torch.equal(resumed, model.forward_with_cfg(xx, t, yy, 4.0, num_iterations=3))  # reuse matters
@@ -479,8 +511,8 @@ def test_residuals_match_definition_and_decay_for_contraction():
     x, t, y = inputs()
     with torch.no_grad():
         model(x, t, y, num_iterations=12)
-        res = model.last_residuals
-        assert len(res) == 12 and model.last_residual.item() == res[-1]
+        res = model.last_stats.residual_values()
+        assert len(res) == 12 and model.last_stats.residual.item() == res[-1]
         assert res[-1] < 1e-5 * res[0]
         above_noise = [r for r in res if r > 1e-5]
         assert len(above_noise) >= 3 and all(b < 0.5 * a for a, b in zip(above_noise, above_noise[1:]))
@@ -492,7 +524,7 @@ def test_residuals_match_definition_and_decay_for_contraction():
         assert res[0] == pytest.approx(((z1 - h).norm() / h.norm()).item(), rel=1e-5)
     model.fixed_point_track_residuals = False
     model(x, t, y, num_iterations=3)
-    assert model.last_residuals == []
+    assert model.last_stats.residuals == [] and model.last_stats.residual is None
 
 
 def test_tolerance_stops_early_and_respects_cap():
@@ -500,10 +532,11 @@ def test_tolerance_stops_early_and_respects_cap():
     x, t, y = inputs()
     with torch.no_grad():
         model(x, t, y, num_iterations=50, tol=1e-3)
-        assert model.last_num_iterations < 50 and model.last_residuals[-1] < 1e-3
-        assert all(r >= 1e-3 for r in model.last_residuals[:-1])
+        res = model.last_stats.residual_values()
+        assert model.last_stats.iterations == len(res) < 50 and res[-1] < 1e-3
+        assert all(r >= 1e-3 for r in res[:-1])
         model(x, t, y, num_iterations=2, tol=1e-12)
-        assert model.last_num_iterations == 2
+        assert model.last_stats.iterations == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------

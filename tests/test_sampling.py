@@ -113,7 +113,7 @@ def test_reuse_lowers_first_iteration_residual():
     assert all(b < a for a, b in zip(first_plain, first_reused))
     assert np.mean(first_reused) < 0.7 * np.mean(first_plain)  # measured: 0.55 vs 1.03
     assert reused.residuals[0][0] == pytest.approx(plain.residuals[0][0])
-    assert model.last_solution is None and not model.fixed_point_reuse_solution  # state cleared afterwards
+    assert model.solution_cache.solution is None and not model.fixed_point_reuse_solution  # model left untouched
 
 
 def test_adaptive_stopping_respects_tolerance_and_cap():
