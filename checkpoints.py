@@ -32,7 +32,7 @@ from diffusers_dit import read_diffusers, read_scheduler_config
 from diffusion import DIFFUSION_DEFAULTS
 from models import DiT, DiT_models, load_state_dict_checked
 
-TRAIN_FORMAT = "fpdm-train-v1"  # train.py's CHECKPOINT_FORMAT
+TRAIN_FORMAT = "fpdm-train-v1"  # train.py checkpoints (written below)
 SAFETENSORS_FORMAT = "fpdm-safetensors-v1"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _KNOWN = ("a train.py checkpoint, a DiT/FPDM state dict or training checkpoint, a diffusers DiTTransformer2DModel "
@@ -407,3 +407,94 @@ def init_fpdm_from_dit(fpdm_model, dit, fixed_point_block=None):
     return {"dit_depth": depth, "placement": placement, "unused_dit_blocks": [i for i in range(depth) if i not in used],
             "projections": "pre_projection = 0; fc1 = [[I, init], [-I, init]], fc2 = [I, -I]: first iteration = "
                            f"DiT block {middle}", "notes": notes}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training checkpoints (train.py): find, read, write (with latest.json and keep-last), every process's RNG state
+# ------------------------------------------------------------------------------------------------------------------
+
+def find_training_checkpoint(resume, run_dir):
+    """Resolve --resume ('auto', a checkpoint file or a run folder) to a checkpoint path; None for 'auto' with nothing
+    to resume, or for no --resume."""
+    if resume is None:
+        return None
+    folder = run_dir if resume == "auto" else resume
+    if os.path.isfile(folder):
+        return folder
+    pointer = os.path.join(folder, "latest.json")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            return os.path.join(folder, json.load(f)["path"])
+    if resume == "auto":
+        return None
+    raise FileNotFoundError(f"--resume {resume}: no checkpoint file and no latest.json there")
+
+
+def read_training_checkpoint(path):
+    """A train.py checkpoint as a dict (tensors and plain data only), or a one-line error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (any unreadable file gets the same advice)
+        raise ValueError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"{path} is not a train.py checkpoint (format {TRAIN_FORMAT})")
+    return ckpt
+
+
+def write_training_checkpoint(run_dir, step, state, keep_last):
+    """Write `state` (plus format and step) as checkpoints/step_NNNNNNN.pt atomically, point latest.json at it, then
+    keep the `keep_last` newest by step (never the one just written). Returns the checkpoint's relative path."""
+    from runs import atomic_write, prune_checkpoints
+    name = f"checkpoints/step_{step:07d}.pt"
+    # CPU tensors: a checkpoint written on a GPU loads anywhere with plain torch.load.
+    ckpt = {"format": TRAIN_FORMAT, "step": step, **to_cpu(state)}
+    atomic_torch_save(ckpt, os.path.join(run_dir, name))
+    atomic_write(os.path.join(run_dir, "latest.json"), lambda f: json.dump({"step": step, "path": name}, f))
+    prune_checkpoints(os.path.join(run_dir, "checkpoints"), step, keep_last)
+    return name
+
+
+def atomic_torch_save(obj, path):
+    """torch.save through runs.atomic_write: a crash mid-write leaves the old file intact."""
+    from runs import atomic_write
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def to_cpu(obj):
+    """obj with every tensor inside (dicts, lists, tuples) moved to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state():
+    """This process's torch, Python, NumPy (and CUDA) RNG states, as tensors and plain data."""
+    import random
+
+    import numpy as np
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -49,10 +49,7 @@ def clip_denoised_for(model, choice="auto"):
 
 def diffusion_kwargs(config):
     """create_diffusion keywords from a training config (dict); missing keys take DiT's defaults."""
-    config = {**DIFFUSION_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in DIFFUSION_DEFAULTS}}
-    return dict(noise_schedule=config["noise_schedule"], learn_sigma=config["learn_sigma"],
-                predict_v=config["predict_v"], rescale_betas_zero_snr=config["zero_terminal_snr"],
-                diffusion_steps=config["diffusion_steps"])
+    return {**DIFFUSION_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in DIFFUSION_DEFAULTS}}
 
 
 def resolve_device(name):

@@ -48,7 +48,7 @@ def train_child(threads, train_argv):
     import train
     from models import DiT
     cfg = train.parse_args(train_argv)
-    data.build_dataset(cfg.data_path, image_size=cfg.image_size, unconditional=cfg.unconditional)  # cached file
+    data.build_dataset(cfg.data.data_path, image_size=cfg.data.image_size, unconditional=cfg.data.unconditional)
     reset_peak_rss()  # reading the digits peaks above what it keeps
     baseline = peak_rss_bytes()
     run_dir = train.main(cfg)

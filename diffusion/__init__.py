@@ -27,16 +27,17 @@ DIFFUSION_DEFAULTS = {"noise_schedule": "linear", "learn_sigma": True, "predict_
 
 def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,
                      predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False, diffusion_steps=1000,
-                     predict_v=False, rescale_betas_zero_snr=False, min_snr_gamma=None):
+                     predict_v=False, zero_terminal_snr=False, min_snr_gamma=None):
     """The diffusion DiT trains and samples with (same flags and defaults), plus v-prediction, zero terminal SNR
-    [Lin et al. 2024] and min-SNR-γ loss weighting [Hang et al. 2023].
+    [Lin et al. 2024] and min-SNR-γ loss weighting [Hang et al. 2023]. The keywords of DIFFUSION_DEFAULTS (and of
+    configs.DiffusionConfig) are its own: `create_diffusion("", **settings)` needs no renaming.
 
     timestep_respacing: None or "" for all diffusion_steps, else a `space_timesteps` spec ("250", "ddim50", ...).
     """
     if predict_xstart and predict_v:
         raise ValueError("choose at most one of predict_xstart and predict_v")
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
-    if rescale_betas_zero_snr:
+    if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     if use_kl:
         loss_type = LossType.KL

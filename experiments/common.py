@@ -5,8 +5,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -14,21 +12,26 @@ RESULTS = os.path.join(ROOT, "experiments", "results")
 import demo  # (the FPDM recipe, its run folder and sample_quality)
 
 
+FPDM_RUN_DIR = os.path.join(RESULTS, "fpdm_runs", "fpdm-mnist")  # the demo recipe trained longer (2,500 steps)
+
+
 def demo_checkpoint(train_steps=2500):
-    """Path of the demo FPDM's final checkpoint; trains it (as `make demo` does) when it is missing."""
-    if not os.path.isfile(os.path.join(demo.RUN_DIR, "latest.json")):
-        demo.train(train_steps)
-    with open(os.path.join(demo.RUN_DIR, "latest.json")) as f:
-        return os.path.join(demo.RUN_DIR, json.load(f)["path"])
+    """Path of the experiments' FPDM: the demo recipe trained for `train_steps` steps in a folder of its own (the demo
+    itself trains 1,500); trained, resumed or skipped as needed."""
+    demo.train(train_steps, FPDM_RUN_DIR)
+    path = os.path.join(FPDM_RUN_DIR, "checkpoints", f"step_{train_steps:07d}.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the run in {FPDM_RUN_DIR} has no checkpoint at step {train_steps} "
+                                f"(delete the folder to train it again)")
+    return path
 
 
-def train(results, name, flags, steps):
-    """Train (or resume, or skip when finished) `train.py <flags>` for `steps` steps into <results>/<name>, with a
-    checkpoint at the end; returns (checkpoint path, metrics.csv rows as dicts)."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--max-steps", str(steps), "--ckpt-every",
-           str(steps), "--results-dir", results, "--run-name", name, "--resume", "auto"]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    run_dir = os.path.join(results, name)
+def train(results, name, cfg, steps):
+    """Train (or resume, or skip when finished) configuration `cfg` (configs.TrainConfig) for `steps` steps into
+    <results>/<name>, with a checkpoint at the end; returns (checkpoint path, metrics.csv rows as dicts)."""
+    import train as trainer
+    run_dir = trainer.launch(cfg.replace(max_steps=steps, ckpt_every=steps, results_dir=results, run_name=name,
+                                         resume="auto"), quiet=True)
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     return os.path.join(run_dir, "checkpoints", f"step_{steps:07d}.pt"), rows

@@ -15,19 +15,9 @@ is reported paired by seed. Writes experiments/results/fpdm_vs_dit.{json,png}.
 
 import argparse
 import os
-import sys
 
 import common
-from common import demo  # (the FPDM recipe)
-
-
-def dit_flags():
-    """The demo recipe without --fixed-point and its four S-JFB range flags (with their values)."""
-    flags = list(demo.TRAIN_FLAGS)
-    i = flags.index("--fixed-point")
-    flags = flags[:i] + flags[i + 9:]
-    assert not any(f.startswith("--fixed-point") for f in flags)
-    return flags
+import configs
 
 
 def main():
@@ -40,7 +30,7 @@ def main():
     args = p.parse_args()
     from sampling import iterations_from_block_budget, load_model_for_sampling
 
-    dit_ckpt, _ = common.train(args.results, "dit-mnist", dit_flags(), args.train_steps)
+    dit_ckpt, _ = common.train(args.results, "dit-mnist", configs.preset("demo-mnist-dit"), args.train_steps)
     dit, dit_cfg = load_model_for_sampling(dit_ckpt)
     fpdm_ckpt, fpdm, fpdm_cfg, seeds = common.load_for_sampling(args)
 

@@ -10,17 +10,16 @@ samples at equal steps. Writes experiments/results/init_from_dit.{json,png}.
 
 import argparse
 import os
-import sys
 
 import common
+import configs
 
-COMMON = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "128", "--num-heads",
-          "4", "--depth", "8", "--patch-size", "2", "--no-learn-sigma", "--predict-v", "--noise-schedule", "cosine",
-          "--lr", "1e-3", "--warmup-steps", "100", "--global-batch-size", "64", "--ema-warmup", "--log-every", "50",
-          "--tracker", "none", "--num-sample-images", "20", "--sample-steps", "20"]
-FPDM = ["--fixed-point", "--fixed-point-pre-post-timestep-conditioning", "--fixed-point-no-grad-min-iters", "3",
-        "--fixed-point-no-grad-max-iters", "3", "--fixed-point-with-grad-min-iters", "2",
-        "--fixed-point-with-grad-max-iters", "2"]
+# The demo's DiT recipe with more frequent logging and small preview grids; the FPDM adds t-conditioned pre/post
+# blocks (as the DiT blocks it starts from were) and S-JFB 3 no-grad + 2 with-grad iterations.
+DIT = configs.preset("demo-mnist-dit", log_every=50, num_sample_images=20, sample_steps=20)
+FPDM = DIT.replace(fixed_point=True, fixed_point_pre_post_timestep_conditioning=True,
+                   fixed_point_no_grad_min_iters=3, fixed_point_no_grad_max_iters=3,
+                   fixed_point_with_grad_min_iters=2, fixed_point_with_grad_max_iters=2)
 
 
 def quality(ckpt, num_per_class, steps, cfg_scale, timestep_spacing):
@@ -41,9 +40,9 @@ def main():
     common.demo.add_spacing_argument(p)
     args = p.parse_args()
 
-    dit_ckpt, _ = common.train(args.results, "dit", COMMON, args.dit_steps)
-    runs = {"scratch": common.train(args.results, "fpdm-scratch", COMMON + FPDM, args.fpdm_steps),
-            "init-from-DiT": common.train(args.results, "fpdm-init", COMMON + FPDM + ["--init-from", dit_ckpt],
+    dit_ckpt, _ = common.train(args.results, "dit", DIT, args.dit_steps)
+    runs = {"scratch": common.train(args.results, "fpdm-scratch", FPDM, args.fpdm_steps),
+            "init-from-DiT": common.train(args.results, "fpdm-init", FPDM.replace(init_from=dit_ckpt),
                                           args.fpdm_steps)}
     sampling = (args.num_per_class, args.sampling_steps, 2.0, args.timestep_spacing)
     report = {"args": vars(args), "dit_quality": quality(dit_ckpt, *sampling)}

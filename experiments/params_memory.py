@@ -11,8 +11,6 @@ moments, EMA) + 32 × activations. Writes experiments/results/params_memory.{jso
 """
 
 import argparse
-import os
-import sys
 
 import torch
 

@@ -10,8 +10,6 @@ the relative fixed-point residual left at the end of each step. Writes experimen
 """
 
 import argparse
-import os
-import sys
 
 import common
 

@@ -15,22 +15,21 @@ Writes experiments/results/sjfb_variants.{json,png}.
 import argparse
 import os
 import statistics
-import sys
 
 import torch
 
 import common
+import configs
 from common import demo
 
 VARIANTS = {"S-JFB": (1, 5, 1, 3), "JFB": (2, 6, 1, 1), "unroll": (0, 0, 5, 5)}
 
 
-def flags_for(ranges):
-    base = [f for f in demo.TRAIN_FLAGS]
-    i = base.index("--fixed-point-no-grad-min-iters")
-    names = ["--fixed-point-no-grad-min-iters", "--fixed-point-no-grad-max-iters",
-             "--fixed-point-with-grad-min-iters", "--fixed-point-with-grad-max-iters"]
-    return base[:i] + [v for name, value in zip(names, ranges) for v in (name, str(value))] + base[i + 8:]
+def config_for(ranges):
+    """The demo recipe with S-JFB ranges (no-grad min, max, with-grad min, max)."""
+    names = ("fixed_point_no_grad_min_iters", "fixed_point_no_grad_max_iters", "fixed_point_with_grad_min_iters",
+             "fixed_point_with_grad_max_iters")
+    return configs.preset("demo-mnist-fpdm", log_every=50, **dict(zip(names, ranges)))
 
 
 def saved_activation_mb(ckpt, n, m, batch=64):
@@ -56,7 +55,7 @@ def main():
 
     report = {"args": vars(args), "variants": {}}
     for name, ranges in VARIANTS.items():
-        ckpt, rows = common.train(args.results, name, flags_for(ranges) + ["--log-every", "50"], args.train_steps)
+        ckpt, rows = common.train(args.results, name, config_for(ranges), args.train_steps)
         model, train_config = load_model_for_sampling(ckpt)
         quality = demo.sample_quality(model, train_config, 20, args.num_per_class, 2.0, iterations_per_step=6,
                                       reuse=True, timestep_spacing=args.timestep_spacing)

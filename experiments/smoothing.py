@@ -10,8 +10,6 @@ each; FID-MNIST mean ± std. Writes experiments/results/smoothing.{json,png}.
 """
 
 import argparse
-import os
-import sys
 
 import common
 

@@ -71,10 +71,10 @@ def test_zero_terminal_snr_rescaling():
     assert diffusion.alphas_cumprod[0] == pytest.approx(1 - betas[0], rel=1e-12)
     assert np.all(np.diff(diffusion.alphas_cumprod) < 0)
     with pytest.raises(ValueError, match="v-prediction"):
-        create_diffusion("", rescale_betas_zero_snr=True)
+        create_diffusion("", zero_terminal_snr=True)
     # Respacing that keeps the final step keeps SNR_T = 0; one that does not, does not.
-    assert create_diffusion("10", rescale_betas_zero_snr=True, predict_v=True).alphas_cumprod[-1] == 0.0
-    assert create_diffusion("ddim50", rescale_betas_zero_snr=True, predict_v=True).alphas_cumprod[-1] > 0.0
+    assert create_diffusion("10", zero_terminal_snr=True, predict_v=True).alphas_cumprod[-1] == 0.0
+    assert create_diffusion("ddim50", zero_terminal_snr=True, predict_v=True).alphas_cumprod[-1] > 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def test_mean_types_give_the_same_samples():
 def test_zero_terminal_snr_v_prediction_samples_data(sampler):
     torch.manual_seed(0)
     diffusion = create_diffusion("100", learn_sigma=False, sigma_small=True, predict_v=True,
-                                 rescale_betas_zero_snr=True)
+                                 zero_terminal_snr=True)
     base = np.cumprod(1 - rescale_zero_terminal_snr(get_named_beta_schedule("linear", 1000)))
     model = gaussian_data_model(base, MU, S, ModelMeanType.VELOCITY)
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop

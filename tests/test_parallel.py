@@ -87,7 +87,7 @@ def test_other_parameterisations_match_sequential(case):
     net = tiny_model()
     dtype = torch.float64 if case == "epsilon_float64" else torch.float32
     kwargs = {"epsilon_float64": {}, "start_x": {"predict_xstart": True},
-              "zero_terminal_snr_v": {"predict_v": True, "rescale_betas_zero_snr": True}}[case]
+              "zero_terminal_snr_v": {"predict_v": True, "zero_terminal_snr": True}}[case]
     diffusion = create_diffusion("10", **kwargs)  # "10" keeps t = 999, where ᾱ = 0 with zero terminal SNR
     assert (diffusion.alphas_cumprod[-1] == 0) == (case == "zero_terminal_snr_v")
     model = guided(net.to(dtype))

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+import checkpoints
+import configs
 import deterministic_train
 import train
 
@@ -209,7 +211,7 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert json.load(open(os.path.join(run_dir, "latest.json")))["step"] == 3
     assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["step_0000003.pt"]  # no temporary file left
-    ckpt = train.load_checkpoint(os.path.join(run_dir, "checkpoints/step_0000003.pt"))
+    ckpt = checkpoints.read_training_checkpoint(os.path.join(run_dir, "checkpoints/step_0000003.pt"))
     assert ckpt["step"] == 3
 
 
@@ -256,12 +258,12 @@ def test_nan_in_any_micro_batch_never_reaches_the_optimizer(tmp_path, monkeypatc
     monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
     monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
     digest = {}
-    real_save = train.atomic_torch_save
+    real_save = checkpoints.atomic_torch_save
 
     def recording_save(obj, path):
         real_save(obj, path)
         digest[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    monkeypatch.setattr(train, "atomic_torch_save", recording_save)
+    monkeypatch.setattr(checkpoints, "atomic_torch_save", recording_save)
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradient at step 2 \(1 of 4 micro-batches"):
         run(tmp_path, "--max-steps", "3", "--grad-accum-steps", "4", "--ckpt-every", "1")
     run_dir = tmp_path / "run"
@@ -343,7 +345,8 @@ def test_init_fpdm_from_a_trained_dit(tmp_path):
     fpdm_cfg = train.parse_args(TINY_ARGS + ["--init-from", dit_ckpt])
     from models import DiT_models
     import data
-    model = DiT_models[fpdm_cfg.model](**train.model_config(fpdm_cfg, data.build_dataset("mnist", image_size=14)))
+    dataset = data.build_dataset("mnist", image_size=14)
+    model = DiT_models[fpdm_cfg.net.model](**configs.model_kwargs(fpdm_cfg, dataset.image_shape, dataset.num_classes))
     report = train.initialise_from(model, fpdm_cfg)
     assert report["placement"] == {"blocks_pre.0": 0, "block_fixed_point": 2, "blocks_post.0": 3}
     torch.testing.assert_close(model.block_fixed_point.attn.qkv.weight, dit["blocks.2.attn.qkv.weight"])
