@@ -17,7 +17,6 @@ DDIM-inversion start, phantom result, sequential result). Pixel-space models onl
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -137,11 +136,9 @@ class HalfBatchCFG:
 
 
 def build(args):
-    """Network (EMA weights), model callable and diffusion from a train.py checkpoint."""
-    from models import DiT, load_state_dict_checked
-    from sampling import GuidedModel, diffusion_for_sampling
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    net = load_state_dict_checked(DiT(**ckpt["model_config"]), ckpt["ema"]).to(args.device).eval()
+    """Network (EMA weights), model callable and diffusion from a checkpoint (any format load_model reads)."""
+    from sampling import GuidedModel, diffusion_for_sampling, load_model_for_sampling, resolve_device
+    net, train_config = load_model_for_sampling(args.ckpt, device=resolve_device(args.device))
     if net.in_channels not in (1, 3):
         raise ValueError(f"{args.ckpt} is a {net.in_channels}-channel model, presumably of VAE latents: invert.py "
                          f"works in pixel space only (inverting through the VAE decoder is not implemented)")
@@ -149,7 +146,7 @@ def build(args):
     iterations = args.num_iterations if net.fixed_point else None
     guided = GuidedModel(net, args.cfg_scale, iterations_per_step=iterations)
     model = HalfBatchCFG(guided, net.num_classes) if args.cfg_scale != 1.0 else guided
-    return net, model, diffusion_for_sampling(ckpt["config"], args.num_sampling_steps, args.timestep_spacing)
+    return net, model, diffusion_for_sampling(train_config, args.num_sampling_steps, args.timestep_spacing)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -242,8 +239,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    import cli
+    cli.run_script(main, parse_args)

@@ -16,19 +16,18 @@ sample.py's.
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-import sample as sample_cli
+import cli
 from runs import atomic_write, remove_stale_temporaries
-from sampling import claim_output_folder, diffusion_for_sampling, load_model_for_sampling, sample_images
+from sampling import claim_output_folder
 
 
 def parse_args(argv=None):
-    parser = sample_cli.build_parser(__doc__)  # every sample.py flag, plus:
+    parser = cli.build_parser(__doc__)  # every sample.py flag, plus:
     parser.add_argument("--num-fid-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (fixes the batches' contents)")
     return parser.parse_args(argv)
@@ -83,18 +82,14 @@ def main(args):
     args.device = str(device)
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model, train_config = load_model_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device,
-                                                  trust_checkpoint=args.trust_checkpoint, model_name=args.model)
-    if args.parallel:
+    if args.parallel or args.sampler == "ddim-parallel":
         raise ValueError("sample_ddp.py samples sequentially: use sample.py for --parallel")
-    iterations = sample_cli.fpdm_iterations(args, model)
-    diffusion_cfg = sample_cli.diffusion_config(args, model, train_config)
-    diffusion = diffusion_for_sampling(diffusion_cfg, args.num_sampling_steps, args.timestep_spacing)
-    clip = sample_cli.clipping(args, model)
-    vae = sample_cli.load_vae(model, args.vae, device)
-    settings = {**sample_cli.sample_settings(args, model, iterations, clip, labels=None, diffusion=diffusion_cfg),
+    setup = cli.Setup(args, device)
+    model = setup.model
+    settings = {**cli.sample_settings(args, model, setup.iterations, setup.clip, labels=None,
+                                      diffusion=setup.diffusion_config),
                 "num_fid_samples": args.num_fid_samples, "batch_size": args.batch_size}
-    out = sample_cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
+    out = cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
     # The main process claims the folder (checks it, writes args.json) and clears a killed run's temporaries while
     # the others wait: checking concurrently, they could see its half-written args.json and refuse. If it refuses,
     # its exit stops the others (accelerate launch ends the whole group).
@@ -122,11 +117,8 @@ def main(args):
         labels = torch.tensor([label for _, label in pairs], device=device)
         torch.manual_seed(args.seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
         start = time.perf_counter()
-        samples, fn = sample_images(model, diffusion, noise, labels, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                                    eta=args.eta, iterations_per_step=iterations, reuse=args.reuse,
-                                    tol=args.adaptive_tol, clip_denoised=clip,
-                                    guidance_channels=args.guidance_channels)
-        images = to_uint8(sample_cli.decode(samples, vae))
+        samples, fn = setup.sample(args, noise, labels)
+        images = to_uint8(cli.decode(samples, setup.vae))
         wall += time.perf_counter() - start
         stats.append(fn.compute())
         commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
@@ -153,8 +145,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run_script(main, parse_args)

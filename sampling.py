@@ -6,6 +6,7 @@ residual tolerance (adaptive iterations), solution reuse, and compute accounting
 """
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -128,6 +129,7 @@ class GuidedModel:
         self.guidance_channels = guidance_channels
         self.calls = 0
         self.iterations, self.residuals, self.block_evals, self.flops = [], [], [], []
+        self.info = {}  # what the sampler reports about itself (sample_images fills it)
 
     def __call__(self, x, t, y):
         kwargs = {}
@@ -180,28 +182,90 @@ def save_grid(images, path, nrow=8):
     return path
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Samplers: one signature, chosen by name
+# ------------------------------------------------------------------------------------------------------------------
+
+# name -> sampler(model, diffusion, x_T, *, model_kwargs, clip_denoised, progress, **options) -> (x_0, info dict).
+# `model` is a model callable as diffusion/ expects (a GuidedModel: guidance, FPDM iterations and reuse, counting);
+# the diffusion's timesteps are the ones the sampler visits (diffusion_for_sampling). Options are sampler-specific.
+SAMPLERS = {}
+
+
+def register_sampler(name):
+    def add(fn):
+        SAMPLERS[name] = fn
+        return fn
+    return add
+
+
+@register_sampler("ddpm")
+def sample_ddpm(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False):
+    """Ancestral sampling (Ho et al. 2020; learned variance as Nichol & Dhariwal 2021): x_{t-1} ~ p(x_{t-1} | x_t)
+    with torch's global RNG."""
+    return diffusion.p_sample_loop(model, x.shape, noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                   progress=progress), {}
+
+
+@register_sampler("ddim")
+def sample_ddim(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False, eta=0.0):
+    """DDIM (Song et al. 2021): deterministic for eta = 0, DDPM-like noise for eta = 1."""
+    return diffusion.ddim_sample_loop(model, x.shape, noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                      progress=progress, eta=eta), {}
+
+
+@register_sampler("ddim-parallel")
+def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False, eta=0.0,
+                         solver="anderson", solver_max_iter=15, solver_tol=1e-3, window=None, chunk_size=None):
+    """The DDIM chain solved as one fixed point over all timesteps (DEQ-DDIM, Pokle et al. 2022; the sliding window
+    of ParaDiGMS, Shih et al. 2023): `solver` anderson, picard or window (diffusion/parallel.py), at most
+    `solver_max_iter` iterations to relative residual `solver_tol`. Needs a fixed FPDM iteration count and no x0
+    clipping. info: parallel_iterations, network_evaluations, residual, ..."""
+    from diffusion.parallel import parallel_ddim_sample
+    if clip_denoised:
+        raise ValueError("parallel DDIM solves the chain without x0 clipping: sample with clip_denoised=False")
+    out, _, stats = parallel_ddim_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
+                                         max_iter=solver_max_iter, tol=solver_tol, window=window, chunk_size=chunk_size,
+                                         progress=progress, return_result=True)
+    return out, stats
+
+
+def guided_batch(noise, labels, cfg_scale, null_class):
+    """The batch a guided model call takes: with cfg_scale != 1, noise twice and the labels then the null class."""
+    if cfg_scale == 1.0:
+        return noise, labels
+    return torch.cat([noise, noise]), torch.cat([labels, torch.full_like(labels, null_class)])
+
+
 @torch.no_grad()
-def sample_images(model, diffusion, noise, labels, *, cfg_scale=1.0, sampler="ddim", eta=0.0,
-                  iterations_per_step=None, reuse=False, tol=None, clip_denoised=None, progress=False,
-                  guidance_channels=None):
-    """Draw samples from `noise` (N, C, H, W) with class `labels` (N,); returns (samples, GuidedModel stats).
+def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=1.0, iterations_per_step=None,
+                  reuse=False, tol=None, clip_denoised=None, progress=False, guidance_channels=None, **options):
+    """Draw samples from `noise` (N, C, H, W) with class `labels` (N,) with SAMPLERS[sampler] (`options` are its
+    own, e.g. eta); returns (samples, GuidedModel), whose `compute()` reports the compute and `info` the sampler's.
 
     With cfg_scale != 1 the batch is doubled internally (second half: the null class). clip_denoised=None follows
     `clip_denoised_for(model)`: pixel models clip x̂_0, latent models do not.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if clip_denoised is None:
         clip_denoised = clip_denoised_for(model)
+    run = SAMPLERS[sampler]
+    accepted = inspect.signature(run).parameters
+    unknown = [k for k, v in options.items() if k not in accepted and v not in (None, 0.0)]  # eta=0 for DDPM: fine
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} takes no {', '.join(unknown)} (its options: "
+                         f"{', '.join(k for k in accepted if k not in ('model', 'diffusion', 'x'))})")
+    options = {k: v for k, v in options.items() if k in accepted}
     was_training = model.training
     model.eval()
     fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol)
-    x, y = noise, labels
-    if cfg_scale != 1.0:
-        x = torch.cat([noise, noise])
-        y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-    extra = {"eta": eta} if sampler == "ddim" else {}
-    out = loop(fn, x.shape, noise=x, clip_denoised=clip_denoised, model_kwargs={"y": y}, progress=progress, **extra)
-    model.train(was_training)
+    x, y = guided_batch(noise, labels, cfg_scale, model.num_classes)
+    try:
+        out, fn.info = run(fn, diffusion, x, model_kwargs={"y": y}, clip_denoised=clip_denoised, progress=progress,
+                           **options)
+    finally:
+        model.train(was_training)
     return out[: len(noise)], fn
 
 

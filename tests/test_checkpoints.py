@@ -355,7 +355,7 @@ COSINE_V = {"noise_schedule": "cosine", "predict_v": True, "zero_terminal_snr": 
 
 def sample_with(path, steps=4, flags=()):
     """Four DDIM samples from whatever diffusion sample.py resolves for `path` and its diffusion `flags`."""
-    import sample as sample_cli
+    import cli as sample_cli
     from sampling import diffusion_for_sampling, load_model_for_sampling, sample_images
     model, train_config = load_model_for_sampling(str(path))
     args = sample_cli.build_parser().parse_args(["--ckpt", str(path), *flags])
@@ -390,7 +390,7 @@ def test_exports_carry_the_diffusion_settings(fmt, tmp_path):
 
 
 def test_diffusion_flags_for_checkpoints_that_record_none(tmp_path, capsys):
-    import sample as sample_cli
+    import cli as sample_cli
     model = tiny(learn_sigma=False)
     to_safetensors(model, tmp_path / "bare")  # records nothing (as official DiT weights): DiT's defaults, with a note
     _, config = sample_with(tmp_path / "bare")

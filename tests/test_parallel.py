@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import invert
+from checkpoints import TRAIN_FORMAT
 from diffusion import create_diffusion, get_named_beta_schedule
 from diffusion.parallel import ddim_chain_map, parallel_ddim_sample
 from diffusion.solvers import solve
@@ -272,7 +273,8 @@ def test_invert_script_end_to_end(tmp_path):
     net = tiny_model(in_channels=1, learn_sigma=False)
     config = {"noise_schedule": "linear", "learn_sigma": False, "predict_v": True, "zero_terminal_snr": False,
               "diffusion_steps": 1000}
-    torch.save({"ema": net.state_dict(), "model_config": net.config, "config": config}, tmp_path / "ckpt.pt")
+    torch.save({"format": TRAIN_FORMAT, "ema": net.state_dict(), "model_config": net.config, "config": config},
+               tmp_path / "ckpt.pt")
     pixels = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
     (tmp_path / "images").mkdir()
     for i, image in enumerate(pixels[:2]):
@@ -288,7 +290,8 @@ def test_invert_script_end_to_end(tmp_path):
     assert saved["initial_mse"] == pytest.approx(report["initial_mse"])
     assert (out / "mse.png").stat().st_size > 0 and (out / "grid.png").stat().st_size > 0
     latent = tiny_model(in_channels=4)
-    torch.save({"ema": latent.state_dict(), "model_config": latent.config, "config": config}, tmp_path / "lat.pt")
+    torch.save({"format": TRAIN_FORMAT, "ema": latent.state_dict(), "model_config": latent.config, "config": config},
+               tmp_path / "lat.pt")
     with pytest.raises(ValueError, match="pixel space"):
         invert.build(invert.parse_args(["--ckpt", str(tmp_path / "lat.pt"), "--images", "x", "--out", "y",
                                         "--device", "cpu"]))

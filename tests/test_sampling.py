@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import sample as sample_cli
 from evaluate import load_images
 import sample_ddp
@@ -102,6 +103,31 @@ def run_sampler(model, steps=10, **kwargs):
     noise = torch.randn(4, 1, 8, 8, generator=g)
     labels = torch.tensor([0, 1, 2, 3])
     return sample_images(model, diffusion, noise, labels, **kwargs)
+
+
+def test_sampler_registry_has_one_signature_and_clear_errors():
+    """Every registered sampler takes (model, diffusion, x, *, model_kwargs, clip_denoised, progress, options...);
+    unknown names and options a sampler lacks are one-line errors; the parallel sampler, reached through the same
+    entry point, gives sequential DDIM's samples (its exact fixed point)."""
+    import inspect
+    from sampling import SAMPLERS
+    assert {"ddpm", "ddim", "ddim-parallel"} <= set(SAMPLERS)
+    for name, fn in SAMPLERS.items():
+        params = inspect.signature(fn).parameters
+        assert list(params)[:3] == ["model", "diffusion", "x"], name
+        assert {"model_kwargs", "clip_denoised", "progress"} <= set(params), name
+    model = tiny_fpdm()
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        run_sampler(model, sampler="heun")
+    with pytest.raises(ValueError, match="sampler 'ddpm' takes no eta"):
+        run_sampler(model, sampler="ddpm", eta=0.5)
+    sequential, _ = run_sampler(model, iterations_per_step=2, clip_denoised=False)
+    parallel, fn = run_sampler(model, sampler="ddim-parallel", iterations_per_step=2, clip_denoised=False,
+                               solver_tol=1e-6, solver_max_iter=40)
+    assert fn.info["converged"] and fn.info["sequential_evaluations"] == 10
+    torch.testing.assert_close(parallel, sequential, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="without x0 clipping"):
+        run_sampler(model, sampler="ddim-parallel", iterations_per_step=2, clip_denoised=True)
 
 
 def test_reuse_lowers_first_iteration_residual():
@@ -459,6 +485,6 @@ def test_decode_divides_latents_by_the_vae_scaling_factor():
             self.seen = latents
             return type("Output", (), {"sample": latents[:, :3] * 2})()
     vae, latents = StubVAE(), torch.randn(2, 4, 8, 8)
-    images = sample_cli.decode(latents, vae)
+    images = cli.decode(latents, vae)
     assert torch.equal(vae.seen, latents / 0.5) and torch.equal(images, latents[:, :3] * 4)
-    assert sample_cli.decode(latents, None) is latents  # pixel models pass through
+    assert cli.decode(latents, None) is latents  # pixel models pass through

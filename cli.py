@@ -1,0 +1,241 @@
+"""The sampling command line shared by sample.py and sample_ddp.py (and its setup): the flags, FPDM's compute dials
+from them, the diffusion to sample with, the settings that identify a sample folder and its default name, the VAE,
+and one-line errors for scripts."""
+
+import argparse
+import os
+import sys
+
+import torch
+
+import vae as vae_io
+from checkpoints import diffusion_settings
+from diffusion import TIMESTEP_SPACINGS
+from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, SAMPLERS, SCHEDULES, clip_denoised_for, \
+    diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
+    load_model_for_sampling, settings_hash
+
+def build_parser(description=None):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, an official DiT / FPDM-release .pt, a diffusers "
+                   "DiTTransformer2DModel folder or an export.py safetensors folder (architecture read from it)")
+    p.add_argument("--model", default=None, help="registry name, only to resolve what the weights cannot tell "
+                   "(e.g. the head count of external checkpoints)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow argparse.Namespace objects in DiT training checkpoints (never arbitrary pickle)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+                   help="sampling.SAMPLERS; ddim-parallel is also chosen by --parallel SOLVER")
+    p.add_argument("--num-sampling-steps", type=int, default=50)
+    p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=TIMESTEP_SPACINGS[0],
+                   help="which timesteps the sampler visits (diffusers' names): trailing (default) starts at T-1 with "
+                   "equal steps; linspace is the FPDM release's; leading (starts at T - T/N) matches DiT/ADM's ddimN")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default=None,
+                   help="diffusion settings for checkpoints that record none (official DiT, bare state dicts); "
+                   "default DiT's linear. A value that contradicts the checkpoint's is refused")
+    p.add_argument("--predict-v", action=argparse.BooleanOptionalAction, default=None,
+                   help="v-prediction (for checkpoints that record no diffusion settings; default epsilon)")
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero-terminal-SNR betas (as --predict-v)")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="training diffusion steps T (as --predict-v)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N channels (3 reproduces official DiT's numbers)")
+    p.add_argument("--class-labels", type=str, default=None, help="comma-separated labels (default: cycle classes)")
+    p.add_argument("--num-samples", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip-denoised", choices=CLIP_CHOICES, default="auto",
+                   help="clip predicted x0 to [-1, 1]: auto = only for pixel-space models (never for latents)")
+    p.add_argument("--no-clip", dest="clip_denoised", action="store_const", const="off", help=argparse.SUPPRESS)
+    # FPDM compute dials.
+    p.add_argument("--iterations", type=int, default=None,
+                   help="FPDM iterations per step (default: the model's depth - pre - post); the cap with --adaptive-tol")
+    p.add_argument("--budget-block-evals", type=int, default=None,
+                   help="FPDM: total transformer-block evaluations per image over all steps (pre + iterations + post)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="flat",
+                   help="how a budget is spread: flat, more-noisy (more at the first, noisiest steps), more-clean")
+    p.add_argument("--reuse", action="store_true", help="FPDM: start each step from the previous step's solution")
+    p.add_argument("--adaptive-tol", type=float, default=None,
+                   help="FPDM: stop a step's iterations once the relative residual falls below this")
+    # DEQ-DDIM: the whole DDIM chain as one fixed point (diffusion/parallel.py).
+    p.add_argument("--parallel", choices=["anderson", "picard", "window"], default=None,
+                   help="sample all DDIM steps in parallel with this solver (DDIM, clipping off, fixed FPDM iterations)")
+    p.add_argument("--parallel-max-iter", type=int, default=15)
+    p.add_argument("--parallel-tol", type=float, default=1e-3, help="relative residual tolerance (release: 1e-3)")
+    p.add_argument("--parallel-window", type=int, default=None, help="sliding-window size (default: all steps)")
+    p.add_argument("--parallel-chunk-size", type=int, default=None,
+                   help="at most this many timesteps per network call (bounds memory)")
+    p.add_argument("--compare-sequential", action="store_true",
+                   help="with --parallel: also run sequential DDIM on the same noise and report both")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models only)")
+    p.add_argument("--out", default=None, help="output folder (default: samples/<readable name>-<settings hash>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an output folder that holds samples of other settings and start over")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def fpdm_iterations(args, model):
+    """Per-step iteration counts (or None for DiT) from the FPDM flags; one-line errors for flags out of range or that
+    contradict each other or the model."""
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+    if args.adaptive_tol is not None and not args.adaptive_tol > 0:
+        raise ValueError(f"--adaptive-tol must be > 0, got {args.adaptive_tol}")
+    if args.guidance_channels is not None and not 1 <= args.guidance_channels <= model.in_channels:
+        raise ValueError(f"--guidance-channels must lie in [1, {model.in_channels}] for this "
+                         f"{model.in_channels}-channel model, got {args.guidance_channels}")
+    if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
+        raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
+    fpdm_flags = [f for f, v in (("--iterations", args.iterations), ("--budget-block-evals", args.budget_block_evals),
+                                 ("--reuse", args.reuse or None), ("--adaptive-tol", args.adaptive_tol),
+                                 ("--schedule", None if args.schedule == "flat" else args.schedule)) if v is not None]
+    if not model.fixed_point:
+        if fpdm_flags:
+            raise ValueError(f"{fpdm_flags[0]} applies to FPDM checkpoints; this one is a DiT")
+        return None
+    if args.budget_block_evals is not None:
+        if args.iterations is not None:
+            raise ValueError("give either --iterations or --budget-block-evals, not both")
+        return iterations_from_block_budget(model, args.budget_block_evals, args.num_sampling_steps, args.schedule)
+    k = model.default_num_iterations if args.iterations is None else args.iterations
+    if k < 1:
+        raise ValueError(f"--iterations must be >= 1, got {k}")
+    return iteration_schedule(k * args.num_sampling_steps, args.num_sampling_steps, args.schedule)
+
+
+def diffusion_config(args, model, train_config):
+    """The diffusion to sample with: the checkpoint's recorded settings, else the --noise-schedule / --predict-v /
+    --zero-terminal-snr / --diffusion-steps flags, else DiT's defaults (with a note). learn_sigma is the model's.
+    A flag that contradicts a recorded setting is refused in one line."""
+    carried = diffusion_settings(train_config) or {}
+    given = {k: getattr(args, k) for k in ("noise_schedule", "predict_v", "zero_terminal_snr", "diffusion_steps")
+             if getattr(args, k, None) is not None}
+    conflicts = [k for k, v in given.items() if k in carried and carried[k] != v]
+    if conflicts:
+        listed = ", ".join(f"--{k.replace('_', '-')} {given[k]} (checkpoint: {carried[k]})" for k in conflicts)
+        raise ValueError(f"{listed}: the checkpoint records how it was trained; drop the flag")
+    if not carried and not given:
+        print("note: the checkpoint records no diffusion settings: sampling with DiT's (linear schedule, epsilon-"
+              "prediction, 1000 steps); pass --noise-schedule / --predict-v / --diffusion-steps if it was trained "
+              "otherwise")
+    return {**DIFFUSION_DEFAULTS, **carried, **given, "learn_sigma": model.learn_sigma}
+
+
+def sample_settings(args, model, iterations, clip, labels, diffusion):
+    """Every setting that changes the samples, as plain data: written first into the output folder as args.json,
+    compared on every rerun, and hashed into the default folder name."""
+    settings = {"checkpoint_sha256": file_fingerprint(args.ckpt), "checkpoint": os.path.abspath(args.ckpt),
+                "diffusion": {k: diffusion[k] for k in sorted(DIFFUSION_DEFAULTS)},
+                "model": args.model, "ema": not args.no_ema, "sampler": args.sampler,
+                "num_sampling_steps": args.num_sampling_steps, "timestep_spacing": args.timestep_spacing,
+                "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
+                "guidance_channels": args.guidance_channels, "clip_denoised": clip, "seed": args.seed,
+                "labels": labels, "precision": "fp32",
+                "vae_sha256": None if is_pixel_model(model) else file_fingerprint(args.vae),
+                "fixed_point": {"iterations_per_step": iterations, "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
+                                "budget_block_evals": args.budget_block_evals, "schedule": args.schedule}
+                if model.fixed_point else None}
+    sampler, options = resolve_sampler(args)
+    if sampler == "ddim-parallel":
+        settings["parallel"] = {"solver": options["solver"], "max_iter": options["solver_max_iter"],
+                                "tol": options["solver_tol"], "window": options["window"]}
+    return settings
+
+
+def output_folder(args, settings, suffix=""):
+    """--out, or samples/<run>-<checkpoint>-<sampler and steps>-cfg-seed[-FPDM dials]<suffix>-<settings hash>."""
+    if args.out:
+        return args.out
+    stem = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
+    run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
+    parts = [run, stem, f"{args.sampler}{args.num_sampling_steps}", f"cfg{args.cfg_scale:g}", f"seed{args.seed}"]
+    if args.budget_block_evals is not None:
+        parts.append(f"budget{args.budget_block_evals}-{args.schedule}")
+    elif args.iterations is not None:
+        parts.append(f"it{args.iterations}")
+    if args.reuse:
+        parts.append("reuse")
+    if args.adaptive_tol is not None:
+        parts.append(f"tol{args.adaptive_tol:g}")
+    return os.path.join("samples", "-".join(p for p in parts if p) + suffix + "-" + settings_hash(settings))
+
+
+def load_vae(model, vae_path, device):
+    """The AutoencoderKL that decodes this model's latents (loaded once per process), or None for pixel models."""
+    if is_pixel_model(model):
+        return None
+    if vae_path is None:
+        raise ValueError(f"this model samples {model.in_channels}-channel latents: pass --vae with a local diffusers "
+                         f"AutoencoderKL folder (e.g. a download of stabilityai/sd-vae-ft-ema)")
+    return vae_io.load(vae_path).to(device).eval()
+
+
+def decode(images, vae):
+    """Pixels in [-1, 1]: latents decode with `vae` (from load_vae), pixel samples (vae None) pass through."""
+    return images if vae is None else vae_io.decode(images, vae)
+
+
+def clipping(args, model):
+    """The resolved x̂_0 clipping; parallel DDIM solves the unclipped chain, so "auto" turns it off there."""
+    clip = clip_denoised_for(model, args.clip_denoised)
+    if (args.parallel or args.sampler == "ddim-parallel") and clip:
+        if args.clip_denoised == "on":
+            raise ValueError("--parallel solves the DDIM chain without x0 clipping: drop --clip-denoised on")
+        print("note: parallel DDIM samples without x0 clipping; a sequential comparison does the same")
+        clip = False
+    return clip
+
+
+def resolve_sampler(args):
+    """The registry name and its options from the flags (--parallel SOLVER selects ddim-parallel)."""
+    if args.parallel and args.sampler not in ("ddim", "ddim-parallel"):
+        raise ValueError("--parallel solves the DDIM chain: use --sampler ddim")
+    if args.parallel or args.sampler == "ddim-parallel":
+        return "ddim-parallel", {"eta": args.eta, "solver": args.parallel or "anderson",
+                                 "solver_max_iter": args.parallel_max_iter, "solver_tol": args.parallel_tol,
+                                 "window": args.parallel_window, "chunk_size": args.parallel_chunk_size}
+    return args.sampler, ({"eta": args.eta} if args.sampler == "ddim" else {})
+
+
+class Setup:
+    """What sample.py and sample_ddp.py build from the flags: model, training config, FPDM iterations per step, the
+    diffusion (settings and object), x0 clipping, VAE, and the sampler with its options."""
+
+    def __init__(self, args, device):
+        self.model, self.train_config = load_model_for_sampling(
+            args.ckpt, use_ema=not args.no_ema, device=device, trust_checkpoint=args.trust_checkpoint,
+            model_name=args.model)
+        self.sampler, self.options = resolve_sampler(args)
+        self.iterations = fpdm_iterations(args, self.model)
+        if self.sampler == "ddim-parallel" and (args.reuse or args.adaptive_tol is not None or (
+                self.iterations and len(set(self.iterations)) > 1)):
+            raise ValueError("--parallel evaluates all timesteps at once: it needs a fixed FPDM iteration count "
+                             "(no --reuse, --adaptive-tol or non-flat --schedule)")
+        self.diffusion_config = diffusion_config(args, self.model, self.train_config)
+        self.diffusion = diffusion_for_sampling(self.diffusion_config, args.num_sampling_steps, args.timestep_spacing)
+        self.clip = clipping(args, self.model)
+        self.vae = load_vae(self.model, args.vae, device)
+
+    def sample(self, args, noise, labels, sampler=None, progress=False):
+        """sampling.sample_images with every flag applied; `sampler` overrides the chosen one (options then its own)."""
+        from sampling import sample_images
+        name = sampler or self.sampler
+        options = self.options if sampler is None else ({"eta": args.eta} if sampler == "ddim" else {})
+        iterations = self.iterations
+        if name == "ddim-parallel" and iterations:
+            iterations = iterations[0]  # one count for all timesteps (checked above)
+        return sample_images(self.model, self.diffusion, noise, labels, sampler=name, cfg_scale=args.cfg_scale,
+                             iterations_per_step=iterations, reuse=args.reuse, tol=args.adaptive_tol,
+                             clip_denoised=self.clip, progress=progress, guidance_channels=args.guidance_channels,
+                             **options)
+
+
+def run_script(main, parse_args):
+    """main(parse_args()) with the expected failures (bad flags, files, folders) as one line on stderr, exit 1."""
+    try:
+        return main(parse_args())
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
