@@ -444,7 +444,7 @@ def read_training_checkpoint(path):
 def write_training_checkpoint(run_dir, step, state, keep_last):
     """Write `state` (plus format and step) as checkpoints/step_NNNNNNN.pt atomically, point latest.json at it, then
     keep the `keep_last` newest by step (never the one just written). Returns the checkpoint's relative path."""
-    from runs import atomic_write, prune_checkpoints
+    from run_folders import atomic_write, prune_checkpoints
     name = f"checkpoints/step_{step:07d}.pt"
     # CPU tensors: a checkpoint written on a GPU loads anywhere with plain torch.load.
     ckpt = {"format": TRAIN_FORMAT, "step": step, **to_cpu(state)}
@@ -455,8 +455,8 @@ def write_training_checkpoint(run_dir, step, state, keep_last):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save through runs.atomic_write: a crash mid-write leaves the old file intact."""
-    from runs import atomic_write
+    """torch.save through run_folders.atomic_write: a crash mid-write leaves the old file intact."""
+    from run_folders import atomic_write
     atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 

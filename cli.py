@@ -11,7 +11,8 @@ import torch
 import vae as vae_io
 from checkpoints import diffusion_settings
 from diffusion import TIMESTEP_SPACINGS
-from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, SAMPLERS, SCHEDULES, clip_denoised_for, \
+from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, SAMPLERS, SCHEDULES, can_clip, \
+    clip_denoised_for, model_calls, \
     diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
     load_model_for_sampling, settings_hash
 
@@ -40,6 +41,11 @@ def build_parser(description=None):
     p.add_argument("--diffusion-steps", type=int, default=None, help="training diffusion steps T (as --predict-v)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="guide only at timesteps t in [LOW, HIGH] (of T = 1000; Kynkäänniemi et al. 2024), one "
+                   "branch elsewhere")
+    p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant",
+                   help="guidance scale constant, or linear from 1 at t = T to --cfg-scale at t = 0")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 reproduces official DiT's numbers)")
     p.add_argument("--class-labels", type=str, default=None, help="comma-separated labels (default: cycle classes)")
@@ -76,9 +82,11 @@ def build_parser(description=None):
     return p
 
 
-def fpdm_iterations(args, model):
-    """Per-step iteration counts (or None for DiT) from the FPDM flags; one-line errors for flags out of range or that
-    contradict each other or the model."""
+def fpdm_iterations(args, model, calls=None):
+    """Iteration counts per model call (or None for DiT) from the FPDM flags, over `calls` model calls (default: one
+    per sampling step; Heun makes more); one-line errors for flags out of range or that contradict each other or the
+    model."""
+    calls = calls or args.num_sampling_steps
     if args.eta < 0:
         raise ValueError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
     if args.adaptive_tol is not None and not args.adaptive_tol > 0:
@@ -98,11 +106,11 @@ def fpdm_iterations(args, model):
     if args.budget_block_evals is not None:
         if args.iterations is not None:
             raise ValueError("give either --iterations or --budget-block-evals, not both")
-        return iterations_from_block_budget(model, args.budget_block_evals, args.num_sampling_steps, args.schedule)
+        return iterations_from_block_budget(model, args.budget_block_evals, calls, args.schedule)
     k = model.default_num_iterations if args.iterations is None else args.iterations
     if k < 1:
         raise ValueError(f"--iterations must be >= 1, got {k}")
-    return iteration_schedule(k * args.num_sampling_steps, args.num_sampling_steps, args.schedule)
+    return iteration_schedule(k * calls, calls, args.schedule)
 
 
 def diffusion_config(args, model, train_config):
@@ -137,6 +145,9 @@ def sample_settings(args, model, iterations, clip, labels, diffusion):
                 "fixed_point": {"iterations_per_step": iterations, "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
                                 "budget_block_evals": args.budget_block_evals, "schedule": args.schedule}
                 if model.fixed_point else None}
+    # Recorded when used, so that folders written before these flags existed keep their identity.
+    if args.guidance_interval is not None or args.guidance_schedule != "constant":
+        settings["guidance"] = {"interval": args.guidance_interval, "schedule": args.guidance_schedule}
     sampler, options = resolve_sampler(args)
     if sampler == "ddim-parallel":
         settings["parallel"] = {"solver": options["solver"], "max_iter": options["solver_max_iter"],
@@ -177,13 +188,15 @@ def decode(images, vae):
     return images if vae is None else vae_io.decode(images, vae)
 
 
-def clipping(args, model):
-    """The resolved x̂_0 clipping; parallel DDIM solves the unclipped chain, so "auto" turns it off there."""
+def clipping(args, model, sampler):
+    """The resolved x̂_0 clipping; samplers that cannot clip (parallel DDIM solves the unclipped chain, Euler and
+    Heun have no clipping in diffusers) turn "auto" off there, with a note."""
     clip = clip_denoised_for(model, args.clip_denoised)
-    if (args.parallel or args.sampler == "ddim-parallel") and clip:
+    if clip and not can_clip(sampler):
         if args.clip_denoised == "on":
-            raise ValueError("--parallel solves the DDIM chain without x0 clipping: drop --clip-denoised on")
-        print("note: parallel DDIM samples without x0 clipping; a sequential comparison does the same")
+            raise ValueError(f"--sampler {sampler} cannot clip x0: drop --clip-denoised on")
+        print(f"note: {sampler} samples without x0 clipping" + ("; a sequential comparison does the same"
+                                                                if sampler == "ddim-parallel" else ""))
         clip = False
     return clip
 
@@ -208,14 +221,14 @@ class Setup:
             args.ckpt, use_ema=not args.no_ema, device=device, trust_checkpoint=args.trust_checkpoint,
             model_name=args.model)
         self.sampler, self.options = resolve_sampler(args)
-        self.iterations = fpdm_iterations(args, self.model)
+        self.diffusion_config = diffusion_config(args, self.model, self.train_config)
+        self.diffusion = diffusion_for_sampling(self.diffusion_config, args.num_sampling_steps, args.timestep_spacing)
+        self.iterations = fpdm_iterations(args, self.model, model_calls(self.sampler, self.diffusion))
         if self.sampler == "ddim-parallel" and (args.reuse or args.adaptive_tol is not None or (
                 self.iterations and len(set(self.iterations)) > 1)):
             raise ValueError("--parallel evaluates all timesteps at once: it needs a fixed FPDM iteration count "
                              "(no --reuse, --adaptive-tol or non-flat --schedule)")
-        self.diffusion_config = diffusion_config(args, self.model, self.train_config)
-        self.diffusion = diffusion_for_sampling(self.diffusion_config, args.num_sampling_steps, args.timestep_spacing)
-        self.clip = clipping(args, self.model)
+        self.clip = clipping(args, self.model, self.sampler)
         self.vae = load_vae(self.model, args.vae, device)
 
     def sample(self, args, noise, labels, sampler=None, progress=False):
@@ -229,6 +242,7 @@ class Setup:
         return sample_images(self.model, self.diffusion, noise, labels, sampler=name, cfg_scale=args.cfg_scale,
                              iterations_per_step=iterations, reuse=args.reuse, tol=args.adaptive_tol,
                              clip_denoised=self.clip, progress=progress, guidance_channels=args.guidance_channels,
+                             guidance_interval=args.guidance_interval, guidance_schedule=args.guidance_schedule,
                              **options)
 
 

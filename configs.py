@@ -142,7 +142,8 @@ class RunConfig:
     ckpt_every: int = opt(5000, "checkpoint every N steps (and at the end)")
     keep_last: int = opt(3, "checkpoints to keep")
     sample_every: int = opt(0, "write an EMA sample grid every N steps (0: only at the end)")
-    sample_steps: int = opt(50, "DDIM steps for sample grids")
+    sample_steps: int = opt(50, "sampling steps for sample grids")
+    sample_sampler: str = opt("ddim", "sampler for sample grids (sampling.SAMPLERS, e.g. ddim, dpmpp-2m, unipc)")
     sample_cfg_scale: float = opt(2.0, "guidance scale for sample grids")
     num_sample_images: int = opt(40, "images in a sample grid")
     tracker: str = opt("auto", "auto (wandb offline if installed, else tensorboard), wandb, tensorboard, none")
@@ -163,6 +164,10 @@ class RunConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.tracker not in ("auto", "wandb", "tensorboard", "none"):
             raise ValueError(f"unknown --tracker {self.tracker!r}: use auto, wandb, tensorboard or none")
+        from sampling import SAMPLERS
+        if self.sample_sampler not in SAMPLERS or self.sample_sampler == "ddim-parallel":
+            raise ValueError(f"unknown --sample-sampler {self.sample_sampler!r}; choose one of: "
+                             f"{', '.join(s for s in SAMPLERS if s != 'ddim-parallel')}")
 
 
 @dataclass
@@ -215,7 +220,7 @@ ARCHITECTURE = ("model", "hidden_size", "depth", "num_heads", "patch_size", "fix
 # Settings a resumed run may change freely: how long, how often it logs / checkpoints / previews, where it reads
 # and writes, and memory-for-speed switches that leave the numbers alone. Any other difference needs --override.
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps",
-                     "sample_cfg_scale", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
+                     "sample_sampler", "sample_cfg_scale", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
                      "run_name", "compile", "grad_ckpt", "grad_ckpt_iterations", "trust_checkpoint", "init_from",
                      "override")
 

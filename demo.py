@@ -48,8 +48,8 @@ def configurations(model, steps):
 
 
 def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, iterations_per_step=None,
-                   reuse=False, seed=0, timestep_spacing="trailing"):
-    """Sample `num_per_class` digits of every class from fixed noise (`seed`) with DDIM over `timestep_spacing`;
+                   reuse=False, seed=0, timestep_spacing="trailing", sampler="ddim"):
+    """Sample `num_per_class` digits of every class from fixed noise (`seed`) with `sampler` over `timestep_spacing`;
     returns a dict with FID-MNIST, class accuracy, the compute report and the samples. Shared by the demo and
     experiments/."""
     import evaluate
@@ -58,7 +58,8 @@ def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, 
     noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps, timestep_spacing), noise, labels,
-                                   cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse)
+                                   cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse,
+                                   sampler=sampler)
     seconds = time.perf_counter() - start
     return {"fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
             "compute": stats.compute(), "seconds": seconds, "samples": samples}

@@ -33,7 +33,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionAux, 
 from tqdm import tqdm
 
 from data import IMAGE_EXTENSIONS, MNISTDigits, list_images
-from runs import atomic_write
+from run_folders import atomic_write
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import vae as vae_io
 from data import LATENT_FORMAT, ImageFolderDataset
-from runs import atomic_write
+from run_folders import atomic_write
 
 def _save_shard(path, tensors):
     from safetensors.torch import save

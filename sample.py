@@ -20,7 +20,7 @@ import time
 import torch
 
 import cli
-from runs import atomic_write
+from run_folders import atomic_write
 from sampling import claim_output_folder, resolve_device, save_grid
 
 

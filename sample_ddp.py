@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import cli
-from runs import atomic_write, remove_stale_temporaries
+from run_folders import atomic_write, remove_stale_temporaries
 from sampling import claim_output_folder
 
 

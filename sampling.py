@@ -16,7 +16,7 @@ import torch
 
 from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
 from models import SolutionCache
-from runs import atomic_write
+from run_folders import atomic_write
 
 
 def diffusion_for_sampling(config, num_sampling_steps, spacing=TIMESTEP_SPACINGS[0]):
@@ -117,19 +117,39 @@ def iterations_from_block_budget(model, block_evals, num_steps, schedule="flat")
     return iteration_schedule(block_evals - fixed, num_steps, schedule)
 
 
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
 class GuidedModel:
-    """`model(x, t, y)` for the diffusion samplers: CFG over a doubled batch, and for FPDM the iteration count of the
-    current step (`iterations_per_step[i]` at the i-th call, or one int for all) and solution reuse."""
+    """`model(x, t, y)` for the samplers, the one guidance wrapper: classifier-free guidance over a doubled batch
+    (second half: the null class), optionally only for t in `guidance_interval` = (low, high) (Kynkäänniemi et al.
+    2024; outside it one branch runs, the conditional one) and with a scale that is `constant` or `linear` in t (from
+    1 at t = T to cfg_scale at t = 0); for FPDM the iteration count of each call (`iterations_per_step[i]` at the
+    i-th call, or one int for all), the adaptive tolerance and solution reuse; and the compute of every call."""
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
-                 tol=None):
+                 tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000):
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"unknown guidance schedule {guidance_schedule!r}: use {' or '.join(GUIDANCE_SCHEDULES)}")
+        if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1]:
+            raise ValueError(f"guidance interval {tuple(guidance_interval)} must be (low, high) with 0 <= low <= high")
         self.model, self.cfg_scale, self.reuse, self.tol = model, cfg_scale, reuse, tol
         self.cache = SolutionCache() if reuse and model.fixed_point else None  # this batch's reused solution
         self.iterations_per_step = iterations_per_step
         self.guidance_channels = guidance_channels
+        self.guidance_interval, self.guidance_schedule = guidance_interval, guidance_schedule
+        self.num_train_timesteps = num_train_timesteps
         self.calls = 0
-        self.iterations, self.residuals, self.block_evals, self.flops = [], [], [], []
+        self.iterations, self.residuals, self.block_evals, self.flops, self.passes = [], [], [], [], []
         self.info = {}  # what the sampler reports about itself (sample_images fills it)
+
+    def guidance_scale(self, t):
+        """The guidance scale at timestep t, or None where this call runs unguided (outside the interval)."""
+        if self.guidance_interval is not None and not self.guidance_interval[0] <= t <= self.guidance_interval[1]:
+            return None
+        if self.guidance_schedule == "linear":
+            return 1.0 + (self.cfg_scale - 1.0) * (1.0 - t / self.num_train_timesteps)
+        return self.cfg_scale
 
     def __call__(self, x, t, y):
         kwargs = {}
@@ -138,35 +158,62 @@ class GuidedModel:
             if isinstance(iters, (list, tuple)):
                 if self.calls >= len(iters):
                     raise ValueError(f"the iteration schedule has {len(iters)} entries but the sampler made more "
-                                     f"model calls: give one entry per sampling step")
+                                     f"model calls: give one entry per model call")
                 iters = iters[self.calls]
             kwargs["num_iterations"] = iters
             if self.tol is not None:
                 kwargs["tol"] = self.tol
             kwargs["reuse"] = self.cache or False  # the sampler decides, whatever the model was built with
-        if self.cfg_scale != 1.0:
-            out = self.model.forward_with_cfg(x, t, y, self.cfg_scale, guidance_channels=self.guidance_channels,
-                                              **kwargs)
+        guided = self.cfg_scale != 1.0  # then the batch is doubled
+        if guided and (self.guidance_interval is not None or self.guidance_schedule != "constant"):
+            if t.numel() > 1 and not bool((t == t[0]).all()):
+                raise ValueError("a guidance interval or schedule needs one timestep per model call (a sequential "
+                                 "sampler, not parallel DDIM)")
+            scale = self.guidance_scale(float(t.flatten()[0]))
         else:
-            out = self.model(x, t, y, **kwargs)
+            scale = self.cfg_scale
+        if guided and scale is None:
+            out, passes = self._conditional_only(x, t, y, kwargs), 1
+        elif guided:
+            out, passes = self.model.forward_with_cfg(x, t, y, scale, guidance_channels=self.guidance_channels,
+                                                      **kwargs), 2
+        else:
+            out, passes = self.model(x, t, y, **kwargs), 1
         if self.model.fixed_point:
             k = self.model.last_stats.iterations
             self.iterations.append(k)
-            self.residuals.append(self.model.last_stats.residual_values())  # every iteration's, per step
+            self.residuals.append(self.model.last_stats.residual_values())  # every iteration's, per call
         else:
             k = None
         self.block_evals.append(self.model.block_evaluations(k))
         self.flops.append(self.model.forward_flops(k))
+        self.passes.append(passes)
         self.calls += 1
         return out
 
+    def _conditional_only(self, x, t, y, kwargs):
+        """An unguided call on a doubled batch: the conditional half only, its output used for both halves. With
+        reuse, that half continues from (and updates) its part of the stored solution."""
+        half = len(x) // 2
+        if self.cache is not None:
+            kwargs["reuse"] = part = SolutionCache()
+            if self.cache.solution is not None:
+                part.solution = self.cache.solution[:half]
+        out = self.model(x[:half], t[:half], y[:half], **kwargs)
+        if self.cache is not None:
+            rest = self.cache.solution[half:] if self.cache.solution is not None else part.solution
+            self.cache.solution = torch.cat([part.solution, rest])
+        return torch.cat([out, out])
+
     def compute(self):
         """Compute of everything called so far, per image. `block_evals` counts one pass through the network per
-        step (the unit of --budget-block-evals); guidance runs `cfg_passes` = 2 passes, counted in the FLOPs."""
-        passes = 2 if self.cfg_scale != 1.0 else 1
-        return {"model_calls": self.calls, "cfg_passes": passes, "block_evals": sum(self.block_evals),
-                "flops_per_image": float(sum(self.flops) * passes),
-                "flops_in_dit_blocks": sum(self.flops) * passes / self.model.block_flops(),
+        call (the unit of --budget-block-evals); `passes` counts the branches each call ran (2 with guidance, 1
+        without or outside the guidance interval), and the FLOPs include them."""
+        passes = sum(self.passes)
+        return {"model_calls": self.calls, "cfg_passes": max(self.passes, default=1), "model_passes": passes,
+                "block_evals": sum(self.block_evals),
+                "flops_per_image": float(sum(f * p for f, p in zip(self.flops, self.passes))),
+                "flops_in_dit_blocks": sum(f * p for f, p in zip(self.flops, self.passes)) / self.model.block_flops(),
                 "iterations_per_step": self.iterations,
                 "final_residual_per_step": [r[-1] if r else None for r in self.residuals]}
 
@@ -230,6 +277,98 @@ def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
     return out, stats
 
 
+def model_calls(sampler, diffusion):
+    """How many model calls `sampler` makes over `diffusion`'s timesteps (Heun: two per step but the last): the unit
+    an FPDM iteration budget is spread over."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    calls = getattr(SAMPLERS[sampler], "model_calls", None)
+    return calls(diffusion) if calls else diffusion.num_timesteps
+
+
+def can_clip(sampler):
+    """Whether `sampler` can clip x̂_0 to [-1, 1] (the ODE solvers of diffusers' k-diffusion family cannot)."""
+    return getattr(SAMPLERS[sampler], "can_clip", True) and sampler != "ddim-parallel"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# diffusers' few-step solvers over our diffusion (DPM-Solver++, UniPC, Euler, Heun)
+# ------------------------------------------------------------------------------------------------------------------
+
+def diffusers_scheduler(diffusion, class_name, clip_denoised=False, **config):
+    """A diffusers scheduler (`class_name`, `config`) set up to solve OUR diffusion: built from the base process's
+    betas and our parameterisation (ε, v or x₀), visiting exactly `diffusion`'s timesteps (the spacing whose
+    timesteps diffusers computes identically is chosen; anything else is refused). `clip_denoised` clips x̂₀ to
+    [-1, 1] through diffusers' thresholding at sample_max_value 1 (only the multistep solvers have it)."""
+    import diffusers
+    from diffusion import ModelMeanType
+    cls = getattr(diffusers, class_name)
+    parameters = inspect.signature(cls.__init__).parameters
+    base = np.asarray(diffusion.base_betas, dtype=np.float64)
+    prediction = {ModelMeanType.EPSILON: "epsilon", ModelMeanType.VELOCITY: "v_prediction",
+                  ModelMeanType.START_X: "sample"}[diffusion.model_mean_type]
+    kwargs = dict(num_train_timesteps=len(base), trained_betas=base.tolist(), prediction_type=prediction, **config)
+    if np.prod(1.0 - base) == 0.0:  # zero terminal SNR: diffusers keeps the last sigma finite (its own rescaling)
+        if "rescale_betas_zero_snr" not in parameters:
+            raise ValueError(f"{class_name} cannot sample a zero-terminal-SNR model; use ddim, dpmpp-2m or unipc")
+        kwargs["rescale_betas_zero_snr"] = True
+    if clip_denoised:
+        if "thresholding" not in parameters:
+            raise ValueError(f"{class_name} cannot clip x0: sample with clip_denoised off (--clip-denoised off)")
+        kwargs.update(thresholding=True, dynamic_thresholding_ratio=1.0, sample_max_value=1.0)
+    wanted = [int(t) for t in diffusion.timestep_map[::-1]]
+    for spacing in ("trailing", "linspace", "leading"):
+        scheduler = cls(**kwargs, timestep_spacing=spacing)
+        scheduler.set_timesteps(len(wanted))
+        visited = [int(round(float(t))) for t in scheduler.timesteps]
+        if [t for i, t in enumerate(visited) if i == 0 or t != visited[i - 1]] == wanted:  # Heun visits twice
+            return scheduler
+    raise ValueError(f"{class_name} cannot visit the timesteps {wanted[:4]}...: sample with a trailing, linspace or "
+                     f"leading spacing")
+
+
+def run_scheduler(scheduler, model, x, model_kwargs, progress=False):
+    """Drive a diffusers scheduler with our model callable (original integer timesteps; the first C channels of a
+    learned-sigma output, as an ODE solver needs no variance). x is x_T ~ N(0, I), as for DDIM."""
+    from tqdm.auto import tqdm
+    channels = x.shape[1]
+    x = x * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
+        step_t = torch.full((len(x),), int(round(float(t))), device=x.device, dtype=torch.long)
+        out = model(scheduler.scale_model_input(x, t), step_t, **model_kwargs)[:, :channels]
+        x = scheduler.step(out.to(x.dtype), t, x).prev_sample
+    return x
+
+
+def _register_diffusers(name, class_name, doc, can_clip, **config):
+    def sample(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False):
+        scheduler = diffusers_scheduler(diffusion, class_name, clip_denoised, **config)
+        return run_scheduler(scheduler, model, x, model_kwargs, progress), {"scheduler": class_name}
+
+    sample.__doc__ = doc
+    sample.__name__ = f"sample_{name.replace('-', '_')}"
+    sample.model_calls = lambda diffusion: len(diffusers_scheduler(diffusion, class_name, **config).timesteps)
+    sample.can_clip = can_clip
+    sample.scheduler_class, sample.config = class_name, config
+    register_sampler(name)(sample)
+
+
+_register_diffusers("dpmpp-2m", "DPMSolverMultistepScheduler",
+                    "DPM-Solver++(2M) (Lu et al. 2022), multistep second order in x0-prediction; diffusers' solver.",
+                    True, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+                    final_sigmas_type="zero")
+_register_diffusers("unipc", "UniPCMultistepScheduler",
+                    "UniPC (Zhao et al. 2023): UniP predictor with the UniC corrector (bh2), order 2, which reuses the "
+                    "next step's model output (one model call per step); diffusers' solver.",
+                    True, solver_order=2, predict_x0=True, solver_type="bh2", final_sigmas_type="zero")
+_register_diffusers("euler", "EulerDiscreteScheduler",
+                    "Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, Alg. 1 without "
+                    "churn); diffusers' solver. Cannot clip x0.", False, final_sigmas_type="zero")
+_register_diffusers("heun", "HeunDiscreteScheduler",
+                    "Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Alg. 1): two model "
+                    "calls per step, one for the last; diffusers' solver. Cannot clip x0.", False)
+
+
 def guided_batch(noise, labels, cfg_scale, null_class):
     """The batch a guided model call takes: with cfg_scale != 1, noise twice and the labels then the null class."""
     if cfg_scale == 1.0:
@@ -239,7 +378,8 @@ def guided_batch(noise, labels, cfg_scale, null_class):
 
 @torch.no_grad()
 def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=1.0, iterations_per_step=None,
-                  reuse=False, tol=None, clip_denoised=None, progress=False, guidance_channels=None, **options):
+                  reuse=False, tol=None, clip_denoised=None, progress=False, guidance_channels=None,
+                  guidance_interval=None, guidance_schedule="constant", **options):
     """Draw samples from `noise` (N, C, H, W) with class `labels` (N,) with SAMPLERS[sampler] (`options` are its
     own, e.g. eta); returns (samples, GuidedModel), whose `compute()` reports the compute and `info` the sampler's.
 
@@ -249,7 +389,7 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if clip_denoised is None:
-        clip_denoised = clip_denoised_for(model)
+        clip_denoised = clip_denoised_for(model) and can_clip(sampler)
     run = SAMPLERS[sampler]
     accepted = inspect.signature(run).parameters
     unknown = [k for k, v in options.items() if k not in accepted and v not in (None, 0.0)]  # eta=0 for DDPM: fine
@@ -259,7 +399,8 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
     options = {k: v for k, v in options.items() if k in accepted}
     was_training = model.training
     model.eval()
-    fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol)
+    fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol, guidance_interval,
+                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000))
     x, y = guided_batch(noise, labels, cfg_scale, model.num_classes)
     try:
         out, fn.info = run(fn, diffusion, x, model_kwargs={"y": y}, clip_denoised=clip_denoised, progress=progress,

@@ -33,7 +33,7 @@ from checkpoints import (find_training_checkpoint, read_training_checkpoint, rng
                          write_training_checkpoint)
 from configs import parse_args
 from measure import peak_rss_bytes
-from runs import RunLock, exit_with_parent, truncate_metrics
+from run_folders import RunLock, exit_with_parent, truncate_metrics
 
 logger = logging.getLogger("train")
 
@@ -423,7 +423,8 @@ class Preview:
     def write(self, step):
         from sampling import sample_images, save_grid
         cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
-        images, _ = sample_images(self.ema, self.diffusion, self.noise, self.labels, cfg_scale=cfg_scale)
+        images, _ = sample_images(self.ema, self.diffusion, self.noise, self.labels, cfg_scale=cfg_scale,
+                                  sampler=self.cfg.run.sample_sampler)
         if self.dataset.kind == "latents":
             images = self.dataset.decode(images) if hasattr(self.dataset, "decode") else images[:, :3]
         classes = self.dataset.num_classes

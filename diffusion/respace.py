@@ -105,4 +105,5 @@ class SpacedDiffusion(GaussianDiffusion):
         betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
         super().__init__(betas=betas, alphas_cumprod=alphas_cumprod, **kwargs)
         self.timestep_map = kept
+        self.base_betas = base_betas  # the full process (diffusers schedulers are built from it)
         self.original_num_steps = len(base_betas)

@@ -111,14 +111,14 @@ def test_sampler_registry_has_one_signature_and_clear_errors():
     entry point, gives sequential DDIM's samples (its exact fixed point)."""
     import inspect
     from sampling import SAMPLERS
-    assert {"ddpm", "ddim", "ddim-parallel"} <= set(SAMPLERS)
+    assert {"ddpm", "ddim", "ddim-parallel", "dpmpp-2m", "unipc", "euler", "heun"} <= set(SAMPLERS)
     for name, fn in SAMPLERS.items():
         params = inspect.signature(fn).parameters
         assert list(params)[:3] == ["model", "diffusion", "x"], name
         assert {"model_kwargs", "clip_denoised", "progress"} <= set(params), name
     model = tiny_fpdm()
-    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
-        run_sampler(model, sampler="heun")
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        run_sampler(model, sampler="lms")
     with pytest.raises(ValueError, match="sampler 'ddpm' takes no eta"):
         run_sampler(model, sampler="ddpm", eta=0.5)
     sequential, _ = run_sampler(model, iterations_per_step=2, clip_denoised=False)
@@ -171,7 +171,7 @@ def test_guided_model_rejects_short_schedules():
     x, t, y = torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     fn(x, t, y)
     fn(x, t, y)
-    with pytest.raises(ValueError, match="one entry per sampling step"):
+    with pytest.raises(ValueError, match="one entry per model call"):
         fn(x, t, y)
 
 
@@ -188,6 +188,24 @@ def test_sample_cli_writes_grid_and_compute(checkpoint, tmp_path):
     assert saved["block_evals"] == 40 and sum(saved["iterations_per_step"]) == 40 - 16
     assert saved["iterations_per_step"][0] >= saved["iterations_per_step"][-1]
     assert saved["wall_time_s"] > 0 and saved["num_images"] == 10
+
+
+def test_sample_cli_few_step_sampler_with_budget_and_guidance_interval(checkpoint, tmp_path):
+    """--sampler heun spreads the budget over its 2N - 1 model calls; the guidance interval is recorded and saves
+    branches; Euler/Heun cannot clip, so "auto" turns clipping off for this pixel model (recorded)."""
+    out, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--sampler", "heun", "--num-sampling-steps", "5", "--budget-block-evals", "45",
+        "--reuse", "--cfg-scale", "2", "--guidance-interval", "300", "700", "--num-samples", "4",
+        "--out", str(tmp_path / "h"), "--device", "cpu"]))
+    assert report["model_calls"] == 9 and report["block_evals"] == 45 and len(report["iterations_per_step"]) == 9
+    assert 9 < report["model_passes"] < 18
+    settings = json.load(open(os.path.join(out, "args.json")))
+    assert settings["sampler"] == "heun" and settings["guidance"] == {"interval": [300.0, 700.0],
+                                                                     "schedule": "constant"}
+    assert settings["clip_denoised"] is False
+    with pytest.raises(ValueError, match="cannot clip x0"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--sampler", "euler", "--clip-denoised", "on",
+                                               "--out", str(tmp_path / "e"), "--device", "cpu"]))
 
 
 def test_sample_cli_bad_flags(checkpoint, tmp_path):

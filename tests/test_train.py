@@ -394,7 +394,7 @@ def test_resume_refuses_other_settings_and_applies_overrides(tmp_path, monkeypat
 
 def test_a_run_folder_has_one_writer_and_metrics_hold_each_step_once(tmp_path, monkeypatch):
     from diffusion.gaussian_diffusion import GaussianDiffusion
-    from runs import RunLock
+    from run_folders import RunLock
     real = GaussianDiffusion.training_losses
     calls = {"n": 0}
 
@@ -443,7 +443,7 @@ def test_workers_exit_when_their_launcher_dies(tmp_path):
     """exit_with_parent: a child that asked for it is terminated when its parent is SIGKILLed (as workers of a killed
     accelerate launch must be); without it the child would live on as an orphan."""
     pid_file = tmp_path / "child.pid"
-    child = (f"import os, sys, time; import runs; runs.exit_with_parent(); "
+    child = (f"import os, sys, time; import run_folders; run_folders.exit_with_parent(); "
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
                                f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"])
