@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .solvers import SolverResult, relative_residual, solve
+from .solvers import MIXINGS, SolverResult, relative_residual, solve, solve_batched
 
 
 def _coefficients(diffusion, first, n, eta, like):
@@ -152,19 +152,25 @@ def check_model(model):
 
 def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwargs=None, eta=0.0, noise_seq=None,
                          max_iter=15, tol=1e-3, m=5, lam=1e-3, beta=1.0, window=None, window_tol=0.1,
-                         chunk_size=None, progress=False, return_result=False, device=None):
+                         chunk_size=None, progress=False, return_result=False, device=None, mixing="image"):
     """DDIM sampling (clip_denoised=False) of the whole chain at once; returns x_0, or with `return_result`
     (x_0, SolverResult, stats).
 
     noise: x_T (B, C, H, W), or a shape to draw it from (on `device`). solver: "anderson" or "picard" on
     `ddim_chain_map` (max_iter, tol, m, lam, beta: see `solvers.solve`), or "window" (`sliding_window_solve` with
-    window, window_tol). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
+    window, window_tol). mixing: "image" (default) or "state" solve every image's chain on its own
+    (`solvers.solve_batched`: per-image residuals, stopping and Anderson coefficients, one set per image or per
+    state; converged images leave the batch, so no image's result depends on the others); "global" is one solve
+    over the whole batch with one residual (DEQ-DDIM's stopping rule). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
     is given it is drawn after x_T one step at a time, as `ddim_sample_loop` draws it, so both agree for one seed.
-    stats: parallel_iterations, network_evaluations (states evaluated per sample; sequential DDIM needs T'),
-    sequential_evaluations (T'), residual (relative, of the returned trajectory; window: of its last update),
-    converged, wall_time_s.
+    stats: parallel_iterations, network_evaluations (states evaluated per sample, averaged over the batch;
+    sequential DDIM needs T'), sequential_evaluations (T'), residual (relative, of the returned trajectory; per
+    image: the largest; window: of its last update), converged, wall_time_s, and per image (mixing "image"/"state")
+    network_evaluations_per_image and residuals_per_image.
     """
     check_model(model)
+    if mixing not in MIXINGS:
+        raise ValueError(f"unknown mixing {mixing!r}; use one of {', '.join(MIXINGS)}")
     x_T = noise if torch.is_tensor(noise) else torch.randn(*noise, device=device)
     n_steps = diffusion.num_timesteps
     if eta > 0 and noise_seq is None:
@@ -182,16 +188,30 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
         if solver == "window":
             result = sliding_window_solve(model, diffusion, x_T, window, window_tol, eta, noise_seq, model_kwargs,
                                           chunk_size, callback=report)
-        else:
+        elif mixing == "global":
             f = lambda X: ddim_chain_map(model, diffusion, x_T, X, eta, noise_seq, model_kwargs, chunk_size)
             result = solve(f, x_T.expand(n_steps, *x_T.shape).clone(), solver, max_iter, tol, m, lam, beta,
                            callback=report)
             result = dataclasses.replace(result, num_evaluations=result.num_evaluations * n_steps)
+        else:
+            def f(X, idx):  # the chains of images idx only
+                kwargs = {k: v[idx] if torch.is_tensor(v) and v.dim() > 0 and len(v) == len(x_T) else v
+                          for k, v in (model_kwargs or {}).items()}
+                return ddim_chain_map(model, diffusion, x_T[idx], X, eta,
+                                      None if noise_seq is None else noise_seq[:, idx], kwargs, chunk_size)
+            result = solve_batched(f, x_T.expand(n_steps, *x_T.shape).clone(), solver, max_iter, tol, m, lam, beta,
+                                   mixing, callback=report)
     if x_T.is_cuda:
         torch.cuda.synchronize(x_T.device)
     bar.close()
-    stats = {"solver": solver, "parallel_iterations": result.num_iterations,
+    stats = {"solver": solver, "mixing": mixing if solver != "window" else None,
+             "parallel_iterations": result.num_iterations,
              "network_evaluations": result.num_evaluations, "sequential_evaluations": n_steps,
              "residual": min(result.residuals) if solver != "window" else result.residuals[-1],
              "converged": result.converged, "wall_time_s": time.perf_counter() - began}
+    if hasattr(result, "image_evaluations"):
+        per_image = [e * n_steps for e in result.image_evaluations]
+        stats.update(network_evaluations=sum(per_image) / len(per_image), network_evaluations_per_image=per_image,
+                     residual=max(min(r) for r in result.image_residuals),
+                     residuals_per_image=result.image_residuals)
     return (result.x[-1], result, stats) if return_result else result.x[-1]

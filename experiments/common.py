@@ -62,14 +62,16 @@ def load_for_sampling(args):
 
 
 def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num_per_class=50, cfg_scale=2.0,
-                       timestep_spacing="trailing"):
+                       timestep_spacing="trailing", sampler="ddim"):
     """FID-MNIST and accuracy of one sampling setting for each noise seed, with their mean and standard deviation,
     the block evaluations per image and the mean relative residual left at the end of each step."""
     runs = [demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse, seed=seed,
-                                timestep_spacing=timestep_spacing) for seed in seeds]
+                                timestep_spacing=timestep_spacing, sampler=sampler) for seed in seeds]
     fids, accs = [r["fid_mnist"] for r in runs], [r["accuracy"] for r in runs]
     residuals = [v for r in runs for v in r["compute"]["final_residual_per_step"] if v is not None]
-    return {"steps": steps, "timestep_spacing": timestep_spacing, "iterations": None if iterations is None else list(iterations), "reuse": reuse,
+    return {"steps": steps, "sampler": sampler, "model_calls": runs[0]["compute"]["model_calls"],
+            "timestep_spacing": timestep_spacing, "reuse": reuse,
+            "iterations": iterations if iterations is None or isinstance(iterations, int) else list(iterations),
             "block_evals": runs[0]["compute"]["block_evals"], "fid_mnist": fids, "accuracy": accs,
             "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
             "accuracy_mean": statistics.mean(accs), "flops_per_image": runs[0]["compute"]["flops_per_image"],
