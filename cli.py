@@ -62,6 +62,11 @@ def build_parser(description=None):
     p.add_argument("--schedule", choices=SCHEDULES, default="flat",
                    help="how a budget is spread: flat, more-noisy (more at the first, noisiest steps), more-clean")
     p.add_argument("--reuse", action="store_true", help="FPDM: start each step from the previous step's solution")
+    p.add_argument("--fp-solver", choices=["iterate", "anderson"], default="iterate",
+                   help="FPDM: how each step solves the layer: plain iteration, or Anderson mixing per image (each "
+                   "evaluation is one iteration of the budget)")
+    p.add_argument("--fp-history", type=int, default=5, help="FPDM Anderson: iterates kept (m)")
+    p.add_argument("--fp-damping", type=float, default=1.0, help="FPDM Anderson: damping beta in (0, 1]")
     p.add_argument("--adaptive-tol", type=float, default=None,
                    help="FPDM: stop a step's iterations once the relative residual falls below this")
     # DEQ-DDIM: the whole DDIM chain as one fixed point (diffusion/parallel.py).
@@ -145,6 +150,9 @@ def sample_settings(args, model, iterations, clip, labels, diffusion):
                 "fixed_point": {"iterations_per_step": iterations, "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
                                 "budget_block_evals": args.budget_block_evals, "schedule": args.schedule}
                 if model.fixed_point else None}
+    if model.fixed_point and args.fp_solver != "iterate":  # recorded when used (older folders keep their identity)
+        settings["fixed_point"]["solver"] = {"method": args.fp_solver, "history": args.fp_history,
+                                             "damping": args.fp_damping}
     # Recorded when used, so that folders written before these flags existed keep their identity.
     if args.guidance_interval is not None or args.guidance_schedule != "constant":
         settings["guidance"] = {"interval": args.guidance_interval, "schedule": args.guidance_schedule}
@@ -229,6 +237,12 @@ class Setup:
             raise ValueError("--parallel evaluates all timesteps at once: it needs a fixed FPDM iteration count "
                              "(no --reuse, --adaptive-tol or non-flat --schedule)")
         self.clip = clipping(args, self.model, self.sampler)
+        self.fp_solver = None
+        if args.fp_solver != "iterate":
+            if not self.model.fixed_point:
+                raise ValueError("--fp-solver applies to FPDM checkpoints; this one is a DiT")
+            from models import FixedPointSolver
+            self.fp_solver = FixedPointSolver(args.fp_solver, args.fp_history, damping=args.fp_damping)
         self.vae = load_vae(self.model, args.vae, device)
 
     def sample(self, args, noise, labels, sampler=None, progress=False):
@@ -243,7 +257,7 @@ class Setup:
                              iterations_per_step=iterations, reuse=args.reuse, tol=args.adaptive_tol,
                              clip_denoised=self.clip, progress=progress, guidance_channels=args.guidance_channels,
                              guidance_interval=args.guidance_interval, guidance_schedule=args.guidance_schedule,
-                             **options)
+                             fp_solver=self.fp_solver, **options)
 
 
 def run_script(main, parse_args):

@@ -1,15 +1,19 @@
-"""FID of samples: Inception-v3 FID (the DiT/ADM convention) and FID-MNIST (a small digit classifier).
+"""Sample quality of generated images: the metric table of a paper (FID, sFID, IS, precision/recall, KID) from one
+Inception pass, and the same metrics on a small MNIST classifier's features for the demo and experiments.
 
-    python evaluate.py fid samples.npz VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
-    python evaluate.py stats reference_images/ --out ref_stats.npz --inception ...   # reference (mu, sigma) once
+    python evaluate.py all samples.npz VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py fid samples.npz VIRTUAL_imagenet256_labeled.npz --inception ...   # FID alone
+    python evaluate.py stats reference_images/ --out ref_stats.npz --inception ...   # reference statistics once
+    python evaluate.py all-mnist samples.npz              # FID, precision/recall, KID, accuracy on MNIST features
     python evaluate.py fid-mnist samples.npz              # class labels from the npz's "labels", or --labels y.npy
 
 FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) between Gaussians fitted to features of samples and reference.
 Inception features are pool3 (2048-d) of the TF FID Inception-v3 (pytorch-fid's port of its weights, read from a
-local file: nothing is downloaded), on images resized to 299x299 (bilinear) and scaled to [-1, 1]. FID-MNIST uses
-the 128-d penultimate layer of a small CNN trained once (seeded, ~10 s on one CPU thread) on the 5,000 bundled
-digits and cached with the statistics of all 5,000 real digits at each MNISTDigits size (7, 14, 28, 32 px): samples
-are compared with real digits of their own size. Results are printed and written as JSON next to the samples.
+local file: nothing is downloaded), on images resized to 299x299 (bilinear) and scaled to [-1, 1]; the same pass
+gives sFID's spatial features and the 1008-way logits of the Inception Score. FID-MNIST uses the 128-d penultimate
+layer of a small CNN trained once (seeded, ~10 s on one CPU thread) on the 5,000 bundled digits and cached with the
+statistics of all 5,000 real digits at each MNISTDigits size (7, 14, 28, 32 px): samples are compared with real
+digits of their own size. Results are printed and written as JSON next to the samples.
 """
 
 import argparse
@@ -20,9 +24,11 @@ import sys
 import time
 import warnings
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.special
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -76,6 +82,139 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+#################################################################################
+#                      Metrics on features (Inception and MNIST)                #
+#################################################################################
+# Each takes feature arrays (N, D), so the Inception table and the MNIST table share one implementation. Distances
+# and kernels run in float64 on `device` (the GPU when given), in blocks of rows that bound memory at ~256 MB.
+
+def inception_score(logits, splits=10):
+    """Inception Score (Salimans et al. 2016, "Improved Techniques for Training GANs") of class logits (N, C).
+
+    p(y|x) = softmax(logits); in each split IS = exp(mean over x of KL(p(y|x) || p(y))), p(y) being the split's mean
+    of p(y|x). The samples are cut in order into `splits` parts of N // splits (+1) as improved-gan's inception_score
+    does (10 splits; ADM's evaluator cuts parts of 5,000, the same at N = 50,000). Returns (mean, std) over splits.
+    With N < splits each sample is its own split, which scores exactly 1.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or len(logits) == 0:
+        raise ValueError(f"logits must have shape (N >= 1, classes), got {logits.shape}")
+    n, splits = len(logits), max(1, min(int(splits), len(logits)))
+    log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+    p = np.exp(log_p)
+    scores = []
+    for i in range(splits):
+        part = slice(i * n // splits, (i + 1) * n // splits)
+        log_marginal = np.log(np.maximum(p[part].mean(axis=0), np.finfo(np.float64).tiny))
+        kl = np.where(p[part] > 0, p[part] * (log_p[part] - log_marginal), 0.0).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _features_tensor(features, device, name="features"):
+    x = torch.as_tensor(np.asarray(features, dtype=np.float64), device=device)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"{name} must have shape (N, D), got {tuple(x.shape)}")
+    return x
+
+
+def _rows_per_block(columns, budget=2 ** 25):
+    """Rows of a float64 distance/kernel block with `columns` columns that fit in `budget` elements (256 MB)."""
+    return max(1, budget // max(1, columns))
+
+
+def _squared_distances(a, b):
+    """||a_i - b_j||^2 of float64 tensors through the Gram matrix (as the reference implementations), clamped at 0."""
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).clamp_min_(0)
+
+
+def _knn_radii(x, k):
+    """Squared distance of each row of x to its k-th nearest neighbour among the other rows."""
+    if len(x) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} feature vectors per set, got {len(x)}")
+    radii, rows = [], _rows_per_block(len(x))
+    for i in range(0, len(x), rows):
+        d = _squared_distances(x[i:i + rows], x)
+        index = torch.arange(len(d), device=x.device)
+        d[index, index + i] = 0  # the point itself, exactly (round-off would otherwise leave ~1e-12)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # rank 1 is the point itself
+    return torch.cat(radii)
+
+
+def precision_recall(reference_features, sample_features, k=3, device="cpu"):
+    """Improved precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
+    Generative Models"): (precision, recall).
+
+    Each set's manifold is the union of balls around its points, of radius the distance to the point's k-th nearest
+    neighbour in the same set (k = 3 as in the paper and ADM's evaluator). Precision: the fraction of samples inside
+    the reference manifold (within the ball of at least one reference point, distance <= radius); recall: the
+    fraction of reference points inside the samples' manifold. Euclidean distances, compared squared (as ADM).
+    """
+    real = _features_tensor(reference_features, device, "reference features")
+    fake = _features_tensor(sample_features, device, "sample features")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"reference features have {real.shape[1]} dimensions, samples {fake.shape[1]}")
+    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
+    inside, recalled = [], torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    rows = _rows_per_block(len(real))
+    for i in range(0, len(fake), rows):
+        d = _squared_distances(fake[i:i + rows], real)
+        inside.append((d <= real_radii[None, :]).any(dim=1))
+        recalled |= (d <= fake_radii[i:i + rows, None]).any(dim=0)
+    return float(torch.cat(inside).double().mean()), float(recalled.double().mean())
+
+
+def _polynomial_kernel(a, b):
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x, y):
+    """Unbiased estimate of MMD^2 between two equal-size float64 tensors (m, D) with the polynomial kernel
+    k(x, y) = (x.y / D + 1)^3: the means of k over pairs i != j within x and within y, minus twice the mean over all
+    pairs across (Bińkowski et al. 2018, "Demystifying MMD GANs")."""
+    m = len(x)
+    kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+    within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return within - 2 * kxy.sum() / (m * m)
+
+
+def kid(reference_features, sample_features, subsets=100, subset_size=1000, seed=0, device="cpu"):
+    """Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying MMD GANs"): (mean, std) over `subsets` random
+    subsets of `min(subset_size, N_ref, N_samples)` points drawn without replacement from each set, of the unbiased
+    MMD^2 with the polynomial kernel (x.y / D + 1)^3. Unbiased: its expectation is 0 when both sets come from one
+    distribution, so it can be negative. Seeded (numpy default_rng(seed)): the same features give the same value.
+    """
+    x = _features_tensor(reference_features, device, "reference features")
+    y = _features_tensor(sample_features, device, "sample features")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"reference features have {x.shape[1]} dimensions, samples {y.shape[1]}")
+    m = min(int(subset_size), len(x), len(y))
+    if m < 2:
+        raise ValueError(f"KID needs subsets of at least 2 points, got {m} (N_ref {len(x)}, N_samples {len(y)})")
+    rng, values = np.random.default_rng(seed), []
+    for _ in range(int(subsets)):
+        a = x[torch.from_numpy(rng.choice(len(x), m, replace=False)).to(x.device)]
+        b = y[torch.from_numpy(rng.choice(len(y), m, replace=False)).to(y.device)]
+        values.append(float(mmd2_unbiased(a, b)))
+    return float(np.mean(values)), float(np.std(values))
+
+
+def feature_metrics(features, reference, k=3, kid_subsets=100, kid_subset_size=1000, seed=0, device="cpu"):
+    """{"fid", "precision", "recall", "kid", "kid_std"} of sample features (N, D) against a `Reference`.
+
+    FID uses the reference's (mu, sigma); precision/recall and KID need its features and are None without them.
+    Shared by the Inception table (pool3 features) and `mnist_metrics` (the MNIST classifier's features).
+    """
+    mu, sigma = feature_statistics(features)
+    result = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "precision": None, "recall": None,
+              "kid": None, "kid_std": None}
+    if reference.features is not None:
+        result["precision"], result["recall"] = precision_recall(reference.features, features, k, device)
+        result["kid"], result["kid_std"] = kid(reference.features, features, kid_subsets, kid_subset_size, seed,
+                                               device)
+    return result
 
 
 #################################################################################
@@ -183,12 +322,37 @@ def load_inception_weights(net, path):
                          f"{(missing + [''])[0]!r}; {len(unexpected)} unexpected); use {INCEPTION_URL}")
 
 
+# sFID's spatial features (Nash et al. 2021, "Generating Images with Sparse Representations"; ADM's evaluator) are
+# the TF graph's tensor `mixed_6/conv:0`, first 7 channels. In that graph (classify_image_graph_def.pb) the mixed
+# blocks are numbered from 0: mixed, mixed_1, mixed_2 = Mixed_5b-d (35x35); mixed_3 = Mixed_6a (the reduction to
+# 17x17); mixed_4 .. mixed_7 = Mixed_6b .. Mixed_6e; mixed_8 .. mixed_10 = Mixed_7a-c (8x8) -- the name map that the
+# TF-to-PyTorch weight conversions use sends mixed_6/conv/conv2d_params to Mixed_6d.branch1x1.conv. Inside a block,
+# `conv` is the 1x1 branch (the others are tower, tower_1, tower_2), so `mixed_6/conv` is Mixed_6d.branch1x1:
+# conv + batch norm + ReLU, 192 channels at 17x17 for a 299 px input. It is not a 768-channel block output (that
+# would be `mixed_6/join`, i.e. Mixed_6d itself). Its first 7 channels are flattened in TF's NHWC order (h, w, c),
+# as ADM reshapes them, so that our mu_s / sigma_s line up with those stored in ADM's reference batches: 2023 dims.
+SPATIAL_LAYER = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
+INCEPTION_FEATURES_VERSION = 1  # bump when the features change: reference caches of other versions are not reused
+
+
+def _sha256_file(path, digest=None):
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
+
+
 class InceptionFeatures(nn.Module):
-    """The FID Inception-v3 up to pool3: uint8 images (N, H, W, C) -> 2048-d features.
+    """The FID Inception-v3: uint8 images (N, H, W, C) -> pool3 (2048-d) features, and in the same forward pass
+    (`forward_all`, `all_features`) sFID's spatial features (2023-d) and the 1008-way logits of the Inception Score.
 
     Images are resized to 299x299 (bilinear, as pytorch-fid) and scaled to [-1, 1]; grayscale is repeated to RGB.
     `weights`: a local copy of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (default: DEFAULT_INCEPTION).
     `random_init=True` builds seeded random weights for testing the pipeline: its FIDs mean nothing.
+    The logits are pool3 @ W of the 1008-way softmax layer without its bias, as ADM's evaluator and improved-gan
+    compute them for the Inception Score.
     """
 
     def __init__(self, weights=None, random_init=False, seed=0):
@@ -205,15 +369,38 @@ class InceptionFeatures(nn.Module):
         net.Mixed_7c.max_pool = True
         if not random_init:
             load_inception_weights(net, weights)
+        self.register_buffer("logits_weight", net.fc.weight.detach().clone())  # (1008, 2048)
         net.fc = nn.Identity()  # in eval mode (dropout off) the network now returns pool3
         self.net = net.eval()
         self.weights = "random" if random_init else os.path.expanduser(str(weights or DEFAULT_INCEPTION))
+        self._identity = f"random-init-seed{seed}" if random_init else None
+
+    @property
+    def identity(self):
+        """What the features depend on besides the images: the weights file's sha256 (or the random-init seed) and
+        INCEPTION_FEATURES_VERSION. Part of the reference caches' key."""
+        if self._identity is None:
+            self._identity = f"sha256:{_sha256_file(self.weights).hexdigest()[:16]}"
+        return f"{self._identity}/features-v{INCEPTION_FEATURES_VERSION}"
 
     @torch.no_grad()
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return self.net(x / 127.5 - 1)
+
+    @torch.no_grad()
+    def forward_all(self, images):
+        """uint8 images (N, H, W, C) on the module's device -> (pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)),
+        float32, from one forward pass (the spatial map is caught on its way by a hook on SPATIAL_LAYER)."""
+        caught = []
+        hook = self.net.get_submodule(SPATIAL_LAYER).register_forward_hook(lambda module, i, out: caught.append(out))
+        try:
+            pool3 = self(images)
+        finally:
+            hook.remove()
+        spatial = caught[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # NHWC order, as ADM's TF reshape
+        return pool3, spatial, pool3 @ self.logits_weight.T
 
     def features(self, images, batch_size=50, progress=True):
         """uint8 numpy (N, H, W, C) -> float64 numpy (N, 2048), in batches on the module's device."""
@@ -222,15 +409,198 @@ class InceptionFeatures(nn.Module):
         return torch.cat([self(torch.from_numpy(images[i:i + batch_size]).to(device)).double().cpu()
                           for i in batches]).numpy()
 
+    def all_features(self, images, batch_size=50, progress=True, desc="Inception features"):
+        """uint8 numpy (N, H, W, C) -> {"pool3": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)}, float64
+        numpy, from one pass in batches on the module's device (a tqdm bar over the batches)."""
+        images, device = _as_images(np.asarray(images), "images"), next(self.parameters()).device
+        outputs = {"pool3": [], "spatial": [], "logits": []}
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+            for key, value in zip(outputs, self.forward_all(torch.from_numpy(images[i:i + batch_size]).to(device))):
+                outputs[key].append(value.cpu())
+        return {key: torch.cat(values).double().numpy() for key, values in outputs.items()}
+
+
+#################################################################################
+#                         Reference statistics and cache                        #
+#################################################################################
+# A reference is an ADM reference batch (.npz: uint8 `arr_0` and precomputed `mu`, `sigma`, `mu_s`, `sigma_s`), a
+# stats file of ours (`evaluate.py stats`: the same four statistics, the pool3 features `pool3` and metadata), an
+# old stats file (`mu`, `sigma` only), or images (an .npz with `arr_0`, or a folder). Features computed from images
+# are cached next to the reference in a file of the stats-file format, keyed by the reference's content (sha256)
+# and the Inception weights' identity.
+
+REFERENCE_FORMAT = "fpdm-inception-reference-v1"
+STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+@dataclass
+class Reference:
+    """What the metrics compare samples with: pool3 (mu, sigma) for FID, spatial (mu_s, sigma_s) for sFID, pool3
+    features (N, 2048) for precision/recall and KID (None where the reference lacks them; `note` then says why)."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray = None
+    sigma_s: np.ndarray = None
+    features: np.ndarray = None
+    num_images: int = None
+    source: str = ""
+    note: str = None
+
+
+def reference_content_hash(path):
+    """sha256 of a reference: the bytes of an .npz file, or the names and bytes of a folder's images (those
+    `load_images` reads, in its order)."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isdir(path):
+        return _sha256_file(path).hexdigest()
+    digest = hashlib.sha256()
+    for file in list_images(path, recursive=False):
+        digest.update(os.path.basename(file).encode() + b"\0")
+        _sha256_file(file, digest)
+    return digest.hexdigest()
+
+
+def reference_cache_path(path, model, content_hash=None):
+    """(cache file, key) for the features of the reference at `path` under `model`'s weights: next to the
+    reference, `<reference without .npz>.inception-<key[:16]>.npz`."""
+    content_hash = content_hash or reference_content_hash(path)
+    key = hashlib.sha256(f"{content_hash}|{model.identity}".encode()).hexdigest()
+    base = os.path.abspath(os.path.expanduser(str(path))).rstrip(os.sep)
+    return f"{base[:-4] if base.endswith('.npz') else base}.inception-{key[:16]}.npz", key
+
+
+def save_reference(path, reference, inception, key=""):
+    """Write a reference in the stats-file format (atomically): mu, sigma, mu_s, sigma_s (float64), pool3 features
+    (float32: the network's own precision, so nothing is lost) and metadata."""
+    arrays = {name: getattr(reference, name) for name in STATISTICS if getattr(reference, name) is not None}
+    if reference.features is not None:
+        arrays["pool3"] = reference.features.astype(np.float32)
+    arrays.update(format=REFERENCE_FORMAT, inception=inception, key=key, num_images=reference.num_images or -1)
+    atomic_write(path, lambda f: np.savez(f, **arrays), "wb")
+
+
+def _read_npz(path):
+    """({name: array} of the statistics and features an .npz holds, whether it holds images, its metadata)."""
+    try:
+        with np.load(path) as data:
+            names = set(data.files)
+            stored = {name: data[name].astype(np.float64) for name in STATISTICS + ("pool3",) if name in names}
+            meta = {name: data[name].item() for name in ("format", "inception", "key", "num_images") if name in names}
+            return stored, "arr_0" in names, meta
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}); pass ADM's reference batch, a file "
+                         f"from `evaluate.py stats`, or images") from None
+
+
+def _reference_from_images(path, model, batch_size=50, cache=True, progress=True):
+    """Reference computed from the images at `path` (one Inception pass), through the cache next to it."""
+    cache_path = key = None
+    if cache:
+        cache_path, key = reference_cache_path(path, model)
+        if os.path.isfile(cache_path):
+            try:
+                stored, _, meta = _read_npz(cache_path)
+                if meta.get("key") == key and all(name in stored for name in STATISTICS + ("pool3",)):
+                    print(f"reference features of {path} from the cache {cache_path}")
+                    return Reference(*(stored[name] for name in STATISTICS), features=stored["pool3"],
+                                     num_images=int(meta["num_images"]), source=path)
+            except ValueError:
+                pass  # unreadable: computed again and rewritten below
+    images = load_images(path)
+    features = model.all_features(images, batch_size, progress, desc="Inception: reference")
+    reference = Reference(*feature_statistics(features["pool3"]), *feature_statistics(features["spatial"]),
+                          features=features["pool3"], num_images=len(images), source=path)
+    if cache:
+        try:
+            save_reference(cache_path, reference, model.identity, key)
+            print(f"reference features of {path} cached in {cache_path}")
+        except OSError as e:
+            print(f"could not cache the reference features next to {path} ({e}); they will be computed again")
+    return reference
+
+
+def load_reference(path, model, batch_size=50, need_features=True, cache=True, progress=True):
+    """The `Reference` of an ADM reference batch, a stats file (new or old) or images; see the section comment.
+
+    Statistics stored in an .npz (ADM's precomputed mu/sigma/mu_s/sigma_s) are used as they are; the network runs
+    on the reference's images only for what is missing: everything for images alone, the pool3 features for
+    precision/recall/KID (`need_features`) of an ADM batch. Results of that pass are cached (`cache`).
+    """
+    path = os.path.expanduser(str(path))
+    stored, has_images, meta = {}, True, {}
+    if path.endswith(".npz") and os.path.isfile(path):
+        stored, has_images, meta = _read_npz(path)
+        if not has_images and not ("mu" in stored and "sigma" in stored):
+            raise ValueError(f"{path} has neither images (arr_0) nor statistics (mu, sigma)")
+        if meta.get("inception") and meta["inception"] != model.identity:
+            print(f"warning: {path} was made with Inception {meta['inception']}, evaluating with {model.identity}: "
+                  f"the metrics compare features of two networks")
+    wanted = STATISTICS + ("pool3",) if need_features else ("mu", "sigma")
+    computed = {}
+    if has_images and any(name not in stored for name in wanted):
+        ref = _reference_from_images(path, model, batch_size, cache, progress)
+        computed = {name: getattr(ref, name) for name in STATISTICS}
+        computed.update(pool3=ref.features, num_images=ref.num_images)
+    values = {**computed, **stored}  # precomputed statistics win over ours
+    note, missing, absent = None, [], []
+    if "mu_s" not in values or "sigma_s" not in values:
+        missing, absent = missing + ["sFID"], absent + ["mu_s/sigma_s"]
+    if "pool3" not in values:
+        missing, absent = missing + ["precision", "recall", "KID"], absent + ["pool3 features"]
+    if need_features and missing:
+        held = "only mu/sigma (an old stats file?)" if set(stored) == {"mu", "sigma"} else f"no {' or '.join(absent)}"
+        note = (f"{path} holds {held}: {', '.join(missing)} need a stats file re-made with `python evaluate.py "
+                f"stats IMAGES --out {path}` (or the reference images)")
+    num_images = values.get("num_images", int(meta.get("num_images", -1)))
+    return Reference(values["mu"], values["sigma"], values.get("mu_s"), values.get("sigma_s"), values.get("pool3"),
+                     num_images if num_images is not None and num_images >= 0 else None, path, note)
+
 
 def load_statistics(path, model, batch_size=50):
-    """(mu, sigma) of a reference: an .npz with `mu` and `sigma` (ours, or ADM's reference batches), else images."""
-    path = os.path.expanduser(str(path))
-    if path.endswith(".npz") and os.path.isfile(path):
-        with np.load(path) as data:
-            if "mu" in data and "sigma" in data:
-                return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    return feature_statistics(model.features(load_images(path), batch_size))
+    """(mu, sigma) of a reference: an .npz with `mu` and `sigma` (ours, or ADM's reference batches), else images
+    (their features cached next to them, see `load_reference`)."""
+    reference = load_reference(path, model, batch_size, need_features=False)
+    return reference.mu, reference.sigma
+
+
+def inception_metrics(features, reference, k=3, kid_subsets=100, kid_subset_size=1000, is_splits=10, seed=0,
+                      device="cpu"):
+    """The table from sample features {"pool3", "spatial", "logits"} (`InceptionFeatures.all_features`) and a
+    `Reference`: {"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid", "kid_std",
+    "reference_note", ...}; metrics the reference cannot give are None and `reference_note` says why.
+
+    FID (Heusel et al. 2017) on pool3, sFID (Nash et al. 2021) the Fréchet distance on the spatial features, IS
+    (Salimans et al. 2016) on the logits, precision/recall (Kynkäänniemi et al. 2019) and KID (Bińkowski et al. 2018)
+    on pool3: see `feature_metrics`, `inception_score`, `precision_recall`, `kid`.
+    """
+    result = feature_metrics(features["pool3"], reference, k, kid_subsets, kid_subset_size, seed, device)
+    result["sfid"] = None
+    if reference.mu_s is not None and reference.sigma_s is not None:
+        result["sfid"] = frechet_distance(*feature_statistics(features["spatial"]), reference.mu_s, reference.sigma_s)
+    result["inception_score"], result["inception_score_std"] = inception_score(features["logits"], is_splits)
+    order = ("fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid", "kid_std")
+    result = {name: result[name] for name in order}
+    n, n_ref = len(features["pool3"]), None if reference.features is None else len(reference.features)
+    result.update(num_samples=n, num_reference=reference.num_images, reference_note=reference.note, k=k,
+                  kid_subsets=kid_subsets, kid_subset_size=None if n_ref is None else min(kid_subset_size, n, n_ref),
+                  is_splits=min(is_splits, n))
+    return result
+
+
+def evaluate_inception(samples, ref, model, batch_size=50, cache=True, progress=True, device=None, **settings):
+    """`inception_metrics` of samples (images, or a path `load_images` reads) against the reference at `ref`, with
+    one Inception pass over the samples and at most one over the reference (none when cached or precomputed).
+    `settings`: k, kid_subsets, kid_subset_size, is_splits, seed."""
+    if isinstance(samples, (str, os.PathLike)):
+        images = load_images(samples)
+    else:
+        images = _as_images(np.asarray(samples), "samples")
+    device = device or next(model.parameters()).device
+    reference = load_reference(ref, model, batch_size, need_features=True, cache=cache, progress=progress)
+    features = model.all_features(images, batch_size, progress, desc="Inception: samples")
+    result = inception_metrics(features, reference, device=device, **settings)
+    result["image_shape"] = list(images.shape[1:])
+    return result
 
 
 #################################################################################
@@ -406,19 +776,22 @@ def _classifier(classifier, device):
     return classifier.to(device)
 
 
+def _accuracy(predictions, labels):
+    if labels is None:
+        return None
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} labels for {len(predictions)} samples")
+    return float((predictions == labels).mean())
+
+
 def evaluate_mnist(samples, labels=None, classifier=None, device="cpu"):
     """{"fid_mnist", "accuracy" (None without labels), "num_samples", "image_size"} in one pass over the samples."""
     model = _classifier(classifier, device)
     x, size = mnist_inputs(samples)
     features, predictions = _classify(model, x)
-    accuracy = None
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if len(labels) != len(x):
-            raise ValueError(f"{len(labels)} labels for {len(x)} samples")
-        accuracy = float((predictions == labels).mean())
     fid = frechet_distance(*feature_statistics(features), *model.reference[size])
-    return {"fid_mnist": fid, "accuracy": accuracy, "num_samples": len(x), "image_size": size}
+    return {"fid_mnist": fid, "accuracy": _accuracy(predictions, labels), "num_samples": len(x), "image_size": size}
 
 
 def mnist_features(samples, classifier=None, device="cpu"):
@@ -434,6 +807,37 @@ def fid_mnist(samples, classifier=None, device="cpu"):
 def classifier_accuracy(samples, labels, classifier=None, device="cpu"):
     """Fraction of class-conditional samples that the classifier assigns to their intended label."""
     return evaluate_mnist(samples, labels, classifier, device)["accuracy"]
+
+
+def mnist_reference(model, size):
+    """`Reference` of the 5,000 bundled real digits at `size` px: the classifier's (mu, sigma) and their features
+    (computed once per classifier object and size)."""
+    cached = model.__dict__.setdefault("_real_features", {})
+    if size not in cached:
+        cached[size] = _classify(model, mnist_inputs(MNISTDigits(size).images)[0])[0]
+    mu, sigma = model.reference[size]
+    return Reference(mu, sigma, features=cached[size], num_images=len(cached[size]),
+                     source=f"the 5,000 bundled real digits at {size} px")
+
+
+def mnist_metrics(samples, labels=None, classifier=None, device="cpu", k=3, kid_subsets=100, kid_subset_size=1000,
+                  seed=0):
+    """The Inception table's metrics on the MNIST classifier's 128-d features, against the 5,000 bundled real digits
+    of the samples' size: {"fid" (= FID-MNIST), "precision", "recall", "kid", "kid_std", "accuracy" (None without
+    labels), "num_samples", "num_reference", "image_size", ...}, through the same `feature_metrics` as Inception.
+
+    FID: Heusel et al. 2017; precision/recall: Kynkäänniemi et al. 2019 (k = 3); KID: Bińkowski et al. 2018 (the
+    unbiased MMD^2 with the cubic polynomial kernel, mean and std over `kid_subsets` subsets).
+    """
+    model = _classifier(classifier, device)
+    x, size = mnist_inputs(samples)
+    features, predictions = _classify(model, x)
+    reference = mnist_reference(model, size)
+    result = feature_metrics(features, reference, k, kid_subsets, kid_subset_size, seed, device)
+    result.update(accuracy=_accuracy(predictions, labels), num_samples=len(x), num_reference=reference.num_images,
+                  image_size=size, k=k, kid_subsets=kid_subsets,
+                  kid_subset_size=min(kid_subset_size, len(x), reference.num_images))
+    return result
 
 
 #################################################################################

@@ -131,6 +131,7 @@ class FixedPointStats:
     iterations: int = 0
     sjfb: tuple = (0, 0)
     residuals: list = field(default_factory=list)
+    image_iterations: list = None  # per image, where images stop on their own (Anderson with a tolerance)
 
     @property
     def residual(self):
@@ -140,6 +141,40 @@ class FixedPointStats:
     def residual_values(self):
         """Every iteration's residual as floats (one device sync)."""
         return torch.stack(self.residuals).tolist() if self.residuals else []
+
+
+@dataclass
+class FixedPointSolver:
+    """How an FPDM call at sampling solves its layer: "iterate" (z <- f(z), the default) or "anderson" (type-II
+    Anderson mixing with `history` iterates, ridge `ridge` and damping `damping` (β); diffusion.solvers, the same
+    implementation that solves parallel DDIM's chain), each image on its own (its own coefficients, residual and
+    stopping). One evaluation of f is one iteration, so budgets and block-evaluation counts are unchanged; the
+    result is the best evaluated f(z) of each image. Residuals: ‖f(z) − z‖ / (‖f(z)‖ + 1e-5) per image, their
+    maximum over the batch per iteration in `FixedPointStats.residuals`."""
+    method: str = "iterate"
+    history: int = 5
+    ridge: float = 1e-4
+    damping: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in ("iterate", "anderson"):
+            raise ValueError(f"unknown fixed-point solver {self.method!r}: use iterate or anderson")
+        if self.history < 1 or self.ridge < 0 or not 0 < self.damping <= 1:
+            raise ValueError("Anderson needs history >= 1, ridge >= 0 and damping in (0, 1]")
+
+    def run(self, f, z, injection, c, iterations, tol=None):
+        """(z*, FixedPointStats) after at most `iterations` evaluations of f(z; injection, c), per image."""
+        from diffusion.solvers import solve_batched
+        stats = FixedPointStats(sjfb=(0, iterations))
+        if iterations < 1:
+            return z, stats
+        result = solve_batched(lambda x, idx: f(x[0], injection[idx], c[idx])[None], z[None], "anderson",
+                               max_iter=iterations, tol=-1.0 if tol is None else tol, m=self.history,
+                               lam=self.ridge, beta=self.damping)
+        stats.iterations = max(result.image_evaluations)
+        stats.image_iterations = result.image_evaluations
+        stats.residuals = [torch.tensor(r) for r in result.residuals]
+        return result.fx[0], stats
 
 
 class SolutionCache:
@@ -411,13 +446,13 @@ class FPDM(DiT):
     def transformer_blocks(self):
         return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
 
-    def trunk(self, tokens, c, y_emb, num_iterations=None, tol=None, reuse=None):
+    def trunk(self, tokens, c, y_emb, num_iterations=None, tol=None, reuse=None, fp_solver=None):
         """Pre blocks, the fixed-point layer, post blocks. Pre/post blocks and the final layer see only the class
         embedding unless `fixed_point_pre_post_timestep_conditioning` (as in the release)."""
         c_outer = c if self.fixed_point_pre_post_timestep_conditioning else y_emb
         for block in self.blocks_pre:
             tokens = self._run_block(block, tokens, c_outer)
-        z = self.solve(tokens, c, num_iterations, tol, reuse)
+        z = self.solve(tokens, c, num_iterations, tol, reuse, fp_solver)
         for block in self.blocks_post:
             z = self._run_block(block, z, c_outer)
         return z, c_outer
@@ -428,8 +463,9 @@ class FPDM(DiT):
         z = self.block_fixed_point_projection_fc2(F.gelu(z, approximate="tanh"))
         return self.block_fixed_point(z, c)
 
-    def solve(self, h, c, num_iterations=None, tol=None, reuse=None):
-        """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N."""
+    def solve(self, h, c, num_iterations=None, tol=None, reuse=None, fp_solver=None):
+        """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N. `fp_solver`
+        (FixedPointSolver) with method "anderson" accelerates the iterations of a call without autograd (sampling)."""
         no_grad_iters, with_grad_iters = self.iteration_counts(num_iterations)
         cache = self._cache_for(reuse)
         injection = self.block_pre_projection(h)  # input injection: computed once per call, inside the graph
@@ -437,6 +473,12 @@ class FPDM(DiT):
         # z_0 is detached, as in the release: parameters get gradient through the with-grad iterations (and the
         # injection) only, never through the starting point.
         z = (h if start is None else start).detach()
+        if fp_solver is not None and fp_solver.method == "anderson" and not torch.is_grad_enabled():
+            z, self.last_stats = fp_solver.run(self.fixed_point_function, z, injection, c,
+                                               no_grad_iters + with_grad_iters, tol)
+            if cache is not None:
+                cache.solution = z.detach()
+            return z
         stats = FixedPointStats(sjfb=(no_grad_iters, with_grad_iters))
         track = self.fixed_point_track_residuals or tol is not None
 

@@ -128,7 +128,8 @@ class GuidedModel:
     i-th call, or one int for all), the adaptive tolerance and solution reuse; and the compute of every call."""
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
-                 tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000):
+                 tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000,
+                 fp_solver=None):
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"unknown guidance schedule {guidance_schedule!r}: use {' or '.join(GUIDANCE_SCHEDULES)}")
         if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1]:
@@ -139,6 +140,7 @@ class GuidedModel:
         self.guidance_channels = guidance_channels
         self.guidance_interval, self.guidance_schedule = guidance_interval, guidance_schedule
         self.num_train_timesteps = num_train_timesteps
+        self.fp_solver = fp_solver  # models.FixedPointSolver for FPDM's layer (None: plain iteration)
         self.calls = 0
         self.iterations, self.residuals, self.block_evals, self.flops, self.passes = [], [], [], [], []
         self.info = {}  # what the sampler reports about itself (sample_images fills it)
@@ -164,6 +166,8 @@ class GuidedModel:
             if self.tol is not None:
                 kwargs["tol"] = self.tol
             kwargs["reuse"] = self.cache or False  # the sampler decides, whatever the model was built with
+            if self.fp_solver is not None:
+                kwargs["fp_solver"] = self.fp_solver
         guided = self.cfg_scale != 1.0  # then the batch is doubled
         if guided and (self.guidance_interval is not None or self.guidance_schedule != "constant"):
             if t.numel() > 1 and not bool((t == t[0]).all()):
@@ -381,7 +385,7 @@ def guided_batch(noise, labels, cfg_scale, null_class):
 @torch.no_grad()
 def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=1.0, iterations_per_step=None,
                   reuse=False, tol=None, clip_denoised=None, progress=False, guidance_channels=None,
-                  guidance_interval=None, guidance_schedule="constant", **options):
+                  guidance_interval=None, guidance_schedule="constant", fp_solver=None, **options):
     """Draw samples from `noise` (N, C, H, W) with class `labels` (N,) with SAMPLERS[sampler] (`options` are its
     own, e.g. eta); returns (samples, GuidedModel), whose `compute()` reports the compute and `info` the sampler's.
 
@@ -402,7 +406,7 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
     was_training = model.training
     model.eval()
     fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol, guidance_interval,
-                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000))
+                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver)
     x, y = guided_batch(noise, labels, cfg_scale, model.num_classes)
     try:
         out, fn.info = run(fn, diffusion, x, model_kwargs={"y": y}, clip_denoised=clip_denoised, progress=progress,

@@ -133,7 +133,9 @@ MIXINGS = ("image", "state", "global")
 class BatchedSolverResult(SolverResult):
     """`SolverResult` of `solve_batched`, per image as well: `image_residuals[b]` is image b's residual history,
     `image_evaluations[b]` how many times f evaluated it, `image_converged[b]` whether it reached the tolerance.
-    `residuals[k]` is the largest residual among the images still iterating at iteration k."""
+    `residuals[k]` is the largest residual among the images still iterating at iteration k; `fx` holds f(x) of the
+    best iterate of each image (no extra evaluation)."""
+    fx: torch.Tensor = None
     image_residuals: list = field(default_factory=list)
     image_evaluations: list = field(default_factory=list)
     image_converged: list = field(default_factory=list)
@@ -201,7 +203,7 @@ def solve_batched(f, x0, method="anderson", max_iter=15, tol=1e-3, m=5, lam=1e-3
         active = active[keep]
         history_x = [h[:, keep] for h in history_x]
         history_g = [h[:, keep] for h in history_g]
-    result.x = best_x
+    result.x, result.fx = best_x, best_fx
     result.converged = all(result.image_converged)
     result.num_evaluations = max(result.image_evaluations)
     return result

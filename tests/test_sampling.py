@@ -206,6 +206,13 @@ def test_sample_cli_few_step_sampler_with_budget_and_guidance_interval(checkpoin
     with pytest.raises(ValueError, match="cannot clip x0"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--sampler", "euler", "--clip-denoised", "on",
                                                "--out", str(tmp_path / "e"), "--device", "cpu"]))
+    out, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--sampler", "dpmpp-2m", "--num-sampling-steps", "4", "--iterations", "3",
+        "--fp-solver", "anderson", "--fp-history", "3", "--num-samples", "2", "--out", str(tmp_path / "a"),
+        "--device", "cpu"]))
+    assert report["block_evals"] == 4 * (3 + 2) and report["iterations_per_step"] == [3, 3, 3, 3]
+    assert json.load(open(os.path.join(out, "args.json")))["fixed_point"]["solver"] == {
+        "method": "anderson", "history": 3, "damping": 1.0}
 
 
 def test_sample_cli_bad_flags(checkpoint, tmp_path):
