@@ -1,10 +1,11 @@
 """Few-step samplers on FPDM's compute dial: does FPDM's low-compute advantage survive a strong ODE solver?
 
-    python experiments/few_step.py      # ~25 minutes on 2 cores (the experiments' FPDM and DiT; trained if missing)
+    python experiments/few_step.py      # ~50 minutes on 2 quiet cores (the experiments' FPDM and DiT; trained if
+                                        # missing); the JSON is rewritten after every row
 
 The experiments' FPDM (the demo recipe, 2,500 steps: 1 pre + FP block + 1 post) and the DiT of the same recipe and
 depth 8 (experiments/fpdm_vs_dit.py) sample 500 digits (cfg 2, trailing timesteps) with DDIM, DPM-Solver++(2M) and
-UniPC at 5-20 steps, three noise seeds each. Compute is counted in transformer-block evaluations per image:
+UniPC at 5, 10 and 20 steps, three noise seeds each. Compute is counted in transformer-block evaluations per image:
   - DiT: 8 per step;
   - FPDM "equal": 6 iterations per step with reuse, 8 per step like the DiT;
   - FPDM "light": 2 iterations per step with reuse (4 per step), at twice the steps, so that each budget is met
@@ -23,7 +24,7 @@ import configs
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samplers", default="ddim,dpmpp-2m,unipc")
-    p.add_argument("--steps", default="5,8,12,20", help="DiT / FPDM-equal steps (FPDM-light: twice as many)")
+    p.add_argument("--steps", default="5,10,20", help="DiT / FPDM-equal steps (FPDM-light: twice as many)")
     p.add_argument("--train-steps", type=int, default=2500)
     p.add_argument("--dit-results", default=os.path.join(common.RESULTS, "fpdm_vs_dit_runs"))
     common.add_sampling_arguments(p, "few_step")
@@ -43,6 +44,8 @@ def main():
                                                 args.num_per_class, args.cfg_scale, args.timestep_spacing, sampler)
                 row["model"] = name
                 rows.append(row)
+                common.write_json(args.name, {"args": vars(args), "fpdm_checkpoint": fpdm_ckpt,  # after every row
+                                              "dit_checkpoint": dit_ckpt, "rows": rows})
                 print(f"{sampler:<9} {name:<10} {row['steps']:>3} steps {row['block_evals']:>4} block evals: "
                       f"FID-MNIST {row['fid_mean']:7.2f} ± {row['fid_std']:5.2f}  accuracy "
                       f"{row['accuracy_mean']:.3f}  ({row['seconds']:.0f} s)", flush=True)
