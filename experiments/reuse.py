@@ -1,12 +1,14 @@
 """Solution reuse on and off at fixed sampling budgets: does starting each timestep's fixed point from the previous
 timestep's solution buy quality for free?
 
-    python experiments/reuse.py      # ~15 minutes on 2 cores (reuses the demo's FPDM; trains it if missing)
+    python experiments/reuse.py   # ~15 minutes on 2 cores
+    # (the experiments' FPDM: the demo recipe trained 2,500 steps; trained if missing)
 
-The demo's FPDM (MNIST 14 px, 1 pre + FP block + 1 post) samples 500 digits with 20 DDIM steps (cfg 2) at budgets of
-160 (= a DiT of depth 8), 128, 96, 80 and 64 transformer-block evaluations per image, spread evenly over the steps
-(flat), with and without reuse, for three noise seeds. Reports FID-MNIST mean ± std over seeds, class accuracy and
-the relative fixed-point residual left at the end of each step. Writes experiments/results/reuse.{json,png}.
+The experiments' FPDM (MNIST 14 px, 1 pre + FP block + 1 post) samples 500 digits with 20 DDIM steps (cfg 2) at
+budgets of 160 (= a DiT of depth 8), 128, 96, 80 and 64 transformer-block evaluations per image, spread evenly over
+the steps (flat), with and without reuse, for three noise seeds. Reports FID-MNIST mean ± std over seeds, class
+accuracy and the relative fixed-point residual left at the end of each step. Writes
+experiments/results/reuse.{json,png}.
 """
 
 import argparse

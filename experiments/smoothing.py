@@ -1,11 +1,12 @@
 """Timestep smoothing: at a fixed budget, should the fixed-point iterations be spread evenly over the DDIM steps
 (flat), or weighted toward the noisy steps (more-noisy) or the clean steps (more-clean)?
 
-    python experiments/smoothing.py      # ~15 minutes on 2 cores (reuses the demo's FPDM; trains it if missing)
+    python experiments/smoothing.py   # ~15 minutes on 2 cores
+    # (the experiments' FPDM: the demo recipe trained 2,500 steps; trained if missing)
 
-The release's rule (spec: 1 + (B - S)·r_i / Σr with r linear from 0.5 to 1.5) at three settings of the demo's FPDM
-(MNIST 14 px, 500 samples, cfg 2): 20 DDIM steps at 96 and at 64 block evaluations per image, and 10 steps at 80
-(more iterations per step left to move), with solution reuse; and 20 steps at 96 without reuse. Three noise seeds
+The release's rule (spec: 1 + (B - S)·r_i / Σr with r linear from 0.5 to 1.5) at three settings of the experiments'
+FPDM (MNIST 14 px, 500 samples, cfg 2): 20 DDIM steps at 96 and at 64 block evaluations per image, and 10 steps at
+80 (more iterations per step left to move), with solution reuse; and 20 steps at 96 without reuse. Three noise seeds
 each; FID-MNIST mean ± std. Writes experiments/results/smoothing.{json,png}.
 """
 
