@@ -126,8 +126,9 @@ def _rows_per_block(columns, budget=2 ** 25):
 
 
 def _squared_distances(a, b):
-    """||a_i - b_j||^2 of float64 tensors through the Gram matrix (as the reference implementations), clamped at 0."""
-    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).clamp_min_(0)
+    """||a_i - b_j||^2 of float64 tensors through the Gram matrix (as the reference implementations), clamped at 0;
+    in place on one (len(a), len(b)) block."""
+    return (a @ b.T).mul_(-2).add_((a * a).sum(1)[:, None]).add_((b * b).sum(1)[None, :]).clamp_min_(0)
 
 
 def _knn_radii(x, k):
@@ -139,7 +140,7 @@ def _knn_radii(x, k):
         d = _squared_distances(x[i:i + rows], x)
         index = torch.arange(len(d), device=x.device)
         d[index, index + i] = 0  # the point itself, exactly (round-off would otherwise leave ~1e-12)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # rank 1 is the point itself
+        radii.append(d.topk(k + 1, dim=1, largest=False).values[:, -1])  # the smallest is the point itself
     return torch.cat(radii)
 
 
@@ -238,9 +239,19 @@ def _read_image(path):
         return np.asarray(image.convert("L"))[..., None] if image.mode == "L" else np.asarray(image.convert("RGB"))
 
 
+def _check_image_source(path):
+    if os.path.isdir(path):
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: pass an .npz of samples (arr_0) or a folder of images")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: not an .npz file or an image folder")
+
+
 def load_images(path):
     """An ADM sample file (`.npz` with `arr_0`) or a folder of PNG/JPG images (sorted by name) -> uint8 (N, H, W, C)."""
     path = os.path.expanduser(str(path))
+    _check_image_source(path)
     if os.path.isdir(path):
         files = list_images(path, recursive=False)
         if not files:
@@ -252,10 +263,6 @@ def load_images(path):
         if len(sizes) > 1:
             raise ValueError(f"{path}: images differ in size ({sizes[0]} and {sizes[-1]}); resize them to one size")
         return np.stack(images)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: pass an .npz of samples (arr_0) or a folder of images")
-    if not path.endswith(".npz"):
-        raise ValueError(f"{path}: not an .npz file or an image folder")
     try:
         with np.load(path) as data:
             if "arr_0" not in data:
@@ -494,6 +501,7 @@ def _read_npz(path):
 
 def _reference_from_images(path, model, batch_size=50, cache=True, progress=True):
     """Reference computed from the images at `path` (one Inception pass), through the cache next to it."""
+    _check_image_source(path)
     cache_path = key = None
     if cache:
         cache_path, key = reference_cache_path(path, model)
@@ -853,6 +861,24 @@ def _write_report(samples, command, result):
     return path
 
 
+# (row name, result key, key of its std over splits/subsets, format): one table for `all` and `all-mnist`
+TABLE_ROWS = (("FID", "fid", None, "{:.4f}"), ("sFID", "sfid", None, "{:.4f}"),
+              ("IS", "inception_score", "inception_score_std", "{:.3f}"), ("Precision", "precision", None, "{:.4f}"),
+              ("Recall", "recall", None, "{:.4f}"), ("KID", "kid", "kid_std", "{:.5g}"),
+              ("Accuracy", "accuracy", None, "{:.4f}"))
+
+
+def format_table(result, title):
+    """The metrics of `result` that it has keys for, one per line ("n/a" for None), under `title`."""
+    lines = [title]
+    for name, key, std_key, fmt in TABLE_ROWS:
+        if key in result:
+            value, std = result[key], result.get(std_key) if std_key else None
+            text = "n/a" if value is None else fmt.format(value) + ("" if std is None else f" +/- {fmt.format(std)}")
+            lines.append(f"  {name:<10} {text}")
+    return "\n".join(lines)
+
+
 def _device(name):
     from sampling import resolve_device
     return resolve_device(name)
@@ -875,24 +901,44 @@ def run_fid(args):
 
 def run_stats(args):
     model = _inception(args)
-    mu, sigma = feature_statistics(model.features(load_images(args.images), args.batch_size))
+    reference = _reference_from_images(args.images, model, args.batch_size, cache=not args.no_cache)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    np.savez(out, mu=mu, sigma=sigma)
-    print(f"wrote mu {mu.shape} and sigma {sigma.shape} of {args.images} to {out}")
-    return {"mu": mu, "sigma": sigma}
+    save_reference(out, reference, model.identity)
+    print(f"wrote mu/sigma {reference.sigma.shape}, mu_s/sigma_s {reference.sigma_s.shape} and the pool3 features "
+          f"{reference.features.shape} of {args.images} to {out}")
+    return {name: getattr(reference, name) for name in STATISTICS + ("features",)}
+
+
+def run_all(args):
+    model = _inception(args)
+    settings = {"k": args.k, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
+                "is_splits": args.is_splits, "seed": args.seed}
+    result = evaluate_inception(args.samples, args.ref, model, args.batch_size, cache=not args.no_cache, **settings)
+    result.update(samples=args.samples, reference=args.ref, inception=model.weights, inception_id=model.identity)
+    if result["reference_note"]:
+        print(result["reference_note"])
+    path = _write_report(args.samples, "all", result)
+    print(format_table(result, f"{result['num_samples']} samples vs {args.ref} (Inception-v3 features)"))
+    print(f"-> {path}")
+    return result
+
+
+def _mnist_labels(args):
+    if args.ignore_labels:
+        return None
+    if args.labels:
+        if not os.path.isfile(args.labels):
+            raise FileNotFoundError(f"{args.labels} does not exist: pass a .npy of class labels")
+        return np.load(args.labels)
+    if args.samples.endswith(".npz"):
+        with np.load(args.samples) as data:
+            return data["labels"] if "labels" in data else None
+    return None
 
 
 def run_fid_mnist(args):
-    images, labels = load_images(args.samples), None
-    if args.ignore_labels:
-        pass
-    elif args.labels:
-        if not os.path.isfile(args.labels):
-            raise FileNotFoundError(f"{args.labels} does not exist: pass a .npy of class labels")
-        labels = np.load(args.labels)
-    elif args.samples.endswith(".npz"):
-        with np.load(args.samples) as data:
-            labels = data["labels"] if "labels" in data else None
+    images = load_images(args.samples)
+    labels = _mnist_labels(args)
     model = load_mnist_classifier(args.classifier)
     result = evaluate_mnist(images, labels, model, _device(args.device))
     result.update(samples=args.samples, classifier=model.path, classifier_metrics=model.metrics)
@@ -902,28 +948,59 @@ def run_fid_mnist(args):
     return result
 
 
+def run_all_mnist(args):
+    images = load_images(args.samples)
+    labels = _mnist_labels(args)
+    model = load_mnist_classifier(args.classifier)
+    result = mnist_metrics(images, labels, model, _device(args.device), args.k, args.kid_subsets, args.kid_subset_size,
+                           args.seed)
+    result.update(samples=args.samples, classifier=model.path, classifier_metrics=model.metrics)
+    path = _write_report(args.samples, "all-mnist", result)
+    print(format_table(result, f"{result['num_samples']} samples vs {result['num_reference']} real digits at "
+                               f"{result['image_size']} px (MNIST classifier features)"))
+    print(f"-> {path}")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    every = commands.add_parser("all", help="FID, sFID, IS, precision/recall and KID of SAMPLES against REF")
     fid = commands.add_parser("fid", help="Inception FID of SAMPLES against REF")
-    fid.add_argument("samples", help="ADM .npz (arr_0: uint8 N x H x W x 3) or a folder of PNG/JPG images")
-    fid.add_argument("ref", help="an .npz of reference statistics (mu, sigma; e.g. ADM's reference batch) or images")
-    stats = commands.add_parser("stats", help="write the Inception (mu, sigma) of IMAGES, for use as REF")
+    for p in (every, fid):
+        p.add_argument("samples", help="ADM .npz (arr_0: uint8 N x H x W x 3) or a folder of PNG/JPG images")
+        p.add_argument("ref", help="ADM's reference batch (.npz with arr_0 and mu/sigma/mu_s/sigma_s), a file from "
+                                   "`evaluate.py stats`, or images (.npz with arr_0, or a folder)")
+    stats = commands.add_parser("stats", help="write the Inception statistics and features of IMAGES, for use as REF")
     stats.add_argument("images", help="ADM .npz or a folder of PNG/JPG images")
     stats.add_argument("--out", required=True, help="output .npz")
-    for p in (fid, stats):
+    for p in (every, fid, stats):
         p.add_argument("--inception", default=DEFAULT_INCEPTION, help=f"FID Inception weights ({INCEPTION_URL})")
         p.add_argument("--batch-size", type=int, default=50)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    for p in (every, stats):
+        p.add_argument("--no-cache", action="store_true",
+                       help="neither read nor write the reference-feature cache next to the reference")
     mnist = commands.add_parser("fid-mnist", help="FID-MNIST and classifier accuracy of MNIST samples")
-    mnist.add_argument("samples", help="ADM .npz (labels from its 'labels' array, if any) or a folder of PNG images")
-    mnist.add_argument("--labels", default=None, help=".npy of the samples' intended class labels")
-    mnist.add_argument("--ignore-labels", action="store_true", help="unconditional samples (labels all 0): FID only")
-    mnist.add_argument("--classifier", default=None, help="classifier cache file (default: ~/.cache/fpdm/...)")
-    mnist.add_argument("--device", default="auto")
+    all_mnist = commands.add_parser("all-mnist", help="FID, precision/recall, KID and accuracy on MNIST classifier "
+                                                      "features")
+    for p in (mnist, all_mnist):
+        p.add_argument("samples", help="ADM .npz (labels from its 'labels' array, if any) or a folder of PNG images")
+        p.add_argument("--labels", default=None, help=".npy of the samples' intended class labels")
+        p.add_argument("--ignore-labels", action="store_true", help="unconditional samples (labels all 0): no "
+                                                                    "accuracy")
+        p.add_argument("--classifier", default=None, help="classifier cache file (default: ~/.cache/fpdm/...)")
+        p.add_argument("--device", default="auto")
+    for p in (every, all_mnist):
+        p.add_argument("--k", type=int, default=3, help="nearest neighbours of precision/recall")
+        p.add_argument("--kid-subsets", type=int, default=100)
+        p.add_argument("--kid-subset-size", type=int, default=1000)
+        p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+    every.add_argument("--is-splits", type=int, default=10)
     args = parser.parse_args(argv)
     try:
-        return {"fid": run_fid, "stats": run_stats, "fid-mnist": run_fid_mnist}[args.command](args)
+        return {"all": run_all, "fid": run_fid, "stats": run_stats, "fid-mnist": run_fid_mnist,
+                "all-mnist": run_all_mnist}[args.command](args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -1,15 +1,19 @@
-"""evaluate.py: the Fréchet distance against closed forms, sample IO (ADM npz and image folders), the Inception
-pipeline end to end with random weights, FID-MNIST sanity (real vs real small, noise large, corruptions monotone),
-the classifier cache, and the CLI."""
+"""evaluate.py: the Fréchet distance, Inception Score, precision/recall and KID against closed forms, sample IO (ADM
+npz and image folders), the Inception pipeline end to end with random weights (the metric table from one pass, sFID's
+layer, reference statistics, stats files and the reference cache), FID-MNIST sanity (real vs real small, noise
+large, corruptions monotone), the MNIST metric table, the classifier cache, and the CLI."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import torch
 from PIL import Image
 from torchvision.transforms.functional import gaussian_blur
@@ -17,8 +21,9 @@ from torchvision.transforms.functional import gaussian_blur
 import evaluate
 from data import MNISTDigits
 from evaluate import (INCEPTION_URL, InceptionFeatures, MNIST_CLASSIFIER, classifier_accuracy, feature_statistics,
-                      fid_mnist, frechet_distance, load_images, load_mnist_classifier, load_statistics, main,
-                      mnist_features)
+                      fid_mnist, format_table, frechet_distance, inception_metrics, inception_score, kid, load_images,
+                      load_mnist_classifier, load_reference, load_statistics, main, mnist_features, mnist_metrics,
+                      precision_recall, reference_cache_path, reference_content_hash)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +97,69 @@ def test_fid_of_samples_zero_with_itself_and_monotone_in_mean_shift():
     assert fids == sorted(fids) and fids[-1] == pytest.approx(16 * 3.0 ** 2, rel=1e-6)  # a shift moves only mu
     with pytest.raises(ValueError, match="N >= 2"):
         feature_statistics(features[:1])
+
+
+#################################################################################
+#                     IS, precision/recall, KID: closed forms                   #
+#################################################################################
+
+def test_inception_score_closed_forms():
+    assert inception_score(np.zeros((40, 1008))) == pytest.approx((1.0, 0.0), abs=1e-12)  # p(y|x) = p(y): IS 1
+    for classes in (2, 10, 50):  # confident and spread evenly: every one of the 10 splits holds each class twice
+        mean, std = inception_score(100.0 * np.eye(classes)[np.tile(np.arange(classes), 20)], splits=10)
+        assert abs(mean - classes) < 1e-3 and std < 1e-3
+    one_class_per_split = 100.0 * np.eye(10)[np.repeat(np.arange(10), 3)]  # split i holds only class i
+    assert inception_score(one_class_per_split, splits=10)[0] == pytest.approx(1.0, abs=1e-9)
+    assert inception_score(one_class_per_split, splits=1)[0] == pytest.approx(10.0, abs=1e-3)
+    logits = np.random.default_rng(0).normal(scale=3, size=(64, 7))  # IS = exp(H(p(y)) - E_x H(p(y|x)))
+    p = scipy.special.softmax(logits, axis=1)
+    entropy = -(p.mean(0) * np.log(p.mean(0))).sum() + (p * np.log(p)).sum(1).mean()
+    assert inception_score(logits, splits=1)[0] == pytest.approx(np.exp(entropy), rel=1e-12)
+    halves = [inception_score(logits[:32], splits=1)[0], inception_score(logits[32:], splits=1)[0]]
+    assert inception_score(logits, splits=2) == pytest.approx((np.mean(halves), np.std(halves)), rel=1e-12)
+
+
+def test_precision_recall_closed_forms():
+    x = np.random.default_rng(1).normal(size=(40, 16))
+    assert precision_recall(x, x) == (1.0, 1.0)
+    assert precision_recall(x, x + 1e3) == (0.0, 0.0)
+    # By hand, k = 3: the radii of {0, 1, 2, 3} are 3, 2, 2, 3, those of {0, 1, 2, 100} are 100, 99, 98, 100.
+    real, fake = [[0.0], [1.0], [2.0], [3.0]], [[0.0], [1.0], [2.0], [100.0]]
+    assert precision_recall(real, fake) == (0.75, 1.0)  # 100 lies outside every real ball; 3 is in the ball of 0
+    assert precision_recall(fake, real) == (1.0, 0.75)  # roles swapped
+    with pytest.raises(ValueError, match="more than 3"):
+        precision_recall(x[:3], x)
+
+
+def test_kid_equals_brute_force_double_loop():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 0.5
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+
+    m = 6
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    mean, std = kid(x, y, subsets=3, subset_size=1000)  # subsets of min(1000, 6, 6): the sets themselves, permuted
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std < 1e-10
+    assert kid(x, y, subsets=20, subset_size=4, seed=1) == kid(x, y, subsets=20, subset_size=4, seed=1)  # seeded
+
+
+def test_kid_is_unbiased():
+    """Two samples of one distribution: the mean KID over many draws is 0 within 3 standard errors, while the
+    biased estimate (diagonal terms kept) on the same draws is clearly positive: the test can tell them apart."""
+    rng = np.random.default_rng(3)
+    unbiased, biased = [], []
+    for _ in range(1000):
+        x, y = rng.normal(size=(10, 4)), rng.normal(size=(10, 4))
+        unbiased.append(kid(x, y, subsets=1, subset_size=10)[0])
+        biased.append((((x @ x.T / 4 + 1) ** 3).mean() + ((y @ y.T / 4 + 1) ** 3).mean()
+                       - 2 * ((x @ y.T / 4 + 1) ** 3).mean()))
+    for values, unbiased_ in ((unbiased, True), (biased, False)):
+        mean, error = np.mean(values), np.std(values, ddof=1) / np.sqrt(len(values))
+        assert (abs(mean) < 3 * error) == unbiased_, (mean, error)
 
 
 #################################################################################
@@ -210,6 +278,191 @@ def test_inception_weights_errors(tmp_path, capsys):
 
 
 #################################################################################
+#                 The metric table: one Inception pass, reference cache         #
+#################################################################################
+
+@contextlib.contextmanager
+def counting_forward():
+    """Yields the list of batch sizes that go through any InceptionFeatures network inside the block."""
+    calls, original = [], InceptionFeatures.forward
+
+    def counted(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InceptionFeatures, "forward", counted)
+        yield calls
+
+
+@pytest.fixture
+def quick_frechet(monkeypatch):
+    """sqrtm of a 2048 x 2048 matrix takes ~25 s on this 2-core machine, twice per table (FID, sFID). The table tests
+    therefore swap `evaluate.frechet_distance` for a stand-in (the formula without its coupling term) and record
+    which statistics reach it; the Fréchet distance itself is tested against closed forms above."""
+    calls = []
+
+    def stand_in(mu1, sigma1, mu2, sigma2, eps=1e-6):
+        calls.append((mu1, sigma1, mu2, sigma2))
+        return float(np.sum((np.asarray(mu1) - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2))
+
+    monkeypatch.setattr(evaluate, "frechet_distance", stand_in)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_set(random_inception, tmp_path_factory):
+    """Six 32 px samples and six reference images as ADM npz files; random_inception's weights (its random 1008-way
+    fc included) saved as a pytorch-fid weights file; the samples' features (batches of 5) and the reference (its
+    features computed once, in batches of 5, and cached next to it)."""
+    folder = tmp_path_factory.mktemp("tiny_set")
+    rng = np.random.default_rng(5)
+    samples = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    reference = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    reference[:3, 8:24, 8:24] = 255
+    np.savez(folder / "samples.npz", arr_0=samples)
+    np.savez(folder / "ref.npz", arr_0=reference)
+    weights = folder / "inception.pth"
+    torch.save({**random_inception.net.state_dict(), "fc.weight": random_inception.logits_weight,
+                "fc.bias": torch.zeros(1008)}, weights)
+    model = InceptionFeatures(weights)
+    features = model.all_features(samples, batch_size=5, progress=False)
+    with counting_forward() as calls:
+        ref = load_reference(folder / "ref.npz", model, batch_size=5, progress=False)
+    return SimpleNamespace(folder=folder, samples=str(folder / "samples.npz"), ref=str(folder / "ref.npz"),
+                           reference_images=reference, weights=str(weights), model=model, features=features,
+                           reference=ref, reference_calls=calls)
+
+
+METRICS = ("fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid", "kid_std")
+
+
+def test_sfid_features_are_adm_mixed_6_conv(random_inception):
+    """299 px input: sFID features (N, 2023) = the first 7 channels of Mixed_6d.branch1x1 (TF's mixed_6/conv, 192 x
+    17 x 17) flattened in NHWC order as ADM does; logits = pool3 @ fc.weight^T (no bias, as ADM and improved-gan)."""
+    images = np.random.default_rng(6).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
+    caught = []
+    hook = random_inception.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: caught.append(out))
+    try:
+        features = random_inception.all_features(images, batch_size=2, progress=False)
+    finally:
+        hook.remove()
+    assert features["pool3"].shape == (2, 2048) and features["spatial"].shape == (2, 2023)
+    assert features["logits"].shape == (2, 1008) and caught[0].shape == (2, 192, 17, 17)
+    expected = caught[0].permute(0, 2, 3, 1)[..., :7].reshape(2, -1).double().numpy()  # spatial[..., :7], flattened
+    np.testing.assert_array_equal(features["spatial"], expected)
+    assert features["spatial"].std() > 1e-3
+    logits = features["pool3"] @ random_inception.logits_weight.double().numpy().T
+    np.testing.assert_allclose(features["logits"], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_cache_written_once_and_reused(tiny_set, random_inception):
+    t = tiny_set
+    assert t.reference_calls == [5, 1]  # the first evaluation ran the reference's 6 images once
+    caches = sorted(p.name for p in t.folder.glob("ref.inception-*.npz"))
+    assert len(caches) == 1
+    with counting_forward() as calls:
+        again = load_reference(t.ref, t.model, batch_size=5, progress=False)
+    assert calls == []  # the second does not run the network on the reference
+    for name in ("mu", "sigma", "mu_s", "sigma_s", "features"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(t.reference, name))
+    assert again.num_images == 6 and again.features.shape == (6, 2048) and again.sigma_s.shape == (2023, 2023)
+    # The key is the reference's content and the weights: other images or other weights, another cache file.
+    path, key = reference_cache_path(t.ref, t.model)
+    assert os.path.basename(path) == caches[0]
+    assert reference_cache_path(t.ref, random_inception)[1] != key  # same network, weights of another identity
+    assert reference_cache_path(t.ref, t.model, content_hash="0" * 64)[1] != key
+    assert reference_content_hash(t.ref) != reference_content_hash(t.samples)
+    folder = t.folder / "ref_images"  # a folder's hash: the names and bytes of the images that load_images reads
+    folder.mkdir()
+    for i, image in enumerate(t.reference_images[:2]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    digest = reference_content_hash(folder)
+    (folder / "notes.txt").write_text("not an image")
+    assert reference_content_hash(folder) == digest
+    Image.fromarray(t.reference_images[2]).save(folder / "1.png")
+    assert reference_content_hash(folder) != digest
+
+
+def test_all_command_end_to_end_and_batch_size_independent(tiny_set, quick_frechet, capsys):
+    t = tiny_set
+    with counting_forward() as calls:
+        result = main(["all", t.samples, t.ref, "--inception", t.weights, "--batch-size", "2", "--device", "cpu",
+                       "--kid-subsets", "10"])
+    assert calls == [2, 2, 2]  # one pass over the samples; the reference came from its cache
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in ("FID", "sFID", "IS", "Precision", "Recall", "KID"))
+    report = json.loads((t.folder / "samples.all.json").read_text())
+    assert report == json.loads(json.dumps(result))
+    assert report["num_samples"] == 6 and report["num_reference"] == 6 and report["image_shape"] == [32, 32, 3]
+    assert report["reference_note"] is None and report["kid_subset_size"] == 6 and report["is_splits"] == 6
+    assert all(report[name] is not None and np.isfinite(report[name]) for name in METRICS)
+    assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
+    # Batches of 2 (here) and of 5 (the fixture's features) give the same numbers.
+    expected = inception_metrics(t.features, t.reference, kid_subsets=10)
+    for name in METRICS:
+        assert report[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-5), name
+    # FID and sFID compared the samples' pool3 / spatial statistics with the reference's.
+    (mu, _, ref_mu, _), (mu_s, _, ref_mu_s, _) = quick_frechet[:2]
+    assert mu.shape == (2048,) and mu_s.shape == (2023,)
+    np.testing.assert_array_equal(ref_mu, t.reference.mu)
+    np.testing.assert_array_equal(ref_mu_s, t.reference.mu_s)
+
+
+def test_stats_file_round_trip_and_old_stats_files(tiny_set, quick_frechet, random_inception, tmp_path, capsys):
+    t = tiny_set
+    with counting_forward() as calls:
+        main(["stats", t.ref, "--out", str(tmp_path / "ref_stats"), "--inception", t.weights, "--device", "cpu"])
+    assert calls == []  # the cached features of the same images
+    with np.load(tmp_path / "ref_stats.npz") as data:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "pool3"} <= set(data.files)
+    new = load_reference(tmp_path / "ref_stats.npz", t.model)
+    assert new.note is None and new.num_images == 6 and "warning" not in capsys.readouterr().out
+    load_reference(tmp_path / "ref_stats.npz", random_inception)  # same network, weights of another identity
+    assert "warning: " in capsys.readouterr().out
+    full = inception_metrics(t.features, new, kid_subsets=10)
+    direct = inception_metrics(t.features, t.reference, kid_subsets=10)
+    assert {name: full[name] for name in METRICS} == {name: direct[name] for name in METRICS}
+    # An old stats file (mu, sigma only): FID and IS, and one line saying what the rest needs.
+    np.savez(tmp_path / "old.npz", mu=t.reference.mu, sigma=t.reference.sigma)
+    with counting_forward() as calls:
+        old = inception_metrics(t.features, load_reference(tmp_path / "old.npz", t.model), kid_subsets=10)
+    assert calls == []
+    assert old["fid"] == full["fid"] and old["inception_score"] == full["inception_score"]
+    assert all(old[name] is None for name in ("sfid", "precision", "recall", "kid", "kid_std"))
+    note = old["reference_note"]
+    assert "\n" not in note and "only mu/sigma" in note and "sFID, precision, recall, KID" in note
+    assert "python evaluate.py stats IMAGES --out" in note
+    table = format_table(old, "title")
+    assert "  sFID       n/a" in table and "  FID        " in table and "n/a" not in table.splitlines()[1]
+    mu, sigma = load_statistics(tmp_path / "old.npz", t.model)  # the FID path reads old files as before
+    np.testing.assert_array_equal(mu, t.reference.mu)
+
+
+def test_adm_reference_batch_statistics_used_as_is(tiny_set, quick_frechet, tmp_path):
+    t = tiny_set
+    given = {"mu": t.reference.mu + 1, "sigma": 2 * t.reference.sigma, "mu_s": t.reference.mu_s - 1,
+             "sigma_s": 3 * t.reference.sigma_s}
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=t.reference_images[:4], **given)
+    with counting_forward() as calls:
+        mu, sigma = load_statistics(tmp_path / "VIRTUAL_ref.npz", t.model)
+    assert calls == []  # FID alone needs no network: ADM's mu/sigma
+    np.testing.assert_array_equal(mu, given["mu"])
+    np.testing.assert_array_equal(sigma, given["sigma"])
+    with counting_forward() as calls:
+        reference = load_reference(tmp_path / "VIRTUAL_ref.npz", t.model, batch_size=4, progress=False)
+    assert calls == [4]  # its images, for the pool3 features that precision/recall and KID need
+    for name, value in given.items():
+        np.testing.assert_array_equal(getattr(reference, name), value)
+    np.testing.assert_allclose(reference.features, t.reference.features[:4], rtol=1e-5, atol=1e-5)
+    result = inception_metrics(t.features, reference, kid_subsets=10)
+    assert result["reference_note"] is None and result["precision"] is not None
+    (_, _, fid_mu, fid_sigma), (_, _, sfid_mu, sfid_sigma) = quick_frechet[:2]  # FID, then sFID
+    for used, name in ((fid_mu, "mu"), (fid_sigma, "sigma"), (sfid_mu, "mu_s"), (sfid_sigma, "sigma_s")):
+        np.testing.assert_array_equal(used, given[name])
+
+
+#################################################################################
 #                                   FID-MNIST                                   #
 #################################################################################
 
@@ -294,3 +547,26 @@ def test_cli_fid_mnist(classifier, tmp_path):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert str(exit_.value).startswith("error:") and message in str(exit_.value)
+
+
+def test_mnist_metrics_real_digits_vs_themselves(classifier, tmp_path, capsys):
+    x, y = real_digits(14)
+    result = mnist_metrics(x, y, classifier, kid_subsets=4, kid_subset_size=500)
+    print(f"\nreal vs real, 14 px: {result}")
+    assert abs(result["fid"]) < 1e-6 and result["fid"] == pytest.approx(fid_mnist(x, classifier), abs=1e-9)
+    assert result["precision"] == 1.0 and result["recall"] == 1.0
+    # KID ~ 0 on the scale of its spread over subsets. (Subsets drawn independently from one finite set expect
+    # -2 (mean k(x, x) - mean k(x, x')) / N, about -0.7 here; the std over subsets of 1,000 is ~0.8.)
+    assert abs(result["kid"]) < 3 * result["kid_std"]
+    assert result["accuracy"] >= 0.97 and result["num_samples"] == result["num_reference"] == 5000
+    # The command: the same table on MNIST features, 300 real digits as an ADM npz (uint8 RGB).
+    keep = first_per_class(y, 30)
+    samples = ((x[keep] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).repeat(1, 1, 1, 3).numpy()
+    np.savez(tmp_path / "samples.npz", arr_0=samples, labels=y[keep].numpy())
+    main(["all-mnist", str(tmp_path / "samples.npz"), "--classifier", classifier.path, "--device", "cpu",
+          "--kid-subsets", "5"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in ("FID", "Precision", "Recall", "KID", "Accuracy")) and "sFID" not in out
+    report = json.loads((tmp_path / "samples.all-mnist.json").read_text())
+    assert report["fid"] == pytest.approx(fid_mnist(x[keep], classifier), rel=1e-3) and report["accuracy"] >= 0.95
+    assert report["precision"] > 0.9 and 0 < report["recall"] < 1 and report["kid_subset_size"] == 300
