@@ -147,6 +147,12 @@ class RunConfig:
     sample_cfg_scale: float = opt(2.0, "guidance scale for sample grids")
     num_sample_images: int = opt(40, "images in a sample grid")
     tracker: str = opt("auto", "auto (wandb offline if installed, else tensorboard), wandb, tensorboard, none")
+    eval_every: int = opt(0, "FID of the EMA model every N steps, into eval.csv and the tracker (0: off)")
+    eval_samples: int = opt(1000, "samples per FID evaluation (fixed noise and labels, sharded over processes)")
+    eval_steps: int = opt(20, "sampling steps of the FID evaluations (--sample-sampler, --sample-cfg-scale)")
+    eval_reference: str = opt(None, "image data: the FID reference (an ADM batch, an evaluate.py stats file or "
+                              "images); the bundled digits use FID-MNIST against the real digits", str)
+    eval_inception: str = opt(None, "image data: the FID Inception weights file (default: evaluate.py's)", str)
     init_from: str = opt(None, "start from a pretrained DiT checkpoint (any format sample.py reads); an FPDM takes "
                          "its pre/post blocks from the first/last DiT blocks and its fixed-point block from the middle",
                          str)
@@ -159,9 +165,11 @@ class RunConfig:
         for name in ("log_every", "ckpt_every", "keep_last", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("sample_every", "num_sample_images"):
+        for name in ("sample_every", "num_sample_images", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.eval_samples < 1 or self.eval_steps < 1:
+            raise ValueError("--eval-samples and --eval-steps must be >= 1")
         if self.tracker not in ("auto", "wandb", "tensorboard", "none"):
             raise ValueError(f"unknown --tracker {self.tracker!r}: use auto, wandb, tensorboard or none")
         from sampling import SAMPLERS
@@ -183,6 +191,9 @@ class TrainConfig:
         """One clear line for the first problem, before anything is created or overwritten."""
         for group in GROUPS:
             getattr(self, group).validate()
+        if self.run.eval_every and self.data.data_path != "mnist" and not self.run.eval_reference:
+            raise ValueError("--eval-every on image data needs --eval-reference (an ADM reference batch, an evaluate.py "
+                             "stats file or images) and the Inception weights (--eval-inception)")
         return self
 
     def flat(self):
@@ -220,7 +231,8 @@ ARCHITECTURE = ("model", "hidden_size", "depth", "num_heads", "patch_size", "fix
 # Settings a resumed run may change freely: how long, how often it logs / checkpoints / previews, where it reads
 # and writes, and memory-for-speed switches that leave the numbers alone. Any other difference needs --override.
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps",
-                     "sample_sampler", "sample_cfg_scale", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
+                     "sample_sampler", "sample_cfg_scale", "eval_every", "eval_samples", "eval_steps",
+                     "eval_reference", "eval_inception", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
                      "run_name", "compile", "grad_ckpt", "grad_ckpt_iterations", "trust_checkpoint", "init_from",
                      "override")
 

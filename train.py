@@ -89,6 +89,7 @@ def _train(cfg, cleanup):
                                               pin_memory=device.type == "cuda", generator=torch.Generator(),
                                               persistent_workers=cfg.data.num_workers > 0))
     preview = Preview(cfg, dataset, ema, run_dir, device)
+    evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker) if cfg.run.eval_every else None
     if ckpt is not None and ckpt["world_size"] == world:
         set_rng_state(ckpt["rng"][rank])  # last, so that nothing above consumes the restored stream
 
@@ -106,6 +107,8 @@ def _train(cfg, cleanup):
             metrics.log(step, grad_norm, lr, accelerator, progress)
         if r.sample_every and r.num_sample_images and step % r.sample_every == 0 and accelerator.is_main_process:
             logger.info("samples: %s", preview.write(step))
+        if evaluator is not None and step % r.eval_every == 0:
+            evaluator.run(step)
         if step % r.ckpt_every == 0 or step == o.max_steps:
             last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
     progress.close()
@@ -429,6 +432,90 @@ class Preview:
             images = self.dataset.decode(images) if hasattr(self.dataset, "decode") else images[:, :3]
         classes = self.dataset.num_classes
         return save_grid(images, self.path(step), nrow=classes if 1 < classes <= 16 else int(math.sqrt(len(images))))
+
+
+class Evaluator:
+    """FID during training (--eval-every N, --eval-samples K): the EMA model samples K images on fixed noise and
+    labels (their own generator), sharded over the processes (process r takes samples r, r + world, ...); the main
+    process scores them — FID-MNIST and class accuracy on the bundled digits, Inception FID against
+    --eval-reference otherwise — and appends a row to eval.csv and the tracker. Every RNG state is saved before and
+    restored after, so the training RNG, and with it exact resume, is untouched."""
+
+    FIELDS = ["step", "metric", "value", "accuracy", "num_samples", "seconds"]
+
+    def __init__(self, cfg, dataset, ema, run_dir, accelerator, step, tracker):
+        from sampling import diffusion_for_sampling
+        self.cfg, self.dataset, self.ema, self.accelerator, self.tracker = cfg, dataset, ema, accelerator, tracker
+        self.path = os.path.join(run_dir, "eval.csv")
+        k, world, rank = cfg.run.eval_samples, accelerator.num_processes, accelerator.process_index
+        g = torch.Generator().manual_seed(cfg.optim.seed + 1)
+        noise = torch.randn(k, *dataset.image_shape, generator=g)
+        labels = torch.arange(k) % dataset.num_classes
+        self.labels = labels
+        self.mine = torch.arange(rank, k, world)
+        self.noise, self.my_labels = noise[self.mine].to(accelerator.device), labels[self.mine].to(accelerator.device)
+        self.per_process = -(-k // world)
+        self.diffusion = diffusion_for_sampling(cfg.flat(), cfg.run.eval_steps)
+        self.mnist = cfg.data.data_path == "mnist"
+        if accelerator.is_main_process:
+            truncate_metrics(self.path, step)  # rows after the checkpoint a resumed run continues from
+            if not os.path.exists(self.path):
+                with open(self.path, "w", newline="") as f:
+                    csv.writer(f).writerow(self.FIELDS)
+
+    @torch.no_grad()
+    def run(self, step):
+        """Sample, gather and score; every RNG (torch, CUDA, NumPy, Python) is as before afterwards."""
+        saved = rng_state()
+        try:
+            return self._run(step)
+        finally:
+            set_rng_state(saved)
+
+    def _run(self, step):
+        from sampling import sample_images
+        start = time.time()
+        cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
+        images, _ = sample_images(self.ema, self.diffusion, self.noise, self.my_labels, cfg_scale=cfg_scale,
+                                  sampler=self.cfg.run.sample_sampler)
+        if self.dataset.kind == "latents":
+            images = self.dataset.decode(images) if hasattr(self.dataset, "decode") else images[:, :3]
+        padded = torch.zeros(self.per_process, *images.shape[1:], device=images.device, dtype=images.dtype)
+        padded[:len(images)] = images
+        gathered = self.accelerator.gather(padded.contiguous())  # rank-major: rank r's j-th is sample r + j·world
+        if not self.accelerator.is_main_process:
+            return None
+        world, k = self.accelerator.num_processes, self.cfg.run.eval_samples
+        order = torch.tensor([r * self.per_process + j for i in range(k) for r, j in [(i % world, i // world)]])
+        samples = gathered[order.to(gathered.device)].float().cpu()
+        metric, value, accuracy = self._score(samples)
+        row = {"step": step, "metric": metric, "value": value, "accuracy": accuracy, "num_samples": k,
+               "seconds": time.time() - start}
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([row[name] for name in self.FIELDS])
+        logger.info("step %d  %s %.3f%s  (%d samples, %.0f s)", step, metric, value,
+                    "" if accuracy is None else f"  accuracy {accuracy:.3f}", k, row["seconds"])
+        if self.tracker:
+            self.accelerator.log({f"eval/{metric}": value, **({} if accuracy is None else {"eval/accuracy": accuracy})},
+                                 step=step)
+        return row
+
+    def _score(self, samples):
+        import evaluate
+        if self.mnist:
+            result = evaluate.evaluate_mnist(samples, self.labels)
+            return "fid_mnist", result["fid_mnist"], result["accuracy"]
+        if not hasattr(self, "inception"):
+            weights = self.cfg.run.eval_inception or evaluate.DEFAULT_INCEPTION
+            self.inception = evaluate.InceptionFeatures(weights=os.path.expanduser(weights)).to(self.accelerator.device)
+            self.reference = evaluate.load_reference(self.cfg.run.eval_reference, self.inception, need_features=False)
+        pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        if pixels.shape[-1] == 1:
+            pixels = pixels.repeat(3, axis=-1)
+        features = self.inception.features(pixels, progress=False)
+        fid = evaluate.frechet_distance(*evaluate.feature_statistics(features), self.reference.mu,
+                                        self.reference.sigma)
+        return "fid", fid, None
 
 
 def peak_memory_bytes(device):

@@ -308,7 +308,7 @@ def test_two_process_cpu_run_through_accelerate(tmp_path, monkeypatch):
     and weights after 4 steps (per-example timesteps and noise, deterministic_train.py), one checkpoint per rank's
     RNG."""
     flags = [*TINY_ARGS, *deterministic_train.FLAGS, "--results-dir", str(tmp_path), "--max-steps", "4",
-             "--ckpt-every", "2"]
+             "--ckpt-every", "2", "--eval-every", "2", "--eval-samples", "9", "--eval-steps", "3"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
            os.path.join(ROOT, "aconfs", "cpu_2proc.yaml"), "--main_process_port", "29517",
            os.path.join(ROOT, "tests", "deterministic_train.py"), *flags, "--run-name", "ddp", "--grad-accum-steps", "2"]
@@ -328,6 +328,10 @@ def test_two_process_cpu_run_through_accelerate(tmp_path, monkeypatch):
     for x, y in zip(final_weights(tmp_path / "ddp", 4), final_weights(single, 4)):
         for key in x:
             torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-4, msg=key)
+    # FID during training, sharded (5 + 4 samples) and gathered: the same samples, so the same FID-MNIST.
+    sharded, alone = eval_rows(tmp_path / "ddp"), eval_rows(single)
+    assert [r["step"] for r in sharded] == [r["step"] for r in alone] == ["2", "4"]
+    assert [float(r["value"]) for r in sharded] == pytest.approx([float(r["value"]) for r in alone], rel=1e-3)
 
 
 def test_init_fpdm_from_a_trained_dit(tmp_path):
@@ -463,3 +467,37 @@ def test_workers_exit_when_their_launcher_dies(tmp_path):
     else:
         os.kill(child_pid, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# FID during training
+# ------------------------------------------------------------------------------------------------------------------
+
+def eval_rows(run_dir):
+    with open(os.path.join(run_dir, "eval.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fid_during_training_leaves_the_run_bit_exact(tmp_path):
+    """--eval-every logs FID-MNIST (and accuracy) of the EMA model to eval.csv without touching the training RNG:
+    the weights equal those of a run without evaluation, and a run resumed in between logs each step once and ends
+    with the same weights and the same FIDs."""
+    flags = ["--eval-every", "2", "--eval-samples", "12", "--eval-steps", "3", "--ckpt-every", "2"]
+    with_eval = run(tmp_path, "--max-steps", "4", *flags, name="eval")
+    without = run(tmp_path, "--max-steps", "4", "--ckpt-every", "2", name="plain")
+    for a, b in zip(final_weights(with_eval, 4), final_weights(without, 4)):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    rows = eval_rows(with_eval)
+    assert [int(r["step"]) for r in rows] == [2, 4] and {r["metric"] for r in rows} == {"fid_mnist"}
+    assert all(float(r["value"]) > 0 and 0 <= float(r["accuracy"]) <= 1 and r["num_samples"] == "12" for r in rows)
+    run(tmp_path, "--max-steps", "2", *flags, name="split")
+    split = run(tmp_path, "--max-steps", "4", *flags, "--resume", "auto", name="split")
+    for a, b in zip(final_weights(split, 4), final_weights(with_eval, 4)):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert [(r["step"], r["value"]) for r in eval_rows(split)] == [(r["step"], r["value"]) for r in rows]
+
+
+def test_fid_during_training_on_image_data_needs_a_reference(tmp_path):
+    cfg = configs.parse_args(["--data-path", str(tmp_path), "--eval-every", "100"])
+    with pytest.raises(ValueError, match="--eval-every on image data needs --eval-reference"):
+        cfg.validate()
