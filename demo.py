@@ -48,7 +48,7 @@ def configurations(model, steps):
 
 
 def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, iterations_per_step=None,
-                   reuse=False, seed=0, timestep_spacing="trailing", sampler="ddim"):
+                   reuse=False, seed=0, timestep_spacing="trailing", sampler="ddim", fp_solver=None):
     """Sample `num_per_class` digits of every class from fixed noise (`seed`) with `sampler` over `timestep_spacing`;
     returns a dict with FID-MNIST, class accuracy, the compute report and the samples. Shared by the demo and
     experiments/."""
@@ -59,7 +59,7 @@ def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, 
     start = time.perf_counter()
     samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps, timestep_spacing), noise, labels,
                                    cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse,
-                                   sampler=sampler)
+                                   sampler=sampler, fp_solver=fp_solver)
     seconds = time.perf_counter() - start
     return {"fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
             "compute": stats.compute(), "seconds": seconds, "samples": samples}

@@ -62,11 +62,12 @@ def load_for_sampling(args):
 
 
 def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num_per_class=50, cfg_scale=2.0,
-                       timestep_spacing="trailing", sampler="ddim"):
+                       timestep_spacing="trailing", sampler="ddim", fp_solver=None):
     """FID-MNIST and accuracy of one sampling setting for each noise seed, with their mean and standard deviation,
     the block evaluations per image and the mean relative residual left at the end of each step."""
     runs = [demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse, seed=seed,
-                                timestep_spacing=timestep_spacing, sampler=sampler) for seed in seeds]
+                                timestep_spacing=timestep_spacing, sampler=sampler, fp_solver=fp_solver)
+            for seed in seeds]
     fids, accs = [r["fid_mnist"] for r in runs], [r["accuracy"] for r in runs]
     residuals = [v for r in runs for v in r["compute"]["final_residual_per_step"] if v is not None]
     return {"steps": steps, "sampler": sampler, "model_calls": runs[0]["compute"]["model_calls"],
