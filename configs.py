@@ -113,6 +113,7 @@ class OptimConfig:
     grad_ckpt: bool = opt(False, "gradient checkpointing of transformer blocks (DiT blocks, FPDM pre/post)")
     grad_ckpt_iterations: bool = opt(False, "gradient checkpointing of each with-grad fixed-point iteration")
     compile: bool = opt(False, "torch.compile the model")
+    tf32: bool = opt(True, "TensorFloat-32 matmuls on GPUs from Ampere on (no effect on CPU)")
     seed: int = opt(0, "global seed (each process uses seed + rank)")
 
     def validate(self):
