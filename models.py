@@ -458,10 +458,12 @@ class FPDM(DiT):
         return z, c_outer
 
     def fixed_point_function(self, z, injection, c):
-        """f(z; u, c) = block( fc2( gelu( fc1([z, u]) ) ), c ): one iteration of the implicit layer."""
-        z = self.block_fixed_point_projection_fc1(torch.cat((z, injection), dim=-1))
-        z = self.block_fixed_point_projection_fc2(F.gelu(z, approximate="tanh"))
-        return self.block_fixed_point(z, c)
+        """f(z; u, c) = block( fc2( gelu( fc1([z, u]) ) ), c ): one iteration of the implicit layer. The state keeps
+        z's dtype: under bf16 autocast fc2's output would turn it bf16, whose resolution (2^-8) is coarser than the
+        residuals FPDM stops on; like DiT's residual stream it stays float32 (the block adds bf16 updates to it)."""
+        projected = self.block_fixed_point_projection_fc1(torch.cat((z, injection), dim=-1))
+        projected = self.block_fixed_point_projection_fc2(F.gelu(projected, approximate="tanh"))
+        return self.block_fixed_point(projected.to(z.dtype), c)
 
     def solve(self, h, c, num_iterations=None, tol=None, reuse=None, fp_solver=None):
         """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N. `fp_solver`
