@@ -469,6 +469,48 @@ def test_workers_exit_when_their_launcher_dies(tmp_path):
         pytest.fail("the child outlived its parent")
 
 
+def processes_running(marker):
+    """PIDs of this machine's processes whose command line contains `marker`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_killing_accelerate_launch_stops_its_workers(tmp_path):
+    """kill -9 of a real `accelerate launch` with 2 CPU workers: both workers exit (parent-death signal) instead of
+    training on as orphans that hold the run folder's lock."""
+    name = f"orphans-{os.getpid()}"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+           os.path.join(ROOT, "aconfs", "cpu_2proc.yaml"), "--main_process_port", "29519",
+           os.path.join(ROOT, "train.py"), *TINY_ARGS, "--results-dir", str(tmp_path), "--run-name", name,
+           "--max-steps", "100000", "--log-every", "1", "--ckpt-every", "100000"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    metrics = tmp_path / name / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+        time.sleep(0.2)  # both workers are training
+    workers = [pid for pid in processes_running(name) if pid != launcher.pid]
+    try:
+        assert len(workers) >= 2, "the workers did not start"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(pid in processes_running(name) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if pid in processes_running(name)], "workers outlived accelerate launch"
+    finally:
+        for pid in processes_running(name):
+            os.kill(pid, signal.SIGKILL)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # FID during training
 # ------------------------------------------------------------------------------------------------------------------
