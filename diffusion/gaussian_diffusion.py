@@ -102,11 +102,6 @@ def mean_flat(x):
     return x.mean(dim=tuple(range(1, x.dim())))
 
 
-def _extract(arr, t, x):
-    """arr[t] on x's device, shaped (B, 1, ..., 1) to broadcast against x; float32 unless x is float64."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    values = torch.from_numpy(arr).to(device=x.device, dtype=dtype)[t]
-    return values.view(-1, *([1] * (x.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,6 +137,7 @@ class GaussianDiffusion:
         self.alphas_cumprod_next = np.append(alpha_bar[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(alpha_bar)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - alpha_bar)
+        self.one_minus_alphas_cumprod = 1.0 - alpha_bar
         self.log_one_minus_alphas_cumprod = np.log(1.0 - alpha_bar)
         self.log_betas = np.log(betas)
 
@@ -173,53 +169,67 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log variance of q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) [DDPM Eq. 4]."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, x_start)
-        return mean, variance, _extract(self.log_one_minus_alphas_cumprod, t, x_start)
+        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start)
+        return mean, variance, self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
 
     def q_sample(self, x_start, t, noise=None):
         """Draw x_t ~ q(x_t | x_0) [DDPM Eq. 4]."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) [DDPM Eq. 6-7]."""
-        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        return mean, self._extract(self.posterior_variance, t, x_t), self._extract(self.posterior_log_variance_clipped, t, x_t)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = (x_t − √(1−ᾱ) ε) / √ᾱ; undefined where ᾱ = 0, hence ε-prediction is refused there."""
-        return ((x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
-                / _extract(self.sqrt_alphas_cumprod, t, x_t))
+        return ((x_t - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
+                / self._extract(self.sqrt_alphas_cumprod, t, x_t))
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
         """ε = (x_t − √ᾱ x_0) / √(1−ᾱ); finite for every t since ᾱ_t < 1."""
-        return ((x_t - _extract(self.sqrt_alphas_cumprod, t, x_t) * pred_xstart)
-                / _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
+        return ((x_t - self._extract(self.sqrt_alphas_cumprod, t, x_t) * pred_xstart)
+                / self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
 
     def predict_v(self, x_start, t, noise):
         """v = √ᾱ ε − √(1−ᾱ) x_0 [V Sec. 4]."""
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * noise
-                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * noise
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
 
     def predict_xstart_from_v(self, x_t, t, v):
         """x_0 = √ᾱ x_t − √(1−ᾱ) v (a rotation, so finite even at ᾱ = 0)."""
-        return (_extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
-                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
 
     def predict_eps_from_v(self, x_t, t, v):
         """ε = √(1−ᾱ) x_t + √ᾱ v."""
-        return (_extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
-                + _extract(self.sqrt_alphas_cumprod, t, x_t) * v)
+        return (self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+                + self._extract(self.sqrt_alphas_cumprod, t, x_t) * v)
 
     # --- reverse process -----------------------------------------------------------------------------------------
 
+    def _extract(self, arr, t, x):
+        """arr[t] on x's device, shaped (B, 1, ..., 1) to broadcast against x; float32 unless x is float64. Each
+        table (one of this diffusion's arrays) is copied to a device once and kept there, so a training step or a
+        sampling step does no host-to-device copies of schedules."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return self._on_device(arr, x.device, dtype)[t].view(-1, *([1] * (x.dim() - 1)))
+
+    def _on_device(self, arr, device, dtype):
+        key = (id(arr), device, dtype)  # the arrays are this object's attributes: their ids are stable
+        tables = self.__dict__.setdefault("_device_tables", {})
+        if key not in tables:
+            tables[key] = torch.from_numpy(arr).to(device=device, dtype=dtype)
+        return tables[key]
+
     def _call_model(self, model, x, t, model_kwargs):
         # The single place the network is called: it always sees original timesteps, also after respacing.
-        original_t = torch.from_numpy(self.timestep_map).to(t.device)[t]
+        original_t = self._on_device(self.timestep_map, t.device, torch.int64)[t]
         return model(x, original_t, **(model_kwargs or {}))
 
     def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
@@ -234,10 +244,10 @@ class GaussianDiffusion:
             output, var_values = output.chunk(2, dim=1)
             # [IDDPM Eq. 15]: the network outputs v ∈ [-1, 1] and Σ = exp(frac log β_t + (1 − frac) log β̃_t).
             frac = (var_values + 1) / 2
-            log_variance = (frac * _extract(self.log_betas, t, x)
-                            + (1 - frac) * _extract(self.posterior_log_variance_clipped, t, x))
+            log_variance = (frac * self._extract(self.log_betas, t, x)
+                            + (1 - frac) * self._extract(self.posterior_log_variance_clipped, t, x))
         else:
-            log_variance = _extract(self.fixed_log_variance, t, x).expand(x.shape)
+            log_variance = self._extract(self.fixed_log_variance, t, x).expand(x.shape)
 
         if self.model_mean_type == ModelMeanType.EPSILON:
             pred_xstart = self.predict_xstart_from_eps(x, t, output)
@@ -294,7 +304,7 @@ class GaussianDiffusion:
         target = {ModelMeanType.EPSILON: noise,
                   ModelMeanType.START_X: x_start,
                   ModelMeanType.VELOCITY: self.predict_v(x_start, t, noise)}[self.model_mean_type]
-        weight = _extract(self.mse_weights, t, x_start).view(-1)
+        weight = self._extract(self.mse_weights, t, x_start).view(-1)
         terms["mse"] = weight * mean_flat((target - output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
@@ -330,8 +340,8 @@ class GaussianDiffusion:
         """One DDIM step x_t → x_{t-1} [DDIM Eq. 12] with σ_t(η) of [DDIM Eq. 16]; η = 1 is DDPM-like."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = out["eps"]  # re-derived from the (possibly clipped) x_0, so the step stays consistent with it
-        alpha_bar = _extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)
+        alpha_bar = self._extract(self.alphas_cumprod, t, x)
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
         mean = out["pred_xstart"] * alpha_bar_prev.sqrt() + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -352,9 +362,9 @@ class GaussianDiffusion:
         round trip is first-order accurate in the step size. Same t, same ᾱ pair as the `ddim_sample` it undoes.
         """
         eps = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)["eps"]
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)  # > 0 for every t, also with zero terminal SNR
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x)  # > 0 for every t, also with zero terminal SNR
         pred_xstart = (x - torch.sqrt(1 - alpha_bar_prev) * eps) / alpha_bar_prev.sqrt()
-        alpha_bar = _extract(self.alphas_cumprod, t, x)
+        alpha_bar = self._extract(self.alphas_cumprod, t, x)
         return {"sample": pred_xstart * alpha_bar.sqrt() + torch.sqrt(1 - alpha_bar) * eps, "pred_xstart": pred_xstart}
 
     def ddim_reverse_sample_loop(self, model, x_start, clip_denoised=False, denoised_fn=None, model_kwargs=None,

@@ -526,3 +526,20 @@ def test_rescaled_mse_and_kl_loss_scaling():
     # With 100 steps, λ = 0.001 · L_vlb ≈ 0.001 · 100 · L_t.
     torch.testing.assert_close(terms[LossType.RESCALED_MSE]["vb"], 0.1 * terms[LossType.MSE]["vb"])
     torch.testing.assert_close(terms[LossType.KL]["loss"], 100 * terms[LossType.MSE]["vb"])
+
+
+def test_schedule_tables_reach_the_device_once(monkeypatch):
+    """Every schedule table is converted (and on a GPU copied) once per device and dtype, not at every lookup: a
+    second training loss and a whole second DDIM loop make no torch.from_numpy calls."""
+    diffusion = create_diffusion("trailing10", learn_sigma=True)
+    model = lambda x, t, **kwargs: torch.cat([torch.zeros_like(x), torch.zeros_like(x)], 1)  # noqa: E731
+    x = torch.randn(2, 3, 4, 4)
+    t = torch.tensor([1, 7])
+    diffusion.training_losses(model, x, t)
+    diffusion.ddim_sample_loop(model, x.shape, noise=x)
+    calls = []
+    real = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: calls.append(a.shape) or real(a))
+    diffusion.training_losses(model, x, t)
+    diffusion.ddim_sample_loop(model, x.shape, noise=x)
+    assert calls == []
