@@ -79,6 +79,8 @@ def build_parser(description=None):
                    help="at most this many timesteps per network call (bounds memory)")
     p.add_argument("--compare-sequential", action="store_true",
                    help="with --parallel: also run sequential DDIM on the same noise and report both")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional: every step and iteration reuses the graphs)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models only)")
     p.add_argument("--out", default=None, help="output folder (default: samples/<readable name>-<settings hash>)")
     p.add_argument("--overwrite", action="store_true",
@@ -228,6 +230,8 @@ class Setup:
         self.model, self.train_config = load_model_for_sampling(
             args.ckpt, use_ema=not args.no_ema, device=device, trust_checkpoint=args.trust_checkpoint,
             model_name=args.model)
+        if args.compile:
+            self.model.compile_regions()
         self.sampler, self.options = resolve_sampler(args)
         self.diffusion_config = diffusion_config(args, self.model, self.train_config)
         self.diffusion = diffusion_for_sampling(self.diffusion_config, args.num_sampling_steps, args.timestep_spacing)

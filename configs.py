@@ -112,7 +112,7 @@ class OptimConfig:
     mixed_precision: str = opt("no", "no, bf16 or fp16 (accelerate); a launch config may set it too")
     grad_ckpt: bool = opt(False, "gradient checkpointing of transformer blocks (DiT blocks, FPDM pre/post)")
     grad_ckpt_iterations: bool = opt(False, "gradient checkpointing of each with-grad fixed-point iteration")
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool = opt(False, "torch.compile each transformer block (regional: one graph for any S-JFB counts)")
     tf32: bool = opt(True, "TensorFloat-32 matmuls on GPUs from Ampere on (no effect on CPU)")
     seed: int = opt(0, "global seed (each process uses seed + rank)")
 

@@ -275,6 +275,14 @@ class DiT(nn.Module):
         """Every DiTBlock, in order of use (an FPDM's fixed-point block once)."""
         return list(self.blocks)
 
+    def compile_regions(self, **options):
+        """torch.compile each transformer block in place ("regional compilation"): the repeated unit is compiled
+        once per shape and grad mode and reused by every block and every fixed-point iteration, whatever the
+        iteration counts; the Python around them (S-JFB draws, stopping, reuse) stays eager. Returns the model."""
+        for block in self.transformer_blocks():
+            block.compile(**options)
+        return self
+
     @classmethod
     def from_config(cls, config):
         """Rebuild a model from `model.config` (e.g. as stored in a checkpoint); unknown keys are an error."""

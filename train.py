@@ -75,11 +75,10 @@ def _train(cfg, cleanup):
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
-    if o.compile:
-        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    raw_model = getattr(raw_model, "_orig_mod", raw_model)
+    if o.compile:  # after prepare (DDP keeps its overlap), block by block (any S-JFB counts reuse the graphs)
+        raw_model.compile_regions()
     ema.to(device)
     step = restore(ckpt, raw_model, ema, optimizer, scheduler, cfg, accelerator) if ckpt is not None else 0
 
