@@ -48,9 +48,11 @@ def configurations(model, steps):
 
 
 def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, iterations_per_step=None,
-                   reuse=False, seed=0, timestep_spacing="trailing", sampler="ddim", fp_solver=None):
+                   reuse=False, seed=0, timestep_spacing="trailing", sampler="ddim", fp_solver=None,
+                   full_metrics=False):
     """Sample `num_per_class` digits of every class from fixed noise (`seed`) with `sampler` over `timestep_spacing`;
-    returns a dict with FID-MNIST, class accuracy, the compute report and the samples. Shared by the demo and
+    returns a dict with FID-MNIST, class accuracy (with `full_metrics` also precision, recall and KID on the same
+    features: evaluate.mnist_metrics), the compute report, the labels and the samples. Shared by the demo and
     experiments/."""
     import evaluate
     from sampling import diffusion_for_sampling, sample_images
@@ -61,8 +63,13 @@ def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, 
                                    cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse,
                                    sampler=sampler, fp_solver=fp_solver)
     seconds = time.perf_counter() - start
-    return {"fid_mnist": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
-            "compute": stats.compute(), "seconds": seconds, "samples": samples}
+    result = {"compute": stats.compute(), "seconds": seconds, "samples": samples, "labels": labels}
+    if full_metrics:
+        metrics = evaluate.mnist_metrics(samples, labels)
+        return {**result, "fid_mnist": metrics["fid"], "accuracy": metrics["accuracy"],
+                **{k: metrics[k] for k in ("precision", "recall", "kid", "kid_std")}}
+    return {**result, "fid_mnist": evaluate.fid_mnist(samples),
+            "accuracy": evaluate.classifier_accuracy(samples, labels)}
 
 
 def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir, timestep_spacing):
@@ -74,18 +81,32 @@ def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir, timest
         key = (tuple(iterations), reuse)  # a schedule that comes out the same as an earlier row's samples the same
         if key not in done:
             done[key] = sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse,
-                                       timestep_spacing=timestep_spacing)
+                                       timestep_spacing=timestep_spacing, full_metrics=True)
         quality = done[key]
         samples, seconds = quality["samples"], quality["seconds"]
         row = {"name": name, "block_evals": quality["compute"]["block_evals"], "schedule": schedule,
                "iterations": list(iterations), "reuse": reuse, "fid_mnist": quality["fid_mnist"],
-               "accuracy": quality["accuracy"], "seconds": seconds}
+               "accuracy": quality["accuracy"], "precision": quality["precision"], "recall": quality["recall"],
+               "kid": quality["kid"], "seconds": seconds}
+        if not results:  # the DiT-equivalent row as an ADM-format sample file: `python evaluate.py all-mnist` it
+            save_npz(samples, quality["labels"], os.path.join(out_dir, "samples_dit_equivalent_flat.npz"))
         results.append(row)
         grid_name = name.replace(" ", "_").replace(",", "").replace("%", "pct").replace("+", "and")
         save_grid(samples[:: max(1, num_per_class // 4)][:40], os.path.join(out_dir, f"{grid_name}.png"), nrow=10)
         print(f"  {name:<42} {row['block_evals']:>5} block evals  FID-MNIST {row['fid_mnist']:7.2f}  "
-              f"accuracy {row['accuracy']:.3f}  ({seconds:.0f} s)", flush=True)
+              f"accuracy {row['accuracy']:.3f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+              f"({seconds:.0f} s)", flush=True)
     return results
+
+
+def save_npz(samples, labels, path):
+    """Samples in [-1, 1] as an ADM sample file (uint8 `arr_0` N x H x W x 3, `labels`), as sample_ddp.py writes."""
+    import numpy as np
+    from run_folders import atomic_write
+    from sampling import to_uint8
+    arrays = to_uint8(samples)
+    atomic_write(path, lambda f: np.savez(f, arr_0=arrays, labels=labels.numpy()), "wb")
+    return path
 
 
 def plot(results, path):
@@ -144,9 +165,10 @@ def main():
             json.dump({**settings, "results": results}, f, indent=2)
         plot(results, os.path.join(out_dir, "fid_vs_compute.png"))
 
-    print("\n| setting | block evals / image | FID-MNIST | accuracy |\n|---|---|---|---|")
+    print("\n| setting | block evals / image | FID-MNIST | accuracy | precision | recall |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r['block_evals']} | {r['fid_mnist']:.2f} | {r['accuracy']:.3f} |")
+        print(f"| {r['name']} | {r['block_evals']} | {r['fid_mnist']:.2f} | {r['accuracy']:.3f} | "
+              f"{r.get('precision', float('nan')):.3f} | {r.get('recall', float('nan')):.3f} |")
     samples = sorted(os.listdir(os.path.join(RUN_DIR, "samples")))
     print(f"\ntraining took {train_minutes:.1f} min (0 if it was already done)")
     print(f"training samples (EMA, 50-step DDIM): {os.path.join(RUN_DIR, 'samples', samples[-1])}")

@@ -23,7 +23,7 @@ import torch
 
 import cli
 from run_folders import atomic_write, remove_stale_temporaries
-from sampling import claim_output_folder
+from sampling import claim_output_folder, to_uint8
 
 
 def parse_args(argv=None):
@@ -39,12 +39,6 @@ def sample_noise_and_label(seed, index, shape, num_classes):
     noise = torch.randn(*shape, generator=g)
     label = int(torch.randint(0, num_classes, (), generator=g))
     return noise, label
-
-
-def to_uint8(images):
-    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, 3); grayscale is repeated to RGB as ADM's format expects."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
 def batch_path(batch_dir, b):

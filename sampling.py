@@ -222,6 +222,12 @@ class GuidedModel:
                 "final_residual_per_step": [r[-1] if r else None for r in self.residuals]}
 
 
+def to_uint8(images):
+    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, 3); grayscale is repeated to RGB as ADM's format expects."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
 def save_grid(images, path, nrow=8):
     """Save images in [-1, 1] as one PNG grid; tiny images (MNIST at 14 px) are enlarged so the grid is readable."""
     from torchvision.utils import save_image

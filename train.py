@@ -496,12 +496,31 @@ class Evaluator:
                "seconds": time.time() - start}
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([row[name] for name in self.FIELDS])
+        self.plot()
         logger.info("step %d  %s %.3f%s  (%d samples, %.0f s)", step, metric, value,
                     "" if accuracy is None else f"  accuracy {accuracy:.3f}", k, row["seconds"])
         if self.tracker:
             self.accelerator.log({f"eval/{metric}": value, **({} if accuracy is None else {"eval/accuracy": accuracy})},
                                  step=step)
         return row
+
+    def plot(self):
+        """eval.png beside eval.csv: the metric against training steps (rewritten after every evaluation)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        ax.plot([int(r["step"]) for r in rows], [float(r["value"]) for r in rows], "o-")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{rows[-1]['metric']} of the EMA model ({rows[-1]['num_samples']} samples)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(os.path.dirname(self.path), "eval.png")
+        from run_folders import atomic_write
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
+        plt.close(fig)
 
     def _score(self, samples):
         import evaluate

@@ -531,6 +531,7 @@ def test_fid_during_training_leaves_the_run_bit_exact(tmp_path):
         assert all(torch.equal(a[key], b[key]) for key in a)
     rows = eval_rows(with_eval)
     assert [int(r["step"]) for r in rows] == [2, 4] and {r["metric"] for r in rows} == {"fid_mnist"}
+    assert os.path.getsize(os.path.join(with_eval, "eval.png")) > 0  # the curve
     assert all(float(r["value"]) > 0 and 0 <= float(r["accuracy"]) <= 1 and r["num_samples"] == "12" for r in rows)
     run(tmp_path, "--max-steps", "2", *flags, name="split")
     split = run(tmp_path, "--max-steps", "4", *flags, "--resume", "auto", name="split")
