@@ -142,7 +142,8 @@ class GuidedModel:
         self.num_train_timesteps = num_train_timesteps
         self.fp_solver = fp_solver  # models.FixedPointSolver for FPDM's layer (None: plain iteration)
         self.calls = 0
-        self.iterations, self.residuals, self.block_evals, self.flops, self.passes = [], [], [], [], []
+        self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
+        self._residuals = []  # per call, that call's residual tensors: on the device until read (no sync per call)
         self.info = {}  # what the sampler reports about itself (sample_images fills it)
 
     def guidance_scale(self, t):
@@ -186,13 +187,24 @@ class GuidedModel:
         if self.model.fixed_point:
             k = self.model.last_stats.iterations
             self.iterations.append(k)
-            self.residuals.append(self.model.last_stats.residual_values())  # every iteration's, per call
+            self._residuals.append(list(self.model.last_stats.residuals))
         else:
             k = None
         self.block_evals.append(self.model.block_evaluations(k))
         self.flops.append(self.model.forward_flops(k))
         self.passes.append(passes)
         self.calls += 1
+        return out
+
+    @property
+    def residuals(self):
+        """Every call's relative residual after each iteration, as floats (one device sync for all calls)."""
+        flat = [r for call in self._residuals for r in call]
+        values = torch.stack(flat).float().tolist() if flat else []
+        out, start = [], 0
+        for call in self._residuals:
+            out.append(values[start:start + len(call)])
+            start += len(call)
         return out
 
     def _conditional_only(self, x, t, y, kwargs):

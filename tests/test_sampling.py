@@ -513,3 +513,17 @@ def test_decode_divides_latents_by_the_vae_scaling_factor():
     images = cli.decode(latents, vae)
     assert torch.equal(vae.seen, latents / 0.5) and torch.equal(images, latents[:, :3] * 4)
     assert cli.decode(latents, None) is latents  # pixel models pass through
+
+
+def test_sampling_reads_no_residual_back_per_call(monkeypatch):
+    """FPDM residuals stay on the device while sampling (a GPU would sync at every read); they are read once, when
+    the compute report asks for them, and equal what a per-call read gives."""
+    model = tiny_fpdm()
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or real(self))
+    _, fn = run_sampler(model, iterations_per_step=3, reuse=True)
+    assert reads == []
+    report = fn.compute()
+    assert len(reads) == 1 and len(report["final_residual_per_step"]) == 10
+    assert fn.residuals[4] == pytest.approx(torch.stack([torch.as_tensor(v) for v in fn.residuals[4]]).tolist())
