@@ -88,6 +88,19 @@ def paired_difference(baseline, other):
             "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}
 
 
+def finished_rows(name, args, key):
+    """Rows of experiments/results/<name>.json written with the same `args` (a rerun of an interrupted script
+    continues), keyed by the tuple of the row fields `key`; {} when there is no such file."""
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        report = json.load(f)
+    if report.get("args") != json.loads(json.dumps(args)):
+        return {}
+    return {tuple(row[k] for k in key): row for row in report.get("rows", [])}
+
+
 def write_json(name, report):
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")

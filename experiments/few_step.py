@@ -37,12 +37,15 @@ def main():
     settings = [("DiT", dit, dit_config, 1, None, False), ("FPDM equal", fpdm, fpdm_config, 1, 6, True),
                 ("FPDM light", fpdm, fpdm_config, 2, 2, True)]
     rows = []
+    done = common.finished_rows(args.name, vars(args), ("sampler", "model", "steps"))  # a rerun skips finished rows
     for sampler in args.samplers.split(","):
         for steps in (int(s) for s in args.steps.split(",")):
             for name, model, config, step_factor, iterations, reuse in settings:
-                row = common.quality_over_seeds(model, config, steps * step_factor, iterations, reuse, seeds,
-                                                args.num_per_class, args.cfg_scale, args.timestep_spacing, sampler)
-                row["model"] = name
+                row = done.get((sampler, name, steps * step_factor))
+                if row is None:
+                    row = common.quality_over_seeds(model, config, steps * step_factor, iterations, reuse, seeds,
+                                                    args.num_per_class, args.cfg_scale, args.timestep_spacing, sampler)
+                    row["model"] = name
                 rows.append(row)
                 common.write_json(args.name, {"args": vars(args), "fpdm_checkpoint": fpdm_ckpt,  # after every row
                                               "dit_checkpoint": dit_ckpt, "rows": rows})
