@@ -719,7 +719,8 @@ def train_mnist_classifier(config=MNIST_CLASSIFIER, verbose=True):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config["seed"])
             model = MNISTClassifier(config["channels"], config["features"])
-        model = _fit(model, x[~held], y[~held], config)
+        with torch.enable_grad():  # first use may come from inside a no_grad caller (FID during training)
+            model = _fit(model, x[~held], y[~held], config)
         train_time = time.perf_counter() - start
 
         def accuracy(images, labels):

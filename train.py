@@ -7,9 +7,9 @@
 
 The settings (configs.py: typed groups, presets, one validator per group) come from flags or from Python:
 `train.main(configs.preset("demo-mnist-fpdm", max_steps=500))`. Every random choice (batch composition, t, noise,
-label dropout, flips, S-JFB counts) comes from torch's RNG or from (seed, step), and checkpoints store every
-process's RNG state, so `--resume auto` continues an interrupted run exactly. The whole configuration is saved with
-each checkpoint as plain data.
+label dropout, flips) comes from torch's RNG and the S-JFB counts from (seed, step, micro-batch) alone, the same on
+every process (`sjfb_counts`); checkpoints store every process's RNG state, so `--resume auto` continues an
+interrupted run exactly. The whole configuration is saved with each checkpoint as plain data.
 """
 
 import copy
@@ -139,8 +139,11 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
         x, y = next(loader)
         x, y = dataset.augment(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+        kwargs = {"y": y}
+        if cfg.fp.fixed_point:
+            kwargs["num_iterations"] = sjfb_counts(cfg, step, micro)
         with nullcontext() if micro == accum - 1 else accelerator.no_sync(model), accelerator.autocast():
-            loss = diffusion.training_losses(model, x, t, model_kwargs={"y": y})["loss"].mean()
+            loss = diffusion.training_losses(model, x, t, model_kwargs=kwargs)["loss"].mean()
         accelerator.backward(loss / accum)
         nonfinite += ~torch.isfinite(loss.detach())
         metrics.add(loss.detach() / accum, raw_model.last_stats if raw_model.fixed_point else None)
@@ -160,6 +163,16 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr
+
+
+def sjfb_counts(cfg, step, micro):
+    """The S-JFB counts (n iterations without a graph, m with one) of micro-batch `micro` of optimizer step `step`
+    (0-based): a function of (seed, step, micro) alone. Every process draws the same pair, so DDP never waits for a
+    rank that drew more iterations; runs on any number of processes draw the same sequence; a resume replays it."""
+    fp = cfg.fp
+    rng = np.random.default_rng([cfg.optim.seed, step, micro])
+    return (int(rng.integers(fp.fixed_point_no_grad_min_iters, fp.fixed_point_no_grad_max_iters + 1)),
+            int(rng.integers(fp.fixed_point_with_grad_min_iters, fp.fixed_point_with_grad_max_iters + 1)))
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
 """train.py with each example's diffusion timestep and noise a function of the example itself (not of the RNG stream),
 so runs that split the same global batch differently (processes, accumulation) must take the same optimizer steps.
+With SJFB_LOG set, each process appends the S-JFB counts its FPDM ran at every training call to SJFB_LOG.<rank>.
 
     accelerate launch ... tests/deterministic_train.py <train.py flags>
 """
 
+import json
+import os
 import sys
 
 import torch
@@ -29,6 +32,26 @@ def per_example_losses(real):
     return losses
 
 
+def recording_solve(real, path):
+    """FPDM.solve that appends (n, m) of every training-mode call to `path` (one JSON list per line)."""
+    def solve(self, *args, **kwargs):
+        z = real(self, *args, **kwargs)
+        if self.training:
+            with open(path, "a") as f:
+                f.write(json.dumps(list(self.last_stats.sjfb)) + "\n")
+        return z
+    return solve
+
+
+def read_draws(path):
+    with open(path) as f:
+        return [tuple(json.loads(line)) for line in f]
+
+
 if __name__ == "__main__":
-    GaussianDiffusion.training_losses = per_example_losses(GaussianDiffusion.training_losses)
+    if os.environ.get("SJFB_LOG"):
+        from models import FPDM
+        FPDM.solve = recording_solve(FPDM.solve, f"{os.environ['SJFB_LOG']}.{os.environ.get('RANK', '0')}")
+    else:
+        GaussianDiffusion.training_losses = per_example_losses(GaussianDiffusion.training_losses)
     train.main(train.parse_args(sys.argv[1:]))

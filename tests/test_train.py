@@ -334,6 +334,62 @@ def test_two_process_cpu_run_through_accelerate(tmp_path, monkeypatch):
     assert [float(r["value"]) for r in sharded] == pytest.approx([float(r["value"]) for r in alone], rel=1e-3)
 
 
+def launch_two_machines(tmp_path, flags, port, log):
+    """The README's multi-node recipe on one host: aconfs/multinode_template.yaml with machine ranks 0 and 1, one
+    process each, main process 127.0.0.1 (on the CPU: use_cpu, gloo). Returns both launchers' stderr."""
+    import yaml
+    conf = yaml.safe_load(open(os.path.join(ROOT, "aconfs", "multinode_template.yaml")))
+    conf.update(use_cpu=True, mixed_precision="no", num_processes=2, main_process_ip="127.0.0.1",
+                main_process_port=port)
+    conf.pop("gpu_ids", None)
+    path = tmp_path / "two_machines.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "SJFB_LOG": str(log)}
+    launchers = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+                                   "--config_file", str(path), "--machine_rank", str(rank),
+                                   os.path.join(ROOT, "tests", "deterministic_train.py"), *flags],
+                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]
+    errors = [proc.communicate(timeout=300)[1] for proc in launchers]
+    assert [proc.returncode for proc in launchers] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sjfb_draws_are_the_same_on_every_rank_machine_and_world_size(tmp_path, monkeypatch):
+    """Two "machines" of one process each (the multi-node recipe over loopback) run the same random S-JFB counts on
+    both ranks at every micro-batch, the same sequence as one process and as `train.sjfb_counts`, and a run resumed
+    on them ends bit-exactly where an uninterrupted one does."""
+    flags = [*TINY_ARGS, "--results-dir", str(tmp_path), "--grad-accum-steps", "2", "--ckpt-every", "2",
+             "--num-sample-images", "0"]
+    launch_two_machines(tmp_path, [*flags, "--run-name", "straight", "--max-steps", "5"], free_port(),
+                        tmp_path / "straight")
+    launch_two_machines(tmp_path, [*flags, "--run-name", "split", "--max-steps", "2"], free_port(), tmp_path / "split")
+    launch_two_machines(tmp_path, [*flags, "--run-name", "split", "--max-steps", "5", "--resume", "auto"], free_port(),
+                        tmp_path / "split")
+    assert "2 process(es)" in open(tmp_path / "straight" / "log.txt").read()
+    cfg = train.parse_args([*flags, "--max-steps", "5"])
+    expected = [train.sjfb_counts(cfg, step, micro) for step in range(5) for micro in range(2)]
+    assert len(set(expected)) > 3  # the counts do vary
+    for name in ("straight", "split"):
+        for rank in (0, 1):
+            assert deterministic_train.read_draws(tmp_path / f"{name}.{rank}") == expected, (name, rank)
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    for a, b in zip(final_weights(tmp_path / "split", 5), final_weights(tmp_path / "straight", 5)):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+    from models import FPDM
+    monkeypatch.setattr(FPDM, "solve", deterministic_train.recording_solve(FPDM.solve, tmp_path / "single_draws"))
+    train.main(train.parse_args([*flags, "--run-name", "single", "--max-steps", "5"]))
+    assert deterministic_train.read_draws(tmp_path / "single_draws") == expected
+
+
 def test_init_fpdm_from_a_trained_dit(tmp_path):
     dit_args = [a for a in TINY_ARGS if a != "--fixed-point"]
     cfg = train.parse_args(dit_args + ["--results-dir", str(tmp_path), "--run-name", "dit", "--max-steps", "2"])
