@@ -1,6 +1,8 @@
 """Shared by bench/ and experiments/: bytes autograd saves for backward, peak RSS, and random-weight models."""
 
+import os
 import resource
+import sys
 
 import torch
 
@@ -47,3 +49,59 @@ def reset_peak_rss():
             f.write("5")
     except OSError:
         pass  # the baseline is then the earlier peak: the growth is underestimated, never overestimated
+
+
+SYNC_OPS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+class SyncCounter:
+    """Counts the operations that make the host wait for the device (reading a tensor's value: .item(), .tolist(),
+    .cpu(), .numpy(), bool/float/int of a tensor; torch.from_numpy, the start of a host-to-device copy) when called
+    directly from this repository's code, by (operation, "file:function"), while a `counting` wrapper runs. torch's
+    own internals are not counted. Use as a context manager: the patches are undone on exit."""
+
+    ROOT = os.path.dirname(os.path.abspath(__file__))
+    SKIP = (os.sep + ".venv" + os.sep, os.sep + "tests" + os.sep, os.sep + "bench" + os.sep)
+
+    def __init__(self):
+        self.active, self.calls, self._saved = 0, {}, []
+
+    def _ours(self, frame):
+        path = os.path.abspath(frame.f_code.co_filename)
+        return path.startswith(self.ROOT) and not any(part in path for part in self.SKIP)
+
+    def _wrap(self, name, original):
+        def wrapper(*args, **kwargs):
+            if self.active:
+                caller = sys._getframe(1)
+                if self._ours(caller):
+                    key = (name, f"{os.path.basename(caller.f_code.co_filename)}:{caller.f_code.co_name}")
+                    self.calls[key] = self.calls.get(key, 0) + 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    def __enter__(self):
+        targets = [(torch.Tensor, name) for name in SYNC_OPS] + [(torch, "from_numpy")]
+        for owner, name in targets:
+            self._saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, self._wrap(name, getattr(owner, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved = []
+
+    def counting(self, fn):
+        """fn, with counting on while it runs."""
+        def wrapper(*args, **kwargs):
+            self.active += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.active -= 1
+        return wrapper
+
+    @property
+    def total(self):
+        return sum(self.calls.values())

@@ -548,9 +548,9 @@ class FPDM(DiT):
 
     def _check_input(self, x, t, y, reuse=None, **solver):
         super()._check_input(x, t, y)
-        if self._cache_for(reuse) is not None and t.numel() > 1 and not bool((t == t[0]).all()):
-            raise ValueError("solution reuse needs one shared timestep per batch, got mixed timesteps: "
-                             "sample with a shared t or turn reuse off")
+        if self._cache_for(reuse) is not None and t.numel() > 1:  # checked on the device: no host sync per call
+            torch._assert_async((t == t[0]).all(), "solution reuse needs one shared timestep per batch, got mixed "
+                                "timesteps: sample with a shared t or turn reuse off")
 
     def reset(self):
         """Forget the model's own stored solution (call between batches when built with reuse)."""

@@ -426,6 +426,7 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
     fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol, guidance_interval,
                      guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver)
     x, y = guided_batch(noise, labels, cfg_scale, model.num_classes)
+    diffusion.prepare(x.device)  # schedule tables on the device once, not copied at each step
     try:
         out, fn.info = run(fn, diffusion, x, model_kwargs={"y": y}, clip_denoised=clip_denoised, progress=progress,
                            **options)

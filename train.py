@@ -70,7 +70,7 @@ def _train(cfg, cleanup):
 
     model, init_report = build_model(cfg, dataset, ckpt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    diffusion = create_diffusion("", **asdict(cfg.diffusion), min_snr_gamma=o.min_snr_gamma)
+    diffusion = create_diffusion("", **asdict(cfg.diffusion), min_snr_gamma=o.min_snr_gamma).prepare(device)
     # The fused AdamW kernel on GPUs (one launch for all parameters); the CPU keeps the reference implementation.
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -362,8 +362,8 @@ class StepBatchSampler:
         epoch, offset = divmod(position, self.n)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        return int(self._perm[offset])
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch  # once per epoch
+        return self._perm[offset]
 
     def __iter__(self):
         step = self.start

@@ -8,7 +8,8 @@
 Benchmarks (each in its own subprocess, so that memory figures do not leak from one to the next, writing its JSON
 into --out-dir): model (bench_model.py: forward, training step and memory), train (bench_train.py: train.py
 throughput and memory), sampling (bench_sampling.py: DDIM at equal block-evaluation budgets, reuse, reduced budget),
-parallel (bench_parallel.py: parallel vs sequential DDIM). The combined table goes to stdout and, with every
+parallel (bench_parallel.py: parallel vs sequential DDIM), hotpath (bench_hotpath.py: S-JFB straggler slowdown on 8
+ranks before/after rank-synchronous draws, host syncs per training and sampling step, compiled/eager). The combined table goes to stdout and, with every
 sub-result, to <out-dir>/all.json. A benchmark that fails stops the run with the command that reruns it alone.
 """
 
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("model", "train", "sampling", "parallel")
+BENCHMARKS = ("model", "train", "sampling", "parallel", "hotpath")
 HERE = os.path.dirname(__file__)
 
 # Sizes per mode; CPU runs use each benchmark's own defaults (the figures in README.md).
@@ -35,6 +36,7 @@ QUICK_FLAGS = {
     "sampling": ["--input-size", "8", "--patch-size", "4", "--hidden-size", "32", "--num-heads", "2", "--depth", "8",
                  "--batch-size", "4", "--steps", "10", "--repeats", "1"],
     "parallel": ["--model", "DiT-S/2", "--depth", "2", "--input-size", "4", "--steps", "8", "--max-iter", "4"],
+    "hotpath": ["--sim-steps", "2000", "--train-steps", "10", "--log-every", "5", "--skip-compile"],
 }
 XL2 = ["--hidden-size", "1152", "--num-heads", "16", "--patch-size", "2", "--depth", "28"]
 GPU_FLAGS = {
@@ -71,6 +73,16 @@ MEANINGS = {
     ("sampling", "low/full budget sampling time (reuse)"): "FPDM at the reduced budget over the full one, both reusing",
     ("sampling", "low/full budget block evals"): "block evaluations actually run at the reduced budget (≈ its "
                                                  "fraction)",
+    ("hotpath", "straggler 8 ranks/1, before (per-rank draws)"): "mean step cost on 8 DDP ranks over one rank's when "
+                                                                  "each rank draws its own S-JFB counts (slowest wins)",
+    ("hotpath", "straggler 8 ranks/1, after (sjfb_counts)"): "the same with train.sjfb_counts: one draw per step for "
+                                                             "all ranks (1 = no straggler)",
+    ("hotpath", "host syncs per training step"): "host-device syncs by our code per step (1 NaN guard + the log rows' "
+                                                 "reads, amortised)",
+    ("hotpath", "host syncs per sampling step"): "host-device syncs by our code per DDIM step (guided FPDM with reuse)",
+    ("hotpath", "compiled/eager train step time"): "compile_regions() over eager, tiny FPDM, random S-JFB counts (< 1: "
+                                                   "compiled is faster)",
+    ("hotpath", "compiled/eager sampling time"): "the same for a 20-step DDIM sample with reuse",
 }
 
 
@@ -81,7 +93,7 @@ def commands(args):
     for name in args.only:
         cmd = [sys.executable, os.path.join(HERE, f"bench_{name}.py"), "--device", args.device,
                *flags.get(name, []), "--out", os.path.join(args.out_dir, f"bench_{name}.json")]
-        if name != "parallel":
+        if name not in ("parallel", "hotpath"):
             cmd += ["--dtype", args.dtype]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
@@ -104,6 +116,10 @@ def parallel_ratios(result):
 
 def setup(name, args):
     """One line of the sizes a benchmark ran at, from the arguments its JSON records."""
+    if name == "hotpath":
+        return (f"straggler simulated over {args['sim_steps']} steps (with-grad iteration = {args['with_grad_cost']:g} "
+                f"no-grad ones); syncs: train.py tiny FPDM {args['train_steps']} steps, log every "
+                f"{args['log_every']}; compile: tiny FPDM (width 64, 8x8x4){', skipped' if args['skip_compile'] else ''}")
     if name == "parallel":
         depth = f", depth {args['depth']}" if args["depth"] else ""
         return (f"{args['ckpt'] or args['model']}{depth} at {args['input_size']}x{args['input_size']}, one image, "

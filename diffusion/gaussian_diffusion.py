@@ -220,6 +220,16 @@ class GaussianDiffusion:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return self._on_device(arr, x.device, dtype)[t].view(-1, *([1] * (x.dim() - 1)))
 
+    def prepare(self, device):
+        """Copy every schedule table to `device` now (float32; timestep maps int64), so that no later training or
+        sampling step copies one: train.py and sample_images call it before their loops."""
+        device = torch.device(device)
+        for value in list(vars(self).values()):
+            if isinstance(value, np.ndarray):
+                integer = np.issubdtype(value.dtype, np.integer)
+                self._on_device(value, device, torch.int64 if integer else torch.float32)
+        return self
+
     def _on_device(self, arr, device, dtype):
         key = (id(arr), device, dtype)  # the arrays are this object's attributes: their ids are stable
         tables = self.__dict__.setdefault("_device_tables", {})

@@ -28,7 +28,7 @@ bench_run = bench_script("run")
 
 # The train benchmark (two training subprocesses, ~25 s) is left out of the smoke run; its steady-state arithmetic and
 # its refusal of too few steps are tested below.
-SMOKE = ("model", "sampling", "parallel")
+SMOKE = ("model", "sampling", "parallel", "hotpath")
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,10 @@ def test_every_benchmark_and_ratio_is_reported(quick):
     assert {r["benchmark"] for r in report["ratios"]} == set(SMOKE)
     assert report["device"].startswith("CPU") and report["torch"] and report["date"]
     for r in report["ratios"]:
-        assert math.isfinite(r["value"]) and r["value"] > 0, r
+        assert math.isfinite(r["value"]) and r["value"] >= 0, r
         assert r["meaning"], f"no explanation for {r['benchmark']} / {r['ratio']}"
         assert r["ratio"] in stdout  # the printed table holds every row of the JSON
-    for name in ("model", "sampling"):  # every ratio a benchmark wrote made it into the combined table
+    for name in ("model", "sampling", "hotpath"):  # every ratio a benchmark wrote made it into the combined table
         listed = {r["ratio"] for r in report["ratios"] if r["benchmark"] == name}
         assert listed == set(report["results"][name]["ratios"])
 
@@ -83,6 +83,16 @@ def test_parallel_rows(quick):
     assert [r["solver"] for r in result["rows"]] == solvers
     assert all(r["network_evaluations"] >= r["steps"] for r in result["rows"])  # at least one pass over every state
     assert len([r for r in quick[0]["ratios"] if r["benchmark"] == "parallel"]) == len(solvers)
+
+
+def test_hotpath_figures(quick):
+    """Rank-synchronous S-JFB draws remove the straggler slowdown (≈ 1.6x on 8 ranks with per-rank draws); host syncs
+    are exactly the NaN guard per step plus 3 reads per log row (10 steps, 2 rows) and 1 listing of the data order,
+    and none while sampling."""
+    result = quick[0]["results"]["hotpath"]
+    assert 1.4 < result["straggler"]["before"]["ratio"] < 1.8 and result["straggler"]["after"]["ratio"] == 1.0
+    assert result["train_syncs"]["total"] == 10 + 2 * 3 + 1 and result["train_syncs"]["per_step"] == 1.7
+    assert result["sample_syncs"]["during_sampling"] == 0 and result["sample_syncs"]["reading_the_report"] == 1
 
 
 def test_steady_state_skips_the_first_window(tmp_path):

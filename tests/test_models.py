@@ -464,7 +464,7 @@ def test_sampler_owned_cache_equals_model_reuse_and_false_turns_reuse_off():
         torch.testing.assert_close(model(x, t, y, num_iterations=3, reuse=a), straight, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(model(x, t, y, num_iterations=4, reuse=b), straight, atol=1e-6, rtol=1e-6)
         assert model.solution_cache.solution is None
-    with pytest.raises(ValueError, match="mixed timesteps"):
+    with pytest.raises(RuntimeError, match="mixed timesteps"):
         model(x, torch.tensor([1, 2, 3]), y, reuse=SolutionCache())
     model(x, torch.tensor([1, 2, 3]), y, reuse=False)  # no reuse: mixed timesteps are fine
 
@@ -484,7 +484,7 @@ def test_fpdm_is_a_subclass_built_by_the_release_keyword():
 def test_reuse_errors():
     model = tiny(fixed_point=True, fixed_point_reuse_solution=True).eval()
     x, t, y = inputs()
-    with pytest.raises(ValueError, match="mixed timesteps"):
+    with pytest.raises(RuntimeError, match="mixed timesteps"):
         model(x, torch.tensor([1, 2, 3]), y)
     model(x, torch.full((3,), 7), y, num_iterations=1)
     with pytest.raises(ValueError, match="reset"):

@@ -1,0 +1,57 @@
+"""No host-device sync on the hot path: every operation that makes the host wait for the device (reading a tensor's
+value: .item(), .tolist(), .cpu(), .numpy(), bool/float/int of a tensor; copying a numpy array to the device), called
+from this repository's code, is counted over 10 training steps and over a 20-step sample, and the counts must be
+exactly what the log interval explains. (torch's own internals are not counted: on a GPU fused AdamW and accelerate
+avoid theirs, and a count of library internals would test the library, not us.)"""
+
+import numpy as np
+import torch
+
+import train
+from measure import SyncCounter
+from test_train import TINY_ARGS
+
+
+def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path, monkeypatch):
+    """10 FPDM steps with random S-JFB counts, logged every 5 steps: one sync per optimizer step (the NaN guard, which
+    every process must agree on before the optimizer runs) and 3 per log row (loss, gradient norm, fixed-point
+    residual), nothing else: schedule tables are built on the device once, losses, counts and residuals are summed
+    on the device, the EMA is one fused op."""
+    with SyncCounter() as counter:
+        monkeypatch.setattr(train, "train_step", counter.counting(train.train_step))
+        monkeypatch.setattr(train, "update_ema", counter.counting(train.update_ema))
+        monkeypatch.setattr(train.MetricsWindow, "log", counter.counting(train.MetricsWindow.log))
+        args = [a for a in TINY_ARGS]
+        args[args.index("--log-every") + 1] = "5"
+        cfg = train.parse_args([*args, "--fixed-point-no-grad-max-iters", "4", "--fixed-point-with-grad-max-iters",
+                                "3", "--results-dir", str(tmp_path), "--run-name", "syncs", "--max-steps", "10",
+                                "--ckpt-every", "10", "--sample-every", "0"])
+        train.main(cfg)
+    # ("tolist", _index): the data order, a CPU permutation listed once per epoch (not a device sync).
+    expected = {("tolist", "train.py:_index"): 1, ("item", "train.py:train_step"): 10, ("item", "train.py:log"): 2, ("__float__", "train.py:log"): 4}
+    assert counter.calls == expected, counter.calls
+    assert counter.total == 1 + 10 * 1 + 2 * 3
+
+
+def test_sampling_syncs_once_per_sample_call():
+    """A 20-step DDIM sample of an FPDM with guidance, solution reuse and fixed iterations: no sync at any step (the
+    residuals stay on the device until read, the schedule tables are built once, reuse checks its timesteps on the
+    device); reading the compute report afterwards is one sync for all 20 steps' residuals."""
+    from sampling import diffusion_for_sampling, sample_images
+    from test_sampling import TRAIN_CONFIG, tiny_fpdm
+
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    diffusion = diffusion_for_sampling(TRAIN_CONFIG, 20)
+    noise, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    with SyncCounter() as counter:
+        run = counter.counting(sample_images)
+        run(model, diffusion, noise, labels, cfg_scale=2.0, iterations_per_step=3, reuse=True)
+        tables = sum(isinstance(v, np.ndarray) for v in vars(diffusion).values())
+        assert counter.calls == {("from_numpy", "gaussian_diffusion.py:_on_device"): tables}, counter.calls  # once
+        counter.calls = {}
+        _, fn = run(model, diffusion, noise, labels, cfg_scale=2.0, iterations_per_step=3, reuse=True)
+        assert counter.calls == {}, counter.calls
+        report = counter.counting(fn.compute)()
+    assert counter.calls == {("tolist", "sampling.py:residuals"): 1}, counter.calls
+    assert len(report["final_residual_per_step"]) == 20
+    assert report["block_evals"] == 20 * (3 + len(model.blocks_pre) + len(model.blocks_post))
