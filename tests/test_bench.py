@@ -123,3 +123,30 @@ def test_unknown_benchmark_is_refused():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--only", "model,nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """bench/gpu.py, the one command for a GPU lease, at tiny sizes on the CPU: every section but the compiled one
+    (torch.compile's regional path is tested in test_models.py; here it would add ~40 s) finishes and reports what
+    the README's GPU table needs; a CPU run at full sizes is refused with a one-line error."""
+    out = tmp_path / "gpu.json"
+    sections = "train-eager,sampling,parallel,residual"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--tiny",
+                           "--sections", sections, "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "expected about" in proc.stdout and "at most" in proc.stdout  # the time estimate and the caps
+    report = json.load(open(out))
+    assert list(report["sections"]) == sections.split(",") and report["device"] == "cpu"
+    train = report["sections"]["train-eager"]
+    for variant in ("dit", "fpdm"):
+        assert train[variant]["images_per_s"] > 0 and train[variant]["tflops_per_step"] > 0
+    assert train["fpdm"]["params"] < train["dit"]["params"] and len(train["fpdm"]["sjfb_draws"]) == 3
+    sampling = report["sections"]["sampling"]
+    assert sampling["fpdm"]["block_evals"] == sampling["dit"]["block_evals"]  # equal budgets
+    assert report["sections"]["parallel"]["sequential/parallel time"] > 0
+    residual = report["sections"]["residual"]
+    assert residual["fp32"]["floor"] < 1e-5 and residual["fp32"]["floor"] <= residual["bf16"]["floor"] < 1e-2
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "need a GPU" in refused.stderr
