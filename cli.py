@@ -9,6 +9,7 @@ import sys
 import torch
 
 import vae as vae_io
+from allocation import BudgetAllocator
 from checkpoints import diffusion_settings
 from diffusion import TIMESTEP_SPACINGS
 from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, SAMPLERS, SCHEDULES, can_clip, \
@@ -61,6 +62,9 @@ def build_parser(description=None):
                    help="FPDM: total transformer-block evaluations per image over all steps (pre + iterations + post)")
     p.add_argument("--schedule", choices=SCHEDULES, default="flat",
                    help="how a budget is spread: flat, more-noisy (more at the first, noisiest steps), more-clean")
+    p.add_argument("--fp-allocation", choices=["schedule", "budget"], default="schedule",
+                   help="FPDM: spread the budget by --schedule, or 'budget': decide each step's iterations online "
+                   "from the residuals (allocation.BudgetAllocator; spends the budget exactly, one sync per iteration)")
     p.add_argument("--reuse", action="store_true", help="FPDM: start each step from the previous step's solution")
     p.add_argument("--fp-solver", choices=["iterate", "anderson"], default="iterate",
                    help="FPDM: how each step solves the layer: plain iteration, or Anderson mixing per image (each "
@@ -70,8 +74,14 @@ def build_parser(description=None):
     p.add_argument("--adaptive-tol", type=float, default=None,
                    help="FPDM: stop a step's iterations once the relative residual falls below this")
     # DEQ-DDIM: the whole DDIM chain as one fixed point (diffusion/parallel.py).
-    p.add_argument("--parallel", choices=["anderson", "picard", "window"], default=None,
-                   help="sample all DDIM steps in parallel with this solver (DDIM, clipping off, fixed FPDM iterations)")
+    p.add_argument("--parallel", choices=["anderson", "picard", "window", "two-axis"], default=None,
+                   help="sample all DDIM steps in parallel with this solver (DDIM, clipping off, fixed FPDM iterations); "
+                   "two-axis (FPDM): one fixed point over time and the layer of every step (diffusion/two_axis.py)")
+    p.add_argument("--inner-iterations", type=int, default=None,
+                   help="--parallel two-axis: layer iterations per timestep in each outer iteration (default 1), "
+                   "warm-started from that timestep's previous solution")
+    p.add_argument("--two-axis-outer", choices=["anderson", "picard"], default="anderson",
+                   help="--parallel two-axis: the outer update of the chain")
     p.add_argument("--parallel-max-iter", type=int, default=15)
     p.add_argument("--parallel-tol", type=float, default=1e-3, help="relative residual tolerance (release: 1e-3)")
     p.add_argument("--parallel-window", type=int, default=None, help="sliding-window size (default: all steps)")
@@ -105,14 +115,24 @@ def fpdm_iterations(args, model, calls=None):
         raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
     fpdm_flags = [f for f, v in (("--iterations", args.iterations), ("--budget-block-evals", args.budget_block_evals),
                                  ("--reuse", args.reuse or None), ("--adaptive-tol", args.adaptive_tol),
-                                 ("--schedule", None if args.schedule == "flat" else args.schedule)) if v is not None]
+                                 ("--schedule", None if args.schedule == "flat" else args.schedule),
+                                 ("--fp-allocation", None if args.fp_allocation == "schedule" else args.fp_allocation))
+                  if v is not None]
     if not model.fixed_point:
         if fpdm_flags:
             raise ValueError(f"{fpdm_flags[0]} applies to FPDM checkpoints; this one is a DiT")
         return None
+    if args.budget_block_evals is not None and args.iterations is not None:
+        raise ValueError("give either --iterations or --budget-block-evals, not both")
+    if args.fp_allocation == "budget":
+        if args.budget_block_evals is None:
+            raise ValueError("--fp-allocation budget spends a budget: give --budget-block-evals")
+        if args.adaptive_tol is not None or args.schedule != "flat" or args.fp_solver != "iterate":
+            raise ValueError("--fp-allocation budget decides every step's iterations itself: drop --adaptive-tol, "
+                             "--schedule and --fp-solver")
+        fixed = sum(iterations_from_block_budget(model, args.budget_block_evals, calls))  # checks the budget
+        return BudgetAllocator(fixed, calls)
     if args.budget_block_evals is not None:
-        if args.iterations is not None:
-            raise ValueError("give either --iterations or --budget-block-evals, not both")
         return iterations_from_block_budget(model, args.budget_block_evals, calls, args.schedule)
     k = model.default_num_iterations if args.iterations is None else args.iterations
     if k < 1:
@@ -149,7 +169,8 @@ def sample_settings(args, model, iterations, clip, labels, diffusion):
                 "guidance_channels": args.guidance_channels, "clip_denoised": clip, "seed": args.seed,
                 "labels": labels, "precision": "fp32",
                 "vae_sha256": None if is_pixel_model(model) else file_fingerprint(args.vae),
-                "fixed_point": {"iterations_per_step": iterations, "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
+                "fixed_point": {"iterations_per_step": iterations.to_dict() if isinstance(iterations, BudgetAllocator)
+                                else iterations, "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
                                 "budget_block_evals": args.budget_block_evals, "schedule": args.schedule}
                 if model.fixed_point else None}
     if model.fixed_point and args.fp_solver != "iterate":  # recorded when used (older folders keep their identity)
@@ -162,6 +183,9 @@ def sample_settings(args, model, iterations, clip, labels, diffusion):
     if sampler == "ddim-parallel":
         settings["parallel"] = {"solver": options["solver"], "max_iter": options["solver_max_iter"],
                                 "tol": options["solver_tol"], "window": options["window"]}
+    if sampler == "ddim-two-axis":
+        settings["parallel"] = {"solver": f"two-axis-{options['solver']}", "max_iter": options["solver_max_iter"],
+                                "tol": options["solver_tol"], "inner_iterations": args.inner_iterations or 1}
     return settings
 
 
@@ -173,7 +197,8 @@ def output_folder(args, settings, suffix=""):
     run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
     parts = [run, stem, f"{args.sampler}{args.num_sampling_steps}", f"cfg{args.cfg_scale:g}", f"seed{args.seed}"]
     if args.budget_block_evals is not None:
-        parts.append(f"budget{args.budget_block_evals}-{args.schedule}")
+        parts.append(f"budget{args.budget_block_evals}-"
+                     f"{'adaptive' if args.fp_allocation == 'budget' else args.schedule}")
     elif args.iterations is not None:
         parts.append(f"it{args.iterations}")
     if args.reuse:
@@ -206,7 +231,7 @@ def clipping(args, model, sampler):
         if args.clip_denoised == "on":
             raise ValueError(f"--sampler {sampler} cannot clip x0: drop --clip-denoised on")
         print(f"note: {sampler} samples without x0 clipping" + ("; a sequential comparison does the same"
-                                                                if sampler == "ddim-parallel" else ""))
+                                                                if sampler in ("ddim-parallel", "ddim-two-axis") else ""))
         clip = False
     return clip
 
@@ -215,6 +240,12 @@ def resolve_sampler(args):
     """The registry name and its options from the flags (--parallel SOLVER selects ddim-parallel)."""
     if args.parallel and args.sampler not in ("ddim", "ddim-parallel"):
         raise ValueError("--parallel solves the DDIM chain: use --sampler ddim")
+    if args.inner_iterations is not None and args.parallel != "two-axis":
+        raise ValueError("--inner-iterations applies to --parallel two-axis")
+    if args.parallel == "two-axis":
+        return "ddim-two-axis", {"eta": args.eta, "solver": args.two_axis_outer,
+                                 "solver_max_iter": args.parallel_max_iter, "solver_tol": args.parallel_tol,
+                                 "chunk_size": args.parallel_chunk_size}
     if args.parallel or args.sampler == "ddim-parallel":
         return "ddim-parallel", {"eta": args.eta, "solver": args.parallel or "anderson",
                                  "solver_max_iter": args.parallel_max_iter, "solver_tol": args.parallel_tol,
@@ -236,10 +267,21 @@ class Setup:
         self.diffusion_config = diffusion_config(args, self.model, self.train_config)
         self.diffusion = diffusion_for_sampling(self.diffusion_config, args.num_sampling_steps, args.timestep_spacing)
         self.iterations = fpdm_iterations(args, self.model, model_calls(self.sampler, self.diffusion))
-        if self.sampler == "ddim-parallel" and (args.reuse or args.adaptive_tol is not None or (
-                self.iterations and len(set(self.iterations)) > 1)):
+        if self.sampler == "ddim-parallel" and (args.reuse or args.adaptive_tol is not None or isinstance(
+                self.iterations, BudgetAllocator) or (self.iterations and len(set(self.iterations)) > 1)):
             raise ValueError("--parallel evaluates all timesteps at once: it needs a fixed FPDM iteration count "
-                             "(no --reuse, --adaptive-tol or non-flat --schedule)")
+                             "(no --reuse, --adaptive-tol, non-flat --schedule or --fp-allocation budget)")
+        if self.sampler == "ddim-two-axis":
+            if not self.model.fixed_point:
+                raise ValueError("--parallel two-axis solves FPDM's layer with the chain: this checkpoint is a DiT "
+                                 "(use --parallel anderson)")
+            if args.reuse or args.adaptive_tol is not None or args.iterations is not None or (
+                    args.budget_block_evals is not None):
+                raise ValueError("--parallel two-axis sets the layer's iterations itself: use --inner-iterations "
+                                 "(no --iterations, --budget-block-evals, --reuse or --adaptive-tol)")
+            if (args.inner_iterations or 1) < 1:
+                raise ValueError(f"--inner-iterations must be >= 1, got {args.inner_iterations}")
+            self.iterations = [args.inner_iterations or 1]
         self.clip = clipping(args, self.model, self.sampler)
         self.fp_solver = None
         if args.fp_solver != "iterate":
@@ -255,7 +297,7 @@ class Setup:
         name = sampler or self.sampler
         options = self.options if sampler is None else ({"eta": args.eta} if sampler == "ddim" else {})
         iterations = self.iterations
-        if name == "ddim-parallel" and iterations:
+        if name in ("ddim-parallel", "ddim-two-axis") and iterations:
             iterations = iterations[0]  # one count for all timesteps (checked above)
         return sample_images(self.model, self.diffusion, noise, labels, sampler=name, cfg_scale=args.cfg_scale,
                              iterations_per_step=iterations, reuse=args.reuse, tol=args.adaptive_tol,

@@ -196,6 +196,14 @@ class SolutionCache:
         self.solution = None
 
 
+class StateCache(SolutionCache):
+    """A start per row, for a batch whose rows may have different timesteps (two-axis sampling: every state of a
+    DDIM chain keeps its own layer state between outer iterations). The caller sets `solution` before a call, in the
+    batch's row order, and reads the call's solution back from it."""
+
+    per_example = True
+
+
 class DiT(nn.Module):
     """Diffusion transformer (Peebles & Xie, 2023): patch embedding, `depth` adaLN-Zero blocks, final layer.
 
@@ -454,13 +462,13 @@ class FPDM(DiT):
     def transformer_blocks(self):
         return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
 
-    def trunk(self, tokens, c, y_emb, num_iterations=None, tol=None, reuse=None, fp_solver=None):
+    def trunk(self, tokens, c, y_emb, num_iterations=None, tol=None, reuse=None, fp_solver=None, stop=None):
         """Pre blocks, the fixed-point layer, post blocks. Pre/post blocks and the final layer see only the class
         embedding unless `fixed_point_pre_post_timestep_conditioning` (as in the release)."""
         c_outer = c if self.fixed_point_pre_post_timestep_conditioning else y_emb
         for block in self.blocks_pre:
             tokens = self._run_block(block, tokens, c_outer)
-        z = self.solve(tokens, c, num_iterations, tol, reuse, fp_solver)
+        z = self.solve(tokens, c, num_iterations, tol, reuse, fp_solver, stop)
         for block in self.blocks_post:
             z = self._run_block(block, z, c_outer)
         return z, c_outer
@@ -473,9 +481,11 @@ class FPDM(DiT):
         projected = self.block_fixed_point_projection_fc2(F.gelu(projected, approximate="tanh"))
         return self.block_fixed_point(projected.to(z.dtype), c)
 
-    def solve(self, h, c, num_iterations=None, tol=None, reuse=None, fp_solver=None):
+    def solve(self, h, c, num_iterations=None, tol=None, reuse=None, fp_solver=None, stop=None):
         """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N. `fp_solver`
-        (FixedPointSolver) with method "anderson" accelerates the iterations of a call without autograd (sampling)."""
+        (FixedPointSolver) with method "anderson" accelerates the iterations of a call without autograd (sampling).
+        `stop` (stats -> bool), asked once after every iteration, ends the call when it returns True (the iteration
+        count is then the cap, as with `tol`; allocation.BudgetAllocator): residuals are tracked for it."""
         no_grad_iters, with_grad_iters = self.iteration_counts(num_iterations)
         cache = self._cache_for(reuse)
         injection = self.block_pre_projection(h)  # input injection: computed once per call, inside the graph
@@ -484,15 +494,19 @@ class FPDM(DiT):
         # injection) only, never through the starting point.
         z = (h if start is None else start).detach()
         if fp_solver is not None and fp_solver.method == "anderson" and not torch.is_grad_enabled():
+            if stop is not None:
+                raise ValueError("a stop rule (budget allocation) needs plain iteration: use fp_solver iterate")
             z, self.last_stats = fp_solver.run(self.fixed_point_function, z, injection, c,
                                                no_grad_iters + with_grad_iters, tol)
             if cache is not None:
                 cache.solution = z.detach()
             return z
         stats = FixedPointStats(sjfb=(no_grad_iters, with_grad_iters))
-        track = self.fixed_point_track_residuals or tol is not None
+        track = self.fixed_point_track_residuals or tol is not None or stop is not None
+        stopped = False
 
         def step(z, with_grad):
+            nonlocal stopped
             if with_grad and self.fixed_point_checkpoint_iterations and torch.is_grad_enabled():
                 z_next = _checkpointed(self.fixed_point_function, z, injection, c)
             else:
@@ -501,10 +515,12 @@ class FPDM(DiT):
             if track:
                 with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
                     stats.residuals.append((z_next - z).float().norm() / z.float().norm().clamp_min(1e-12))
+            if stop is not None:
+                stopped = bool(stop(stats))
             return z_next
 
         def converged():
-            return tol is not None and bool(stats.residuals) and bool(stats.residuals[-1] < tol)
+            return stopped or (tol is not None and bool(stats.residuals) and bool(stats.residuals[-1] < tol))
 
         # No-grad phase of S-JFB. torch.no_grad() records nothing for autograd, so none of these iterations is
         # stored or back-propagated. DDP still works: its reducer only waits for gradients of parameters that the
@@ -548,7 +564,8 @@ class FPDM(DiT):
 
     def _check_input(self, x, t, y, reuse=None, **solver):
         super()._check_input(x, t, y)
-        if self._cache_for(reuse) is not None and t.numel() > 1:  # checked on the device: no host sync per call
+        cache = self._cache_for(reuse)
+        if cache is not None and not getattr(cache, "per_example", False) and t.numel() > 1:  # on the device: no sync
             torch._assert_async((t == t[0]).all(), "solution reuse needs one shared timestep per batch, got mixed "
                                 "timesteps: sample with a shared t or turn reuse off")
 

@@ -5,6 +5,8 @@
     python sample.py --ckpt ... --num-sampling-steps 40 --budget-block-evals 560 --schedule more-noisy --reuse
     # adaptive: stop each step's iterations once the relative residual < 1e-2 (at most 12):
     python sample.py --ckpt ... --adaptive-tol 1e-2 --iterations 12
+    # budget-aware: exactly 560 block evaluations, each step's iterations decided online from its residuals:
+    python sample.py --ckpt ... --num-sampling-steps 40 --budget-block-evals 560 --fp-allocation budget --reuse
 
 Writes `args.json` (every setting that changes the samples, the checkpoint by content hash), then `grid.png` and
 `compute.json` (model calls, block evaluations, FLOPs, iterations and final residual per step, wall time) into the
@@ -56,7 +58,7 @@ def main(args):
         return samples, fn, time.perf_counter() - start
 
     samples, fn, wall = timed()
-    parallel = setup.sampler == "ddim-parallel"
+    parallel = setup.sampler in ("ddim-parallel", "ddim-two-axis")
     compute, extra = (fn.info if parallel else fn.compute()), {}
     if parallel and args.compare_sequential:
         reference, seq_fn, seq_wall = timed("ddim")
@@ -65,7 +67,8 @@ def main(args):
                                "max_abs_difference": float((samples - reference).abs().max()),
                                "grid": "grid_sequential.png"}
         print(f"sequential DDIM: {seq_calls} network evaluations, {seq_wall:.1f} s; parallel: "
-              f"{compute['network_evaluations']} in {compute['parallel_iterations']} parallel iterations, "
+              f"{compute['network_evaluations']} in {compute.get('parallel_iterations', compute.get('outer_iterations'))} "
+              f"parallel iterations, "
               f"{wall:.1f} s; max |difference| {extra['sequential']['max_abs_difference']:.2e}")
     nrow = model.num_classes if 1 < model.num_classes <= 16 and not args.class_labels else 8
     save_grid(cli.decode(samples, setup.vae), os.path.join(out, "grid.png"), nrow=nrow)
@@ -75,7 +78,13 @@ def main(args):
               "wall_time_per_image_s": wall / len(labels), **compute, **extra}
     atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
     kind = "FPDM" if model.fixed_point else "DiT"
-    if parallel:
+    if setup.sampler == "ddim-two-axis":
+        print(f"FPDM, two-axis ({setup.options['solver']}, {compute['inner_iterations']} inner iterations): "
+              f"{compute['outer_iterations']} outer iterations, {compute['block_evaluations']:.0f} block evaluations "
+              f"per image, critical path {compute['critical_path_calls']} calls / {compute['critical_path_blocks']} "
+              f"blocks (sequential: {compute['sequential_critical_path_calls']} calls), residual "
+              f"{compute['residual']:.2e}, {wall:.1f} s")
+    elif parallel:
         print(f"{kind}, parallel DDIM ({setup.options['solver']}): {compute['parallel_iterations']} parallel "
               f"iterations, {compute['network_evaluations']} network evaluations per image (sequential: "
               f"{compute['sequential_evaluations']}), residual {compute['residual']:.2e}, {wall:.1f} s")

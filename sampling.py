@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import torch
 
+from allocation import BudgetAllocator
 from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
 from models import SolutionCache
 from run_folders import atomic_write
@@ -125,7 +126,9 @@ class GuidedModel:
     (second half: the null class), optionally only for t in `guidance_interval` = (low, high) (Kynkäänniemi et al.
     2024; outside it one branch runs, the conditional one) and with a scale that is `constant` or `linear` in t (from
     1 at t = T to cfg_scale at t = 0); for FPDM the iteration count of each call (`iterations_per_step[i]` at the
-    i-th call, or one int for all), the adaptive tolerance and solution reuse; and the compute of every call."""
+    i-th call, or one int for all, or an allocation.BudgetAllocator deciding each call's count online from the
+    residuals: a fresh copy per GuidedModel, one host sync per iteration), the adaptive tolerance and solution reuse;
+    and the compute of every call."""
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
                  tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000,
@@ -136,6 +139,11 @@ class GuidedModel:
             raise ValueError(f"guidance interval {tuple(guidance_interval)} must be (low, high) with 0 <= low <= high")
         self.model, self.cfg_scale, self.reuse, self.tol = model, cfg_scale, reuse, tol
         self.cache = SolutionCache() if reuse and model.fixed_point else None  # this batch's reused solution
+        if isinstance(iterations_per_step, BudgetAllocator):
+            if tol is not None or (fp_solver is not None and fp_solver.method != "iterate"):
+                raise ValueError("budget allocation spends its budget exactly with plain iteration: drop the "
+                                 "tolerance and the Anderson solver")
+            iterations_per_step = iterations_per_step.restarted()
         self.iterations_per_step = iterations_per_step
         self.guidance_channels = guidance_channels
         self.guidance_interval, self.guidance_schedule = guidance_interval, guidance_schedule
@@ -158,7 +166,9 @@ class GuidedModel:
         kwargs = {}
         if self.model.fixed_point:
             iters = self.iterations_per_step
-            if isinstance(iters, (list, tuple)):
+            if isinstance(iters, BudgetAllocator):
+                iters, kwargs["stop"] = iters.next_step()
+            elif isinstance(iters, (list, tuple)):
                 if self.calls >= len(iters):
                     raise ValueError(f"the iteration schedule has {len(iters)} entries but the sampler made more "
                                      f"model calls: give one entry per model call")
@@ -186,6 +196,8 @@ class GuidedModel:
             out, passes = self.model(x, t, y, **kwargs), 1
         if self.model.fixed_point:
             k = self.model.last_stats.iterations
+            if isinstance(self.iterations_per_step, BudgetAllocator):
+                self.iterations_per_step.finish_step(k)
             self.iterations.append(k)
             self._residuals.append(list(self.model.last_stats.residuals))
         else:
@@ -231,7 +243,9 @@ class GuidedModel:
                 "flops_per_image": float(sum(f * p for f, p in zip(self.flops, self.passes))),
                 "flops_in_dit_blocks": sum(f * p for f, p in zip(self.flops, self.passes)) / self.model.block_flops(),
                 "iterations_per_step": self.iterations,
-                "final_residual_per_step": [r[-1] if r else None for r in self.residuals]}
+                "final_residual_per_step": [r[-1] if r else None for r in self.residuals],
+                **({"allocation": self.iterations_per_step.report()}
+                   if isinstance(self.iterations_per_step, BudgetAllocator) else {})}
 
 
 def to_uint8(images):
@@ -301,6 +315,23 @@ def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
     return out, stats
 
 
+@register_sampler("ddim-two-axis")
+def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False, eta=0.0,
+                         solver="anderson", solver_max_iter=50, solver_tol=1e-3, chunk_size=None):
+    """FPDM only: one fixed point over time (the DDIM chain) and depth (the layer of every timestep), one batched
+    call per outer iteration running the GuidedModel's iteration count per state, warm-started from the state's
+    previous layer solution (diffusion/two_axis.py). info: outer_iterations, block_evaluations, critical_path_calls,
+    critical_path_blocks, ..."""
+    from diffusion.two_axis import two_axis_sample
+    if clip_denoised:
+        raise ValueError("two-axis sampling solves the DDIM chain without x0 clipping: sample with "
+                         "clip_denoised=False")
+    out, _, stats = two_axis_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
+                                    max_iter=solver_max_iter, tol=solver_tol, chunk_size=chunk_size,
+                                    progress=progress, return_result=True)
+    return out, stats
+
+
 def model_calls(sampler, diffusion):
     """How many model calls `sampler` makes over `diffusion`'s timesteps (Heun: two per step but the last): the unit
     an FPDM iteration budget is spread over."""
@@ -312,7 +343,7 @@ def model_calls(sampler, diffusion):
 
 def can_clip(sampler):
     """Whether `sampler` can clip x̂_0 to [-1, 1] (the ODE solvers of diffusers' k-diffusion family cannot)."""
-    return getattr(SAMPLERS[sampler], "can_clip", True) and sampler != "ddim-parallel"
+    return getattr(SAMPLERS[sampler], "can_clip", True) and sampler not in ("ddim-parallel", "ddim-two-axis")
 
 
 # ------------------------------------------------------------------------------------------------------------------

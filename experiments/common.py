@@ -72,7 +72,11 @@ def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num
     residuals = [v for r in runs for v in r["compute"]["final_residual_per_step"] if v is not None]
     return {"steps": steps, "sampler": sampler, "model_calls": runs[0]["compute"]["model_calls"],
             "timestep_spacing": timestep_spacing, "reuse": reuse,
-            "iterations": iterations if iterations is None or isinstance(iterations, int) else list(iterations),
+            "iterations": iterations if iterations is None or isinstance(iterations, int) else
+            iterations.to_dict() if hasattr(iterations, "to_dict") else list(iterations),
+            # a BudgetAllocator (allocation.py) decides per run: what each seed spent, step by step
+            **({"iterations_spent": [r["compute"]["iterations_per_step"] for r in runs]}
+               if hasattr(iterations, "to_dict") else {}),
             "block_evals": runs[0]["compute"]["block_evals"], "fid_mnist": fids, "accuracy": accs,
             "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
             "accuracy_mean": statistics.mean(accs), "flops_per_image": runs[0]["compute"]["flops_per_image"],

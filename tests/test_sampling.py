@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -309,6 +310,30 @@ def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
             "--num-samples", "4", "--out", str(tmp_path / "par"), "--device", "cpu"]))
     with pytest.raises(ValueError, match="fixed FPDM iteration count"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "picard", "--reuse",
+                                               "--out", str(tmp_path / "bad")]))
+
+
+def test_sample_cli_two_axis(checkpoint, tmp_path):
+    """--parallel two-axis --inner-iterations 1 with guidance reaches sequential DDIM with a converged layer (the
+    --compare-sequential reference here runs 40 iterations per step); the report has the critical path."""
+    out, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--num-sampling-steps", "6", "--cfg-scale", "2", "--num-samples", "4",
+        "--parallel", "two-axis", "--inner-iterations", "1", "--parallel-tol", "1e-6", "--parallel-max-iter", "100",
+        "--out", str(tmp_path / "two"), "--device", "cpu"]))
+    reference = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--num-sampling-steps", "6", "--cfg-scale", "2", "--num-samples", "4",
+        "--iterations", "40", "--sampler", "ddim", "--clip-denoised", "off", "--out", str(tmp_path / "seq"),
+        "--device", "cpu"]))[1]
+    assert report["converged"] and report["inner_iterations"] == 1 and report["critical_path_calls"] < 100
+    assert report["settings"]["parallel"]["solver"] == "two-axis-anderson"
+    grid = lambda folder: np.asarray(Image.open(folder / "grid.png"), dtype=float)  # noqa: E731
+    assert np.abs(grid(tmp_path / "two") - grid(tmp_path / "seq")).max() <= 1  # uint8 rounding
+    assert reference["block_evals"] == 6 * (40 + 2)
+    with pytest.raises(ValueError, match="--inner-iterations"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "two-axis", "--iterations", "3",
+                                               "--out", str(tmp_path / "bad")]))
+    with pytest.raises(ValueError, match="applies to --parallel two-axis"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--inner-iterations", "2",
                                                "--out", str(tmp_path / "bad")]))
 
 

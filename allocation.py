@@ -1,0 +1,178 @@
+"""Budget-aware allocation of FPDM's fixed-point iterations over the sampling steps.
+
+`BudgetAllocator` spends a GIVEN total of iterations exactly, deciding online, step by step, how many each sampling
+step gets from the residuals it observes (the FPDM paper's stated future work). `sampling.GuidedModel` takes one as
+its `iterations_per_step`; sample.py exposes it as `--fp-allocation budget` with `--budget-block-evals`.
+"""
+
+import math
+
+import numpy as np
+
+RHO_RANGE = (1e-6, 1.0 - 1e-6)  # contraction-rate estimates are kept strictly inside (0, 1)
+TINY = 1e-30  # a residual of exactly 0 (converged) is read as this, so that logarithms stay finite
+
+
+class BudgetAllocator:
+    """Spend exactly `total_iterations` fixed-point iterations over `num_steps` model calls (sampling steps), one
+    decision per call for the whole batch, taken online from the residuals observed.
+
+    Objective. Write r_i(k) for step i's relative residual ||f(z) - z|| / ||z|| after k iterations. The allocator
+    aims at the split that minimises Σ_i r_i(k_i) subject to Σ_i k_i = B and k_i >= 1. For r_i convex and decreasing
+    in k that optimum is greedy on marginal gains: there is a price λ such that every step runs exactly the
+    iterations whose gain r_i(k - 1) - r_i(k) is at least λ. The allocator runs that rule with λ tuned online.
+
+    What it sees. At step i: the residuals of steps < i and of step i's iterations so far; nothing of later steps.
+    It models each step's residuals as geometric, r_i(k) = b_i ρ_i^(k-1) (b_i: the first iteration's residual; ρ_i:
+    the geometric mean ratio of the step's residuals so far, or, after its first iteration only, the previous steps'
+    trend), and projects later steps' (log b, log ρ) by a least-squares line over the last `window` steps (constant
+    after one step). After every iteration it sets λ by bisection so that the projected total (iterations spent,
+    plus the current and later steps' counts at λ under the model) matches the budget, and continues while the
+    predicted gain of the next iteration, r_i(k) (1 - ρ_i), is at least λ. The first step's first iteration has
+    nothing to predict from: a second follows when the cap allows; an iteration that did not lower the residual
+    ends its step.
+
+    Optimality. When residuals are geometric and (log b_i, log ρ_i) are linear in i (e.g. one ρ, b_i drifting
+    geometrically), the projection is exact from the second step on: steps >= 1 get exactly the optimal split of
+    what step 0 left. Step 0 is blind: it assumes the later steps behave like itself (a flat-like share). Real steps
+    are not geometric (λ is re-tuned at every iteration) and, with reuse, interact: a step starts from the last
+    one's solution and inherits what it left, a gain this rule does not credit to the earlier step.
+
+    Exactness. Every step runs at least one iteration and at most what leaves one for each later step, and the last
+    step runs all that is left, so the iterations spent always equal the budget, whatever the residuals do.
+
+    Cost: the rule reads each residual on the host, one device sync per iteration (fixed schedules make none per
+    step), and a bisection over the S steps per iteration on the host.
+
+    Use: `next_step()` -> (cap, stop) before each call, `stop(stats)` after each iteration of the call (FPDM.solve's
+    `stop`), `finish_step(iterations)` after the call. A sampler uses a fresh copy per batch (`restarted()`).
+    """
+
+    def __init__(self, total_iterations, num_steps, window=5):
+        if num_steps < 1:
+            raise ValueError(f"need at least one sampling step, got {num_steps}")
+        if total_iterations < num_steps:
+            raise ValueError(f"an iteration budget of {total_iterations} is below one iteration per step for "
+                             f"{num_steps} steps: raise the budget or use fewer steps")
+        if window < 1:
+            raise ValueError(f"the trend window must be >= 1 step, got {window}")
+        self.total_iterations, self.num_steps, self.window = int(total_iterations), int(num_steps), int(window)
+        self.spent = []  # iterations of each finished step
+        self.curves = []  # (step, b, ρ or None when the step ran one iteration) of each step that was observed
+        self.lambdas = []  # the last λ of each finished step (None where no choice was made)
+        self._residuals = None  # the running step's residuals, as floats
+        self._lambda = None
+
+    def restarted(self):
+        """A new allocator with the same settings (one per batch)."""
+        return BudgetAllocator(self.total_iterations, self.num_steps, self.window)
+
+    def to_dict(self):
+        return {"allocator": "budget", "total_iterations": self.total_iterations, "num_steps": self.num_steps,
+                "window": self.window}
+
+    @property
+    def remaining(self):
+        """Iterations not yet spent by finished steps."""
+        return self.total_iterations - sum(self.spent)
+
+    def next_step(self):
+        """(cap, stop) for the next model call: at most `cap` iterations, ended early when `stop(stats)` says so
+        (None when there is no choice: the last step runs exactly the rest)."""
+        i = len(self.spent)
+        if i >= self.num_steps:
+            raise ValueError(f"the budget allocator was made for {self.num_steps} model calls but the sampler made "
+                             f"more: give it one step per model call")
+        cap = self.remaining - (self.num_steps - i - 1)
+        self._residuals, self._lambda = [], None
+        return cap, (None if i == self.num_steps - 1 or cap == 1 else self._stop)
+
+    def finish_step(self, iterations):
+        """Close the running step, which ran `iterations` iterations."""
+        i = len(self.spent)
+        observed = self._residuals or []
+        if observed:
+            own_rho = self._own_rho(observed)
+            self.curves.append((i, observed[0], own_rho))
+        self.spent.append(int(iterations))
+        self.lambdas.append(self._lambda)
+        self._residuals, self._lambda = None, None
+
+    def report(self):
+        """The settings and the last price λ of each step (None: no choice was made), for compute reports."""
+        return {**self.to_dict(), "lambda_per_step": list(self.lambdas)}
+
+    # --------------------------------------------------------------------------------------------------------------
+    # The rule
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _stop(self, stats):
+        """After each iteration of the running step: whether to end it (reads the newest residual: one sync)."""
+        self._residuals.append(max(float(stats.residuals[-1]), TINY))
+        i, observed = len(self.spent), self._residuals
+        if len(observed) >= 2 and observed[-1] >= observed[-2]:
+            return True  # the last iteration gained nothing: no rate to predict more gains from
+        rho = self._own_rho(observed)
+        if rho is None:
+            rho = self._trend(i, observed[0])[1]
+        if rho is None:
+            return False  # the first step's first iteration: take a second to learn the rate
+        self._lambda = self._price(rho)
+        return observed[-1] * (1.0 - rho) < self._lambda
+
+    @staticmethod
+    def _own_rho(observed):
+        if len(observed) < 2:
+            return None
+        rho = (observed[-1] / observed[0]) ** (1.0 / (len(observed) - 1))
+        return min(max(rho, RHO_RANGE[0]), RHO_RANGE[1])
+
+    def _trend(self, step, first_residual=None, steps=None):
+        """(log b, ρ) projected at `steps` (default: `step`) by a line through the last `window` observed steps
+        (the running one's b included when given); ρ is None when no step has shown a rate yet."""
+        points = self.curves + ([(step, first_residual, self._own_rho(self._residuals))]
+                                if first_residual is not None else [])
+        at = np.atleast_1d(step if steps is None else steps).astype(float)
+
+        def line(pairs):
+            pairs = pairs[-self.window:]
+            if len(pairs) == 1:
+                return np.full_like(at, pairs[0][1])
+            x, y = np.array(pairs, dtype=float).T
+            slope, intercept = np.polyfit(x, y, 1)
+            return intercept + slope * at
+
+        log_b = np.clip(line([(s, math.log(b)) for s, b, _ in points]), -69.0, 69.0)
+        rates = [(s, math.log(r)) for s, _, r in points if r is not None]
+        rho = np.clip(np.exp(line(rates)), *RHO_RANGE) if rates else None
+        if steps is None:
+            return float(log_b[0]), (None if rho is None else float(rho[0]))
+        return log_b, rho
+
+    def _price(self, rho):
+        """λ such that the projected total matches the budget: the running step's iterations so far plus those
+        whose predicted gain is >= λ, and for each later step one plus its iterations of gain >= λ."""
+        i, observed = len(self.spent), self._residuals
+        left = self.remaining  # what this step and the later ones may spend
+        cap = left - (self.num_steps - i - 1)
+        later = np.arange(i + 1, self.num_steps)
+        gains = np.array([observed[-1] * (1.0 - rho)])  # the running step's next gain, then its rate
+        rates = np.array([rho])
+        if len(later):
+            log_b, later_rho = self._trend(i, observed[0], later)
+            gains = np.concatenate([gains, np.exp(log_b) * (1.0 - later_rho)])  # gain of each later step's 2nd
+            rates = np.concatenate([rates, later_rho])
+        limits = np.concatenate([[cap - len(observed)], np.full(len(later), left - 1)])
+        base = len(observed) + len(later)
+
+        def total(lam):
+            more = np.floor(np.log(lam / gains) / np.log(rates)) + 1.0
+            return base + np.minimum(np.where(gains >= lam, more, 0.0), limits).sum()
+
+        lo, hi = math.log(max(gains.min(), TINY) * 1e-12), math.log(gains.max() * 2.0)
+        if total(math.exp(lo)) <= left:
+            return math.exp(lo)  # even the smallest price does not fill the budget: spend all that is allowed
+        for _ in range(60):  # total(e^lo) > left >= total(e^hi); total falls as λ rises
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if total(math.exp(mid)) > left else (lo, mid)
+        return math.exp(hi)

@@ -1,0 +1,161 @@
+"""allocation.py: the budget allocator spends exactly its budget (real tiny FPDM, sample_images and sample.py),
+reproduces the optimal split on geometric residuals, and refuses budgets below one iteration per step; FPDM.solve's
+`stop` hook."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import sample as sample_cli
+from allocation import BudgetAllocator
+from models import FixedPointStats
+from sampling import diffusion_for_sampling, sample_images
+from test_sampling import TRAIN_CONFIG, tiny_fpdm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FPDM.solve's stop hook
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_stop_hook_ends_the_call_and_changes_nothing_else():
+    model = tiny_fpdm()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        fixed = model(x, t, y, num_iterations=3)
+        never = model(x, t, y, num_iterations=3, stop=lambda stats: False)
+        assert model.last_stats.iterations == 3 and len(model.last_stats.residuals) == 3
+        asked = []
+        stopped = model(x, t, y, num_iterations=8, stop=lambda stats: asked.append(stats.iterations) or
+                        stats.iterations == 3)
+    assert asked == [1, 2, 3]  # once per iteration
+    assert model.last_stats.iterations == 3
+    torch.testing.assert_close(never, fixed, rtol=0, atol=0)
+    torch.testing.assert_close(stopped, fixed, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exact budget, with a real FPDM
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps,extra,reuse,cfg", [(5, 12, True, 1.0), (8, 30, False, 2.0), (6, 0, True, 2.0),
+                                                   (4, 1, False, 1.0)])
+def test_sampling_spends_the_block_budget_exactly(steps, extra, reuse, cfg):
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    block_budget = steps * (len(model.blocks_pre) + len(model.blocks_post)) + steps + extra
+    total = steps + extra
+    diffusion = diffusion_for_sampling(TRAIN_CONFIG, steps)
+    g = torch.Generator().manual_seed(0)
+    noise, labels = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([1, 2, 3])
+    allocator = BudgetAllocator(total, steps)
+    for _ in range(2):  # the allocator passed in is a specification: each batch spends the whole budget again
+        _, fn = sample_images(model, diffusion, noise, labels, cfg_scale=cfg, iterations_per_step=allocator,
+                              reuse=reuse)
+        report = fn.compute()
+        assert sum(report["iterations_per_step"]) == total and len(report["iterations_per_step"]) == steps
+        assert min(report["iterations_per_step"]) >= 1
+        assert report["block_evals"] == block_budget
+        assert len(report["allocation"]["lambda_per_step"]) == steps
+    assert allocator.spent == []
+
+
+def test_sample_cli_budget_allocation(tmp_path):
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    path = str(tmp_path / "tiny.pt")
+    torch.save({"format": "fpdm-train-v1", "model_config": model.config, "model": model.state_dict(),
+                "ema": model.state_dict(), "config": TRAIN_CONFIG, "step": 10}, path)
+    out, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", path, "--num-sampling-steps", "6", "--budget-block-evals", "40", "--fp-allocation", "budget",
+        "--reuse", "--num-samples", "4", "--out", str(tmp_path / "s"), "--device", "cpu"]))
+    saved = json.load(open(os.path.join(out, "compute.json")))
+    assert saved["block_evals"] == 40 and sum(saved["iterations_per_step"]) == 40 - 6 * 2
+    assert json.load(open(os.path.join(out, "args.json")))["fixed_point"]["iterations_per_step"] == {
+        "allocator": "budget", "total_iterations": 28, "num_steps": 6, "window": 5}
+    for flags, message in ((["--iterations", "4"], "give --budget-block-evals"),
+                           (["--budget-block-evals", "40", "--adaptive-tol", "0.1"], "drop --adaptive-tol"),
+                           (["--budget-block-evals", "40", "--schedule", "more-noisy"], "drop --adaptive-tol"),
+                           (["--budget-block-evals", "17"], "raise it to at least 18")):
+        with pytest.raises(ValueError, match=message):
+            sample_cli.main(sample_cli.parse_args(["--ckpt", path, "--num-sampling-steps", "6", "--fp-allocation",
+                                                   "budget", *flags, "--out", str(tmp_path / "x"), "--device",
+                                                   "cpu"]))
+
+
+def test_budget_below_one_iteration_per_step_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="below one iteration per step for 10 steps: raise the budget") as error:
+        BudgetAllocator(9, 10)
+    assert "\n" not in str(error.value)
+    args = cli.build_parser().parse_args(["--ckpt", "x", "--fp-allocation", "budget", "--budget-block-evals", "5"])
+    with pytest.raises(ValueError, match="less than one iteration per step"):
+        cli.fpdm_iterations(args, tiny_fpdm(), 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimality on geometric residuals
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_toy(allocator, a, rho):
+    """Drive `allocator` over steps whose residual after k iterations is a_i ρ_i^k (a stats stream as FPDM.solve
+    gives one); returns the iterations per step."""
+    for a_i, rho_i in zip(a, rho):
+        cap, stop = allocator.next_step()
+        stats = FixedPointStats()
+        for k in range(1, cap + 1):
+            stats.residuals.append(torch.tensor(a_i * rho_i ** k, dtype=torch.float64))
+            stats.iterations = k
+            if stop is not None and stop(stats):
+                break
+        allocator.finish_step(stats.iterations)
+    return allocator.spent
+
+
+def optimal_split(a, rho, budget):
+    """argmin Σ a_i ρ_i^k_i subject to Σ k_i = budget, k_i >= 1: greedy on marginal gains, which is exact for
+    convex decreasing residuals (computed independently of the allocator)."""
+    k = [1] * len(a)
+    for _ in range(budget - len(a)):
+        i = max(range(len(a)), key=lambda i: a[i] * rho[i] ** k[i] * (1 - rho[i]))
+        k[i] += 1
+    return k
+
+
+def objective(a, rho, k):
+    return sum(a_i * rho_i ** k_i for a_i, rho_i, k_i in zip(a, rho, k))
+
+
+@pytest.mark.parametrize("steps,budget,slope,rate", [(20, 60, -0.03, 0.6), (20, 100, 0.02, 0.7), (12, 50, 0.0, 0.5),
+                                                     (16, 40, -0.04, 0.4)])
+def test_smooth_drift_gets_the_optimal_split_within_one_iteration_per_step(steps, budget, slope, rate):
+    """One contraction rate, first residuals drifting slowly (as in sampling): the online split is within one
+    iteration of the offline optimum at every step, and its total residual within 3% of the optimum's (the gap
+    is step 0's, decided before any drift is seen)."""
+    a, rho = [float(np.exp(slope * i)) for i in range(steps)], [rate] * steps
+    spent = run_toy(BudgetAllocator(budget, steps), a, rho)
+    best = optimal_split(a, rho, budget)
+    assert sum(spent) == budget
+    assert max(abs(s - b) for s, b in zip(spent, best)) <= 1, (spent, best)
+    assert objective(a, rho, spent) <= 1.03 * objective(a, rho, best)
+
+
+@pytest.mark.parametrize("steps,budget,slope,rate", [(20, 60, -0.15, 0.6), (20, 44, -0.2, 0.6), (10, 40, 0.1, 0.5),
+                                                     (15, 90, 0.05, 0.8)])
+def test_strong_drift_is_optimal_after_the_first_step(steps, budget, slope, rate):
+    """First residuals drifting geometrically and fast: step 0 cannot know the drift (it assumes later steps look
+    like itself), but once two steps are seen the projection is exact, so steps >= 1 get exactly the optimal split
+    of what step 0 left, and the total residual stays within 20% of the offline optimum."""
+    a, rho = [float(np.exp(slope * i)) for i in range(steps)], [rate] * steps
+    spent = run_toy(BudgetAllocator(budget, steps), a, rho)
+    assert sum(spent) == budget
+    assert spent[1:] == optimal_split(a[1:], rho[1:], budget - spent[0])
+    assert objective(a, rho, spent) <= 1.2 * objective(a, rho, optimal_split(a, rho, budget))
+
+
+def test_no_choice_and_rising_residuals():
+    """A budget of one iteration per step leaves no choice; residuals that rise end every step after the iteration
+    that showed it (the first step takes two to learn a rate), and the last step takes all that is left."""
+    assert run_toy(BudgetAllocator(5, 5), [1.0] * 5, [0.5] * 5) == [1] * 5
+    spent = run_toy(BudgetAllocator(30, 5), [1.0] * 5, [1.1] * 5)
+    assert sum(spent) == 30 and spent[0] == 2 and all(k <= 2 for k in spent[:-1]) and spent[-1] >= 30 - 8
