@@ -52,9 +52,10 @@ def _coefficients(diffusion, first, n, eta, like):
     return as_tensor(np.sqrt(a_prev)), as_tensor(d), as_tensor(c), as_tensor(sigma / np.sqrt(a_prev))
 
 
-def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size):
+def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size, layer=None, idx=None):
     """ε and x̂_0 for the states (n, B, …) entering chain positions first..first+n−1, from one network call per
-    chunk of at most `chunk_size` states (all B samples each)."""
+    chunk of at most `chunk_size` states (all B samples each). With `layer` (two-axis sampling's layer states of
+    images `idx`) each FPDM call starts its layer from the chunk's stored states and stores its solutions back."""
     n, batch = states.shape[:2]
     chunk = n if chunk_size is None else chunk_size
     if chunk < 1:
@@ -68,7 +69,11 @@ def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size):
         t = (diffusion.num_timesteps - 1 - positions).repeat(batch)
         kwargs = {key: value.repeat_interleave(k, dim=0) if torch.is_tensor(value) and value.dim() > 0
                   and len(value) == batch else value for key, value in (model_kwargs or {}).items()}
+        if layer is not None:
+            layer.cache.solution = layer.start(idx, first + start, k)
         out = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=kwargs)
+        if layer is not None:
+            layer.store(idx, first + start, k, layer.cache.solution)
         unflatten = lambda v: v.reshape(batch, k, *part.shape[2:]).transpose(0, 1)
         eps.append(unflatten(out["eps"]))
         pred_xstart.append(unflatten(out["pred_xstart"]))

@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .parallel import _chain_outputs, check_model
+from .parallel import _chain_outputs, _model_outputs, check_model
 from .solvers import solve_batched
 
 class _LayerStates:
@@ -46,31 +46,6 @@ class _LayerStates:
         if self.z is None:
             self.z = rows.new_zeros(self.batch, self.n_steps, *rows.shape[2:])
         self.z[idx, first:first + k] = rows
-
-
-def _outputs(model, diffusion, states, model_kwargs, chunk_size, layer, idx):
-    """ε and x̂_0 of the states (T', b, …) of images idx, one network call per chunk of positions, each FPDM call
-    starting its layer from `layer`'s rows and storing its solutions back."""
-    n, batch = states.shape[:2]
-    chunk = n if chunk_size is None else chunk_size
-    if chunk < 1:
-        raise ValueError("chunk_size must be >= 1")
-    eps, pred_xstart = [], []
-    for first in range(0, n, chunk):
-        part = states[first:first + chunk]
-        k = len(part)
-        x = part.transpose(0, 1).reshape(batch * k, *part.shape[2:])  # sample-major: b·k + j
-        positions = torch.arange(first, first + k, device=x.device)
-        t = (diffusion.num_timesteps - 1 - positions).repeat(batch)
-        kwargs = {key: value.repeat_interleave(k, dim=0) if torch.is_tensor(value) and value.dim() > 0
-                  and len(value) == batch else value for key, value in (model_kwargs or {}).items()}
-        layer.cache.solution = layer.start(idx, first, k)
-        out = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=kwargs)
-        layer.store(idx, first, k, layer.cache.solution)
-        unflatten = lambda v: v.reshape(batch, k, *part.shape[2:]).transpose(0, 1)  # noqa: E731
-        eps.append(unflatten(out["eps"]))
-        pred_xstart.append(unflatten(out["pred_xstart"]))
-    return torch.cat(eps), torch.cat(pred_xstart)
 
 
 def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="anderson", model_kwargs=None, eta=0.0,
@@ -123,7 +98,7 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
         part = {key: v[idx] if torch.is_tensor(v) and v.dim() > 0 and len(v) == len(x_T) else v
                 for key, v in kwargs.items()}
         states = torch.cat([x_T[idx][None], X[:-1]])
-        eps, pred_xstart = _outputs(model, diffusion, states, part, chunk_size, layer, idx)
+        eps, pred_xstart = _model_outputs(model, diffusion, states, 0, part, chunk_size, layer, idx)
         return _chain_outputs(diffusion, eps, pred_xstart, 0, eta, None if noise_seq is None else noise_seq[:, idx])
 
     began = time.perf_counter()
