@@ -148,6 +148,10 @@ class RunConfig:
     sample_cfg_scale: float = opt(2.0, "guidance scale for sample grids")
     num_sample_images: int = opt(40, "images in a sample grid")
     tracker: str = opt("auto", "auto (wandb offline if installed, else tensorboard), wandb, tensorboard, none")
+    fp_diagnostics: bool = opt(True, "FPDM: at every log row, the fixed-point layer's relative residual per timestep "
+                               "bucket (training forwards) and its contraction, the spectral radius of df/dz at z* on "
+                               "a fixed probe batch, into fp_diagnostics.csv and two PNGs (ignored by a DiT)")
+    fp_power_iterations: int = opt(20, "power-iteration steps (JVPs) of the contraction estimate")
     eval_every: int = opt(0, "FID of the EMA model every N steps, into eval.csv and the tracker (0: off)")
     eval_samples: int = opt(1000, "samples per FID evaluation (fixed noise and labels, sharded over processes)")
     eval_steps: int = opt(20, "sampling steps of the FID evaluations (--sample-sampler, --sample-cfg-scale)")
@@ -166,6 +170,8 @@ class RunConfig:
         for name in ("log_every", "ckpt_every", "keep_last", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.fp_power_iterations < 2:
+            raise ValueError(f"--fp-power-iterations must be >= 2, got {self.fp_power_iterations}")
         for name in ("sample_every", "num_sample_images", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
@@ -231,7 +237,8 @@ ARCHITECTURE = ("model", "hidden_size", "depth", "num_heads", "patch_size", "fix
                 "class_dropout_prob", "image_size", "unconditional")
 # Settings a resumed run may change freely: how long, how often it logs / checkpoints / previews, where it reads
 # and writes, and memory-for-speed switches that leave the numbers alone. Any other difference needs --override.
-RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps",
+RESUME_MAY_CHANGE = ("max_steps", "log_every", "fp_diagnostics", "fp_power_iterations", "ckpt_every", "keep_last",
+                     "sample_every", "sample_steps",
                      "sample_sampler", "sample_cfg_scale", "eval_every", "eval_samples", "eval_steps",
                      "eval_reference", "eval_inception", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
                      "run_name", "compile", "grad_ckpt", "grad_ckpt_iterations", "trust_checkpoint", "init_from",

@@ -127,11 +127,13 @@ class FinalLayer(nn.Module):
 class FixedPointStats:
     """What one FPDM call did: the iterations run, the S-JFB counts asked for (n without a graph, m with one) and the
     relative residual ||f(z) - z|| / ||z|| (norm over the batch) after each iteration, as 0-d tensors (no device
-    sync until read). `FPDM.last_stats` holds the last call's."""
+    sync until read); with them, the last iteration's residual of each example (norm over its tokens), a (B,) tensor
+    (train.py buckets it by timestep). `FPDM.last_stats` holds the last call's."""
     iterations: int = 0
     sjfb: tuple = (0, 0)
     residuals: list = field(default_factory=list)
     image_iterations: list = None  # per image, where images stop on their own (Anderson with a tolerance)
+    example_residuals: torch.Tensor = None  # (B,) after the last iteration; None when residuals are not tracked
 
     @property
     def residual(self):
@@ -514,7 +516,10 @@ class FPDM(DiT):
             stats.iterations += 1
             if track:
                 with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
-                    stats.residuals.append((z_next - z).float().norm() / z.float().norm().clamp_min(1e-12))
+                    step_size, size = (z_next - z).float(), z.float()
+                    stats.residuals.append(step_size.norm() / size.norm().clamp_min(1e-12))
+                    stats.example_residuals = (step_size.flatten(1).norm(dim=1) /
+                                               size.flatten(1).norm(dim=1).clamp_min(1e-12))
             if stop is not None:
                 stopped = bool(stop(stats))
             return z_next

@@ -32,6 +32,7 @@ import configs
 from checkpoints import (find_training_checkpoint, read_training_checkpoint, rng_state, set_rng_state,
                          write_training_checkpoint)
 from configs import parse_args
+from fp_diagnostics import BUCKETS, TrainingDiagnostics, timestep_buckets
 from measure import peak_rss_bytes
 from run_folders import RunLock, exit_with_parent, truncate_metrics
 
@@ -92,6 +93,9 @@ def _train(cfg, cleanup):
                                               persistent_workers=cfg.data.num_workers > 0))
     preview = Preview(cfg, dataset, ema, run_dir, device)
     evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker) if cfg.run.eval_every else None
+    diagnostics = None
+    if cfg.fp.fixed_point and r.fp_diagnostics and accelerator.is_main_process:
+        diagnostics = TrainingDiagnostics(run_dir, dataset, diffusion, device, r.fp_power_iterations, step)
     if ckpt is not None and ckpt["world_size"] == world:
         set_rng_state(ckpt["rng"][rank])  # last, so that nothing above consumes the restored stream
 
@@ -106,7 +110,9 @@ def _train(cfg, cleanup):
         update_ema(ema, raw_model, min(o.ema_decay, (1 + step) / (10 + step)) if o.ema_warmup else o.ema_decay)
         progress.update(1)
         if step % r.log_every == 0 or step == o.max_steps:
-            metrics.log(step, grad_norm, lr, accelerator, progress)
+            row = metrics.log(step, grad_norm, lr, accelerator, progress)
+            if diagnostics is not None:  # the contraction estimate on the probe batch: here, never per step
+                log_layer_diagnostics(diagnostics, step, raw_model, row["fp_residual_by_t"], accelerator, tracker)
         if r.sample_every and r.num_sample_images and step % r.sample_every == 0 and accelerator.is_main_process:
             logger.info("samples: %s", preview.write(step))
         if evaluator is not None and step % r.eval_every == 0:
@@ -146,7 +152,7 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
             loss = diffusion.training_losses(model, x, t, model_kwargs=kwargs)["loss"].mean()
         accelerator.backward(loss / accum)
         nonfinite += ~torch.isfinite(loss.detach())
-        metrics.add(loss.detach() / accum, raw_model.last_stats if raw_model.fixed_point else None)
+        metrics.add(loss.detach() / accum, raw_model.last_stats if raw_model.fixed_point else None, t)
     # NaN guard, before anything reaches the optimizer: every micro-batch's loss on every process, and the
     # (all-reduced) gradient norm, checked with one host sync per step. All processes agree, nothing is saved,
     # and the weights, optimizer state and last good checkpoint stay as they were.
@@ -375,7 +381,9 @@ class StepBatchSampler:
 
 class MetricsWindow:
     """The steps since the last log line: loss, S-JFB counts and fixed-point residuals summed on the device (no host
-    sync per step), then one row for metrics.csv, the tracker and the log line."""
+    sync per step), then one row for metrics.csv, the tracker and the log line. With --fp-diagnostics, also each
+    example's final relative residual summed per timestep bucket (row 0) with the bucket's count (row 1), all
+    processes' added up and read with one sync per log row (`fp_residual_by_t` of the row; fp_diagnostics.py)."""
 
     FIELDS = ["step", "loss", "grad_norm", "lr", "steps_per_s", "images_per_s", "peak_mem_mb", "sjfb_no_grad",
               "sjfb_with_grad", "fp_residual"]
@@ -384,6 +392,8 @@ class MetricsWindow:
         self.path, self.cfg, self.tracker = path, cfg, tracker
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
+        self.by_t = cfg.fp.fixed_point and cfg.run.fp_diagnostics
+        self.buckets = torch.arange(BUCKETS, device=self.device)
         if self.is_main and not os.path.exists(path):
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.FIELDS)
@@ -392,9 +402,11 @@ class MetricsWindow:
     def reset(self):
         self.loss, self.steps, self.start = torch.zeros((), device=self.device), 0, time.time()
         self.micro, self.sjfb, self.residual = 0, [0, 0], 0.0
+        self.residual_by_t = torch.zeros(2, BUCKETS, device=self.device)
 
-    def add(self, loss, stats=None):
-        """One micro-batch: its loss (already divided by the accumulation steps) and the FPDM call's stats."""
+    def add(self, loss, stats=None, t=None):
+        """One micro-batch: its loss (already divided by the accumulation steps), the FPDM call's stats and the
+        micro-batch's timesteps."""
         self.loss += loss
         self.micro += 1
         self.steps = self.micro // self.cfg.optim.grad_accum_steps
@@ -402,6 +414,11 @@ class MetricsWindow:
             self.sjfb = [self.sjfb[0] + stats.sjfb[0], self.sjfb[1] + stats.sjfb[1]]
             if stats.residual is not None:  # a tensor: no device sync on the hot path
                 self.residual = self.residual + stats.residual
+            if self.by_t and t is not None and stats.example_residuals is not None:
+                # One-hot sums rather than index_add_: deterministic on every device, and no matmul (TF32).
+                hit = (timestep_buckets(t, self.cfg.diffusion.diffusion_steps)[:, None] == self.buckets).float()
+                self.residual_by_t += torch.stack(((hit * stats.example_residuals[:, None].float()).sum(0),
+                                                   hit.sum(0)))
 
     def log(self, step, grad_norm, lr, accelerator, progress):
         elapsed, steps, micro = time.time() - self.start, max(self.steps, 1), max(self.micro, 1)
@@ -409,7 +426,11 @@ class MetricsWindow:
                "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": steps / elapsed,
                "images_per_s": steps * self.cfg.optim.global_batch_size / elapsed,
                "peak_mem_mb": peak_memory_bytes(self.device) / 2**20, "sjfb_no_grad": self.sjfb[0] / micro,
-               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": float(self.residual) / micro}
+               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": float(self.residual) / micro,
+               "fp_residual_by_t": None}
+        if self.by_t:
+            sums, counts = accelerator.reduce(self.residual_by_t, reduction="sum").tolist()
+            row["fp_residual_by_t"] = [s / n if n else math.nan for s, n in zip(sums, counts)]
         if self.is_main:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerow([row[k] for k in self.FIELDS])
@@ -419,9 +440,21 @@ class MetricsWindow:
             logger.info("step %d  loss %.4f  grad %.3f  %.2f steps/s  %.0f img/s  mem %.0f MB%s", step, row["loss"],
                         row["grad_norm"], row["steps_per_s"], row["images_per_s"], row["peak_mem_mb"], fixed_point)
         if self.tracker:
-            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            accelerator.log({k: row[k] for k in self.FIELDS if k != "step"}, step=step)
         self.reset()
         return row
+
+
+def log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker):
+    """The log row's fixed-point diagnostics (fp_diagnostics.py): a row of fp_diagnostics.csv and its plots, a log
+    line, the tracker. Main process only; the RNG and the model are left as they were."""
+    start = time.time()
+    row = diagnostics.write(step, raw_model, residual_by_t)
+    logger.info("step %d  fixed-point layer: contraction %.3f (probe mean %.3f, residual at z* %.2g), residual by t "
+                "%s  (%.2f s)", step, row["contraction"], row["contraction_mean"], row["probe_residual"],
+                " ".join(f"{v:.2g}" for v in residual_by_t or []), time.time() - start)
+    if tracker:
+        accelerator.log({k: v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=step)
 
 
 class Preview:

@@ -14,9 +14,11 @@ from test_train import TINY_ARGS
 
 def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path, monkeypatch):
     """10 FPDM steps with random S-JFB counts, logged every 5 steps: one sync per optimizer step (the NaN guard, which
-    every process must agree on before the optimizer runs) and 3 per log row (loss, gradient norm, fixed-point
-    residual), nothing else: schedule tables are built on the device once, losses, counts and residuals are summed
-    on the device, the EMA is one fused op."""
+    every process must agree on before the optimizer runs) and 4 per log row (loss, gradient norm, fixed-point
+    residual, and one tolist of the per-timestep-bucket residual sums and counts of --fp-diagnostics, on by default
+    for FPDM), nothing else: schedule tables are built on the device once, losses, counts and residuals (per-example
+    ones bucketed by t too) are summed on the device, the EMA is one fused op. (The contraction estimate of
+    --fp-diagnostics runs after the log row, outside the counted functions: it reads its result once per log row.)"""
     with SyncCounter() as counter:
         monkeypatch.setattr(train, "train_step", counter.counting(train.train_step))
         monkeypatch.setattr(train, "update_ema", counter.counting(train.update_ema))
@@ -28,9 +30,10 @@ def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path, monkeypatch):
                                 "--ckpt-every", "10", "--sample-every", "0"])
         train.main(cfg)
     # ("tolist", _index): the data order, a CPU permutation listed once per epoch (not a device sync).
-    expected = {("tolist", "train.py:_index"): 1, ("item", "train.py:train_step"): 10, ("item", "train.py:log"): 2, ("__float__", "train.py:log"): 4}
+    expected = {("tolist", "train.py:_index"): 1, ("item", "train.py:train_step"): 10, ("item", "train.py:log"): 2,
+                ("__float__", "train.py:log"): 4, ("tolist", "train.py:log"): 2}
     assert counter.calls == expected, counter.calls
-    assert counter.total == 1 + 10 * 1 + 2 * 3
+    assert counter.total == 1 + 10 * 1 + 2 * 4
 
 
 def test_sampling_syncs_once_per_sample_call():
