@@ -92,6 +92,12 @@ class SyncCounter:
             setattr(owner, name, original)
         self._saved = []
 
+    def watch(self, owner, *names):
+        """Count while `owner.<name>` runs, for each name (e.g. watch(train, "train_step")); undone on exit."""
+        for name in names:
+            self._saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, self.counting(getattr(owner, name)))
+
     def counting(self, fn):
         """fn, with counting on while it runs."""
         def wrapper(*args, **kwargs):

@@ -62,14 +62,10 @@ TINY = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--h
 def training_syncs(out_dir, steps, log_every):
     """Syncs per training step of train.py (a tiny FPDM, random S-JFB counts), by where they happen."""
     with SyncCounter() as counter:
-        saved = train.train_step, train.update_ema, train.MetricsWindow.log
-        train.train_step, train.update_ema = counter.counting(train.train_step), counter.counting(train.update_ema)
-        train.MetricsWindow.log = counter.counting(train.MetricsWindow.log)
-        try:
-            train.main(train.parse_args([*TINY, "--results-dir", out_dir, "--run-name", "syncs", "--max-steps",
-                                         str(steps), "--log-every", str(log_every), "--ckpt-every", str(steps)]))
-        finally:
-            train.train_step, train.update_ema, train.MetricsWindow.log = saved
+        counter.watch(train, "train_step", "update_ema")
+        counter.watch(train.MetricsWindow, "log")
+        train.main(train.parse_args([*TINY, "--results-dir", out_dir, "--run-name", "syncs", "--max-steps",
+                                     str(steps), "--log-every", str(log_every), "--ckpt-every", str(steps)]))
     return {"steps": steps, "log_every": log_every, "total": counter.total, "per_step": counter.total / steps,
             "where": {f"{op} in {fn}": n for (op, fn), n in sorted(counter.calls.items())}}
 

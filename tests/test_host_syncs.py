@@ -12,7 +12,7 @@ from measure import SyncCounter
 from test_train import TINY_ARGS
 
 
-def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path, monkeypatch):
+def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path):
     """10 FPDM steps with random S-JFB counts, logged every 5 steps: one sync per optimizer step (the NaN guard, which
     every process must agree on before the optimizer runs) and 4 per log row (loss, gradient norm, fixed-point
     residual, and one tolist of the per-timestep-bucket residual sums and counts of --fp-diagnostics, on by default
@@ -20,9 +20,8 @@ def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path, monkeypatch):
     ones bucketed by t too) are summed on the device, the EMA is one fused op. (The contraction estimate of
     --fp-diagnostics runs after the log row, outside the counted functions: it reads its result once per log row.)"""
     with SyncCounter() as counter:
-        monkeypatch.setattr(train, "train_step", counter.counting(train.train_step))
-        monkeypatch.setattr(train, "update_ema", counter.counting(train.update_ema))
-        monkeypatch.setattr(train.MetricsWindow, "log", counter.counting(train.MetricsWindow.log))
+        counter.watch(train, "train_step", "update_ema")
+        counter.watch(train.MetricsWindow, "log")
         args = [a for a in TINY_ARGS]
         args[args.index("--log-every") + 1] = "5"
         cfg = train.parse_args([*args, "--fixed-point-no-grad-max-iters", "4", "--fixed-point-with-grad-max-iters",
