@@ -353,7 +353,9 @@ class GaussianDiffusion:
         alpha_bar = self._extract(self.alphas_cumprod, t, x)
         alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-        mean = out["pred_xstart"] * alpha_bar_prev.sqrt() + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+        # 1 - ᾱ_prev - σ² = (1 - ᾱ_prev)(1 - η²(1 - ᾱ/ᾱ_prev)/(1 - ᾱ)) >= 0, but for η = 1 and ᾱ ≈ 0 (a cosine
+        # schedule's first step) rounding makes it slightly negative: clamped, or its root is NaN
+        mean = out["pred_xstart"] * alpha_bar_prev.sqrt() + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         sample = (mean + nonzero * sigma * torch.randn_like(x)) if eta > 0 else mean
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}

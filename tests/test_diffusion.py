@@ -362,6 +362,30 @@ def test_few_step_ddpm_and_eta_one_ddim_match_the_exact_recursion(spec):
         assert x.std().item() == pytest.approx(expected[name][1], abs=0.01), name
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_eta_one_ddim_step_is_finite_at_the_first_trailing_step(schedule):
+    """DDIM with η = 1 from t = 999 (trailing spacing): for the cosine schedule ᾱ_999 ≈ 4e-9, so 1 - ᾱ_prev - σ² is
+    ~1e-9 and rounds below 0 in float32 (the step was NaN); the step's mean must match the float64 formula."""
+    base = np.cumprod(1 - get_named_beta_schedule(schedule, 1000))
+    diffusion = SpacedDiffusion(space_timesteps(1000, "trailing5"), betas=get_named_beta_schedule(schedule, 1000),
+                                model_mean_type=ModelMeanType.VELOCITY, model_var_type="fixed_small", loss_type="mse")
+    model = gaussian_data_model(base, MU, S, ModelMeanType.VELOCITY)
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.full((64,), diffusion.num_timesteps - 1)
+    sampled = diffusion.ddim_sample(model, x, t, clip_denoised=False, eta=1.0)
+    assert torch.isfinite(sampled["sample"]).all()
+    a, a_prev = diffusion.alphas_cumprod[-1], diffusion.alphas_cumprod_prev[-1]
+    sigma = np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    x0 = sampled["pred_xstart"].double()
+    eps = (x.double() - np.sqrt(a) * x0) / np.sqrt(1 - a)
+    expected = np.sqrt(a_prev) * x0 + np.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+    torch.manual_seed(0)
+    again = diffusion.ddim_sample(model, x, t, clip_denoised=False, eta=1.0)["sample"]
+    torch.manual_seed(0)
+    noise = torch.randn_like(x)
+    torch.testing.assert_close(again.double(), expected + sigma * noise.double(), rtol=2e-3, atol=2e-3)
+
+
 def test_eta_one_sigma_is_the_posterior_standard_deviation():
     """σ_i(η = 1)² of the parallel sampler's coefficients equals the (spaced) posterior variance β̃ at every step."""
     from diffusion.parallel import _coefficients
