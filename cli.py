@@ -62,9 +62,13 @@ def build_parser(description=None):
                    help="FPDM: total transformer-block evaluations per image over all steps (pre + iterations + post)")
     p.add_argument("--schedule", choices=SCHEDULES, default="flat",
                    help="how a budget is spread: flat, more-noisy (more at the first, noisiest steps), more-clean")
-    p.add_argument("--fp-allocation", choices=["schedule", "budget"], default="schedule",
+    p.add_argument("--fp-allocation", choices=["schedule", "budget", "calibrated"], default="schedule",
                    help="FPDM: spread the budget by --schedule, or 'budget': decide each step's iterations online "
-                   "from the residuals (allocation.BudgetAllocator; spends the budget exactly, one sync per iteration)")
+                   "from the residuals (allocation.BudgetAllocator; spends the budget exactly, one sync per iteration), "
+                   "or 'calibrated': the same with each step's residual weighted by its measured effect on the "
+                   "samples (allocation.calibrate_step_weights, once before sampling on --calibration-samples noises)")
+    p.add_argument("--calibration-samples", type=int, default=20,
+                   help="--fp-allocation calibrated: images of the calibration batch (seeded by --seed + 1)")
     p.add_argument("--reuse", action="store_true", help="FPDM: start each step from the previous step's solution")
     p.add_argument("--fp-solver", choices=["iterate", "anderson"], default="iterate",
                    help="FPDM: how each step solves the layer: plain iteration, or Anderson mixing per image (each "
@@ -124,12 +128,14 @@ def fpdm_iterations(args, model, calls=None):
         return None
     if args.budget_block_evals is not None and args.iterations is not None:
         raise ValueError("give either --iterations or --budget-block-evals, not both")
-    if args.fp_allocation == "budget":
+    if args.fp_allocation in ("budget", "calibrated"):
         if args.budget_block_evals is None:
-            raise ValueError("--fp-allocation budget spends a budget: give --budget-block-evals")
+            raise ValueError(f"--fp-allocation {args.fp_allocation} spends a budget: give --budget-block-evals")
         if args.adaptive_tol is not None or args.schedule != "flat" or args.fp_solver != "iterate":
-            raise ValueError("--fp-allocation budget decides every step's iterations itself: drop --adaptive-tol, "
-                             "--schedule and --fp-solver")
+            raise ValueError(f"--fp-allocation {args.fp_allocation} decides every step's iterations itself: drop "
+                             f"--adaptive-tol, --schedule and --fp-solver")
+        if args.calibration_samples < 1:
+            raise ValueError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
         fixed = sum(iterations_from_block_budget(model, args.budget_block_evals, calls))  # checks the budget
         return BudgetAllocator(fixed, calls)
     if args.budget_block_evals is not None:
@@ -158,6 +164,18 @@ def diffusion_config(args, model, train_config):
     return {**DIFFUSION_DEFAULTS, **carried, **given, "learn_sigma": model.learn_sigma}
 
 
+def allocation_identity(args, iterations):
+    """How the iterations are set, as recorded in a folder's identity: the schedule, or the allocator's settings
+    (calibrated weights are not part of it, the calibration batch is: measured weights may differ in the last bits
+    between devices, and the compute report records them)."""
+    if not isinstance(iterations, BudgetAllocator):
+        return iterations
+    settings = {k: v for k, v in iterations.to_dict().items() if k != "weights"}
+    if args.fp_allocation == "calibrated":
+        settings["calibration"] = {"samples": args.calibration_samples, "seed": args.seed + 1}
+    return settings
+
+
 def sample_settings(args, model, iterations, clip, labels, diffusion):
     """Every setting that changes the samples, as plain data: written first into the output folder as args.json,
     compared on every rerun, and hashed into the default folder name."""
@@ -169,8 +187,7 @@ def sample_settings(args, model, iterations, clip, labels, diffusion):
                 "guidance_channels": args.guidance_channels, "clip_denoised": clip, "seed": args.seed,
                 "labels": labels, "precision": "fp32",
                 "vae_sha256": None if is_pixel_model(model) else file_fingerprint(args.vae),
-                "fixed_point": {"iterations_per_step": iterations.to_dict() if isinstance(iterations, BudgetAllocator)
-                                else iterations, "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
+                "fixed_point": {"iterations_per_step": allocation_identity(args, iterations), "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
                                 "budget_block_evals": args.budget_block_evals, "schedule": args.schedule}
                 if model.fixed_point else None}
     if model.fixed_point and args.fp_solver != "iterate":  # recorded when used (older folders keep their identity)
@@ -283,6 +300,8 @@ class Setup:
                 raise ValueError(f"--inner-iterations must be >= 1, got {args.inner_iterations}")
             self.iterations = [args.inner_iterations or 1]
         self.clip = clipping(args, self.model, self.sampler)
+        if args.fp_allocation == "calibrated" and self.model.fixed_point:
+            self.iterations = self.calibrated(args, device)
         self.fp_solver = None
         if args.fp_solver != "iterate":
             if not self.model.fixed_point:
@@ -290,6 +309,21 @@ class Setup:
             from models import FixedPointSolver
             self.fp_solver = FixedPointSolver(args.fp_solver, args.fp_history, damping=args.fp_damping)
         self.vae = load_vae(self.model, args.vae, device)
+
+    def calibrated(self, args, device):
+        """The budget allocator with step weights measured on a calibration batch of its own noise (seed + 1) and
+        labels, from the flat split of the same budget, with the run's guidance, reuse and sampler."""
+        from allocation import calibrate_step_weights
+        model, budget = self.model, self.iterations
+        g = torch.Generator().manual_seed(args.seed + 1)
+        noise = torch.randn(args.calibration_samples, model.in_channels, *model.input_hw, generator=g).to(device)
+        labels = torch.randint(model.num_classes, (args.calibration_samples,), generator=g).to(device)
+        flat = iteration_schedule(budget.total_iterations, budget.num_steps, "flat")
+        weights = calibrate_step_weights(
+            model, self.diffusion, noise, labels, flat, reuse=args.reuse, cfg_scale=args.cfg_scale,
+            sampler=self.sampler, progress=True, clip_denoised=self.clip, guidance_channels=args.guidance_channels,
+            guidance_interval=args.guidance_interval, guidance_schedule=args.guidance_schedule, **self.options)
+        return BudgetAllocator(budget.total_iterations, budget.num_steps, weights=weights)
 
     def sample(self, args, noise, labels, sampler=None, progress=False):
         """sampling.sample_images with every flag applied; `sampler` overrides the chosen one (options then its own)."""

@@ -159,3 +159,92 @@ def test_no_choice_and_rising_residuals():
     assert run_toy(BudgetAllocator(5, 5), [1.0] * 5, [0.5] * 5) == [1] * 5
     spent = run_toy(BudgetAllocator(30, 5), [1.0] * 5, [1.1] * 5)
     assert sum(spent) == 30 and spent[0] == 2 and all(k <= 2 for k in spent[:-1]) and spent[-1] >= 30 - 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step weights: the objective Σ w_i r_i(k_i), and their calibration on a real FPDM
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps,budget,rate", [(20, 60, 0.6), (12, 50, 0.5), (16, 70, 0.7)])
+def test_weighted_objective_gets_the_weighted_optimal_split(steps, budget, rate):
+    """Weights known in advance (here rising 30x over the last quarter of the steps, as clean steps weigh more) on
+    residuals that fall along the steps: the online split is within one iteration of the offline optimum of
+    Σ w_i r_i at every step, and puts the extra iterations where the weights are, unlike the unweighted rule."""
+    a, rho = [float(np.exp(-0.05 * i)) for i in range(steps)], [rate] * steps
+    w = [1.0 if i < 3 * steps // 4 else 30.0 for i in range(steps)]
+    spent = run_toy(BudgetAllocator(budget, steps, weights=w), a, rho)
+    best = optimal_split([wi * ai for wi, ai in zip(w, a)], rho, budget)
+    assert sum(spent) == budget
+    assert max(abs(s - b) for s, b in zip(spent, best)) <= 1, (spent, best)
+    unweighted = run_toy(BudgetAllocator(budget, steps), a, rho)
+    assert sum(spent[3 * steps // 4:]) > sum(unweighted[3 * steps // 4:]) + steps // 4
+
+
+def test_weights_are_checked_and_recorded():
+    with pytest.raises(ValueError, match="step weights must be 4 finite positive numbers"):
+        BudgetAllocator(10, 4, weights=[1.0, 2.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="got 3: calibrate them for this number of steps"):
+        BudgetAllocator(10, 4, weights=[1.0, 2.0, 1.0])
+    allocator = BudgetAllocator(10, 4, weights=[1, 2, 3, 4])
+    assert allocator.to_dict()["weights"] == [1.0, 2.0, 3.0, 4.0]
+    assert allocator.restarted().weights == allocator.weights
+
+
+@pytest.mark.parametrize("reuse,cfg", [(True, 2.0), (False, 1.0)])
+def test_calibrated_weights_on_a_real_fpdm(reuse, cfg):
+    """calibrate_step_weights on the tiny FPDM: one positive weight per step, mean 1, deterministic; the same for a
+    batch given twice (per-image means and batch-relative residuals do not depend on the batch's size); the last
+    step's weight matches a direct measurement; an allocator with them spends its budget exactly."""
+    from allocation import calibrate_step_weights
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    steps, iterations = 5, [2, 2, 2, 2, 2]
+    diffusion = diffusion_for_sampling(TRAIN_CONFIG, steps)
+    g = torch.Generator().manual_seed(3)
+    noise, labels = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([1, 2, 3])
+    options = dict(reuse=reuse, cfg_scale=cfg)
+    w = calibrate_step_weights(model, diffusion, noise, labels, iterations, **options)
+    assert len(w) == steps and all(v > 0 for v in w) and sum(w) / steps == pytest.approx(1.0)
+    assert calibrate_step_weights(model, diffusion, noise, labels, iterations, **options) == w
+    doubled = calibrate_step_weights(model, diffusion, torch.cat([noise, noise]), torch.cat([labels, labels]),
+                                     iterations, **options)
+    np.testing.assert_allclose(doubled, w, rtol=1e-4)
+
+    base, _ = sample_images(model, diffusion, noise, labels, iterations_per_step=iterations, **options)
+    raw = []
+    for i in range(steps):
+        more = list(iterations)
+        more[i] += 1
+        out, fn = sample_images(model, diffusion, noise, labels, iterations_per_step=more, **options)
+        r = fn.residuals[i]
+        assert len(r) == 3
+        raw.append(float((out - base).flatten(1).norm(dim=1).mean()) / max(r[1] - r[2], 1e-3 * r[1]))
+    np.testing.assert_allclose(w, np.array(raw) / np.mean(raw), rtol=1e-5)
+
+    _, fn = sample_images(model, diffusion, noise, labels, iterations_per_step=BudgetAllocator(17, steps, weights=w),
+                          **options)
+    assert sum(fn.compute()["iterations_per_step"]) == 17
+
+
+def test_sample_cli_calibrated_allocation(tmp_path):
+    """`--fp-allocation calibrated` through sample.py, with DDIM noise (eta 1): the budget is spent exactly, the
+    folder's identity records the calibration batch (not the measured weights), the compute report the weights, and a
+    rerun with the same flags measures the same weights and is accepted."""
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    path = str(tmp_path / "tiny.pt")
+    torch.save({"format": "fpdm-train-v1", "model_config": model.config, "model": model.state_dict(),
+                "ema": model.state_dict(), "config": TRAIN_CONFIG, "step": 10}, path)
+    flags = ["--ckpt", path, "--num-sampling-steps", "5", "--budget-block-evals", "30", "--fp-allocation",
+             "calibrated", "--calibration-samples", "3", "--reuse", "--eta", "1", "--num-samples", "4", "--out",
+             str(tmp_path / "s"), "--device", "cpu"]
+    out, _ = sample_cli.main(sample_cli.parse_args(flags))
+    saved = json.load(open(os.path.join(out, "compute.json")))
+    assert saved["block_evals"] == 30 and sum(saved["iterations_per_step"]) == 30 - 5 * 2
+    weights = saved["allocation"]["weights"]
+    assert len(weights) == 5 and min(weights) > 0
+    identity = json.load(open(os.path.join(out, "args.json")))["fixed_point"]["iterations_per_step"]
+    assert identity == {"allocator": "budget", "total_iterations": 20, "num_steps": 5, "window": 5,
+                        "calibration": {"samples": 3, "seed": 1}}
+    sample_cli.main(sample_cli.parse_args(flags))  # same flags: resumes (nothing to do)
+    assert json.load(open(os.path.join(out, "compute.json")))["allocation"]["weights"] == weights
+    with pytest.raises(ValueError, match="--calibration-samples must be >= 1"):
+        sample_cli.main(sample_cli.parse_args(flags[:-2] + ["--device", "cpu", "--calibration-samples", "0"]))
