@@ -36,8 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # section -> (cap in seconds, expected seconds on an H100/H200 at full size)
-SECTIONS = {"train-eager": (100, 45), "train-compiled": (190, 120), "sampling": (60, 25), "parallel": (60, 15),
-            "residual": (40, 10)}
+SECTIONS = {"train-eager": (100, 45), "train-compiled": (190, 120), "sampling": (50, 25), "parallel": (45, 15),
+            "two-axis": (45, 15), "residual": (30, 10)}
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
                     "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
 
@@ -229,6 +229,37 @@ def parallel_section(args, sizes):
     return out
 
 
+def two_axis_section(args, sizes):
+    """Two-axis sampling (diffusion/two_axis.py: the DDIM chain and FPDM's layer as one fixed point, k = 1 layer
+    iteration per state per outer iteration) vs sequential FPDM DDIM with reuse at 3 iterations per step: wall-clock,
+    block evaluations and critical path, one image, T' = sample_steps, the contractive FPDM of parallel_model size."""
+    import torch
+
+    from sampling import diffusion_for_sampling, sample_images
+    device = torch.device(args.device)
+    model = build(sizes["parallel_model"], sizes, True, device, contract=True).eval()
+    diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
+    labels = torch.zeros(1, dtype=torch.long, device=device)
+    out = {}
+    for name, options in (("sequential", {"sampler": "ddim", "iterations_per_step": 3, "reuse": True}),
+                          ("two-axis", {"sampler": "ddim-two-axis", "iterations_per_step": 1})):
+        def run():
+            x, fn = sample_images(model, diffusion, noise, labels, **options)
+            synchronize(device)
+            return x, fn
+        run()
+        start = time.perf_counter()
+        x, fn = run()
+        info = {k: v for k, v in fn.info.items() if isinstance(v, (int, float, bool))}
+        out[name] = {"seconds": time.perf_counter() - start, "block_evals": fn.compute()["block_evals"],
+                     "critical_path_calls": info.get("critical_path_calls", fn.calls), "info": info, "result": x}
+    out["max_abs_difference"] = (out["two-axis"].pop("result") - out["sequential"].pop("result")).abs().max().item()
+    out["sequential/two-axis time"] = out["sequential"]["seconds"] / out["two-axis"]["seconds"]
+    return out
+
+
 def residual_section(args, sizes):
     """The smallest relative residual FPDM's layer reaches in 60 iterations, bf16 autocast vs fp32."""
     import torch
@@ -252,8 +283,8 @@ def run_section(name, args):
     sizes = TINY if args.tiny else FULL
     if name.startswith("train"):
         return train_section(args, sizes, compiled=name == "train-compiled")
-    return {"sampling": sampling_section, "parallel": parallel_section, "residual": residual_section}[name](args,
-                                                                                                            sizes)
+    return {"sampling": sampling_section, "parallel": parallel_section, "two-axis": two_axis_section,
+            "residual": residual_section}[name](args, sizes)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -340,6 +371,11 @@ def summary(section, r):
     if section == "parallel":
         return (f"sequential {r['sequential']['seconds']:.2f} s, parallel {r['parallel']['seconds']:.2f} s "
                 f"(ratio {r['sequential/parallel time']:.2f}, max |diff| {r['max_abs_difference']:.1e})")
+    if section == "two-axis":
+        return (f"sequential (k=3, reuse) {r['sequential']['seconds']:.2f} s over "
+                f"{r['sequential']['critical_path_calls']} calls, two-axis (k=1) {r['two-axis']['seconds']:.2f} s "
+                f"over {r['two-axis']['critical_path_calls']} calls (ratio {r['sequential/two-axis time']:.2f}, "
+                f"max |diff| {r['max_abs_difference']:.1e})")
     return f"fp32 floor {r['fp32']['floor']:.1e}, bf16 floor {r['bf16']['floor']:.1e}"
 
 

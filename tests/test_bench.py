@@ -130,7 +130,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     (torch.compile's regional path is tested in test_models.py; here it would add ~40 s) finishes and reports what
     the README's GPU table needs; a CPU run at full sizes is refused with a one-line error."""
     out = tmp_path / "gpu.json"
-    sections = "train-eager,sampling,parallel,residual"
+    sections = "train-eager,sampling,parallel,two-axis,residual"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--tiny",
                            "--sections", sections, "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
@@ -145,6 +145,10 @@ def test_gpu_benchmark_dry_run(tmp_path):
     sampling = report["sections"]["sampling"]
     assert sampling["fpdm"]["block_evals"] == sampling["dit"]["block_evals"]  # equal budgets
     assert report["sections"]["parallel"]["sequential/parallel time"] > 0
+    two_axis = report["sections"]["two-axis"]
+    steps = 4  # TINY's sample_steps
+    assert two_axis["sequential"]["critical_path_calls"] == steps and two_axis["sequential/two-axis time"] > 0
+    assert two_axis["two-axis"]["critical_path_calls"] == two_axis["two-axis"]["info"]["outer_iterations"]
     residual = report["sections"]["residual"]
     assert residual["fp32"]["floor"] < 1e-5 and residual["fp32"]["floor"] <= residual["bf16"]["floor"] < 1e-2
     refused = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu"],
