@@ -2,7 +2,8 @@
 
 `BudgetAllocator` spends a GIVEN total of iterations exactly, deciding online, step by step, how many each sampling
 step gets from the residuals it observes (the FPDM paper's stated future work). `sampling.GuidedModel` takes one as
-its `iterations_per_step`; sample.py exposes it as `--fp-allocation budget` with `--budget-block-evals`.
+its `iterations_per_step`; sample.py exposes it as `--fp-allocation budget` with `--budget-block-evals`, and with
+per-step weights measured by `calibrate_step_weights` as `--fp-allocation calibrated`.
 """
 
 import math
@@ -10,6 +11,7 @@ import math
 import numpy as np
 
 RHO_RANGE = (1e-6, 1.0 - 1e-6)  # contraction-rate estimates are kept strictly inside (0, 1)
+PROJECTIONS = ("line", "level")  # later steps' (log b, log ρ): a line through the window, or its mean level
 TINY = 1e-30  # a residual of exactly 0 (converged) is read as this, so that logarithms stay finite
 
 
@@ -18,25 +20,35 @@ class BudgetAllocator:
     decision per call for the whole batch, taken online from the residuals observed.
 
     Objective. Write r_i(k) for step i's relative residual ||f(z) - z|| / ||z|| after k iterations. The allocator
-    aims at the split that minimises Σ_i r_i(k_i) subject to Σ_i k_i = B and k_i >= 1. For r_i convex and decreasing
+    aims at the split that minimises Σ_i w_i r_i(k_i) subject to Σ_i k_i = B and k_i >= 1, with step weights w_i
+    given in advance (`weights`; all 1 by default, or measured by `calibrate_step_weights`: how much the samples
+    move per unit of residual removed at each step, which a residual alone cannot tell). For r_i convex and decreasing
     in k that optimum is greedy on marginal gains: there is a price λ such that every step runs exactly the
     iterations whose gain r_i(k - 1) - r_i(k) is at least λ. The allocator runs that rule with λ tuned online.
 
     What it sees. At step i: the residuals of steps < i and of step i's iterations so far; nothing of later steps.
     It models each step's residuals as geometric, r_i(k) = b_i ρ_i^(k-1) (b_i: the first iteration's residual; ρ_i:
     the geometric mean ratio of the step's residuals so far, or, after its first iteration only, the previous steps'
-    trend), and projects later steps' (log b, log ρ) by a least-squares line over the last `window` steps (constant
-    after one step). After every iteration it sets λ by bisection so that the projected total (iterations spent,
+    level), and projects later steps' (log b, log ρ) from the last `window` steps (`projection`): "level" (default)
+    assumes they look like the recent ones (the mean over the window, step 0 left out once a later step is seen:
+    it starts cold, the others from the previous solution with reuse); "line" extrapolates a least-squares line
+    through the window. After every iteration it sets λ by bisection so that the projected total (iterations spent,
     plus the current and later steps' counts at λ under the model) matches the budget, and continues while the
-    predicted gain of the next iteration, r_i(k) (1 - ρ_i), is at least λ. The first step's first iteration has
+    predicted gain of the next iteration, w_i r_i(k) (1 - ρ_i), is at least λ. The first step's first iteration has
     nothing to predict from: a second follows when the cap allows; an iteration that did not lower the residual
     ends its step.
 
-    Optimality. When residuals are geometric and (log b_i, log ρ_i) are linear in i (e.g. one ρ, b_i drifting
-    geometrically), the projection is exact from the second step on: steps >= 1 get exactly the optimal split of
-    what step 0 left. Step 0 is blind: it assumes the later steps behave like itself (a flat-like share). Real steps
-    are not geometric (λ is re-tuned at every iteration) and, with reuse, interact: a step starts from the last
-    one's solution and inherits what it left, a gain this rule does not credit to the earlier step.
+    Why "level". With reuse, step 0 starts cold (b ≈ 6 on the experiments' FPDM), step 1 from step 0's solution
+    (b ≈ 0.4) and the rest near 0.1–0.2. A line through the first two or three steps falls by a factor of ~10 per
+    step and projects later residuals of 1e-8 and below, so "line" spent 20–30 iterations on steps 1–3 and one on
+    each of the rest, and lost 5–8 FID to every fixed schedule (README, Results (c')). "Level" is exact when the
+    steps share (b, ρ) and within one iteration per step of the offline optimum under slow drift; "line" is exact,
+    from the second step on, when (log b_i, log ρ_i) are linear in i (tests/test_allocation.py).
+
+    Optimality. For residuals that follow the model the rule is the greedy optimum; step 0 is blind (it assumes the
+    later steps behave like itself: a flat-like share). Real steps are not geometric (λ is re-tuned at every
+    iteration) and, with reuse, interact: a step starts from the last one's solution and inherits what it left, a
+    gain this rule does not credit to the earlier step.
 
     Exactness. Every step runs at least one iteration and at most what leaves one for each later step, and the last
     step runs all that is left, so the iterations spent always equal the budget, whatever the residuals do.
@@ -45,10 +57,11 @@ class BudgetAllocator:
     step), and a bisection over the S steps per iteration on the host.
 
     Use: `next_step()` -> (cap, stop) before each call, `stop(stats)` after each iteration of the call (FPDM.solve's
-    `stop`), `finish_step(iterations)` after the call. A sampler uses a fresh copy per batch (`restarted()`).
+    `stop`), `finish_step(iterations)` after the call. A sampler uses a fresh copy per batch (`restarted()`). The
+    weights scale the gains, not the residual model: trends are fitted to the residuals themselves.
     """
 
-    def __init__(self, total_iterations, num_steps, window=5, weights=None):
+    def __init__(self, total_iterations, num_steps, window=5, weights=None, projection="level"):
         if num_steps < 1:
             raise ValueError(f"need at least one sampling step, got {num_steps}")
         if total_iterations < num_steps:
@@ -62,7 +75,10 @@ class BudgetAllocator:
                 raise ValueError(f"step weights must be {num_steps} finite positive numbers (one per step), got "
                                  f"{len(weights)}: calibrate them for this number of steps (calibrate_step_weights)")
         self.total_iterations, self.num_steps, self.window = int(total_iterations), int(num_steps), int(window)
+        if projection not in PROJECTIONS:
+            raise ValueError(f"unknown projection {projection!r}: use {' or '.join(PROJECTIONS)}")
         self.weights = weights  # w_i of the objective Σ w_i r_i(k_i) (None: all 1)
+        self.projection = projection
         self.spent = []  # iterations of each finished step
         self.curves = []  # (step, b, ρ or None when the step ran one iteration) of each step that was observed
         self.lambdas = []  # the last λ of each finished step (None where no choice was made)
@@ -71,11 +87,12 @@ class BudgetAllocator:
 
     def restarted(self):
         """A new allocator with the same settings (one per batch)."""
-        return BudgetAllocator(self.total_iterations, self.num_steps, self.window, self.weights)
+        return BudgetAllocator(self.total_iterations, self.num_steps, self.window, self.weights, self.projection)
 
     def to_dict(self):
         return {"allocator": "budget", "total_iterations": self.total_iterations, "num_steps": self.num_steps,
-                "window": self.window, **({"weights": list(self.weights)} if self.weights is not None else {})}
+                "window": self.window, **({"weights": list(self.weights)} if self.weights is not None else {}),
+                "projection": self.projection}
 
     def weight(self, steps):
         """w_i of the objective at step(s) `steps` (1 without weights)."""
@@ -147,9 +164,11 @@ class BudgetAllocator:
         at = np.atleast_1d(step if steps is None else steps).astype(float)
 
         def line(pairs):
+            if self.projection == "level" and len(pairs) > 1:
+                pairs = [p for p in pairs if p[0] != 0]  # step 0 starts cold: not what reused steps look like
             pairs = pairs[-self.window:]
-            if len(pairs) == 1:
-                return np.full_like(at, pairs[0][1])
+            if len(pairs) == 1 or self.projection == "level":
+                return np.full_like(at, np.mean([y for _, y in pairs]))
             x, y = np.array(pairs, dtype=float).T
             slope, intercept = np.polyfit(x, y, 1)
             return intercept + slope * at
@@ -228,3 +247,4 @@ def calibrate_step_weights(model, diffusion, noise, labels, iterations, *, reuse
         weights.append(max(moved, TINY) / removed)
     mean = sum(weights) / len(weights)
     return [w / mean for w in weights]
+
