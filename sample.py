@@ -7,6 +7,8 @@
     python sample.py --ckpt ... --adaptive-tol 1e-2 --iterations 12
     # budget-aware: exactly 560 block evaluations, each step's iterations decided online from its residuals:
     python sample.py --ckpt ... --num-sampling-steps 40 --budget-block-evals 560 --fp-allocation budget --reuse
+    # the same with each step weighted by its measured effect on the samples (a 20-image calibration first):
+    python sample.py --ckpt ... --num-sampling-steps 40 --budget-block-evals 560 --fp-allocation calibrated --reuse
 
 Writes `args.json` (every setting that changes the samples, the checkpoint by content hash), then `grid.png` and
 `compute.json` (model calls, block evaluations, FLOPs, iterations and final residual per step, wall time) into the
