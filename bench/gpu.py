@@ -200,11 +200,26 @@ def sampling_section(args, sizes):
     return out
 
 
+def timed_sampling(device, *args, **options):
+    """sampling.sample_images(*args, **options) once to warm up, then timed: (seconds, samples, GuidedModel, the
+    sampler's numeric info)."""
+    from sampling import sample_images
+
+    def run():
+        x, fn = sample_images(*args, **options)
+        synchronize(device)
+        return x, fn
+    run()
+    start = time.perf_counter()
+    x, fn = run()
+    return time.perf_counter() - start, x, fn, {k: v for k, v in fn.info.items() if isinstance(v, (int, float, bool))}
+
+
 def parallel_section(args, sizes):
     """DEQ-DDIM (Anderson per image) vs sequential DDIM wall-clock, one image, T' = parallel_steps."""
     import torch
 
-    from sampling import diffusion_for_sampling, sample_images
+    from sampling import diffusion_for_sampling
     device = torch.device(args.device)
     model = build(sizes["parallel_model"], sizes, False, device).eval()
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["parallel_steps"])
@@ -213,16 +228,8 @@ def parallel_section(args, sizes):
     labels = torch.zeros(1, dtype=torch.long, device=device)
     out = {}
     for name, options in (("sequential", {"sampler": "ddim"}), ("parallel", {"sampler": "ddim-parallel"})):
-        def run():
-            x, fn = sample_images(model, diffusion, noise, labels, **options)
-            synchronize(device)
-            return x, fn
-        run()
-        start = time.perf_counter()
-        x, fn = run()
-        out[name] = {"seconds": time.perf_counter() - start, "info": {k: v for k, v in fn.info.items()
-                                                                     if isinstance(v, (int, float, bool))}}
-        out[name]["result"] = x
+        seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, **options)
+        out[name] = {"seconds": seconds, "info": info, "result": x}
     difference = (out["parallel"].pop("result") - out["sequential"].pop("result")).abs().max().item()
     out["max_abs_difference"] = difference
     out["sequential/parallel time"] = out["sequential"]["seconds"] / out["parallel"]["seconds"]
@@ -235,7 +242,7 @@ def two_axis_section(args, sizes):
     block evaluations and critical path, one image, T' = sample_steps, the contractive FPDM of parallel_model size."""
     import torch
 
-    from sampling import diffusion_for_sampling, sample_images
+    from sampling import diffusion_for_sampling
     device = torch.device(args.device)
     model = build(sizes["parallel_model"], sizes, True, device, contract=True).eval()
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
@@ -245,15 +252,8 @@ def two_axis_section(args, sizes):
     out = {}
     for name, options in (("sequential", {"sampler": "ddim", "iterations_per_step": 3, "reuse": True}),
                           ("two-axis", {"sampler": "ddim-two-axis", "iterations_per_step": 1})):
-        def run():
-            x, fn = sample_images(model, diffusion, noise, labels, **options)
-            synchronize(device)
-            return x, fn
-        run()
-        start = time.perf_counter()
-        x, fn = run()
-        info = {k: v for k, v in fn.info.items() if isinstance(v, (int, float, bool))}
-        out[name] = {"seconds": time.perf_counter() - start, "block_evals": fn.compute()["block_evals"],
+        seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, **options)
+        out[name] = {"seconds": seconds, "block_evals": fn.compute()["block_evals"],
                      "critical_path_calls": info.get("critical_path_calls", fn.calls), "info": info, "result": x}
     out["max_abs_difference"] = (out["two-axis"].pop("result") - out["sequential"].pop("result")).abs().max().item()
     out["sequential/two-axis time"] = out["sequential"]["seconds"] / out["two-axis"]["seconds"]
