@@ -1,5 +1,8 @@
 """Our DiT <-> diffusers: the DiTTransformer2DModel key mapping and the DDIMScheduler config (the one place both
-live; `checkpoints.load_model` reads with it, `export.py` writes with it).
+live; `checkpoints.load_model` reads with it, `export.py` writes a DiTPipeline folder with it).
+
+Folders read: a pipeline (model_index.json, transformer/, scheduler/, vae/) or a bare transformer folder
+(config.json + diffusion_pytorch_model.safetensors, optionally scheduler_config.json beside: the old export layout).
 
 Key mapping, ours -> diffusers (as in diffusers' DiT conversion script):
   x_embedder.proj -> pos_embed.proj (pos_embed itself is a fixed, unsaved buffer in diffusers)
@@ -11,8 +14,9 @@ Key mapping, ours -> diffusers (as in diffusers' DiT conversion script):
   final_layer.adaLN_modulation.1 -> proj_out_1, final_layer.linear -> proj_out_2
 Numerics: both put cosines first (`flip_sin_to_cos=True`), but diffusers' DiT uses `downscale_freq_shift=1`, i.e.
 timestep frequencies exp(-ln(1e4)·i/127) where DiT uses i/128: the same weights give different outputs in the two
-libraries (timestep features in [-1, 1] differ by up to 1.98 near t = 999). Call `use_dit_timestep_frequencies` on
-a loaded diffusers model to reproduce ours exactly. Our side is the original DiT function. diffusers' MLP LayerNorm
+libraries (timestep features in [-1, 1] differ by up to 1.98 near t = 999). No diffusers config field sets the shift
+(CombinedTimestepLabelEmbeddings hard-codes it): call `diffusers_dit.use_dit_timestep_frequencies` on a loaded
+model (`pipe.transformer`) to reproduce ours exactly. Our side is the original DiT function. diffusers' MLP LayerNorm
 takes `norm_eps`; we write DiT's 1e-6.
 """
 
@@ -32,6 +36,7 @@ _EMBEDDERS = {"norm1.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
 _TABLE = "norm1.emb.class_embedder.embedding_table.weight"
 _QKV = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
 DIFFUSERS_CONFIG_KEY = "_fpdm_model_config"  # diffusers ignores config keys starting with "_"
+PIPELINE_NULL_CLASS = 1000  # DiTPipeline's class id for the unconditional branch (hard-coded, ImageNet's count)
 
 
 def _pairs(depth):
@@ -48,11 +53,13 @@ def _pairs(depth):
 # diffusers
 # ------------------------------------------------------------------------------------------------------------------
 
-def to_diffusers(model, out_dir, diffusion=None):
+def to_diffusers(model, out_dir, num_embeds=None):
     """Write our DiT as a diffusers DiTTransformer2DModel folder (config.json + diffusion_pytorch_model.safetensors).
 
-    Our full config rides along under the private key "_fpdm_model_config", so the way back is exact. A model
-    without a null class (class_dropout_prob = 0) gets an unused zero row: diffusers always allocates one.
+    Our full config rides along under the private key "_fpdm_model_config", so the way back is exact. diffusers
+    always allocates a null row after the classes: a model without one (class_dropout_prob = 0) gets an unused zero
+    row. num_embeds: the class count diffusers is told (DiTPipeline needs PIPELINE_NULL_CLASS, its null id): the
+    table is padded to it with copies of the null row (zero rows without one), so those labels sample unconditionally.
     """
     from safetensors.torch import save_file
     cfg = model.config
@@ -62,10 +69,15 @@ def to_diffusers(model, out_dir, diffusion=None):
     if height != width or cfg["mlp_ratio"] != 4:
         raise ValueError(f"diffusers' DiT needs square inputs and mlp_ratio 4, this model has input "
                          f"{height}x{width} and mlp_ratio {cfg['mlp_ratio']}")
+    num_embeds = cfg["num_classes"] if num_embeds is None else num_embeds
+    if num_embeds < cfg["num_classes"]:
+        raise ValueError(f"cannot write {cfg['num_classes']} classes as {num_embeds}")
     ours = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     table = ours["y_embedder.embedding_table.weight"]
+    classes, null = table[:cfg["num_classes"]], table[cfg["num_classes"]:]
     if cfg["class_dropout_prob"] <= 0:
-        table = torch.cat([table, table.new_zeros(1, table.shape[1])])
+        null = table.new_zeros(1, table.shape[1])
+    table = torch.cat([classes, null.expand(num_embeds - cfg["num_classes"] + 1, -1)])
     # clone(): every block holds its own embedder copy, and safetensors refuses tensors that share memory.
     theirs = {t: ours[o].clone() for t, o in _pairs(cfg["depth"])}
     for i in range(cfg["depth"]):
@@ -76,21 +88,24 @@ def to_diffusers(model, out_dir, diffusion=None):
                 theirs[f"{block}{name}.{p}"] = part.clone()
 
     hidden, heads = cfg["hidden_size"], cfg["num_heads"]
-    config = {"_class_name": "DiTTransformer2DModel", "_diffusers_version": _diffusers_version(),
+    config = {"_class_name": "DiTTransformer2DModel", "_diffusers_version": diffusers_version(),
               "num_attention_heads": heads, "attention_head_dim": hidden // heads, "in_channels": cfg["in_channels"],
               "out_channels": model.out_channels, "num_layers": cfg["depth"], "dropout": 0.0,
               "norm_num_groups": 32, "attention_bias": True, "sample_size": height, "patch_size": cfg["patch_size"],
-              "activation_fn": "gelu-approximate", "num_embeds_ada_norm": cfg["num_classes"],
+              "activation_fn": "gelu-approximate", "num_embeds_ada_norm": num_embeds,
               "upcast_attention": False, "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
               "norm_eps": 1e-6, DIFFUSERS_CONFIG_KEY: cfg}
     os.makedirs(out_dir, exist_ok=True)
     save_file(theirs, os.path.join(out_dir, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if diffusion:
-        with open(os.path.join(out_dir, SCHEDULER_CONFIG), "w") as f:
-            json.dump(scheduler_config(diffusion), f, indent=2)
     return out_dir
+
+
+def transformer_folder(folder):
+    """The DiTTransformer2DModel folder inside `folder`: a pipeline's transformer/, else `folder` itself."""
+    inner = os.path.join(folder, "transformer")
+    return inner if os.path.isfile(os.path.join(inner, "config.json")) else folder
 
 
 def read_diffusers(folder):
@@ -131,10 +146,11 @@ def read_diffusers(folder):
     tables = [theirs[f"transformer_blocks.{i}.{_TABLE}"] for i in range(depth)]
     if any(not torch.equal(t, tables[0]) for t in tables):
         raise ValueError("class embedding tables differ between blocks: our DiT has one shared table")
+    # our classes, then the null row (the last): drops to_diffusers' padding, and the zero row of a null-free model
+    classes = config["num_classes"]
     table = tables[0]
-    if config.get("class_dropout_prob", 0.1) <= 0:
-        table = table[:-1]  # the unused null row to_diffusers added
-    ours["y_embedder.embedding_table.weight"] = table
+    ours["y_embedder.embedding_table.weight"] = \
+        torch.cat([table[:classes], table[-1:]]) if config.get("class_dropout_prob", 0.1) > 0 else table[:classes]
     for i in range(depth):
         for p in ("weight", "bias"):
             ours[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([theirs[f"transformer_blocks.{i}.{n}.{p}"] for n in _QKV])
@@ -149,16 +165,18 @@ _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
 def scheduler_config(diffusion):
-    """A diffusers DDIMScheduler config for our diffusion settings (train.py names), with ours under a private key.
-    diffusers' "linear" is linspace(β_start, β_end) with IDDPM's 1000/T scaling folded into the two ends."""
-    steps = diffusion.get("diffusion_steps", 1000)
-    scale = 1000 / steps
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": _diffusers_version(), "num_train_timesteps": steps,
-            "beta_schedule": _BETA_SCHEDULES[diffusion.get("noise_schedule", "linear")],
-            "beta_start": scale * 0.0001, "beta_end": scale * 0.02,
-            "prediction_type": "v_prediction" if diffusion.get("predict_v") else "epsilon",
-            "rescale_betas_zero_snr": bool(diffusion.get("zero_terminal_snr")), "timestep_spacing": "trailing",
-            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 0, DIFFUSERS_DIFFUSION_KEY: diffusion}
+    """A diffusers DDIMScheduler config that samples our DDIM (trailing spacing), with ours under a private key.
+
+    Built by `sampling.diffusers_scheduler` from our base betas (written as `trained_betas`; beta_schedule only
+    names them) and our parameterisation. `set_alpha_to_one`: our last DDIM step goes to ᾱ = 1 (x̂_0 itself).
+    diffusers steps from t to t - T // N, which is our next timestep when N divides T (e.g. 10, 25, 50, 250 of 1000).
+    """
+    from sampling import diffusers_scheduler, diffusion_for_sampling, diffusion_kwargs
+    settings = diffusion_kwargs(diffusion)
+    spaced = diffusion_for_sampling(settings, settings["diffusion_steps"])  # all T steps: trailing is tried first
+    scheduler = diffusers_scheduler(spaced, "DDIMScheduler", clip_sample=False, set_alpha_to_one=True,
+                                    steps_offset=0, beta_schedule=_BETA_SCHEDULES[settings["noise_schedule"]])
+    return {**json.loads(scheduler.to_json_string()), DIFFUSERS_DIFFUSION_KEY: diffusion}
 
 
 def read_scheduler_config(folder):
@@ -176,6 +194,8 @@ def read_scheduler_config(folder):
         return dict(sc[DIFFUSERS_DIFFUSION_KEY])
     schedules = {v: k for k, v in _BETA_SCHEDULES.items()}
     prediction = sc.get("prediction_type", "epsilon")
+    if sc.get("trained_betas") is not None:
+        raise ValueError(f"{path}: explicit trained_betas without our diffusion settings: pass the diffusion flags")
     if sc.get("beta_schedule", "linear") not in schedules or prediction not in ("epsilon", "v_prediction"):
         raise ValueError(f"{path}: beta_schedule {sc.get('beta_schedule')!r} / prediction_type {prediction!r} have no "
                          f"counterpart here (linear or squaredcos_cap_v2; epsilon or v_prediction)")
@@ -200,7 +220,7 @@ def _read_diffusers_weights(folder):
     return torch.load(os.path.join(folder, "diffusion_pytorch_model.bin"), map_location="cpu", weights_only=True)
 
 
-def _diffusers_version():
+def diffusers_version():
     try:
         import diffusers
         return diffusers.__version__

@@ -204,11 +204,10 @@ def test_diffusers_round_trip(class_dropout_prob, tmp_path):
     assert_same_weights(back, ours)
 
 
-def test_diffusers_cli_and_folder_without_our_config(tmp_path):
+def test_diffusers_folder_without_our_config(tmp_path):
     import json
     ours = tiny()
-    torch.save(train_checkpoint(tiny(seed=3), ours), tmp_path / "ckpt.pt")
-    export_main(["--ckpt", str(tmp_path / "ckpt.pt"), "--format", "diffusers", "--out", str(tmp_path / "out")])
+    to_diffusers(ours, tmp_path / "out")  # the export's pipeline folder: tests/test_export_pipeline.py
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     del config["_fpdm_model_config"]  # as in a folder diffusers wrote: architecture from diffusers' config alone
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
@@ -382,7 +381,7 @@ def test_exports_carry_the_diffusion_settings(fmt, tmp_path):
     if fmt == "diffusers":  # a standard diffusers DDIMScheduler reads the same schedule
         from diffusers import DDIMScheduler
         from diffusion import create_diffusion
-        scheduler = DDIMScheduler.from_pretrained(str(tmp_path / "export"))
+        scheduler = DDIMScheduler.from_pretrained(str(tmp_path / "export"), subfolder="scheduler")
         reference = create_diffusion("", noise_schedule="cosine", predict_v=True, learn_sigma=False)
         assert scheduler.config.prediction_type == "v_prediction"
         torch.testing.assert_close(scheduler.alphas_cumprod.double(),
