@@ -90,23 +90,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # Each takes feature arrays (N, D), so the Inception table and the MNIST table share one implementation. Distances
 # and kernels run in float64 on `device` (the GPU when given), in blocks of rows that bound memory at ~256 MB.
 
-def inception_score(logits, splits=10):
+def inception_score(logits, split_size=5000):
     """Inception Score (Salimans et al. 2016, "Improved Techniques for Training GANs") of class logits (N, C).
 
-    p(y|x) = softmax(logits); in each split IS = exp(mean over x of KL(p(y|x) || p(y))), p(y) being the split's mean
-    of p(y|x). The samples are cut in order into `splits` parts of N // splits (+1) as improved-gan's inception_score
-    does (10 splits; ADM's evaluator cuts parts of 5,000, the same at N = 50,000). Returns (mean, std) over splits.
-    With N < splits each sample is its own split, which scores exactly 1.
+    p(y|x) = softmax(logits); in each part IS = exp(mean over x of KL(p(y|x) || p(y))), p(y) being the part's mean
+    of p(y|x). As in ADM's evaluator (guided-diffusion evaluations/evaluator.py, compute_inception_score) the samples
+    are cut in order into parts of `split_size`, the last one shorter when N is not a multiple, and the score is the
+    plain mean over parts; at N = 50,000 these are improved-gan's 10 equal splits. Returns (mean, std) over parts
+    (ADM reports no std; with N <= split_size there is one part, std 0).
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or len(logits) == 0:
         raise ValueError(f"logits must have shape (N >= 1, classes), got {logits.shape}")
-    n, splits = len(logits), max(1, min(int(splits), len(logits)))
+    if split_size != int(split_size) or split_size < 1:
+        raise ValueError(f"split_size must be a positive number of samples, got {split_size}; ADM's is 5000")
     log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
     p = np.exp(log_p)
     scores = []
-    for i in range(splits):
-        part = slice(i * n // splits, (i + 1) * n // splits)
+    for start in range(0, len(logits), int(split_size)):
+        part = slice(start, start + int(split_size))
         log_marginal = np.log(np.maximum(p[part].mean(axis=0), np.finfo(np.float64).tiny))
         kl = np.where(p[part] > 0, p[part] * (log_p[part] - log_marginal), 0.0).sum(axis=1)
         scores.append(np.exp(kl.mean()))
@@ -571,7 +573,7 @@ def load_statistics(path, model, batch_size=50):
     return reference.mu, reference.sigma
 
 
-def inception_metrics(features, reference, k=3, kid_subsets=100, kid_subset_size=1000, is_splits=10, seed=0,
+def inception_metrics(features, reference, k=3, kid_subsets=100, kid_subset_size=1000, is_split_size=5000, seed=0,
                       device="cpu"):
     """The table from sample features {"pool3", "spatial", "logits"} (`InceptionFeatures.all_features`) and a
     `Reference`: {"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid", "kid_std",
@@ -585,20 +587,20 @@ def inception_metrics(features, reference, k=3, kid_subsets=100, kid_subset_size
     result["sfid"] = None
     if reference.mu_s is not None and reference.sigma_s is not None:
         result["sfid"] = frechet_distance(*feature_statistics(features["spatial"]), reference.mu_s, reference.sigma_s)
-    result["inception_score"], result["inception_score_std"] = inception_score(features["logits"], is_splits)
+    result["inception_score"], result["inception_score_std"] = inception_score(features["logits"], is_split_size)
     order = ("fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid", "kid_std")
     result = {name: result[name] for name in order}
     n, n_ref = len(features["pool3"]), None if reference.features is None else len(reference.features)
     result.update(num_samples=n, num_reference=reference.num_images, reference_note=reference.note, k=k,
                   kid_subsets=kid_subsets, kid_subset_size=None if n_ref is None else min(kid_subset_size, n, n_ref),
-                  is_splits=min(is_splits, n))
+                  is_split_size=is_split_size, is_parts=-(-n // is_split_size))
     return result
 
 
 def evaluate_inception(samples, ref, model, batch_size=50, cache=True, progress=True, device=None, **settings):
     """`inception_metrics` of samples (images, or a path `load_images` reads) against the reference at `ref`, with
     one Inception pass over the samples and at most one over the reference (none when cached or precomputed).
-    `settings`: k, kid_subsets, kid_subset_size, is_splits, seed."""
+    `settings`: k, kid_subsets, kid_subset_size, is_split_size, seed."""
     if isinstance(samples, (str, os.PathLike)):
         images = load_images(samples)
     else:
@@ -913,7 +915,7 @@ def run_stats(args):
 def run_all(args):
     model = _inception(args)
     settings = {"k": args.k, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
-                "is_splits": args.is_splits, "seed": args.seed}
+                "is_split_size": args.is_split_size, "seed": args.seed}
     result = evaluate_inception(args.samples, args.ref, model, args.batch_size, cache=not args.no_cache, **settings)
     result.update(samples=args.samples, reference=args.ref, inception=model.weights, inception_id=model.identity)
     if result["reference_note"]:
@@ -997,7 +999,8 @@ def main(argv=None):
         p.add_argument("--kid-subsets", type=int, default=100)
         p.add_argument("--kid-subset-size", type=int, default=1000)
         p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
-    every.add_argument("--is-splits", type=int, default=10)
+    every.add_argument("--is-split-size", type=int, default=5000,
+                       help="samples per Inception Score part, mean over parts (ADM: 5000, so 50k samples give 10)")
     args = parser.parse_args(argv)
     try:
         return {"all": run_all, "fid": run_fid, "stats": run_stats, "fid-mnist": run_fid_mnist,

@@ -10,12 +10,26 @@ writes its own `shard-r{r:03d}-{k:05d}.safetensors`, each holding float16 "mean"
 (times the VAE scaling factor), int64 "labels" and "index" (position in the image folder), and with flips also
 "mean_flip", "std_flip" of the mirrored image. Process 0 then writes meta.json, the mark of a finished
 extraction. Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
+Training reads latents at random, so they should sit on local disk or in the page cache (ImageNet with flips as
+float16 mean and std: 42 GB), not on a network file system.
+
+Resuming: extraction.json, written before the first shard, records the setup (image list with file sizes, image
+size, VAE weights, flips, shard size, number of processes, --skip-bad-images). A rerun with the same setup keeps
+every finished shard and encodes the rest (the batch size may change); with another setup it removes the old
+extraction's files (shards, meta.json, extraction.json, nothing else) and starts over.
+
+Each process checks its own images in its loader workers as it encodes them, so none waits for a scan of the
+whole folder: an unreadable file stops the run with its path, or with --skip-bad-images is left out and listed in
+meta.json ("skipped"). Every other image keeps its position in the folder as "index", so the dataset is the same
+whatever the number of processes.
 """
 
 import argparse
 import glob
+import hashlib
 import json
 import os
+from datetime import timedelta
 
 import torch
 from tqdm import tqdm
@@ -23,6 +37,13 @@ from tqdm import tqdm
 import vae as vae_io
 from data import LATENT_FORMAT, ImageFolderDataset
 from run_folders import atomic_write
+
+SETUP_FILE = "extraction.json"
+# Processes wait for each other at the start (process 0 lists the images and clears an old extraction) and at the
+# end, where a resumed process may have many shards left when another has none: far past NCCL's default 10 minutes.
+# A process that fails stops the others through the launcher (accelerate launch, torchrun), not through this timeout.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
+
 
 def _save_shard(path, tensors):
     from safetensors.torch import save
@@ -33,6 +54,87 @@ def _save_shard(path, tensors):
     return {"file": os.path.basename(path), "count": len(tensors["index"])}
 
 
+def _shard_path(output, rank, k):
+    return os.path.join(output, f"shard-r{rank:03d}-{k:05d}.safetensors")
+
+
+def _setup(dataset, vae, image_size, flip, shard_size, world, skip_bad_images):
+    """What decides the contents of the shards: a rerun with the same setup may keep those of an earlier run."""
+    files = hashlib.sha256()
+    for path in dataset.files:  # names (hence labels) and sizes: a copy resized under the same names differs
+        files.update(f"{os.path.relpath(path, dataset.root)}\0{os.path.getsize(path)}\n".encode())
+    weights = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return {"format": LATENT_FORMAT, "num_files": len(dataset.files), "files_sha256": files.hexdigest(),
+            "image_size": image_size, "vae_sha256": weights.hexdigest(), "scaling_factor": vae_io.scaling_factor(vae),
+            "flip": flip, "shard_size": shard_size, "num_processes": world, "skip_bad_images": skip_bad_images}
+
+
+def _prepare(output, setup):
+    """On process 0, before any shard: keep an earlier extraction with the same setup (a run with --skip-bad-images
+    also continues one without: its shards skipped nothing), else remove its files; return whether it resumes.
+    Either way meta.json goes (it marks a finished run) and extraction.json records `setup`."""
+    path = os.path.join(output, SETUP_FILE)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    resume = old in (setup, {**setup, "skip_bad_images": False})
+    stale = [os.path.join(output, "meta.json")] + glob.glob(os.path.join(output, "*.tmp-*"))  # tmp: a killed write
+    stale = [p for p in stale if os.path.basename(p).startswith(("shard-r", "meta.json", SETUP_FILE))]
+    if not resume:
+        shards = glob.glob(os.path.join(output, "shard-r*.safetensors"))
+        if isinstance(old, dict):
+            changed = ", ".join(k for k in {**setup, **old} if old.get(k) != setup.get(k))
+            print(f"{output}: the extraction there has another {changed}: starting over")
+        elif shards:
+            print(f"{output}: shards without a readable {SETUP_FILE} (an older extraction?): starting over")
+        stale += shards
+    for p in stale:
+        if os.path.exists(p):
+            os.remove(p)
+    atomic_write(path, lambda f: json.dump(setup, f, indent=1))
+    return resume
+
+
+def _finished_shards(output, rank):
+    """[(info, index)] of this process's shards 0, 1, ... left by an earlier run, up to the first missing or unreadable
+    one (shards are written in order, each under its final name only when complete)."""
+    from safetensors import safe_open
+
+    done = []
+    while os.path.isfile(path := _shard_path(output, rank, len(done))):
+        try:
+            with safe_open(path, framework="pt") as f:
+                index = f.get_tensor("index")
+        except Exception:  # noqa: BLE001 (whatever is wrong with it, it is encoded again)
+            break
+        done.append(({"file": os.path.basename(path), "count": len(index)}, index))
+    return done
+
+
+class _CheckedImages(torch.utils.data.Dataset):
+    """Items `indices` of an ImageFolderDataset as (image, label, index, reason): an image that cannot be read gives
+    zeros and the reason, so that loader workers check each file as it is encoded, never in a scan beforehand."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = self.indices[i]
+        try:
+            return (*self.dataset[index], index, "")
+        except Exception as e:  # noqa: BLE001 (every unreadable file is reported the same way)
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            return torch.zeros(self.dataset.image_shape), self.dataset.labels[index], index, reason
+
+
 @torch.no_grad()
 def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=4096, flip=True,
             accelerator=None, device=None, num_workers=0, skip_bad_images=False):
@@ -40,6 +142,7 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
 
     `vae` is a path / hub id or an AutoencoderKL. Without `accelerator` this runs as a single process on
     `device` (default: cuda if available), so tests and notebooks need not create accelerate's global state.
+    An interrupted extraction with the same setup is continued, not redone (see the module docstring).
     """
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
@@ -47,48 +150,53 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
     device = accelerator.device if accelerator else torch.device(device or ("cuda" if torch.cuda.is_available()
                                                                              else "cpu"))
     vae_name = vae if isinstance(vae, str) else getattr(vae.config, "_name_or_path", "") or type(vae).__name__
-    vae = (vae_io.load(vae) if isinstance(vae, str) else vae).to(device).eval()
+    vae = (vae_io.load(vae) if isinstance(vae, str) else vae).eval()
     scaling_factor = vae_io.scaling_factor(vae)
-    dataset = ImageFolderDataset(data_path, image_size, skip_bad_images=skip_bad_images, scan=False)
-    if accelerator:  # every file decoded once before encoding starts (one scan per node, cached)
-        with accelerator.local_main_process_first():
-            dataset.scan()
-    else:
-        dataset.scan()
+    dataset = ImageFolderDataset(data_path, image_size, scan=False)  # checked while encoding, see _CheckedImages
     if os.path.isfile(os.path.join(output, "meta.json")):
         with open(os.path.join(output, "meta.json")) as f:
             if json.load(f).get("format") != LATENT_FORMAT:
                 raise ValueError(f"{output} holds a foreign meta.json; choose an empty output folder")
-
-    # Clear a previous extraction first: stale shards (e.g. from another process count) would be read twice.
     os.makedirs(output, exist_ok=True)
+    setup = _setup(dataset, vae, image_size, flip, shard_size, world, skip_bad_images) if is_main else None
+    vae = vae.to(device)
     if accelerator:
         accelerator.wait_for_everyone()  # every process has checked meta.json before process 0 removes it
-    if is_main:
-        for stale in glob.glob(os.path.join(output, "shard-r*.safetensors")) + [os.path.join(output, "meta.json")]:
-            if os.path.exists(stale):
-                os.remove(stale)
+    if is_main and _prepare(output, setup):
+        print(f"{output}: same setup as the extraction there: its finished shards are kept")
     if accelerator:
         accelerator.wait_for_everyone()
 
-    mine = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+    # Shards hold consecutive images of `mine` (less skipped ones): go on after the last one of the last kept shard.
+    mine = range(rank, len(dataset), world)
+    done = _finished_shards(output, rank)
+    start = (int(done[-1][1][-1]) - rank) // world + 1 if done else 0
+    loader = torch.utils.data.DataLoader(_CheckedImages(dataset, mine[start:]), batch_size=batch_size,
                                          num_workers=num_workers)
-    pending, shards = [], []  # pending: encoded batches not yet in a shard (concatenated once per shard)
+    shards, indices = [info for info, _ in done], [index for _, index in done]
+    pending = []  # encoded batches not yet in a shard (concatenated once per shard)
 
     def write_shard(part):
-        path = os.path.join(output, f"shard-r{rank:03d}-{len(shards):05d}.safetensors")
-        shards.append(_save_shard(path, part))
+        shards.append(_save_shard(_shard_path(output, rank, len(shards)), part))
+        indices.append(part["index"])
 
-    for start, (x, y) in zip(range(0, len(mine), batch_size),
-                             tqdm(loader, desc="encoding", disable=not is_main, unit="batch")):
+    for x, y, index, reasons in tqdm(loader, desc="encoding", disable=not is_main, unit="batch"):
+        bad = [i for i, reason in enumerate(reasons) if reason]
+        if bad and not skip_bad_images:
+            path, reason = dataset.files[index[bad[0]]], reasons[bad[0]]
+            raise ValueError(f"{path} cannot be read ({reason}): fix or remove it and rerun (a changed image list "
+                             f"starts over), or rerun with --skip-bad-images to go on without it from here")
+        if bad:
+            keep = torch.tensor([not reason for reason in reasons])
+            x, y, index = x[keep], y[keep], index[keep]
+            if not len(x):
+                continue
         n = len(x)
         x = x.to(device)
         if flip:  # one VAE call for both views
             x = torch.cat([x, x.flip(-1)])
         mean, std = (m.half().cpu() for m in vae_io.encode_moments(vae, x))
-        batch = {"mean": mean[:n], "std": std[:n], "labels": y.long(),
-                 "index": torch.tensor(mine[start:start + n], dtype=torch.long)}
+        batch = {"mean": mean[:n], "std": std[:n], "labels": y.long(), "index": index.long()}
         if flip:
             batch.update(mean_flip=mean[n:], std_flip=std[n:])
         pending.append(batch)
@@ -98,21 +206,23 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
             pending = [{k: v[shard_size:] for k, v in merged.items()}]
     if sum(len(b["index"]) for b in pending):
         write_shard({k: torch.cat([b[k] for b in pending]) for k in pending[0]})
+    skipped = sorted(set(mine) - set(torch.cat(indices).tolist() if indices else []))
 
     if accelerator:
         from accelerate.utils import gather_object
         accelerator.wait_for_everyone()
-        shards = gather_object([shards])  # one list per process, in rank order
-        shards = [s for per_rank in shards for s in per_rank]
+        gathered = gather_object([(shards, skipped)])  # one pair per process, in rank order
+        shards = [s for per_rank, _ in gathered for s in per_rank]
+        skipped = sorted(i for _, per_rank in gathered for i in per_rank)
     latent_channels = vae.config.latent_channels
     latent_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
     meta = {
-        "format": LATENT_FORMAT, "num_images": len(dataset),
+        "format": LATENT_FORMAT, "num_images": sum(s["count"] for s in shards),
         "latent_shape": [latent_channels, latent_size, latent_size],
         "num_classes": len(dataset.classes), "classes": dataset.classes,
         "scaling_factor": scaling_factor, "vae": vae_name, "image_size": image_size, "flip": flip,
         "shards": sorted(shards, key=lambda s: s["file"]), "dtype": "float16",
-        "skipped_files": len(dataset.skipped),
+        "skipped_files": len(skipped), "skipped": [os.path.relpath(dataset.files[i], data_path) for i in skipped],
     }
     if is_main:
         atomic_write(os.path.join(output, "meta.json"), lambda f: json.dump(meta, f, indent=1))
@@ -122,16 +232,17 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
 
 
 def main(args):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     # cpu=True is what makes several CPU processes cooperate (gloo); without it each would encode everything.
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu)
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
     meta = extract(args.data_path, args.output, args.vae, args.image_size, args.batch_size, args.shard_size,
                    flip=not args.no_flip, accelerator=accelerator, num_workers=args.num_workers,
                    skip_bad_images=args.skip_bad_images)
     if accelerator.is_main_process:
-        skipped = f", {meta['skipped_files']} unreadable files skipped" if meta.get("skipped_files") else ""
+        skipped = f", {meta['skipped_files']} unreadable files skipped (meta.json lists them)" \
+            if meta.get("skipped_files") else ""
         print(f"{meta['num_images']} images -> {len(meta['shards'])} shards of latents "
               f"{tuple(meta['latent_shape'])} in {args.output} ({accelerator.num_processes} processes{skipped})")
 
@@ -139,7 +250,8 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", required=True, help="image folder: <root>/<class>/<images>")
-    parser.add_argument("--output", required=True, help="folder for shards and meta.json")
+    parser.add_argument("--output", required=True, help="folder for shards, meta.json and extraction.json "
+                                                        "(a rerun with the same setup resumes)")
     parser.add_argument("--vae", required=True, help="local AutoencoderKL folder or hub id "
                                                      "(e.g. stabilityai/sd-vae-ft-mse, needs network)")
     parser.add_argument("--image-size", type=int, default=256)
@@ -149,7 +261,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--skip-bad-images", action="store_true",
-                        help="encode without unreadable files (counted) instead of stopping before the first batch")
+                        help="leave unreadable files out (meta.json lists them) instead of stopping at the first one")
     try:
         main(parser.parse_args())
     except (ValueError, FileNotFoundError) as e:

@@ -105,18 +105,49 @@ def test_fid_of_samples_zero_with_itself_and_monotone_in_mean_shift():
 
 def test_inception_score_closed_forms():
     assert inception_score(np.zeros((40, 1008))) == pytest.approx((1.0, 0.0), abs=1e-12)  # p(y|x) = p(y): IS 1
-    for classes in (2, 10, 50):  # confident and spread evenly: every one of the 10 splits holds each class twice
-        mean, std = inception_score(100.0 * np.eye(classes)[np.tile(np.arange(classes), 20)], splits=10)
+    for classes in (2, 10, 50):  # confident and spread evenly: every part of 2 * classes holds each class twice
+        mean, std = inception_score(100.0 * np.eye(classes)[np.tile(np.arange(classes), 20)], split_size=2 * classes)
         assert abs(mean - classes) < 1e-3 and std < 1e-3
-    one_class_per_split = 100.0 * np.eye(10)[np.repeat(np.arange(10), 3)]  # split i holds only class i
-    assert inception_score(one_class_per_split, splits=10)[0] == pytest.approx(1.0, abs=1e-9)
-    assert inception_score(one_class_per_split, splits=1)[0] == pytest.approx(10.0, abs=1e-3)
+    one_class_per_part = 100.0 * np.eye(10)[np.repeat(np.arange(10), 3)]  # part i (of 3 samples) holds only class i
+    assert inception_score(one_class_per_part, split_size=3)[0] == pytest.approx(1.0, abs=1e-9)
+    assert inception_score(one_class_per_part)[0] == pytest.approx(10.0, abs=1e-3)  # 30 < 5000: one part
     logits = np.random.default_rng(0).normal(scale=3, size=(64, 7))  # IS = exp(H(p(y)) - E_x H(p(y|x)))
     p = scipy.special.softmax(logits, axis=1)
     entropy = -(p.mean(0) * np.log(p.mean(0))).sum() + (p * np.log(p)).sum(1).mean()
-    assert inception_score(logits, splits=1)[0] == pytest.approx(np.exp(entropy), rel=1e-12)
-    halves = [inception_score(logits[:32], splits=1)[0], inception_score(logits[32:], splits=1)[0]]
-    assert inception_score(logits, splits=2) == pytest.approx((np.mean(halves), np.std(halves)), rel=1e-12)
+    assert inception_score(logits) == pytest.approx((np.exp(entropy), 0.0), rel=1e-12)
+    halves = [inception_score(logits[:32])[0], inception_score(logits[32:])[0]]
+    assert inception_score(logits, split_size=32) == pytest.approx((np.mean(halves), np.std(halves)), rel=1e-12)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="split_size must be a positive number of samples"):
+            inception_score(logits, split_size=bad)
+
+
+def adm_inception_score(logits, split_size=5000):
+    """ADM's compute_inception_score (guided-diffusion evaluations/evaluator.py) on the softmax its graph computes:
+    parts of `split_size` in order, the last one shorter, and the plain mean of exp(mean KL) over parts."""
+    preds = scipy.special.softmax(logits, axis=1)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores)), scores
+
+
+def test_inception_score_parts_of_5000_as_adm():
+    rng = np.random.default_rng(3)
+    # The class mix drifts along the samples, so which samples share a part matters.
+    drift = np.linspace(0, 4, 50_000)[:, None] * np.eye(20)[rng.integers(0, 20)]
+    logits = rng.normal(scale=3, size=(50_000, 20)) + drift
+    adm, scores = adm_inception_score(logits[:12_000])
+    assert len(scores) == 3  # 5000, 5000, 2000
+    assert inception_score(logits[:12_000]) == pytest.approx((adm, np.std(scores)), rel=1e-10)
+    ten_splits = np.mean([adm_inception_score(logits[i * 1200:(i + 1) * 1200], 1200)[0] for i in range(10)])
+    assert abs(inception_score(logits[:12_000])[0] - ten_splits) > 1e-3  # what ours gave before, unlike papers
+    adm, scores = adm_inception_score(logits)
+    ten_splits = [adm_inception_score(logits[i * 5000:(i + 1) * 5000], 5000)[0] for i in range(10)]
+    assert len(scores) == 10 and inception_score(logits) == pytest.approx((adm, np.std(scores)), rel=1e-10)
+    assert inception_score(logits)[0] == pytest.approx(np.mean(ten_splits), rel=1e-12)  # 50k: improved-gan's splits
 
 
 def test_precision_recall_closed_forms():
@@ -395,7 +426,8 @@ def test_all_command_end_to_end_and_batch_size_independent(tiny_set, quick_frech
     report = json.loads((t.folder / "samples.all.json").read_text())
     assert report == json.loads(json.dumps(result))
     assert report["num_samples"] == 6 and report["num_reference"] == 6 and report["image_shape"] == [32, 32, 3]
-    assert report["reference_note"] is None and report["kid_subset_size"] == 6 and report["is_splits"] == 6
+    assert report["reference_note"] is None and report["kid_subset_size"] == 6
+    assert report["is_split_size"] == 5000 and report["is_parts"] == 1
     assert all(report[name] is not None and np.isfinite(report[name]) for name in METRICS)
     assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
     # Batches of 2 (here) and of 5 (the fixture's features) give the same numbers.

@@ -1,0 +1,183 @@
+"""extract_features.py after a kill: a rerun with the same setup keeps the finished shards and gives the dataset of an
+uninterrupted run; another setup starts over; unreadable images are found by the process that encodes them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extract_features
+from data import ImageFolderDataset, LatentDataset
+from extract_features import extract
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=8)
+    path = str(tmp_path_factory.mktemp("vae"))
+    vae.save_pretrained(path)
+    return path
+
+
+def image_folder(root, n=26, bad=None):
+    """`n` noise images of 8..12 px in 2 classes (PNG and JPEG); `bad`: the name of an extra unreadable file."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = os.path.join(root, f"class{i % 2}", f"{i:02d}.{'png' if i % 3 else 'jpg'}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8 + i % 5, 12, 3), dtype=np.uint8)).save(path)
+    if bad:
+        with open(os.path.join(root, "class1", bad), "w") as f:
+            f.write("not an image")
+    return str(root)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Images encoded (not counting their flips) and shards written, through the real functions."""
+    counts = {"images": 0, "shards": 0, "kill_after": None}
+    encode, save = extract_features.vae_io.encode_moments, extract_features._save_shard
+
+    def encode_moments(vae, x):
+        counts["images"] += len(x) // 2  # flips on: the mirrored images ride in the same call
+        return encode(vae, x)
+
+    def save_shard(path, tensors):
+        if counts["shards"] == counts["kill_after"]:
+            raise Killed
+        counts["shards"] += 1
+        return save(path, tensors)
+    monkeypatch.setattr(extract_features.vae_io, "encode_moments", encode_moments)
+    monkeypatch.setattr(extract_features, "_save_shard", save_shard)
+    return counts
+
+
+def assert_same_dataset(a, b):
+    a, b = LatentDataset(a), LatentDataset(b)
+    assert a.meta == b.meta and torch.equal(a.labels, b.labels) and len(a) == len(b)
+    for i in range(len(a)):
+        assert torch.equal(a[i][0], b[i][0])
+
+
+def test_killed_extraction_resumes_where_it_stopped(tmp_path, vae_dir, counted, capsys):
+    root = image_folder(tmp_path / "images")
+    settings = dict(image_size=8, batch_size=3, shard_size=5, flip=True, device="cpu")
+    clean, out = str(tmp_path / "clean"), str(tmp_path / "out")
+    extract(root, clean, vae_dir, **settings)
+    assert counted["images"] == 26 and counted["shards"] == 6
+    counted.update(images=0, shards=0, kill_after=3)
+    with pytest.raises(Killed):
+        extract(root, out, vae_dir, **settings)
+    assert sorted(os.listdir(out)) == ["extraction.json"] + [f"shard-r000-{k:05d}.safetensors" for k in range(3)]
+    with open(os.path.join(out, "shard-r000-00003.safetensors.tmp-99999"), "wb") as f:
+        f.write(b"half a shard")  # what a kill during atomic_write leaves
+    kept = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out) if name.startswith("shard")
+            and name.endswith(".safetensors")}
+    counted.update(images=0, shards=0, kill_after=None)
+    meta = extract(root, out, vae_dir, **settings)
+    assert "its finished shards are kept" in capsys.readouterr().out
+    assert counted["images"] == 26 - 15 and counted["shards"] == 3  # 15 images in the 3 kept shards
+    assert {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in kept} == kept
+    assert meta["num_images"] == 26 and meta["skipped"] == [] and not any(".tmp-" in n for n in os.listdir(out))
+    assert_same_dataset(out, clean)
+    counted.update(images=0, shards=0)  # finished: a rerun encodes nothing
+    extract(root, out, vae_dir, **{**settings, "batch_size": 4})  # the batch size is not part of the setup
+    assert counted["images"] == 0 and counted["shards"] == 0
+    assert_same_dataset(out, clean)
+
+
+def test_another_setup_starts_over(tmp_path, vae_dir, counted, capsys):
+    root = image_folder(tmp_path / "images")
+    out = str(tmp_path / "out")
+    counted["kill_after"] = 2
+    with pytest.raises(Killed):
+        extract(root, out, vae_dir, image_size=8, batch_size=4, shard_size=4, device="cpu")
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")  # not an extraction file: never removed
+    counted.update(images=0, shards=0, kill_after=None)
+    meta = extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu")
+    assert "the extraction there has another image_size: starting over" in capsys.readouterr().out
+    assert counted["images"] == 26 and meta["latent_shape"] == [4, 12, 12]
+    assert sorted(os.listdir(out)) == ["extraction.json", "meta.json", "notes.txt"] + [
+        f"shard-r000-{k:05d}.safetensors" for k in range(7)]
+    with open(os.path.join(out, "extraction.json")) as f:
+        assert json.load(f)["image_size"] == 12
+    assert len(LatentDataset(out)) == 52
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(root, "class0", "new.png"))  # another image list
+    counted["images"] = 0
+    extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu")
+    assert "another num_files, files_sha256: starting over" in capsys.readouterr().out
+    assert counted["images"] == 27 and len(LatentDataset(out)) == 54
+
+
+def test_bad_image_stops_with_its_path_and_skip_goes_on(tmp_path, vae_dir, counted):
+    root = image_folder(tmp_path / "images", bad="13_broken.png")  # between class1/13.png and class1/15.png
+    out, clean = str(tmp_path / "out"), str(tmp_path / "clean")
+    settings = dict(image_size=8, batch_size=2, shard_size=4, device="cpu")
+    with pytest.raises(ValueError, match=r"13_broken\.png cannot be read \(.*\): fix or remove it and rerun .* "
+                                         r"or rerun with --skip-bad-images") as error:
+        extract(root, out, vae_dir, **settings)
+    assert "\n" not in str(error.value)
+    position = ImageFolderDataset(root, 8, scan=False).files.index(os.path.join(root, "class1", "13_broken.png"))
+    assert position == 20 and counted["shards"] == 5  # images 0..19 encoded, in shards of 4
+    counted.update(images=0, shards=0)
+    meta = extract(root, out, vae_dir, skip_bad_images=True, **settings)  # keeps the 5 shards: they skipped nothing
+    assert counted["images"] == 26 - 20 and counted["shards"] == 2
+    assert meta["num_images"] == 26 and meta["skipped_files"] == 1 and meta["skipped"] == ["class1/13_broken.png"]
+    ds = LatentDataset(out)
+    assert torch.equal(ds.labels, ImageFolderDataset(root, 8, skip_bad_images=True).labels)
+    extract(root, clean, vae_dir, skip_bad_images=True, **settings)
+    assert_same_dataset(out, clean)
+    counted["images"] = 0  # without --skip-bad-images again: shards that skipped a file do not count as done
+    with pytest.raises(ValueError, match="13_broken.png cannot be read"):
+        extract(root, out, vae_dir, **settings)
+    assert counted["images"] == 20
+
+
+def run_two_processes(root, out, vae_dir, *flags):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(ROOT, "extract_features.py"), "--data-path", root, "--output", out, "--vae", vae_dir,
+           "--image-size", "8", "--batch-size", "2", "--shard-size", "3", "--num-workers", "1", "--device", "cpu",
+           *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_two_processes_skip_bad_images_and_resume(tmp_path, vae_dir):
+    """2 CPU processes (gloo), each checking its own images: the same dataset as one process, and a resume."""
+    root = image_folder(tmp_path / "images", n=14, bad="05_broken.png")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    extract(root, one, vae_dir, image_size=8, batch_size=2, shard_size=3, device="cpu", skip_bad_images=True)
+    assert "1 unreadable files skipped" in run_two_processes(root, two, vae_dir, "--skip-bad-images")
+    a, b = LatentDataset(one), LatentDataset(two)
+    assert {k: v for k, v in a.meta.items() if k != "shards"} == {k: v for k, v in b.meta.items() if k != "shards"}
+    assert a.meta["skipped"] == ["class1/05_broken.png"] and torch.equal(a.labels, b.labels)
+    for i in range(len(a)):  # other batch compositions may move a float16 value by one unit in the last place
+        assert torch.allclose(a[i][0], b[i][0], atol=2e-3, rtol=2e-3)
+    shards = sorted(n for n in os.listdir(two) if n.startswith("shard"))
+    assert shards == [f"shard-r{r:03d}-{k:05d}.safetensors" for r in (0, 1) for k in range(3)]
+    mtimes = {n: os.stat(os.path.join(two, n)).st_mtime_ns for n in shards}
+    os.remove(os.path.join(two, "meta.json"))  # killed: process 1 had written one shard less
+    os.remove(os.path.join(two, shards[-1]))
+    assert "its finished shards are kept" in run_two_processes(root, two, vae_dir, "--skip-bad-images")
+    assert {n: os.stat(os.path.join(two, n)).st_mtime_ns for n in shards[:-1]} == {n: mtimes[n] for n in shards[:-1]}
+    assert LatentDataset(two).meta == b.meta and torch.equal(LatentDataset(two)[len(b) - 1][0], b[len(b) - 1][0])
