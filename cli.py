@@ -12,10 +12,10 @@ import vae as vae_io
 from allocation import BudgetAllocator
 from checkpoints import diffusion_settings
 from diffusion import TIMESTEP_SPACINGS
-from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, SAMPLERS, SCHEDULES, can_clip, \
-    clip_denoised_for, model_calls, \
+from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, PRECISIONS, SAMPLERS, SCHEDULES, \
+    can_clip, clip_denoised_for, model_calls, \
     diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
-    load_model_for_sampling, settings_hash
+    load_model_for_sampling, resolve_device, settings_hash
 
 def build_parser(description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +95,12 @@ def build_parser(description=None):
                    help="with --parallel: also run sequential DDIM on the same noise and report both")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional: every step and iteration reuses the graphs)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: the denoiser's calls under bf16 autocast (FPDM's fixed-point state stays float32; the "
+                   "sampler's math and the VAE decode run outside it); recorded in args.json: a folder of its own")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorFloat-32 matmuls and convolutions on CUDA (as DiT's sample scripts; --no-tf32: full "
+                   "fp32); no effect on CPU")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models only)")
     p.add_argument("--out", default=None, help="output folder (default: samples/<readable name>-<settings hash>)")
     p.add_argument("--overwrite", action="store_true",
@@ -176,6 +182,16 @@ def allocation_identity(args, iterations):
     return settings
 
 
+def effective_precision(args):
+    """How the network computes, as a folder records it: "fp32" (CPU, or CUDA with --no-tf32), "tf32" (CUDA
+    matmuls and convolutions in TensorFloat-32), "bf16" (autocast; on CUDA "bf16+tf32" unless --no-tf32: what stays
+    float32, the VAE among it, runs in TF32). CPU runs ignore --tf32, so their folders keep their identity."""
+    tf32 = args.tf32 and resolve_device(args.device).type == "cuda"
+    if args.precision == "bf16":
+        return "bf16+tf32" if tf32 else "bf16"
+    return "tf32" if tf32 else "fp32"
+
+
 def sample_settings(args, model, iterations, clip, labels, diffusion):
     """Every setting that changes the samples, as plain data: written first into the output folder as args.json,
     compared on every rerun, and hashed into the default folder name."""
@@ -185,7 +201,7 @@ def sample_settings(args, model, iterations, clip, labels, diffusion):
                 "num_sampling_steps": args.num_sampling_steps, "timestep_spacing": args.timestep_spacing,
                 "eta": args.eta if args.sampler == "ddim" else None, "cfg_scale": args.cfg_scale,
                 "guidance_channels": args.guidance_channels, "clip_denoised": clip, "seed": args.seed,
-                "labels": labels, "precision": "fp32",
+                "labels": labels, "precision": effective_precision(args),
                 "vae_sha256": None if is_pixel_model(model) else file_fingerprint(args.vae),
                 "fixed_point": {"iterations_per_step": allocation_identity(args, iterations), "reuse": args.reuse, "adaptive_tol": args.adaptive_tol,
                                 "budget_block_evals": args.budget_block_evals, "schedule": args.schedule}
@@ -275,6 +291,8 @@ class Setup:
     diffusion (settings and object), x0 clipping, VAE, and the sampler with its options."""
 
     def __init__(self, args, device):
+        if device.type == "cuda":  # as train.py: both or neither (torch's default has cuDNN's TF32 on alone)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.model, self.train_config = load_model_for_sampling(
             args.ckpt, use_ema=not args.no_ema, device=device, trust_checkpoint=args.trust_checkpoint,
             model_name=args.model)
@@ -322,7 +340,8 @@ class Setup:
         weights = calibrate_step_weights(
             model, self.diffusion, noise, labels, flat, reuse=args.reuse, cfg_scale=args.cfg_scale,
             sampler=self.sampler, progress=True, clip_denoised=self.clip, guidance_channels=args.guidance_channels,
-            guidance_interval=args.guidance_interval, guidance_schedule=args.guidance_schedule, **self.options)
+            guidance_interval=args.guidance_interval, guidance_schedule=args.guidance_schedule,
+            precision=args.precision, **self.options)
         return BudgetAllocator(budget.total_iterations, budget.num_steps, weights=weights)
 
     def sample(self, args, noise, labels, sampler=None, progress=False):
@@ -337,7 +356,7 @@ class Setup:
                              iterations_per_step=iterations, reuse=args.reuse, tol=args.adaptive_tol,
                              clip_denoised=self.clip, progress=progress, guidance_channels=args.guidance_channels,
                              guidance_interval=args.guidance_interval, guidance_schedule=args.guidance_schedule,
-                             fp_solver=self.fp_solver, **options)
+                             fp_solver=self.fp_solver, precision=args.precision, **options)
 
 
 def run_script(main, parse_args):

@@ -14,7 +14,9 @@ Writes `args.json` (every setting that changes the samples, the checkpoint by co
 `compute.json` (model calls, block evaluations, FLOPs, iterations and final residual per step, wall time) into the
 output folder. Its default name is readable and ends in a hash of those settings; a folder made with other settings
 is never reused (one-line refusal; --overwrite starts over). DDIM and DDPM start at t = T - 1 ("trailing" spacing)
-and clip x̂_0 only for pixel-space models (see --timestep-spacing, --clip-denoised).
+and clip x̂_0 only for pixel-space models (see --timestep-spacing, --clip-denoised). On CUDA, matmuls and
+convolutions run in TF32 (--no-tf32: full fp32); --precision bf16 runs the network under bf16 autocast. args.json
+records the precision ("fp32", "tf32", "bf16", "bf16+tf32"), so each has its own folder.
 """
 
 import json
@@ -76,7 +78,8 @@ def main(args):
     save_grid(cli.decode(samples, setup.vae), os.path.join(out, "grid.png"), nrow=nrow)
     if "sequential" in extra:  # the reference beside the parallel result, never over it
         save_grid(cli.decode(reference, setup.vae), os.path.join(out, extra["sequential"]["grid"]), nrow=nrow)
-    report = {"args": vars(args), "settings": settings, "num_images": len(labels), "wall_time_s": wall,
+    report = {"args": vars(args), "settings": settings, "precision": settings["precision"],
+              "num_images": len(labels), "wall_time_s": wall,
               "wall_time_per_image_s": wall / len(labels), **compute, **extra}
     atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
     kind = "FPDM" if model.fixed_point else "DiT"

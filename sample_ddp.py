@@ -1,22 +1,25 @@
 """Sample N images for FID with several processes (accelerate or torchrun), resumably.
 
     accelerate launch --num_processes 8 sample_ddp.py --ckpt CKPT --num-fid-samples 50000 --cfg-scale 1.5 \
-        --sampler ddpm --num-sampling-steps 250
+        --sampler ddpm --num-sampling-steps 250 --precision bf16
     python sample_ddp.py --ckpt CKPT --num-fid-samples 1000 --budget-block-evals 560 --reuse   # one process
 
 Sample i's noise and label derive from (seed, i) alone, and batches are fixed blocks of consecutive indices whose
 RNG is seeded by (seed, batch), so the images do not depend on the number of processes. The folder holds one
 configuration: `args.json` (every setting that changes the samples, N and the batch size included) is written first
 and a rerun with other settings is refused (sample.py's rules). Each finished batch is committed as one file,
-`batches/{b:06d}.npz` (images and labels together, written atomically), then viewable as `images/{i:06d}.png`; a
-killed run, restarted, skips exactly the committed batches. At the end the main process writes exactly N samples as
-an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N) and `compute.json`. All sampling flags are
-sample.py's.
+`batches/{b:06d}.npz` (images and labels together, written atomically); a killed run, restarted, skips exactly the
+committed batches. Background threads write each image as `images/{i:06d}.png` for viewing while the next batch
+samples (--no-png: none; the batch files are the record). At the end the main process writes the PNGs still
+missing, exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N) and
+`compute.json`. All sampling flags are sample.py's (--precision, --tf32 included).
 """
 
+import argparse
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ def parse_args(argv=None):
     parser = cli.build_parser(__doc__)  # every sample.py flag, plus:
     parser.add_argument("--num-fid-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (fixes the batches' contents)")
+    parser.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write images/{i:06d}.png (in background threads); --no-png: only the batch files "
+                        "and samples.npz (FID reads those), e.g. to spare 50k small files on a shared filesystem")
     return parser.parse_args(argv)
 
 
@@ -57,13 +63,36 @@ def images_shape(batch_dir):
         return batch["images"].shape[1:]
 
 
-def write_pngs(image_dir, images, indices, only_missing=False):
-    """`images/{i:06d}.png` for viewing (the batch files are the record), each written atomically."""
+PNG_THREADS = 4  # Pillow encodes and writes outside the GIL: the threads run beside sampling, and in parallel
+
+
+def write_png(path, array):
+    """One PNG written under a temporary name (`*.tmp-PID`, atomic_write's), then renamed: no process kill leaves a
+    half-written PNG under its final name. Without atomic_write's fsync (the batch files are the record): a machine
+    crash may leave the last PNGs empty; delete them, and a rerun writes them again."""
     from PIL import Image
-    for array, i in zip(images, indices):
-        path = os.path.join(image_dir, f"{int(i):06d}.png")
-        if not (only_missing and os.path.exists(path)):
-            atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), "wb")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_pngs(pool, image_dir, images, indices, only_missing=False):
+    """Submit `images/{i:06d}.png` (for viewing) to the executor `pool`; returns the futures (their .result() raises
+    what a write raised)."""
+    paths = [os.path.join(image_dir, f"{int(i):06d}.png") for i in indices]
+    return [pool.submit(write_png, path, array) for path, array in zip(paths, images)
+            if not (only_missing and os.path.exists(path))]
+
+
+def wait(futures):
+    """Wait for the futures; the first failure is raised here."""
+    for future in futures:
+        future.result()
+    return []
 
 
 def main(args):
@@ -99,24 +128,28 @@ def main(args):
     shape = (model.in_channels, *model.input_hw)
     num_batches = -(-args.num_fid_samples // args.batch_size)
     mine = [b for b in range(num_batches) if b % world == rank]
-    stats, wall, done = [], 0.0, 0
+    stats, wall, done, pending = [], 0.0, 0, []
     from tqdm.auto import tqdm
-    for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
-        indices = range(b * args.batch_size, min((b + 1) * args.batch_size, args.num_fid_samples))
-        if os.path.exists(batch_path(batch_dir, b)):
-            done += 1
-            continue
-        pairs = [sample_noise_and_label(args.seed, i, shape, model.num_classes) for i in indices]
-        noise = torch.stack([n for n, _ in pairs]).to(device)
-        labels = torch.tensor([label for _, label in pairs], device=device)
-        torch.manual_seed(args.seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
-        start = time.perf_counter()
-        samples, fn = setup.sample(args, noise, labels)
-        images = to_uint8(cli.decode(samples, setup.vae))
-        wall += time.perf_counter() - start
-        stats.append(fn.compute())
-        commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
-        write_pngs(image_dir, images, indices)
+    with ThreadPoolExecutor(PNG_THREADS) as pool:
+        for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
+            indices = range(b * args.batch_size, min((b + 1) * args.batch_size, args.num_fid_samples))
+            if os.path.exists(batch_path(batch_dir, b)):
+                done += 1
+                continue
+            pairs = [sample_noise_and_label(args.seed, i, shape, model.num_classes) for i in indices]
+            noise = torch.stack([n for n, _ in pairs]).to(device)
+            labels = torch.tensor([label for _, label in pairs], device=device)
+            torch.manual_seed(args.seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
+            start = time.perf_counter()
+            samples, fn = setup.sample(args, noise, labels)
+            images = to_uint8(cli.decode(samples, setup.vae))
+            wall += time.perf_counter() - start
+            stats.append(fn.compute())
+            pending = wait(pending)  # the last batch's PNGs, written while this one sampled (one batch in memory)
+            commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
+            if args.png:
+                pending = write_pngs(pool, image_dir, images, indices)
+        wait(pending)
 
     state.wait_for_everyone()
     if state.is_main_process:
@@ -125,9 +158,12 @@ def main(args):
         for b in range(num_batches):
             with np.load(batch_path(batch_dir, b)) as batch:
                 arrays[batch["indices"]], labels[batch["indices"]] = batch["images"], batch["labels"]
-                write_pngs(image_dir, batch["images"], batch["indices"], only_missing=True)
+        if args.png:  # those of batches a killed run (or --no-png) left without (rows of `arrays`: no copies)
+            with ThreadPoolExecutor(PNG_THREADS) as pool:
+                wait(write_pngs(pool, image_dir, arrays, range(len(arrays)), only_missing=True))
         atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=arrays, labels=labels), "wb")
-        report = {"args": vars(args), "settings": settings, "num_images": args.num_fid_samples, "processes": world,
+        report = {"args": vars(args), "settings": settings, "precision": settings["precision"],
+                  "num_images": args.num_fid_samples, "processes": world,
                   "batches_skipped_as_done_on_rank0": done, "wall_time_rank0_s": wall}
         if stats:
             report.update({k: stats[0][k] for k in ("cfg_passes", "block_evals", "flops_per_image",

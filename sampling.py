@@ -5,6 +5,7 @@ for FPDM, the iteration count of each step (`iteration_schedule`: a budget sprea
 residual tolerance (adaptive iterations), solution reuse, and compute accounting.
 """
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -119,6 +120,7 @@ def iterations_from_block_budget(model, block_evals, num_steps, schedule="flat")
 
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+PRECISIONS = ("fp32", "bf16")
 
 
 class GuidedModel:
@@ -128,11 +130,16 @@ class GuidedModel:
     1 at t = T to cfg_scale at t = 0); for FPDM the iteration count of each call (`iterations_per_step[i]` at the
     i-th call, or one int for all, or an allocation.BudgetAllocator deciding each call's count online from the
     residuals: a fresh copy per GuidedModel, one host sync per iteration), the adaptive tolerance and solution reuse;
-    and the compute of every call."""
+    and the compute of every call. `precision` "bf16" runs each network call under torch.autocast (bf16 matmuls,
+    convolutions and attention; the residual stream and FPDM's fixed-point state stay float32, see
+    FPDM.fixed_point_function) and hands its output back in the input's dtype, so that everything the samplers do
+    between calls (DDIM updates, the Anderson solves of parallel DDIM) stays float32."""
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
                  tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000,
-                 fp_solver=None):
+                 fp_solver=None, precision="fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"unknown guidance schedule {guidance_schedule!r}: use {' or '.join(GUIDANCE_SCHEDULES)}")
         if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1]:
@@ -149,6 +156,7 @@ class GuidedModel:
         self.guidance_interval, self.guidance_schedule = guidance_interval, guidance_schedule
         self.num_train_timesteps = num_train_timesteps
         self.fp_solver = fp_solver  # models.FixedPointSolver for FPDM's layer (None: plain iteration)
+        self.precision = precision
         self.calls = 0
         self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
         self._residuals = []  # per call, that call's residual tensors: on the device until read (no sync per call)
@@ -187,13 +195,17 @@ class GuidedModel:
             scale = self.guidance_scale(float(t.flatten()[0]))
         else:
             scale = self.cfg_scale
-        if guided and scale is None:
-            out, passes = self._conditional_only(x, t, y, kwargs), 1
-        elif guided:
-            out, passes = self.model.forward_with_cfg(x, t, y, scale, guidance_channels=self.guidance_channels,
-                                                      **kwargs), 2
-        else:
-            out, passes = self.model(x, t, y, **kwargs), 1
+        # fp32 enters no context at all, so that a caller's own autocast (bench/) still applies.
+        bf16 = self.precision == "bf16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            if guided and scale is None:
+                out, passes = self._conditional_only(x, t, y, kwargs), 1
+            elif guided:
+                out, passes = self.model.forward_with_cfg(x, t, y, scale, guidance_channels=self.guidance_channels,
+                                                          **kwargs), 2
+            else:
+                out, passes = self.model(x, t, y, **kwargs), 1
+        out = out.to(x.dtype)  # bf16 out of autocast's last linear layer; a no-op in fp32
         if self.model.fixed_point:
             k = self.model.last_stats.iterations
             if isinstance(self.iterations_per_step, BudgetAllocator):
@@ -434,9 +446,11 @@ def guided_batch(noise, labels, cfg_scale, null_class):
 @torch.no_grad()
 def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=1.0, iterations_per_step=None,
                   reuse=False, tol=None, clip_denoised=None, progress=False, guidance_channels=None,
-                  guidance_interval=None, guidance_schedule="constant", fp_solver=None, **options):
+                  guidance_interval=None, guidance_schedule="constant", fp_solver=None, precision="fp32", **options):
     """Draw samples from `noise` (N, C, H, W) with class `labels` (N,) with SAMPLERS[sampler] (`options` are its
     own, e.g. eta); returns (samples, GuidedModel), whose `compute()` reports the compute and `info` the sampler's.
+    `precision` "bf16" runs the network calls (only they) under bf16 autocast (see GuidedModel); samples keep the
+    noise's dtype.
 
     With cfg_scale != 1 the batch is doubled internally (second half: the null class). clip_denoised=None follows
     `clip_denoised_for(model)`: pixel models clip x̂_0, latent models do not.
@@ -455,7 +469,7 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
     was_training = model.training
     model.eval()
     fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol, guidance_interval,
-                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver)
+                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver, precision)
     x, y = guided_batch(noise, labels, cfg_scale, model.num_classes)
     diffusion.prepare(x.device)  # schedule tables on the device once, not copied at each step
     try:
