@@ -84,12 +84,15 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
+    """The training data: the bundled digits, an image folder or VAE latents (and the VAE that decodes them)."""
     data_path: str = opt("mnist", "'mnist' (bundled digits), an image folder, or an extract_features.py folder")
     image_size: int = opt(None, "image size (mnist: 28, 14, 7 or 32; folders: default 256)", int)
     unconditional: bool = opt(False, "one class, no label dropout")
     num_workers: int = opt(0, "data-loader worker processes")
     skip_bad_images: bool = opt(False, "image folders: train without unreadable files (counted in the log) instead "
                                 "of stopping before step 1")
+    vae: str = opt(None, "latents: the diffusers AutoencoderKL (local folder or hub id) that decodes samples for "
+                   "previews and --eval-every (default: the one recorded in the latent folder's meta.json)", str)
 
     def validate(self):
         if self.num_workers < 0:
@@ -109,12 +112,14 @@ class OptimConfig:
     min_snr_gamma: float = opt(None, "min-SNR-gamma loss weighting (e.g. 5)", float)
     ema_decay: float = opt(0.9999, "EMA decay")
     ema_warmup: bool = opt(False, "EMA decay min(decay, (1 + step) / (10 + step)): useful for short runs")
-    mixed_precision: str = opt("no", "no, bf16 or fp16 (accelerate); a launch config may set it too")
+    mixed_precision: str = opt(None, "no, bf16 or fp16 (default: what the accelerate launch config says, else no); "
+                               "the precision used is logged and recorded in config.json and checkpoints", str)
     grad_ckpt: bool = opt(False, "gradient checkpointing of transformer blocks (DiT blocks, FPDM pre/post)")
     grad_ckpt_iterations: bool = opt(False, "gradient checkpointing of each with-grad fixed-point iteration")
     compile: bool = opt(False, "torch.compile each transformer block (regional: one graph for any S-JFB counts)")
     tf32: bool = opt(True, "TensorFloat-32 matmuls on GPUs from Ampere on (no effect on CPU)")
-    seed: int = opt(0, "global seed (each process uses seed + rank)")
+    seed: int = opt(0, "global seed: the data order, each example's t, noise, label dropout and augmentation, and "
+                    "the S-JFB counts are functions of (seed, step), the same for any number of processes")
 
     def validate(self):
         for name in ("max_steps", "global_batch_size", "grad_accum_steps"):
@@ -129,7 +134,7 @@ class OptimConfig:
             raise ValueError(f"--ema-decay must lie in [0, 1], got {self.ema_decay}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ValueError(f"--min-snr-gamma must be > 0, got {self.min_snr_gamma}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"unknown --mixed-precision {self.mixed_precision!r}: use no, bf16 or fp16")
 
 
@@ -148,9 +153,12 @@ class RunConfig:
     sample_cfg_scale: float = opt(2.0, "guidance scale for sample grids")
     num_sample_images: int = opt(40, "images in a sample grid")
     tracker: str = opt("auto", "auto (wandb offline if installed, else tensorboard), wandb, tensorboard, none")
-    fp_diagnostics: bool = opt(True, "FPDM: at every log row, the fixed-point layer's relative residual per timestep "
-                               "bucket (training forwards) and its contraction, the spectral radius of df/dz at z* on "
-                               "a fixed probe batch, into fp_diagnostics.csv and two PNGs (ignored by a DiT)")
+    fp_diagnostics: bool = opt(True, "FPDM: every --fp-diagnostics-every steps, the fixed-point layer's relative "
+                               "residual per timestep bucket (training forwards) and its contraction, the spectral "
+                               "radius of df/dz at z* on a fixed probe batch, into fp_diagnostics.csv and two PNGs "
+                               "(ignored by a DiT)")
+    fp_diagnostics_every: int = opt(2000, "FPDM: steps between rows of fixed-point diagnostics (the contraction "
+                                    "estimate stalls every process for about a second at XL/2; also at the last step)")
     fp_power_iterations: int = opt(20, "power-iteration steps (JVPs) of the contraction estimate")
     eval_every: int = opt(0, "FID of the EMA model every N steps, into eval.csv and the tracker (0: off)")
     eval_samples: int = opt(1000, "samples per FID evaluation (fixed noise and labels, sharded over processes)")
@@ -170,6 +178,8 @@ class RunConfig:
         for name in ("log_every", "ckpt_every", "keep_last", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.fp_diagnostics_every < 1:
+            raise ValueError(f"--fp-diagnostics-every must be >= 1, got {self.fp_diagnostics_every}")
         if self.fp_power_iterations < 2:
             raise ValueError(f"--fp-power-iterations must be >= 2, got {self.fp_power_iterations}")
         for name in ("sample_every", "num_sample_images", "eval_every"):
@@ -237,7 +247,8 @@ ARCHITECTURE = ("model", "hidden_size", "depth", "num_heads", "patch_size", "fix
                 "class_dropout_prob", "image_size", "unconditional")
 # Settings a resumed run may change freely: how long, how often it logs / checkpoints / previews, where it reads
 # and writes, and memory-for-speed switches that leave the numbers alone. Any other difference needs --override.
-RESUME_MAY_CHANGE = ("max_steps", "log_every", "fp_diagnostics", "fp_power_iterations", "ckpt_every", "keep_last",
+RESUME_MAY_CHANGE = ("max_steps", "log_every", "fp_diagnostics", "fp_diagnostics_every", "fp_power_iterations",
+                     "ckpt_every", "keep_last", "vae", "grad_accum_steps",
                      "sample_every", "sample_steps",
                      "sample_sampler", "sample_cfg_scale", "eval_every", "eval_samples", "eval_steps",
                      "eval_reference", "eval_inception", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
@@ -258,7 +269,7 @@ PRESETS = {
                             fixed_point_with_grad_max_iters=2, learn_sigma=False, predict_v=True,
                             noise_schedule="cosine", lr=1e-3, warmup_steps=100, global_batch_size=64, ema_warmup=True,
                             log_every=250, ckpt_every=500, num_sample_images=40, tracker="none", max_steps=1500,
-                            eval_every=250, eval_samples=200, eval_steps=10),  # FID-MNIST curve: ~6 s per point
+                            fp_diagnostics_every=250, eval_every=250, eval_samples=200, eval_steps=10),  # FID-MNIST curve: ~6 s per point
     # The same network as a DiT of equal depth (experiments/fpdm_vs_dit.py).
     "demo-mnist-dit": dict(data_path="mnist", image_size=14, model="DiT-S/2", hidden_size=128, num_heads=4, depth=8,
                            patch_size=2, learn_sigma=False, predict_v=True, noise_schedule="cosine", lr=1e-3,
@@ -375,6 +386,8 @@ def check_resume_settings(saved, cfg):
     """Refuse, in one line, a resume whose settings differ from the run's (`saved`: a checkpoint's flat config)
     outside RESUME_MAY_CHANGE and --override; the architecture can never change."""
     current, allowed = cfg.flat(), set(RESUME_MAY_CHANGE) | overridden_keys(cfg)
+    if current["mixed_precision"] is None:  # the launch decides: train.check_resume_precision compares what it gives
+        allowed.add("mixed_precision")
     differ = [key for key in current if key not in allowed and key in saved and saved[key] != current[key]]
     fixed = [key for key in differ if key in ARCHITECTURE]
     if fixed:

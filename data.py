@@ -1,13 +1,15 @@
 """Datasets for training: real MNIST digits, image folders (ImageNet layout) and pre-extracted VAE latents.
 
 The training loop owns all randomness: it picks the indices of every batch from (seed, step) and calls the
-dataset's batched `augment(x)` on the device with torch's global RNG, so a resumed run replays exactly. Hence
+dataset's batched `augment(x, draw)` on the device with each example's own random draw (`augment_draw` says which:
+None, "uniform" (B,) for flips, "normal" like the model input for sampling a latent posterior), taken from
+(seed, step, example) by train.py, so every number of processes and every resume gives the same batch. Hence
 `__getitem__` is deterministic everywhere, and every dataset exposes the same small interface:
 
     ds = build_dataset("mnist", image_size=14)         # or an image folder, or a latent folder
     x, y = ds[0]                                       # stored form (for latents: mean and std stacked)
-    batch = ds.augment(x[None].to(device))             # model input, shape (B, *ds.image_shape)
-    ds.num_classes, ds.kind, ds.describe()
+    batch = ds.augment(x[None].to(device))             # model input, shape (B, *ds.image_shape) (draw: global RNG)
+    ds.num_classes, ds.kind, ds.augment_draw, ds.describe()
 """
 
 import json
@@ -57,6 +59,7 @@ class MNISTDigits(Dataset):
 
     SIZES = (28, 14, 7, 32)
     kind = "pixels"
+    augment_draw = None
 
     def __init__(self, image_size=28, num_classes=10):
         if image_size not in self.SIZES:
@@ -79,7 +82,7 @@ class MNISTDigits(Dataset):
     def __getitem__(self, index):
         return self.images[index], self.labels[index]
 
-    def augment(self, x):
+    def augment(self, x, draw=None):
         return x
 
     def describe(self):
@@ -178,10 +181,11 @@ def list_images(folder, recursive=True):
 class ImageFolderDataset(Dataset):
     """`root/<class>/**/<image>`; sorted class names give labels 0..K-1. Items are ADM centre crops in [-1, 1].
 
-    `augment` flips each example horizontally with probability 1/2 (if `random_flip`).
+    `augment` flips each example horizontally with probability 1/2 (if `random_flip`): where its uniform draw < 1/2.
     """
 
     kind = "pixels"
+    augment_draw = "uniform"
 
     def __init__(self, root, image_size=256, unconditional=False, random_flip=True, skip_bad_images=False,
                  scan=True):
@@ -231,10 +235,10 @@ class ImageFolderDataset(Dataset):
         x = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
         return x, self.labels[index]
 
-    def augment(self, x):
+    def augment(self, x, draw=None):
         if not self.random_flip:
             return x
-        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        flip = (torch.rand(x.shape[0], device=x.device) if draw is None else draw) < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
     def describe(self):
@@ -269,12 +273,14 @@ class LatentDataset(Dataset):
     """Posterior (mean, std) of VAE latents, read lazily from the safetensors shards of extract_features.py.
 
     Items are cat([mean, std]) of shape (2C, h, w), already times the VAE scaling factor; `augment` draws the
-    latent mean + std * noise, so each epoch sees a fresh sample of the posterior (as in the FPDM release).
+    latent mean + std * noise (the "normal" draw), so each epoch sees a fresh sample of the posterior (as in the FPDM
+    release).
     With flips extracted, items N..2N-1 are the latents of the mirrored images. Order follows the image index,
     so the dataset is the same whatever the number of processes that extracted it.
     """
 
     kind = "latents"
+    augment_draw = "normal"
 
     def __init__(self, root, unconditional=False):
         self.root, self.meta = root, read_latent_meta(root)
@@ -300,8 +306,11 @@ class LatentDataset(Dataset):
             row_of.append(torch.arange(len(idx)))
         index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
         order = torch.argsort(index)
-        if len(index) == 0 or not torch.equal(index[order], torch.arange(self.meta["num_images"])):
-            raise ValueError(f"{root}: shards do not hold images 0..{self.meta['num_images'] - 1} exactly once; "
+        # Unreadable files skipped by the extraction leave holes in the index: positions follow the remaining ones.
+        held, num_files = index[order], self.meta["num_images"] + self.meta.get("skipped_files", 0)
+        if (len(held) == 0 or len(held) != self.meta["num_images"] or (held.diff() <= 0).any() or held[0] < 0
+                or held[-1] >= num_files):
+            raise ValueError(f"{root}: shards do not hold images 0..{num_files - 1} (less skipped files) exactly once; "
                              f"re-run extract_features.py into an empty folder")
         # Position p of the (unflipped) dataset lives in shard self.shard_of[p], row self.row_of[p].
         self.shard_of, self.row_of = torch.cat(shard_of)[order], torch.cat(row_of)[order]
@@ -336,9 +345,9 @@ class LatentDataset(Dataset):
         std = f.get_slice("std" + suffix)[row:row + 1]
         return torch.cat([mean, std], dim=1)[0].float(), self.labels[p]
 
-    def augment(self, x):
+    def augment(self, x, draw=None):
         mean, std = x.chunk(2, dim=1)
-        return mean + std * torch.randn_like(mean)
+        return mean + std * (torch.randn_like(mean) if draw is None else draw)
 
     def describe(self):
         m = self.meta

@@ -131,8 +131,9 @@ def probe_batch(dataset, diffusion, device, size=BUCKETS, seed=0):
 class TrainingDiagnostics:
     """fp_diagnostics.csv in a run folder, a row per log row — the step, the contraction estimate on the probe batch
     (maximum and mean over its examples), the probe's residual at the settled z* (its maximum), and the training
-    forwards' mean relative residual per timestep bucket r_b0 … r_b9 (NaN for a bucket without examples) — and its
-    plots fp_contraction.png and fp_residual_by_t.png, redrawn from the CSV at every row (main process only)."""
+    forwards' mean relative residual per timestep bucket r_b0 … r_b9 since the previous row (NaN for a bucket
+    without examples) — and its plots fp_contraction.png and fp_residual_by_t.png, redrawn from the CSV by `plot`
+    (train.py calls it on a background thread after each row; main process only)."""
 
     FIELDS = ["step", "contraction", "contraction_mean", "probe_residual", *(f"r_b{b}" for b in range(BUCKETS))]
 
@@ -150,8 +151,8 @@ class TrainingDiagnostics:
             if device.type == "cuda" else []
 
     def write(self, step, model, residual_by_t):
-        """Estimate the contraction of `model` (unwrapped) on the probe, append the row (one write, like
-        metrics.csv) and redraw the plots; returns the row as a dict."""
+        """Estimate the contraction of `model` (unwrapped) on the probe and append the row (one write, like
+        metrics.csv); returns the row as a dict. The plots are `plot`'s."""
         with torch.random.fork_rng(devices=self.rng_devices):  # belt and braces: nothing here draws from it
             rho, details = contraction(model, *self.probe, power_iterations=self.power_iterations)
         residual_by_t = residual_by_t if residual_by_t is not None else [math.nan] * BUCKETS
@@ -160,7 +161,6 @@ class TrainingDiagnostics:
         csv.writer(line).writerow([row[k] for k in self.FIELDS])
         with open(self.path, "a", newline="") as f:
             f.write(line.getvalue())
-        self.plot()
         return row
 
     def rows(self):
@@ -169,19 +169,21 @@ class TrainingDiagnostics:
 
     def plot(self):
         """fp_contraction.png (ρ over training steps, with the line ρ = 1) and fp_residual_by_t.png (residual per t
-        bucket: a line for each of up to 6 logged steps, and a steps × buckets heatmap of all of them)."""
+        bucket: a line for each of up to 6 logged steps, and a steps × buckets heatmap of all of them); returns their
+        paths. matplotlib's object API without pyplot: safe on a thread of its own."""
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         from matplotlib.colors import LogNorm
+        from matplotlib.figure import Figure
 
         from run_folders import atomic_write
         rows = self.rows()
         if not rows:
-            return
+            return []
         steps = [int(r["step"]) for r in rows]
+        paths = [os.path.join(self.run_dir, name) for name in ("fp_contraction.png", "fp_residual_by_t.png")]
 
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        fig = Figure(figsize=(5.5, 3.6))
+        ax = fig.subplots()
         ax.plot(steps, [r["contraction"] for r in rows], "o-", ms=3, label="max over the probe batch")
         ax.plot(steps, [r["contraction_mean"] for r in rows], "o-", ms=3, alpha=0.6, label="mean")
         ax.axhline(1.0, color="crimson", lw=1, ls="--", label="ρ = 1 (no contraction)")
@@ -190,15 +192,14 @@ class TrainingDiagnostics:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        atomic_write(os.path.join(self.run_dir, "fp_contraction.png"), lambda f: fig.savefig(f, format="png", dpi=110),
-                     "wb")
-        plt.close(fig)
+        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=110), "wb")
 
         table = torch.tensor([[r[f"r_b{b}"] for b in range(BUCKETS)] for r in rows])
         finite = table[torch.isfinite(table) & (table > 0)]
-        fig, (lines, heat) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig = Figure(figsize=(10, 3.8))
+        lines, heat = fig.subplots(1, 2)
         shown = sorted({round(i * (len(rows) - 1) / 5) for i in range(6)})
-        cmap = plt.get_cmap("viridis")
+        cmap = matplotlib.colormaps["viridis"]
         for i in shown:
             lines.plot(range(BUCKETS), table[i].tolist(), "o-", ms=3, color=cmap(i / max(len(rows) - 1, 1)),
                        label=f"step {steps[i]}")
@@ -216,6 +217,5 @@ class TrainingDiagnostics:
                  xlabel="timestep bucket b", ylabel="training step", title="all log rows (blank: no examples)")
         fig.colorbar(image, ax=heat, label="relative residual")
         fig.tight_layout()
-        atomic_write(os.path.join(self.run_dir, "fp_residual_by_t.png"), lambda f: fig.savefig(f, format="png",
-                                                                                             dpi=110), "wb")
-        plt.close(fig)
+        atomic_write(paths[1], lambda f: fig.savefig(f, format="png", dpi=110), "wb")
+        return paths

@@ -349,15 +349,17 @@ class DiT(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------------------------
 
-    def forward(self, x, t, y, **solver):
+    def forward(self, x, t, y, force_drop_ids=None, **solver):
         """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels -> (N, out_channels, H, W).
 
+        `force_drop_ids`: (N,) booleans, which labels to replace by the null class (training draws them per example;
+        without it a training forward drops labels from torch's RNG, as DiT does).
         `solver`: FPDM only (see `FPDM.trunk`): `num_iterations`, `tol`, `reuse`.
         """
         self._check_input(x, t, y, **solver)
         tokens = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
-        y_emb = self.y_embedder(y, self.training)
+        y_emb = self.y_embedder(y, self.training, force_drop_ids)
         tokens, c_final = self.trunk(tokens, t_emb + y_emb, y_emb, **solver)
         return self.unpatchify(self.final_layer(tokens, c_final))
 
@@ -386,7 +388,8 @@ class DiT(nn.Module):
         if self.y_embedder.dropout_prob <= 0:
             raise ValueError("classifier-free guidance needs a model trained with class_dropout_prob > 0")
         half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y, **kwargs)
+        # The guidance mix in float32 even under bf16 autocast (the scale amplifies cond - uncond).
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y, **kwargs).float()
         channels = self.in_channels if guidance_channels is None else guidance_channels
         eps, rest = model_out[:, :channels], model_out[:, channels:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)

@@ -6,10 +6,14 @@
     accelerate launch --config_file aconfs/1node_8gpu_bf16.yaml train.py --preset fpdm-xl2-in256 --data-path latents/
 
 The settings (configs.py: typed groups, presets, one validator per group) come from flags or from Python:
-`train.main(configs.preset("demo-mnist-fpdm", max_steps=500))`. Every random choice (batch composition, t, noise,
-label dropout, flips) comes from torch's RNG and the S-JFB counts from (seed, step, micro-batch) alone, the same on
-every process (`sjfb_counts`); checkpoints store every process's RNG state, so `--resume auto` continues an
-interrupted run exactly. The whole configuration is saved with each checkpoint as plain data.
+`train.main(configs.preset("demo-mnist-fpdm", max_steps=500))`.
+
+N processes train as one: every random choice of an optimizer step — batch composition, each example's timestep,
+noise, label dropout and augmentation (`ExampleDraws`), the S-JFB counts (`sjfb_counts`) — is a function of
+(seed, step, position in the global batch) alone. One process, N processes and any --grad-accum-steps split take the
+same optimizer steps (same losses and weights up to float summation order), and `--resume auto` continues an
+interrupted run exactly, also on another number of processes. The whole configuration is saved with each checkpoint
+as plain data.
 """
 
 import copy
@@ -55,11 +59,15 @@ def _train(cfg, cleanup):
     o, r = cfg.optim, cfg.run
     dataset = data.build_dataset(cfg.data.data_path, image_size=cfg.data.image_size, skip_bad_images=
                                  cfg.data.skip_bad_images, unconditional=cfg.data.unconditional, scan=False)
+    vae_path = latent_decoder_path(cfg, dataset)
     run_dir, ckpt_path, ckpt = open_run(cfg)
     if "LOCAL_RANK" in os.environ:  # a worker of accelerate launch / torchrun: stop when the launcher dies
         exit_with_parent()
     accelerator, tracker = make_accelerator(cfg, run_dir)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    check_ranks_agree(cfg, ckpt_path, ckpt, accelerator)
+    check_resume_precision(cfg, ckpt, accelerator)
+    decoder = load_latent_decoder(vae_path, device, accelerator.is_main_process or bool(cfg.run.eval_every))
     if hasattr(dataset, "scan"):  # image folders: every file decoded once before step 1 (one scan per node, cached)
         with accelerator.local_main_process_first():
             dataset.scan()
@@ -81,23 +89,30 @@ def _train(cfg, cleanup):
     if o.compile:  # after prepare (DDP keeps its overlap), block by block (any S-JFB counts reuse the graphs)
         raw_model.compile_regions()
     ema.to(device)
-    step = restore(ckpt, raw_model, ema, optimizer, scheduler, cfg, accelerator) if ckpt is not None else 0
+    step, saved_rng = 0, None
+    if ckpt is not None:
+        step = restore(ckpt, raw_model, ema, optimizer, scheduler, cfg, accelerator)
+        saved_rng = ckpt["rng"][rank] if ckpt["world_size"] == world else None
+    ckpt = None  # the checkpoint's tensors are in the model and optimizer now: nothing else holds the file's pages
 
     metrics = start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, step, local_batch, ckpt_path,
                                init_report, tracker)
+    draws = ExampleDraws(cfg, dataset, diffusion.num_timesteps, raw_model.y_embedder.dropout_prob, device)
     sampler = StepBatchSampler(len(dataset), local_batch * world, rank, world, o.seed,
                                start_micro_step=step * o.grad_accum_steps)
     # The loader gets its own generator: creating its iterator must not advance the training RNG.
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                               pin_memory=device.type == "cuda", generator=torch.Generator(),
                                               persistent_workers=cfg.data.num_workers > 0))
-    preview = Preview(cfg, dataset, ema, run_dir, device)
-    evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker) if cfg.run.eval_every else None
+    preview = Preview(cfg, dataset, ema, run_dir, device, decoder)
+    evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder) if r.eval_every else None
+    background = BackgroundWork()  # plots drawn off the training path
+    cleanup.callback(background.close)
     diagnostics = None
     if cfg.fp.fixed_point and r.fp_diagnostics and accelerator.is_main_process:
         diagnostics = TrainingDiagnostics(run_dir, dataset, diffusion, device, r.fp_power_iterations, step)
-    if ckpt is not None and ckpt["world_size"] == world:
-        set_rng_state(ckpt["rng"][rank])  # last, so that nothing above consumes the restored stream
+    if saved_rng is not None:
+        set_rng_state(saved_rng)  # last, so that nothing above consumes the restored stream (previews, evaluation)
 
     model.train()
     progress = tqdm(total=o.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
@@ -105,23 +120,26 @@ def _train(cfg, cleanup):
     last_good = ckpt_path
     while step < o.max_steps:
         grad_norm, lr = train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler,
-                                   accelerator, metrics, step, last_good)
+                                   accelerator, metrics, step, last_good, draws)
         step += 1
         update_ema(ema, raw_model, min(o.ema_decay, (1 + step) / (10 + step)) if o.ema_warmup else o.ema_decay)
         progress.update(1)
         if step % r.log_every == 0 or step == o.max_steps:
-            row = metrics.log(step, grad_norm, lr, accelerator, progress)
+            metrics.log(step, grad_norm, lr, accelerator, progress)
+        if metrics.by_t and (step % r.fp_diagnostics_every == 0 or step == o.max_steps):
+            residual_by_t = metrics.take_residual_by_t(accelerator)  # every process: a reduction
             if diagnostics is not None:  # the contraction estimate on the probe batch: here, never per step
-                log_layer_diagnostics(diagnostics, step, raw_model, row["fp_residual_by_t"], accelerator, tracker)
+                log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker, background)
         if r.sample_every and r.num_sample_images and step % r.sample_every == 0 and accelerator.is_main_process:
-            logger.info("samples: %s", preview.write(step))
+            logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
         if evaluator is not None and step % r.eval_every == 0:
-            evaluator.run(step)
+            evaluator.run(step, background)
         if step % r.ckpt_every == 0 or step == o.max_steps:
             last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
     progress.close()
     if accelerator.is_main_process and r.num_sample_images and not os.path.exists(preview.path(step)):
-        logger.info("samples: %s", preview.write(step))  # (a resumed, finished run has it already)
+        logger.info("samples: %s", preview.write(step, accelerator if tracker else None))  # (a finished run has it)
+    background.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
@@ -137,19 +155,24 @@ def launch(cfg, quiet=False):
 
 
 def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler, accelerator, metrics, step,
-               last_good):
+               last_good, draws):
     """One optimizer step over `grad_accum_steps` micro-batches; returns (gradient norm, the rate it used)."""
     accum, device = cfg.optim.grad_accum_steps, accelerator.device
     nonfinite = torch.zeros((), device=device)  # non-finite micro-batch losses of this step (no sync to count)
+    draws.draw(step)
     for micro in range(accum):
         x, y = next(loader)
-        x, y = dataset.augment(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+        # This micro-batch's examples sit at these positions of the step's global batch (as StepBatchSampler's).
+        mine = draws.select((micro * accelerator.num_processes + accelerator.process_index) * x.shape[0], x.shape[0])
+        x, y = dataset.augment(x.to(device, non_blocking=True), mine["augment"]), y.to(device, non_blocking=True)
         kwargs = {"y": y}
+        if mine["drop"] is not None:
+            kwargs["force_drop_ids"] = mine["drop"]
         if cfg.fp.fixed_point:
-            kwargs["num_iterations"] = sjfb_counts(cfg, step, micro)
+            kwargs["num_iterations"] = sjfb_counts(cfg, step)
+        t = mine["t"]
         with nullcontext() if micro == accum - 1 else accelerator.no_sync(model), accelerator.autocast():
-            loss = diffusion.training_losses(model, x, t, model_kwargs=kwargs)["loss"].mean()
+            loss = diffusion.training_losses(model, x, t, model_kwargs=kwargs, noise=mine["noise"])["loss"].mean()
         accelerator.backward(loss / accum)
         nonfinite += ~torch.isfinite(loss.detach())
         metrics.add(loss.detach() / accum, raw_model.last_stats if raw_model.fixed_point else None, t)
@@ -171,14 +194,48 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
     return grad_norm, lr
 
 
-def sjfb_counts(cfg, step, micro):
-    """The S-JFB counts (n iterations without a graph, m with one) of micro-batch `micro` of optimizer step `step`
-    (0-based): a function of (seed, step, micro) alone. Every process draws the same pair, so DDP never waits for a
-    rank that drew more iterations; runs on any number of processes draw the same sequence; a resume replays it."""
+def sjfb_counts(cfg, step):
+    """The S-JFB counts (n iterations without a graph, m with one) of optimizer step `step` (0-based), shared by its
+    micro-batches: a function of (seed, step) alone. Every process draws the same pair, so DDP never waits for a rank
+    that drew more iterations; runs on any number of processes and any accumulation split draw the same sequence; a
+    resume replays it. (The generator is keyed (seed, step, 0): runs without accumulation keep the counts they drew
+    when each micro-batch had its own.)"""
     fp = cfg.fp
-    rng = np.random.default_rng([cfg.optim.seed, step, micro])
+    rng = np.random.default_rng([cfg.optim.seed, step, 0])
     return (int(rng.integers(fp.fixed_point_no_grad_min_iters, fp.fixed_point_no_grad_max_iters + 1)),
             int(rng.integers(fp.fixed_point_with_grad_min_iters, fp.fixed_point_with_grad_max_iters + 1)))
+
+
+class ExampleDraws:
+    """Every random choice of an optimizer step for each example of its global batch — timestep, noise, label dropout
+    (None when the model has none) and the dataset's augmentation draw (`augment_draw`: flips, the latent posterior
+    sample) — drawn on the device from a generator seeded by (seed, step) alone. Each process takes the slice of the
+    examples it holds (`select`), so 1 or N processes and any accumulation split train on the same numbers, and a
+    run resumed at step s (on any number of processes) draws what the uninterrupted run drew."""
+
+    def __init__(self, cfg, dataset, num_timesteps, label_dropout, device):
+        self.seed, self.size, self.shape = cfg.optim.seed, cfg.optim.global_batch_size, tuple(dataset.image_shape)
+        self.num_timesteps, self.label_dropout, self.augment_draw = num_timesteps, label_dropout, dataset.augment_draw
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.step = None
+
+    def draw(self, step):
+        entropy = np.random.SeedSequence([self.seed, step]).generate_state(2, np.uint32)
+        self.generator.manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+        g, n, where = self.generator, self.size, {"device": self.device}
+        self.drawn = {"t": torch.randint(0, self.num_timesteps, (n,), generator=g, **where),
+                      "noise": torch.randn(n, *self.shape, generator=g, **where),
+                      "drop": torch.rand(n, generator=g, **where) < self.label_dropout if self.label_dropout > 0
+                      else None,
+                      "augment": {None: lambda: None, "uniform": lambda: torch.rand(n, generator=g, **where),
+                                  "normal": lambda: torch.randn(n, *self.shape, generator=g, **where)
+                                  }[self.augment_draw]()}
+        self.step = step
+
+    def select(self, start, size):
+        """The draws of global-batch positions [start, start + size) of the current step."""
+        return {k: None if v is None else v[start:start + size] for k, v in self.drawn.items()}
 
 
 @torch.no_grad()
@@ -223,6 +280,7 @@ def make_accelerator(cfg, run_dir):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.fp.fixed_point and
                                         cfg.fp.fixed_point_with_grad_min_iters == 0)
     tracker = choose_tracker(cfg.run.tracker)
+    # mixed_precision None: the accelerate launch config (or its --mixed_precision) decides; "no" without one.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.optim.mixed_precision,
                               kwargs_handlers=[ddp], log_with=tracker, project_dir=run_dir)
     return accelerator, tracker
@@ -262,11 +320,84 @@ def restore(ckpt, raw_model, ema, optimizer, scheduler, cfg, accelerator):
         group["initial_lr"], group["weight_decay"] = lr, weight_decay
         group["lr"] = lr * rate(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    if ckpt["world_size"] != accelerator.num_processes and accelerator.is_main_process:
-        logger.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart (the run "
-                       "continues correctly but will not match an uninterrupted one)", ckpt["world_size"],
-                       accelerator.num_processes)
     return ckpt["step"]
+
+
+def check_ranks_agree(cfg, ckpt_path, ckpt, accelerator):
+    """Every process must start from the same place: the same step, checkpoint and settings. A node that cannot see
+    the results folder would start from step 0 while the others resume, and the ranks would drift apart silently."""
+    if accelerator.num_processes == 1:
+        return
+    import hashlib
+    from accelerate.utils import gather_object
+    settings = {k: v for k, v in cfg.flat().items() if k not in ("results_dir", "resume")}
+    mine = (ckpt["step"] if ckpt is not None else 0, os.path.basename(ckpt_path) if ckpt_path else None,
+            hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12])
+    seen = gather_object([mine])
+    if any(other != seen[0] for other in seen):
+        ranks = "; ".join(f"rank {i}: step {s}, checkpoint {c or 'none'}, settings {h}" for i, (s, c, h) in
+                          enumerate(seen) if i == 0 or (s, c, h) != seen[0])
+        raise ValueError(f"the processes disagree on where the run stands ({ranks}): every node must see the same "
+                         f"--results-dir (shared storage) and get the same flags")
+
+
+def check_resume_precision(cfg, ckpt, accelerator):
+    """A resumed run keeps the precision it trained in, whichever way it was set (flag, preset or launch config)."""
+    if ckpt is None:
+        return
+    saved = ckpt.get("mixed_precision_used") or ckpt["config"].get("mixed_precision") or "no"
+    if accelerator.mixed_precision != saved and "mixed_precision" not in configs.overridden_keys(cfg):
+        raise ValueError(f"this run trained with mixed precision {saved!r} but this launch gives "
+                         f"{accelerator.mixed_precision!r} (flag, preset or the accelerate config): pass "
+                         f"--mixed-precision {saved}, or --override mixed_precision={accelerator.mixed_precision} to "
+                         f"change it on purpose")
+
+
+def latent_decoder_path(cfg, dataset):
+    """The VAE that turns a latent run's samples into images for previews and FID (--vae, else the one the latent
+    folder was extracted with); None for pixel data or when nothing is decoded. Refuses, in one line and before
+    anything is written, a latent run that would preview or evaluate without one."""
+    r = cfg.run
+    if dataset.kind != "latents" or not (r.num_sample_images or r.eval_every):
+        return None
+    path = cfg.data.vae or dataset.meta.get("vae")
+    uses = " and ".join(f for f, on in (("previews (--num-sample-images)", r.num_sample_images),
+                                        ("--eval-every", r.eval_every)) if on)
+    if not path:
+        raise ValueError(f"{uses} on latents need the VAE that decodes them: pass --vae PATH (a local diffusers "
+                         f"AutoencoderKL folder), or --num-sample-images 0 and no --eval-every")
+    return os.path.expanduser(path)
+
+
+def load_latent_decoder(path, device, needed):
+    """The VAE (in eval mode on `device`) on the processes that decode (`needed`), loaded once per process; a path
+    that does not load stops the run in one line before anything is written (vae.load)."""
+    if path is None or not needed:
+        return None
+    import vae as vae_io
+    return vae_io.load(path).to(device).eval().requires_grad_(False)
+
+
+class BackgroundWork:
+    """One worker thread for what need not hold up training (redrawing plots from their CSVs): `submit` queues a
+    call, the next `submit` or `close` re-raises a failure of an earlier one."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots"), []
+
+    def submit(self, fn, *args):
+        self._collect(wait=False)
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def _collect(self, wait):
+        done = [f for f in self.pending if wait or f.done()]
+        self.pending = [f for f in self.pending if f not in done]
+        for f in done:
+            f.result()
+
+    def close(self):
+        self._collect(wait=True)
 
 
 def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, step, local_batch, ckpt_path,
@@ -288,11 +419,12 @@ def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, ste
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True,
                         handlers=[TqdmHandler(), logging.FileHandler(os.path.join(run_dir, "log.txt"))])
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({"train": cfg.flat(), "model": raw_model.config}, f, indent=2)
-    logger.info("%s | %s, %s parameters | %d process(es) on %s, micro-batch %d x %d accumulation | %s", run_dir,
-                "FPDM" if cfg.fp.fixed_point else "DiT", f"{raw_model.num_parameters():,}",
+        json.dump({"train": cfg.flat(), "model": raw_model.config, "mixed_precision_used": accelerator.mixed_precision,
+                   "processes": accelerator.num_processes}, f, indent=2)
+    logger.info("%s | %s, %s parameters | %d process(es) on %s, micro-batch %d x %d accumulation, mixed precision "
+                "%s | %s", run_dir, "FPDM" if cfg.fp.fixed_point else "DiT", f"{raw_model.num_parameters():,}",
                 accelerator.num_processes, accelerator.device.type, local_batch, cfg.optim.grad_accum_steps,
-                dataset.describe())
+                accelerator.mixed_precision, dataset.describe())
     for condition, message in ((lock.previous_owner, f"took over the lock of {lock.previous_owner}, which did not "
                                                      f"exit cleanly"),
                                (dropped, f"dropped {dropped} metrics.csv rows after step {step} (they are logged "
@@ -303,9 +435,11 @@ def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, ste
                                (init_report and not ckpt_path, f"initialised from {cfg.run.init_from}: {init_report}")):
         if condition:
             logger.info("%s", message)
-    if tracker:
-        accelerator.init_trackers("trackers", config={k: v for k, v in cfg.flat().items()
-                                                    if isinstance(v, (int, float, str, bool))})
+    if tracker:  # wandb: project "fpdm" (WANDB_PROJECT overrides), the run's name, files under the run folder
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "fpdm") if tracker == "wandb" else "tensorboard",
+                                  config={k: v for k, v in cfg.flat().items() if isinstance(v, (int, float, str, bool))},
+                                  init_kwargs={"wandb": {"dir": run_dir, "name": os.path.basename(run_dir),
+                                                         "id": wandb_run_id(run_dir), "resume": "allow"}})
     return metrics
 
 
@@ -318,7 +452,8 @@ def save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, ac
         write_training_checkpoint(run_dir, step, {
             "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
             "sched": scheduler.state_dict(), "config": cfg.flat(), "model_config": raw_model.config,
-            "world_size": accelerator.num_processes, "rng": states}, cfg.run.keep_last)
+            "world_size": accelerator.num_processes, "rng": states, "mixed_precision_used": accelerator.mixed_precision},
+            cfg.run.keep_last)
         logger.info("saved %s", name)
     accelerator.wait_for_everyone()
     return os.path.join(run_dir, name)
@@ -382,8 +517,9 @@ class StepBatchSampler:
 class MetricsWindow:
     """The steps since the last log line: loss, S-JFB counts and fixed-point residuals summed on the device (no host
     sync per step), then one row for metrics.csv, the tracker and the log line. With --fp-diagnostics, also each
-    example's final relative residual summed per timestep bucket (row 0) with the bucket's count (row 1), all
-    processes' added up and read with one sync per log row (`fp_residual_by_t` of the row; fp_diagnostics.py)."""
+    example's final relative residual summed per timestep bucket (row 0) with the bucket's count (row 1) since the
+    last diagnostics row, all processes' added up and read with one sync per diagnostics row (`take_residual_by_t`;
+    fp_diagnostics.py)."""
 
     FIELDS = ["step", "loss", "grad_norm", "lr", "steps_per_s", "images_per_s", "peak_mem_mb", "sjfb_no_grad",
               "sjfb_with_grad", "fp_residual"]
@@ -394,6 +530,7 @@ class MetricsWindow:
         self.device = accelerator.device
         self.by_t = cfg.fp.fixed_point and cfg.run.fp_diagnostics
         self.buckets = torch.arange(BUCKETS, device=self.device)
+        self.residual_by_t = torch.zeros(2, BUCKETS, device=self.device)
         if self.is_main and not os.path.exists(path):
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.FIELDS)
@@ -402,7 +539,13 @@ class MetricsWindow:
     def reset(self):
         self.loss, self.steps, self.start = torch.zeros((), device=self.device), 0, time.time()
         self.micro, self.sjfb, self.residual = 0, [0, 0], 0.0
-        self.residual_by_t = torch.zeros(2, BUCKETS, device=self.device)
+
+    def take_residual_by_t(self, accelerator):
+        """The mean final relative residual per timestep bucket since the last call, over all processes (NaN where
+        no example fell); a collective call: every process makes it."""
+        sums, counts = accelerator.reduce(self.residual_by_t, reduction="sum").tolist()
+        self.residual_by_t = torch.zeros_like(self.residual_by_t)
+        return [s / n if n else math.nan for s, n in zip(sums, counts)]
 
     def add(self, loss, stats=None, t=None):
         """One micro-batch: its loss (already divided by the accumulation steps), the FPDM call's stats and the
@@ -426,11 +569,7 @@ class MetricsWindow:
                "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": steps / elapsed,
                "images_per_s": steps * self.cfg.optim.global_batch_size / elapsed,
                "peak_mem_mb": peak_memory_bytes(self.device) / 2**20, "sjfb_no_grad": self.sjfb[0] / micro,
-               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": float(self.residual) / micro,
-               "fp_residual_by_t": None}
-        if self.by_t:
-            sums, counts = accelerator.reduce(self.residual_by_t, reduction="sum").tolist()
-            row["fp_residual_by_t"] = [s / n if n else math.nan for s, n in zip(sums, counts)]
+               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": float(self.residual) / micro}
         if self.is_main:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerow([row[k] for k in self.FIELDS])
@@ -445,11 +584,14 @@ class MetricsWindow:
         return row
 
 
-def log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker):
-    """The log row's fixed-point diagnostics (fp_diagnostics.py): a row of fp_diagnostics.csv and its plots, a log
-    line, the tracker. Main process only; the RNG and the model are left as they were."""
+def log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker, background):
+    """A row of fixed-point diagnostics (fp_diagnostics.py, every --fp-diagnostics-every steps): a row of
+    fp_diagnostics.csv, its plots (redrawn in the background, then sent to the tracker), a log line, the tracker's
+    scalars. Main process only; the RNG and the model are left as they were."""
     start = time.time()
     row = diagnostics.write(step, raw_model, residual_by_t)
+    background.submit(lambda: log_images(accelerator if tracker else None, step, {
+        os.path.splitext(os.path.basename(path))[0]: path for path in diagnostics.plot()}))
     logger.info("step %d  fixed-point layer: contraction %.3f (probe mean %.3f, residual at z* %.2g), residual by t "
                 "%s  (%.2f s)", step, row["contraction"], row["contraction_mean"], row["probe_residual"],
                 " ".join(f"{v:.2g}" for v in residual_by_t or []), time.time() - start)
@@ -457,12 +599,39 @@ def log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerat
         accelerator.log({k: v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=step)
 
 
-class Preview:
-    """EMA sample grids on fixed noise and labels (their own generator: the training RNG is not disturbed)."""
+def to_pixels(samples, decoder):
+    """Samples in model space -> images in [-1, 1]: latents decode through the run's VAE (`decoder`), pixel
+    samples pass through."""
+    if decoder is None:
+        return samples
+    import vae as vae_io
+    return vae_io.decode(samples.float(), decoder)
 
-    def __init__(self, cfg, dataset, ema, run_dir, device):
+
+def log_images(accelerator, step, paths):
+    """PNG files (plots, sample grids; {name: path}) to every tracker of `accelerator` (None: no tracker)."""
+    if accelerator is None or not paths:
+        return
+    from PIL import Image
+    images = {}
+    for name, path in paths.items():
+        with Image.open(path) as image:
+            images[name] = np.asarray(image.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for name, array in images.items():
+                tracker.writer.add_image(name, array, step, dataformats="HWC")
+        else:
+            tracker.log_images({name: [array] for name, array in images.items()}, step=step)
+
+
+class Preview:
+    """EMA sample grids on fixed noise and labels (their own generator: the training RNG is not disturbed); latent
+    samples decoded through the run's VAE."""
+
+    def __init__(self, cfg, dataset, ema, run_dir, device, decoder=None):
         from sampling import diffusion_for_sampling
-        self.cfg, self.dataset, self.ema, self.run_dir = cfg, dataset, ema, run_dir
+        self.cfg, self.dataset, self.ema, self.run_dir, self.decoder = cfg, dataset, ema, run_dir, decoder
         n = cfg.run.num_sample_images
         g = torch.Generator().manual_seed(cfg.optim.seed)
         self.noise = torch.randn(n, *dataset.image_shape, generator=g).to(device)
@@ -472,29 +641,33 @@ class Preview:
     def path(self, step):
         return os.path.join(self.run_dir, "samples", f"step_{step:07d}.png")
 
-    def write(self, step):
+    def write(self, step, accelerator=None):
+        """The grid of `step` (also to the trackers of `accelerator`); returns its path."""
         from sampling import sample_images, save_grid
         cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
         images, _ = sample_images(self.ema, self.diffusion, self.noise, self.labels, cfg_scale=cfg_scale,
                                   sampler=self.cfg.run.sample_sampler)
-        if self.dataset.kind == "latents":
-            images = self.dataset.decode(images) if hasattr(self.dataset, "decode") else images[:, :3]
+        images = to_pixels(images, self.decoder)
         classes = self.dataset.num_classes
-        return save_grid(images, self.path(step), nrow=classes if 1 < classes <= 16 else int(math.sqrt(len(images))))
+        path = save_grid(images, self.path(step), nrow=classes if 1 < classes <= 16 else int(math.sqrt(len(images))))
+        log_images(accelerator, step, {"samples": path})
+        return path
 
 
 class Evaluator:
     """FID during training (--eval-every N, --eval-samples K): the EMA model samples K images on fixed noise and
-    labels (their own generator), sharded over the processes (process r takes samples r, r + world, ...); the main
-    process scores them — FID-MNIST and class accuracy on the bundled digits, Inception FID against
-    --eval-reference otherwise — and appends a row to eval.csv and the tracker. Every RNG state is saved before and
-    restored after, so the training RNG, and with it exact resume, is untouched."""
+    labels (their own generator), sharded over the processes (process r takes samples r, r + world, ...; latents are
+    decoded there, through the run's VAE); the main process scores them — FID-MNIST and class accuracy on the
+    bundled digits, Inception FID against --eval-reference otherwise — and appends a row to eval.csv and the
+    tracker. Every RNG state is saved before and restored after, so the training RNG, and with it exact resume, is
+    untouched."""
 
     FIELDS = ["step", "metric", "value", "accuracy", "num_samples", "seconds"]
 
-    def __init__(self, cfg, dataset, ema, run_dir, accelerator, step, tracker):
+    def __init__(self, cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder=None):
         from sampling import diffusion_for_sampling
         self.cfg, self.dataset, self.ema, self.accelerator, self.tracker = cfg, dataset, ema, accelerator, tracker
+        self.decoder = decoder
         self.path = os.path.join(run_dir, "eval.csv")
         k, world, rank = cfg.run.eval_samples, accelerator.num_processes, accelerator.process_index
         g = torch.Generator().manual_seed(cfg.optim.seed + 1)
@@ -513,22 +686,22 @@ class Evaluator:
                     csv.writer(f).writerow(self.FIELDS)
 
     @torch.no_grad()
-    def run(self, step):
-        """Sample, gather and score; every RNG (torch, CUDA, NumPy, Python) is as before afterwards."""
+    def run(self, step, background=None):
+        """Sample, gather and score; every RNG (torch, CUDA, NumPy, Python) is as before afterwards. eval.png is
+        redrawn on `background` (a BackgroundWork) if given."""
         saved = rng_state()
         try:
-            return self._run(step)
+            return self._run(step, background)
         finally:
             set_rng_state(saved)
 
-    def _run(self, step):
+    def _run(self, step, background=None):
         from sampling import sample_images
         start = time.time()
         cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
         images, _ = sample_images(self.ema, self.diffusion, self.noise, self.my_labels, cfg_scale=cfg_scale,
                                   sampler=self.cfg.run.sample_sampler)
-        if self.dataset.kind == "latents":
-            images = self.dataset.decode(images) if hasattr(self.dataset, "decode") else images[:, :3]
+        images = to_pixels(images, self.decoder)
         padded = torch.zeros(self.per_process, *images.shape[1:], device=images.device, dtype=images.dtype)
         padded[:len(images)] = images
         gathered = self.accelerator.gather(padded.contiguous())  # rank-major: rank r's j-th is sample r + j·world
@@ -542,7 +715,11 @@ class Evaluator:
                "seconds": time.time() - start}
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([row[name] for name in self.FIELDS])
-        self.plot()
+        tracker = self.accelerator if self.tracker else None
+        if background is None:
+            log_images(tracker, step, {"eval": self.plot()})
+        else:
+            background.submit(lambda: log_images(tracker, step, {"eval": self.plot()}))
         logger.info("step %d  %s %.3f%s  (%d samples, %.0f s)", step, metric, value,
                     "" if accuracy is None else f"  accuracy {accuracy:.3f}", k, row["seconds"])
         if self.tracker:
@@ -551,13 +728,13 @@ class Evaluator:
         return row
 
     def plot(self):
-        """eval.png beside eval.csv: the metric against training steps (rewritten after every evaluation)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """eval.png beside eval.csv: the metric against training steps (rewritten after every evaluation); returns
+        its path. matplotlib's object API without pyplot: safe on a thread of its own."""
+        from matplotlib.figure import Figure
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
-        fig, ax = plt.subplots(figsize=(5, 3.4))
+        fig = Figure(figsize=(5, 3.4))
+        ax = fig.subplots()
         ax.plot([int(r["step"]) for r in rows], [float(r["value"]) for r in rows], "o-")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{rows[-1]['metric']} of the EMA model ({rows[-1]['num_samples']} samples)")
@@ -566,7 +743,7 @@ class Evaluator:
         path = os.path.join(os.path.dirname(self.path), "eval.png")
         from run_folders import atomic_write
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
-        plt.close(fig)
+        return path
 
     def _score(self, samples):
         import evaluate
@@ -592,12 +769,31 @@ def peak_memory_bytes(device):
     return peak_rss_bytes()
 
 
+def wandb_run_id(run_dir):
+    """One wandb run per run folder (a resume continues it): the folder's name and a hash of its absolute path."""
+    import hashlib
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in os.path.basename(run_dir))[:40]
+    return f"{name}-{hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:8]}"
+
+
+def _importable(module):
+    """Whether `module` imports as a real package (a stray folder of that name imports as an empty namespace
+    package, and find_spec accepts it: neither is the tracker)."""
+    import importlib
+    try:
+        return getattr(importlib.import_module(module), "__file__", None) is not None
+    except Exception:  # noqa: BLE001 (missing or broken: not usable either way)
+        return False
+
+
 def choose_tracker(name):
-    import importlib.util
+    """The accelerate tracker for --tracker: auto = wandb (offline unless WANDB_MODE says otherwise) if it imports,
+    else tensorboard if it imports, else none. A tracker asked for by name that does not import stops the run."""
     if name == "auto":
-        name = ("wandb" if importlib.util.find_spec("wandb") else
-                "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
-                else "none")
+        name = next((n for n in ("wandb", "tensorboard") if _importable(n)), "none")
+    elif name != "none" and not _importable(name):
+        raise ValueError(f"--tracker {name}: the {name} package does not import here; install it (pip install "
+                         f"{name}) or pass --tracker none")
     if name == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     return None if name == "none" else name

@@ -8,7 +8,7 @@ Three measurements:
              iterations without a graph, m with one, c = --with-grad-cost no-grad iterations each). Simulated over
              --sim-steps steps of the fpdm-xl2-in256 preset's counts (n in 0..10, m in 1..12) on --ranks ranks:
              "before", every rank drawing from its own RNG (seeded per rank, as the release and our first version
-             did); "after", train.sjfb_counts (one draw per step and micro-step, the same on every rank). The ratio
+             did); "after", train.sjfb_counts (one draw per step, the same on every rank). The ratio
              is the mean step cost on R ranks over the mean on one rank: the straggler slowdown.
   syncs      host-device syncs (measure.SyncCounter: .item(), .tolist(), .cpu(), bool/float/int of a tensor,
              torch.from_numpy) made by this repository's code per training step (train.py, a tiny FPDM, --train-steps
@@ -46,8 +46,8 @@ def straggler(ranks, steps, cost_with_grad, seed=0):
     # before: rank r's own stream (seed·1000 + r, as train.py seeds each rank), one draw of (n, m) per step
     streams = [np.random.default_rng(seed * 1000 + r) for r in range(ranks)]
     before = np.array([[cost(s.integers(*n_range), s.integers(*m_range)) for s in streams] for _ in range(steps)])
-    # after: every rank calls sjfb_counts(cfg, step, 0), which does not depend on the rank
-    after = np.array([[cost(*train.sjfb_counts(cfg, step, 0)) for _ in range(ranks)] for step in range(steps)])
+    # after: every rank calls sjfb_counts(cfg, step), which does not depend on the rank
+    after = np.array([[cost(*train.sjfb_counts(cfg, step)) for _ in range(ranks)] for step in range(steps)])
     return {"ranks": ranks, "steps": steps, "with_grad_cost": cost_with_grad,
             "before": {"one_rank": float(before[:, 0].mean()), "all_ranks": float(before.max(1).mean()),
                        "ratio": float(before.max(1).mean() / before[:, 0].mean())},

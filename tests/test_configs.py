@@ -19,14 +19,14 @@ OLD_DEMO_FLAGS = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-
 
 def test_demo_preset_is_the_recipe_the_demo_always_trained():
     """The old flags plus the training-time FID curve, which changes nothing the training does (test_train)."""
-    curve = ["--eval-every", "250", "--eval-samples", "200", "--eval-steps", "10"]
+    curve = ["--eval-every", "250", "--eval-samples", "200", "--eval-steps", "10", "--fp-diagnostics-every", "250"]
     assert configs.preset("demo-mnist-fpdm") == configs.parse_args(OLD_DEMO_FLAGS + curve)
     dit = configs.preset("demo-mnist-dit").flat()
     fpdm = configs.preset("demo-mnist-fpdm").flat()
     assert {k for k in fpdm if fpdm[k] != dit[k]} == {"fixed_point", "fixed_point_no_grad_min_iters",
                                                       "fixed_point_no_grad_max_iters", "fixed_point_with_grad_min_iters",
                                                       "fixed_point_with_grad_max_iters", "eval_every", "eval_samples",
-                                                      "eval_steps"}
+                                                      "eval_steps", "fp_diagnostics_every"}
 
 
 @pytest.mark.parametrize("name", sorted(configs.PRESETS))

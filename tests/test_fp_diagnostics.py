@@ -131,19 +131,20 @@ def test_metrics_window_averages_residuals_per_timestep_bucket(tmp_path):
     for t, r in (([0, 99, 950], [1.0, 3.0, 0.5]), ([100, 999, 50], [4.0, 1.5, 5.0])):
         stats = FixedPointStats(sjfb=(1, 1), residuals=[torch.tensor(1.0)], example_residuals=torch.tensor(r))
         window.add(torch.tensor(0.1), stats, torch.tensor(t))
-    row = window.log(1, torch.tensor(1.0), 1e-3, accelerator, SimpleNamespace(set_postfix=lambda **_: None))
-    by_t = row["fp_residual_by_t"]
+    window.log(1, torch.tensor(1.0), 1e-3, accelerator, SimpleNamespace(set_postfix=lambda **_: None))
+    by_t = window.take_residual_by_t(accelerator)  # the sums outlive log rows: they cover a diagnostics interval
     assert len(by_t) == BUCKETS and by_t[0] == 3.0 and by_t[1] == 4.0 and by_t[9] == 1.0
     assert all(math.isnan(v) for v in by_t[2:9])
+    assert all(math.isnan(v) for v in window.take_residual_by_t(accelerator))  # and start over after a row
 
 
 def test_training_writes_diagnostics_and_trains_bit_identically_without_them(tmp_path):
-    """A row of fp_diagnostics.csv per log row (finite contraction, residuals finite where a bucket had examples),
-    both PNGs; the same run with --no-fp-diagnostics has the same losses and weights, bit for bit; a resume keeps
-    each step's row once."""
+    """A row of fp_diagnostics.csv every --fp-diagnostics-every steps and at the last (finite contraction, residuals
+    finite where a bucket had examples), both PNGs (drawn off the training path, there when the run returns); the
+    same run with --no-fp-diagnostics has the same losses and weights, bit for bit; a resume keeps each step's row
+    once."""
     args = [*TINY_ARGS, "--results-dir", str(tmp_path), "--max-steps", "4", "--ckpt-every", "4", "--sample-every", "0",
-            "--num-sample-images", "0"]
-    args[args.index("--log-every") + 1] = "2"
+            "--num-sample-images", "0", "--fp-diagnostics-every", "2"]
     on = train.main(train.parse_args([*args, "--run-name", "on"]))
     reset_accelerate()
     off = train.main(train.parse_args([*args, "--run-name", "off", "--no-fp-diagnostics"]))
@@ -165,6 +166,6 @@ def test_training_writes_diagnostics_and_trains_bit_identically_without_them(tmp
     with open(os.path.join(on, "fp_diagnostics.csv"), "a") as f:
         f.write("5" + ",0.5" * (len(rows[0]) - 1) + "\n")
     reset_accelerate()
-    train.main(train.parse_args([*args, "--run-name", "on", "--resume", "auto", "--max-steps", "6"]))
+    train.main(train.parse_args([*args, "--run-name", "on", "--resume", "auto", "--max-steps", "7"]))
     with open(os.path.join(on, "fp_diagnostics.csv")) as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4, 6]
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4, 6, 7]  # every 2 steps, and the last

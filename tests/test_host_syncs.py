@@ -14,14 +14,15 @@ from test_train import TINY_ARGS
 
 def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path):
     """10 FPDM steps with random S-JFB counts, logged every 5 steps: one sync per optimizer step (the NaN guard, which
-    every process must agree on before the optimizer runs) and 4 per log row (loss, gradient norm, fixed-point
-    residual, and one tolist of the per-timestep-bucket residual sums and counts of --fp-diagnostics, on by default
-    for FPDM), nothing else: schedule tables are built on the device once, losses, counts and residuals (per-example
-    ones bucketed by t too) are summed on the device, the EMA is one fused op. (The contraction estimate of
-    --fp-diagnostics runs after the log row, outside the counted functions: it reads its result once per log row.)"""
+    every process must agree on before the optimizer runs), 3 per log row (loss, gradient norm, fixed-point
+    residual) and one per diagnostics row (a tolist of the per-timestep-bucket residual sums and counts of
+    --fp-diagnostics, on by default for FPDM; every --fp-diagnostics-every steps and at the last), nothing else:
+    schedule tables are built on the device once, losses, counts and residuals (per-example ones bucketed by t too)
+    are summed on the device, the EMA is one fused op. (The contraction estimate runs after that row, outside the
+    counted functions: it reads its result once per diagnostics row.)"""
     with SyncCounter() as counter:
         counter.watch(train, "train_step", "update_ema")
-        counter.watch(train.MetricsWindow, "log")
+        counter.watch(train.MetricsWindow, "log", "take_residual_by_t")
         args = [a for a in TINY_ARGS]
         args[args.index("--log-every") + 1] = "5"
         cfg = train.parse_args([*args, "--fixed-point-no-grad-max-iters", "4", "--fixed-point-with-grad-max-iters",
@@ -30,9 +31,9 @@ def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path):
         train.main(cfg)
     # ("tolist", _index): the data order, a CPU permutation listed once per epoch (not a device sync).
     expected = {("tolist", "train.py:_index"): 1, ("item", "train.py:train_step"): 10, ("item", "train.py:log"): 2,
-                ("__float__", "train.py:log"): 4, ("tolist", "train.py:log"): 2}
+                ("__float__", "train.py:log"): 4, ("tolist", "train.py:take_residual_by_t"): 1}
     assert counter.calls == expected, counter.calls
-    assert counter.total == 1 + 10 * 1 + 2 * 4
+    assert counter.total == 1 + 10 * 1 + 2 * 3 + 1
 
 
 def test_sampling_syncs_once_per_sample_call():

@@ -13,7 +13,7 @@ import torch
 
 import checkpoints
 import configs
-import deterministic_train
+import sjfb_recording_train
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,13 +138,11 @@ def test_step_batch_sampler_splits_the_one_process_batch(tmp_path):
 
 
 def test_gradient_accumulation_takes_the_same_steps(tmp_path, monkeypatch):
-    """Global batch 8 as 1 × 8 and as 4 micro-batches of 2: the same loss and gradients at every optimizer step,
-    hence the same weights (per-example timesteps and noise, see deterministic_train.py)."""
-    monkeypatch.setattr(deterministic_train.GaussianDiffusion, "training_losses",
-                        deterministic_train.per_example_losses(deterministic_train.GaussianDiffusion.training_losses))
+    """Global batch 8 as 1 × 8 and as 4 micro-batches of 2, through train.py itself (random S-JFB counts, label
+    dropout): the same loss and gradients at every optimizer step, hence the same weights — each example's t, noise
+    and label dropout are drawn from (seed, step, position in the global batch) (train.ExampleDraws)."""
     steps = record_optimizer_steps(monkeypatch)
-    dirs = [run(tmp_path, "--max-steps", "2", *deterministic_train.FLAGS, "--grad-accum-steps", accum, name=f"a{accum}")
-            for accum in ("1", "4")]
+    dirs = [run(tmp_path, "--max-steps", "2", "--grad-accum-steps", accum, name=f"a{accum}") for accum in ("1", "4")]
     assert len(steps) == 4
     for a, b in ((steps[0], steps[2]), (steps[1], steps[3])):
         for ga, gb in zip(a["grads"], b["grads"]):
@@ -303,15 +301,16 @@ def test_bad_input_gives_one_line_and_overwrites_nothing(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "with-grad range" in proc.stderr
 
 
-def test_two_process_cpu_run_through_accelerate(tmp_path, monkeypatch):
-    """accelerate launch, 2 processes × accumulation 2 × micro-batch 2, equals 1 process × batch 8: the same losses
-    and weights after 4 steps (per-example timesteps and noise, deterministic_train.py), one checkpoint per rank's
-    RNG."""
-    flags = [*TINY_ARGS, *deterministic_train.FLAGS, "--results-dir", str(tmp_path), "--max-steps", "4",
+def test_two_process_cpu_run_through_accelerate(tmp_path):
+    """The README's command, `accelerate launch --config_file aconfs/cpu_2proc.yaml train.py ...` with 2 processes ×
+    accumulation 2 × micro-batch 2, equals `python train.py` with 1 process × batch 8 — random S-JFB counts, label
+    dropout 0.1, no harness: the same losses and weights after 4 steps. A run resumed from the 2-process run's step-2
+    checkpoint on 1 process continues the same run. One checkpoint per rank's RNG."""
+    flags = [*TINY_ARGS, "--results-dir", str(tmp_path), "--max-steps", "4",
              "--ckpt-every", "2", "--eval-every", "2", "--eval-samples", "9", "--eval-steps", "3"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
            os.path.join(ROOT, "aconfs", "cpu_2proc.yaml"), "--main_process_port", "29517",
-           os.path.join(ROOT, "tests", "deterministic_train.py"), *flags, "--run-name", "ddp", "--grad-accum-steps", "2"]
+           os.path.join(ROOT, "train.py"), *flags, "--run-name", "ddp", "--grad-accum-steps", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # CPU, even beside a GPU
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -321,11 +320,18 @@ def test_two_process_cpu_run_through_accelerate(tmp_path, monkeypatch):
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeds
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["step_0000002.pt", "step_0000004.pt"]
 
-    monkeypatch.setattr(deterministic_train.GaussianDiffusion, "training_losses",
-                        deterministic_train.per_example_losses(deterministic_train.GaussianDiffusion.training_losses))
     single = train.main(train.parse_args([*flags, "--run-name", "single"]))
     assert losses(tmp_path / "ddp") == pytest.approx(losses(single), rel=1e-5)
     for x, y in zip(final_weights(tmp_path / "ddp", 4), final_weights(single, 4)):
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-4, msg=key)
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = train.main(train.parse_args([*flags, "--run-name", "resumed", "--resume",
+                                           str(tmp_path / "ddp" / "checkpoints" / "step_0000002.pt")]))
+    assert losses(resumed) == pytest.approx({k: v for k, v in losses(single).items() if k > 2}, rel=1e-5)
+    for x, y in zip(final_weights(resumed, 4), final_weights(single, 4)):
         for key in x:
             torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-4, msg=key)
     # FID during training, sharded (5 + 4 samples) and gathered: the same samples, so the same FID-MNIST.
@@ -347,7 +353,7 @@ def launch_two_machines(tmp_path, flags, port, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "SJFB_LOG": str(log)}
     launchers = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
                                    "--config_file", str(path), "--machine_rank", str(rank),
-                                   os.path.join(ROOT, "tests", "deterministic_train.py"), *flags],
+                                   os.path.join(ROOT, "tests", "sjfb_recording_train.py"), *flags],
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for rank in (0, 1)]
     errors = [proc.communicate(timeout=300)[1] for proc in launchers]
@@ -374,20 +380,20 @@ def test_sjfb_draws_are_the_same_on_every_rank_machine_and_world_size(tmp_path, 
                         tmp_path / "split")
     assert "2 process(es)" in open(tmp_path / "straight" / "log.txt").read()
     cfg = train.parse_args([*flags, "--max-steps", "5"])
-    expected = [train.sjfb_counts(cfg, step, micro) for step in range(5) for micro in range(2)]
+    expected = [train.sjfb_counts(cfg, step) for step in range(5) for micro in range(2)]  # one draw per step
     assert len(set(expected)) > 3  # the counts do vary
     for name in ("straight", "split"):
         for rank in (0, 1):
-            assert deterministic_train.read_draws(tmp_path / f"{name}.{rank}") == expected, (name, rank)
+            assert sjfb_recording_train.read_draws(tmp_path / f"{name}.{rank}") == expected, (name, rank)
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     for a, b in zip(final_weights(tmp_path / "split", 5), final_weights(tmp_path / "straight", 5)):
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
     from models import FPDM
-    monkeypatch.setattr(FPDM, "solve", deterministic_train.recording_solve(FPDM.solve, tmp_path / "single_draws"))
+    monkeypatch.setattr(FPDM, "solve", sjfb_recording_train.recording_solve(FPDM.solve, tmp_path / "single_draws"))
     train.main(train.parse_args([*flags, "--run-name", "single", "--max-steps", "5"]))
-    assert deterministic_train.read_draws(tmp_path / "single_draws") == expected
+    assert sjfb_recording_train.read_draws(tmp_path / "single_draws") == expected
 
 
 def test_init_fpdm_from_a_trained_dit(tmp_path):
