@@ -119,34 +119,28 @@ def test_a_latent_run_without_a_vae_stops_in_one_line(latent_run_inputs, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def launch(tmp_path, config, flags):
-    import yaml
-    conf = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "use_cpu": True, "num_machines": 1,
-            "num_processes": 1, "machine_rank": 0, "mixed_precision": config, "dynamo_config": {}}
-    path = tmp_path / f"cpu_{config}.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-                           str(path), os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-
-
-def test_the_launch_config_decides_the_precision_and_a_resume_keeps_it(tmp_path):
-    """accelerate launch with a bf16 config and no --mixed-precision trains in bf16 (logged, in config.json and the
-    checkpoint); resuming it under an fp32 config is refused in one line unless --override says so."""
+def test_the_launch_config_decides_the_precision_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    """A bf16 launch config (accelerate launch passes it on as ACCELERATE_MIXED_PRECISION; the README's recipe test
+    goes through the real launcher) and no --mixed-precision: the run trains in bf16 (logged, in config.json and the
+    checkpoint); resuming it under an fp32 launch is refused in one line unless --override says so."""
+    from accelerate.state import AcceleratorState, GradientState
     flags = ["--data-path", "mnist", "--image-size", "14", *LATENT_ARGS, "--results-dir", str(tmp_path),
              "--run-name", "bf16", "--num-sample-images", "0"]
-    proc = launch(tmp_path, "bf16", [*flags, "--max-steps", "1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "bf16"
-    assert json.loads((run_dir / "config.json").read_text())["mixed_precision_used"] == "bf16"
-    assert "mixed precision bf16" in (run_dir / "log.txt").read_text()
-    ckpt = torch.load(run_dir / "checkpoints" / "step_0000001.pt", weights_only=True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    run_dir = train.main(train.parse_args([*flags, "--max-steps", "1"]))
+    assert json.loads(open(os.path.join(run_dir, "config.json")).read())["mixed_precision_used"] == "bf16"
+    assert "mixed precision bf16" in open(os.path.join(run_dir, "log.txt")).read()
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "step_0000001.pt"), weights_only=True)
     assert ckpt["mixed_precision_used"] == "bf16" and ckpt["config"]["mixed_precision"] is None
-    proc = launch(tmp_path, "no", [*flags, "--max-steps", "2", "--resume", "auto"])
-    assert proc.returncode != 0 and "trained with mixed precision 'bf16' but this launch gives 'no'" in proc.stderr
-    proc = launch(tmp_path, "no", [*flags, "--max-steps", "2", "--resume", "auto", "--override", "mixed_precision=no"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "config.json").read_text())["mixed_precision_used"] == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(ValueError, match="trained with mixed precision 'bf16' but this launch gives 'no'"):
+        train.main(train.parse_args([*flags, "--max-steps", "2", "--resume", "auto"]))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train.main(train.parse_args([*flags, "--max-steps", "2", "--resume", "auto", "--override", "mixed_precision=no"]))
+    assert json.loads(open(os.path.join(run_dir, "config.json")).read())["mixed_precision_used"] == "no"
 
 
 def test_resume_drops_the_checkpoint_after_restoring(tmp_path, monkeypatch):
