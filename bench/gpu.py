@@ -1,12 +1,14 @@
-"""The GPU benchmark: one command that fits a short lease (at most 8 minutes on one H100/H200, each section capped).
+"""The GPU benchmark: one command that fits a short lease (at most 9 minutes on one H100/H200, each section capped).
 
     python bench/gpu.py                       # on a GPU; writes bench/results/gpu-<name>.json (e.g. gpu-nvidia-h200)
     python bench/gpu.py --device cpu --tiny   # a dry run at tiny sizes (tests/test_bench.py runs it)
     python bench/gpu.py --sections train-eager,residual   # a subset
 
-Needs only what the GPU machine has (torch, numpy, timm, accelerate, tqdm, pyyaml): no dataset, no download; the
-inputs are random 32×32×4 latents (256 px images through the VAE) and 1,000 classes. Sections, each in its own
-process under its cap (a section that runs over is recorded as timed out, the others still run):
+Needs what the GPU machine has (torch, numpy, timm, accelerate, tqdm, pyyaml, matplotlib) and, for the vae section
+alone, diffusers: a pure-Python wheel to carry there (with huggingface-hub's if the machine's is older than diffusers
+asks); without it that section is recorded as skipped, not failed. No dataset, no download: the inputs are random
+32×32×4 latents (256 px images through the VAE) and 1,000 classes. Sections, each in its own process under its cap (a
+section that runs over is recorded as timed out with what it measured so far, the others still run):
 
   train-eager     DiT-XL/2 vs FPDM-XL/2 training steps at batch 32, bf16 autocast, fused AdamW: images/s, peak CUDA
                   memory, and MFU (model FLOPs from torch's FLOP counter over the GPU's peak bf16 FLOP/s). FPDM draws
@@ -15,37 +17,64 @@ process under its cap (a section that runs over is recorded as timed out, the ot
   train-compiled  the same with model.compile_regions() (compile time reported apart, steps after warm-up).
   sampling        20 DDIM steps at batch 32, DiT-XL/2 vs FPDM-XL/2 at equal block evaluations (with reuse):
                   images/s.
+  precision       DiT-XL/2 sampling as sample.py runs it (sampling.sample_images, DDPM, guidance: the batch of 32
+                  doubled) in fp32 (TF32 off), TF32, and bf16 autocast with TF32 (--precision bf16): images/s, ratios
+                  to fp32, and the hours 50,000 DDPM-250 samples with guidance take on 8 GPUs at that rate.
   parallel        DEQ-DDIM (Anderson, per image) vs sequential DDIM at T' = 50 with DiT-B/2, one image: wall-clock.
   residual        FPDM-XL/2's fixed-point residual floor: the smallest relative residual ||f(z) - z|| / ||z|| reached
                   in 60 iterations in bf16 autocast and in fp32 (the state stays fp32 under autocast).
+  diagnostics     train.py's FPDM diagnostics at XL/2: seconds per fp_diagnostics.contraction call (probe batch of
+                  10, the layer settled 2 (n_max + m_max) iterations, then 20 JVP power iterations), and apart, the
+                  seconds TrainingDiagnostics.plot takes on a CSV of 200 rows (CPU work).
+  vae             an SD-VAE-sized AutoencoderKL (sd-vae-ft-ema's architecture, random weights) at 256 px, batch 16:
+                  encode and decode images/s (vae.encode_moments, vae.decode) in fp32, TF32 and bf16 autocast.
+  checkpoint      a DiT-XL/2 training checkpoint (model + EMA + AdamW state, 10.8 GB) written with
+                  checkpoints.write_training_checkpoint into --scratch (skipped under 30 GB free): GB/s; then, out of
+                  the page cache, read back with checkpoints.read_training_checkpoint (memory-mapped) into the model,
+                  EMA and optimizer as train.py resumes: seconds, and the peak RSS growth (all of it, and its anonymous
+                  part: memory-mapped file pages count in the RSS but are page cache the kernel may drop).
 
 Random weights are perturbed (adaLN-Zero makes a fresh model output zero); the FPDM layer is scaled to contract so
 that the residual floor is one of precision, not of convergence.
 """
 
 import argparse
+import csv
 import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# section -> (cap in seconds, expected seconds on an H100/H200 at full size)
-SECTIONS = {"train-eager": (100, 45), "train-compiled": (190, 120), "sampling": (50, 25), "parallel": (45, 15),
-            "two-axis": (45, 15), "residual": (30, 10)}
+# section -> (cap in seconds, expected seconds on an H100/H200 at full size); the caps add up to 8 min 45 s, under a
+# 9-minute lease slot with the driver's own few seconds. Each child spends ~5 s importing torch and starting CUDA. The
+# expected times are estimates (FLOPs at the GPU's rates, a local NVMe disk for the checkpoint), none measured yet.
+SECTIONS = {"train-eager": (75, 45), "train-compiled": (160, 120), "sampling": (35, 25), "precision": (40, 25),
+            "parallel": (30, 15), "two-axis": (30, 15), "residual": (20, 10), "diagnostics": (30, 15),
+            "vae": (30, 15), "checkpoint": (75, 45)}
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
                     "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
 
 FULL = {"input_size": 32, "batch": 32, "dit": "DiT-XL/2", "fpdm": "DiT-XL/2", "parallel_model": "DiT-B/2",
-        "train_steps": 20, "warmup": 3, "sample_steps": 20, "parallel_steps": 50, "num_classes": 1000, "size": {}}
+        "train_steps": 20, "warmup": 3, "sample_steps": 20, "parallel_steps": 50, "num_classes": 1000, "size": {},
+        "precision_steps": 10, "contraction_calls": 2, "plot_rows": 200, "vae_channels": (128, 256, 512, 512),
+        "vae_resolution": 256, "vae_batch": 16, "vae_repeats": 3, "checkpoint_free_gb": 30}
 TINY = {"input_size": 8, "batch": 4, "dit": "DiT-S/2", "fpdm": "DiT-S/2", "parallel_model": "DiT-S/2",
         "train_steps": 3, "warmup": 1, "sample_steps": 4, "parallel_steps": 6, "num_classes": 10,
-        "size": {"hidden_size": 32, "num_heads": 2, "depth": 4}}
+        "size": {"hidden_size": 32, "num_heads": 2, "depth": 4},
+        "precision_steps": 3, "contraction_calls": 1, "plot_rows": 200, "vae_channels": (32, 32),
+        "vae_resolution": 16, "vae_batch": 2, "vae_repeats": 1, "checkpoint_free_gb": 0.1}
+
+# The precisions sample.py offers, named as its args.json records them: (name, TF32 on, sample_images' precision).
+PRECISIONS = (("fp32", False, "fp32"), ("tf32", True, "fp32"), ("bf16+tf32", True, "bf16"))
+FID_SAMPLES, FID_STEPS, FID_GPUS = 50_000, 250, 8  # DiT's FID-50K: DDPM-250 with guidance, here spread on 8 GPUs
 
 
 def peak_tflops(device_name):
@@ -87,6 +116,39 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
+def set_tf32(enabled):
+    """TensorFloat-32 for matmuls and cuDNN convolutions, both or neither, as sample.py and train.py set it (--tf32);
+    the CPU ignores it."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+
+
+def timed(device, fn, repeats):
+    """Seconds per call of fn(), the mean of `repeats` calls after one to warm up."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def keep_partial(args, result):
+    """Write what a section has measured so far, atomically: the driver keeps it if the section then overruns its
+    cap."""
+    from run_folders import atomic_write
+    atomic_write(args.section_out, lambda f: json.dump(result, f))
+
+
+def scratch(args, name):
+    """A new folder `name` in the driver's temporary folder (under --scratch): removed when the run ends, also after
+    a section killed at its cap."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.section_out)), name)
+    os.makedirs(path)
+    return path
+
+
 def train_section(args, sizes, compiled):
     """images/s, peak memory and MFU of DiT vs FPDM training steps (eager or regionally compiled)."""
     import torch
@@ -99,7 +161,7 @@ def train_section(args, sizes, compiled):
     diffusion = create_diffusion("", learn_sigma=True).prepare(device)
     cfg = configs.preset("fpdm-xl2-in256")
     steps = sizes["warmup"] + sizes["train_steps"]
-    draws = [train.sjfb_counts(cfg, step, 0) for step in range(steps)]
+    draws = [train.sjfb_counts(cfg, step) for step in range(steps)]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(sizes["batch"], 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
     y = torch.randint(0, sizes["num_classes"], (sizes["batch"],), generator=g).to(device)
@@ -200,12 +262,17 @@ def sampling_section(args, sizes):
     return out
 
 
-def timed_sampling(device, *args, **options):
+def timed_sampling(device, *args, seed=None, **options):
     """sampling.sample_images(*args, **options) once to warm up, then timed: (seconds, samples, GuidedModel, the
-    sampler's numeric info)."""
+    sampler's numeric info). With a seed, torch's RNG is seeded before each run, so that DDPM's draws are the same in
+    every run and samples compare one to one."""
+    import torch
+
     from sampling import sample_images
 
     def run():
+        if seed is not None:
+            torch.manual_seed(seed)
         x, fn = sample_images(*args, **options)
         synchronize(device)
         return x, fn
@@ -213,6 +280,38 @@ def timed_sampling(device, *args, **options):
     start = time.perf_counter()
     x, fn = run()
     return time.perf_counter() - start, x, fn, {k: v for k, v in fn.info.items() if isinstance(v, (int, float, bool))}
+
+
+def precision_section(args, sizes):
+    """DiT-XL/2 sampling throughput as sample.py runs it (sample_images, DDPM, guidance at 1.5: the network sees the
+    batch doubled) in each of PRECISIONS: images/s at `precision_steps` steps, the ratio to fp32, the largest
+    difference of the samples to fp32's (the same DDPM draws), and the hours FID_SAMPLES samples of FID_STEPS steps
+    take on FID_GPUS GPUs at this batch (the network alone: no VAE decode, no PNGs)."""
+    import torch
+
+    from sampling import diffusion_for_sampling
+    device = torch.device(args.device)
+    steps = sizes["precision_steps"]
+    model = build(sizes["dit"], sizes, False, device).eval()
+    diffusion = diffusion_for_sampling({"learn_sigma": True}, steps)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(sizes["batch"], 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
+    labels = torch.randint(0, sizes["num_classes"], (sizes["batch"],), generator=g).to(device)
+    out = {"model": sizes["dit"], "batch": sizes["batch"], "steps": steps, "sampler": "ddpm", "cfg_scale": 1.5}
+    reference = None
+    for name, tf32, precision in PRECISIONS:
+        set_tf32(tf32)
+        seconds, x, fn, _ = timed_sampling(device, model, diffusion, noise, labels, seed=0, sampler="ddpm",
+                                           cfg_scale=1.5, precision=precision)
+        reference = x if reference is None else reference
+        image_step_s = seconds / (sizes["batch"] * steps)  # one guided image through one step (two network rows)
+        out[name] = {"images_per_s": sizes["batch"] / seconds, "ms_per_image_step": 1e3 * image_step_s,
+                     "cfg_passes": fn.compute()["cfg_passes"], "tf32": tf32,
+                     "max_abs_diff_to_fp32": (x.float() - reference.float()).abs().max().item(),
+                     "fid50k_hours_8gpus": FID_SAMPLES * FID_STEPS * image_step_s / FID_GPUS / 3600}
+    for name, _, _ in PRECISIONS[1:]:
+        out[f"{name}/fp32 images_per_s"] = out[name]["images_per_s"] / out["fp32"]["images_per_s"]
+    return out
 
 
 def parallel_section(args, sizes):
@@ -279,12 +378,219 @@ def residual_section(args, sizes):
     return out
 
 
+class ProbeLatents(list):
+    """(latent, label) pairs: all TrainingDiagnostics needs of a dataset besides `augment`, here the identity."""
+
+    def augment(self, x):
+        return x
+
+
+def diagnostics_section(args, sizes):
+    """train.py's FPDM diagnostics at the fpdm-xl2-in256 preset's sizes: seconds per fp_diagnostics.contraction call
+    on a probe batch as probe_batch builds it (10 examples, t at the centres of the 10 buckets) in train.py's default
+    TF32, and apart, TrainingDiagnostics.plot on a CSV of `plot_rows` rows (its first call includes importing
+    matplotlib)."""
+    import math
+
+    import torch
+
+    import configs
+    from diffusion import create_diffusion
+    from fp_diagnostics import BUCKETS, TrainingDiagnostics, contraction
+    device = torch.device(args.device)
+    set_tf32(True)
+    power_iterations = configs.preset("fpdm-xl2-in256").run.fp_power_iterations
+    model = build(sizes["fpdm"], sizes, True, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BUCKETS, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
+    y = torch.randint(0, sizes["num_classes"], (BUCKETS,), generator=g).to(device)
+    t = ((torch.arange(BUCKETS) + 0.5) * 1000 / BUCKETS).long().to(device)
+    result = {}
+
+    def call():  # contraction reads its result back: it ends synchronised
+        result["rho"], details = contraction(model, x, t, y, power_iterations=power_iterations)
+        result["probe_residual"] = max(details["residual"])
+    seconds = timed(device, call, sizes["contraction_calls"])
+    settle = 2 * (model.fixed_point_no_grad_iters[1] + model.fixed_point_with_grad_iters[1])  # contraction's default
+    out = {"model": sizes["fpdm"], "contraction_s": seconds, "probe_batch": BUCKETS,
+           "power_iterations": power_iterations, "settle_iterations": settle, **result}
+    keep_partial(args, out)
+
+    folder = scratch(args, "diagnostics")
+    plots = TrainingDiagnostics(folder, ProbeLatents([(torch.zeros(4, 2, 2), 0)]), create_diffusion(""), "cpu")
+    with open(plots.path, "a", newline="") as f:  # rows as train.py appends them, ρ near 1, residuals over decades
+        writer = csv.writer(f)
+        for i in range(sizes["plot_rows"]):
+            rho = 0.9 + 0.1 * math.sin(i / 10)
+            residuals = [math.nan if (i + b) % 37 == 0 else 10 ** (-1 - b / 5 - i / 100) for b in range(BUCKETS)]
+            writer.writerow([100 * (i + 1), rho, rho - 0.05, 1e-3, *residuals])
+    for key in ("plot_first_s", "plot_s"):
+        start = time.perf_counter()
+        plots.plot()
+        out[key] = time.perf_counter() - start
+    out["plot_rows"] = len(plots.rows())
+    return out
+
+
+def vae_section(args, sizes):
+    """Encode and decode images/s of an AutoencoderKL of sd-vae-ft-ema's architecture (random weights: the shapes
+    set the cost) at `vae_resolution` px, batch `vae_batch`, through vae.encode_moments and vae.decode, in each of
+    PRECISIONS (bf16 as autocast; sample.py keeps its decode in float32, under TF32 by default)."""
+    import torch
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        return {"skipped": f"no diffusers here ({e}): carry its wheel to run this section"}
+
+    import vae
+    device = torch.device(args.device)
+    channels, size, batch = sizes["vae_channels"], sizes["vae_resolution"], sizes["vae_batch"]
+    torch.manual_seed(0)
+    model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                          block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * len(channels),
+                          up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=size).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
+    latent = size // 2 ** (len(channels) - 1)
+    latents = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    out = {"params": sum(p.numel() for p in model.parameters()), "resolution": size, "batch": batch,
+           "latent_shape": [4, latent, latent]}
+    for name, tf32, precision in PRECISIONS:
+        set_tf32(tf32)
+        with autocast(device, precision):
+            encode_s = timed(device, lambda: vae.encode_moments(model, pixels), sizes["vae_repeats"])
+            decode_s = timed(device, lambda: vae.decode(latents, model), sizes["vae_repeats"])
+        out[name] = {"encode_images_per_s": batch / encode_s, "decode_images_per_s": batch / decode_s}
+    for name, _, _ in PRECISIONS[1:]:
+        out[f"{name}/fp32 decode images_per_s"] = (out[name]["decode_images_per_s"] /
+                                                   out["fp32"]["decode_images_per_s"])
+    return out
+
+
+def status_bytes(field):
+    """A memory field of /proc/self/status (VmRSS, RssAnon, ...) in bytes; None where the system has none."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+@contextmanager
+def anonymous_peak(every_s=0.01):
+    """Sample RssAnon every `every_s` seconds while the block runs; yields a dict whose "peak" is the largest sample
+    (None without /proc). The anonymous part is what a process holds as its own; the RSS besides counts the file
+    pages a memory map has touched, page cache the kernel can drop at any time."""
+    seen, stop = {"peak": status_bytes("RssAnon")}, threading.Event()
+
+    def sample():
+        while not stop.wait(every_s):
+            value = status_bytes("RssAnon")
+            if value is not None:
+                seen["peak"] = max(seen["peak"], value)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join()
+        value = status_bytes("RssAnon")
+        if value is not None:
+            seen["peak"] = max(seen["peak"], value)
+
+
+def filesystem(path):
+    """The type of the filesystem that holds `path` (ext4, xfs, overlay, tmpfs, ...) from /proc/mounts, or None."""
+    path, best, kind = os.path.realpath(path), "", None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                mount, mount_kind = line.split()[1:3]
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                    best, kind = mount, mount_kind
+    except OSError:
+        pass
+    return kind
+
+
+def checkpoint_section(args, sizes):
+    """A DiT training checkpoint as train.py writes it (model, EMA, AdamW's two moments: 4 × 4 bytes a parameter,
+    10.8 GB at XL/2) through checkpoints.write_training_checkpoint (the copy to the CPU, torch.save, fsync) into the
+    scratch folder: GB/s. Then the file is dropped from the page cache (posix_fadvise; its pages are clean after the
+    fsync) and read back as a resume does, checkpoints.read_training_checkpoint (memory-mapped) then load_state_dict
+    into the model, EMA and optimizer: seconds, and the peak RSS growth, all of it and its anonymous part."""
+    import copy
+    import shutil
+
+    import torch
+
+    from checkpoints import read_training_checkpoint, rng_state, write_training_checkpoint
+    from measure import peak_rss_bytes, reset_peak_rss
+    from models import DiT_models
+    device = torch.device(args.device)
+    folder = scratch(args, "checkpoint")
+    os.makedirs(os.path.join(folder, "checkpoints"))  # train.py makes it when the run starts
+    free = shutil.disk_usage(folder).free
+    out = {"model": sizes["dit"], "filesystem": filesystem(folder), "free_gb": free / 1e9}
+    if free < sizes["checkpoint_free_gb"] * 1e9:
+        return {**out, "skipped": f"{free / 1e9:.1f} GB free where the checkpoint would go, under the "
+                                  f"{sizes['checkpoint_free_gb']} GB this section asks for (choose --scratch)"}
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it lives: the values do not matter to the file's size
+        model = DiT_models[sizes["dit"]](input_size=sizes["input_size"], num_classes=sizes["num_classes"],
+                                         learn_sigma=True, **sizes["size"])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # AdamW's moments exist from the first step on
+    optimizer.zero_grad(set_to_none=True)
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(), "sched": {},
+             "config": {}, "model_config": model.config, "world_size": 1, "rng": [rng_state()]}
+    synchronize(device)
+    start = time.perf_counter()
+    name = write_training_checkpoint(folder, 1, state, keep_last=1)
+    out["write_s"] = time.perf_counter() - start
+    path = os.path.join(folder, name)
+    out["gb"] = os.path.getsize(path) / 1e9
+    out["write_gb_per_s"] = out["gb"] / out["write_s"]
+    del state
+    keep_partial(args, out)  # the write's figures survive a read that overruns the cap
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out["page_cache_dropped"] = True
+    except (AttributeError, OSError):  # not on this system: the read below comes from the page cache
+        out["page_cache_dropped"] = False
+    finally:
+        os.close(fd)
+    reset_peak_rss()
+    rss, anonymous = peak_rss_bytes(), status_bytes("RssAnon")
+    with anonymous_peak() as seen:
+        start = time.perf_counter()
+        ckpt = read_training_checkpoint(path)
+        out["read_s"] = time.perf_counter() - start
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["opt"])
+        synchronize(device)
+        out["restore_s"] = time.perf_counter() - start
+        del ckpt
+    out["restore_gb_per_s"] = out["gb"] / out["restore_s"]
+    out["rss_peak_growth_gb"] = (peak_rss_bytes() - rss) / 1e9
+    out["anonymous_peak_growth_gb"] = (seen["peak"] - anonymous) / 1e9 if anonymous is not None else None
+    return out
+
+
 def run_section(name, args):
     sizes = TINY if args.tiny else FULL
     if name.startswith("train"):
         return train_section(args, sizes, compiled=name == "train-compiled")
-    return {"sampling": sampling_section, "parallel": parallel_section, "two-axis": two_axis_section,
-            "residual": residual_section}[name](args, sizes)
+    return {"sampling": sampling_section, "precision": precision_section, "parallel": parallel_section,
+            "two-axis": two_axis_section, "residual": residual_section, "diagnostics": diagnostics_section,
+            "vae": vae_section, "checkpoint": checkpoint_section}[name](args, sizes)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -294,19 +600,20 @@ def run_section(name, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda if available (else an error unless --tiny)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="autocast of the train and sampling sections (precision, residual and vae run several)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a dry run of every section")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--out", default=None, help="default: bench/results/gpu-<device name>.json")
+    parser.add_argument("--scratch", default=None, help="folder for the sections' temporary files, the checkpoint "
+                                                        "section's 10.8 GB among them (default: the system's)")
     parser.add_argument("--section", help=argparse.SUPPRESS)  # child mode: run one section, write --section-out
     parser.add_argument("--section-out", help=argparse.SUPPRESS)
     parser.add_argument("--device-name", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.section:
-        result = run_section(args.section, args)
-        with open(args.section_out, "w") as f:
-            json.dump(result, f)
+        keep_partial(args, run_section(args.section, args))
         return
 
     import torch
@@ -328,12 +635,15 @@ def main():
           f"{', '.join(sections)}; expected about {expected // 60} min {expected % 60} s at full size on an H100/H200, "
           f"at most {sum(caps.values()) // 60} min {sum(caps.values()) % 60} s (caps "
           f"{', '.join(f'{s} {c} s' for s, c in caps.items())})", flush=True)
+    if args.tiny:  # a dry run on CPU cores others may share: the caps are the lease's, so they get room here
+        caps = {s: 3 * c for s, c in caps.items()}
+        print("dry run: each cap tripled", flush=True)
 
     report = {"device": name, "torch": torch.__version__, "python": platform.python_version(), "dtype": args.dtype,
               "tiny": args.tiny, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "peak_bf16_tflops": peak_tflops(name) if args.device == "cuda" else None, "sections": {}, "wall_s": {}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         for section in sections:
             part = os.path.join(tmp, f"{section}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--section", section, "--section-out", part,
@@ -341,15 +651,24 @@ def main():
             start = time.perf_counter()
             try:
                 rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=caps[section]).returncode
-                result = json.load(open(part)) if rc == 0 else {"error": f"exit {rc}"}
+                error = f"exit {rc}" if rc else None
             except subprocess.TimeoutExpired:
-                result = {"error": f"timed out after its cap of {caps[section]} s"}
+                error = f"timed out after its cap of {caps[section]} s"
+            result = json.load(open(part)) if os.path.exists(part) else {}  # with an error: what it kept so far
+            if error:
+                result["error"] = error
             report["wall_s"][section] = round(time.perf_counter() - start, 1)
             report["sections"][section] = result
             print(f"{section}: {report['wall_s'][section]:.0f} s  {summary(section, result)}", flush=True)
+    report["scale_table"] = scale_table(report["sections"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
+    if report["scale_table"]:
+        width = max(len(what) for what, _ in report["scale_table"])
+        print(f"\n{'the ImageNet path at scale (issue 27)':<{width}}  measured")
+        for what, value in report["scale_table"]:
+            print(f"{what:<{width}}  {value}")
     print(f"wrote {out} (total {sum(report['wall_s'].values()):.0f} s)")
     failed = [s for s, r in report["sections"].items() if "error" in r]
     if failed:
@@ -359,6 +678,10 @@ def main():
 def summary(section, r):
     if "error" in r:
         return r["error"]
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    if section in ("precision", "vae", "diagnostics", "checkpoint"):
+        return "(in the table at the end)"
     if section.startswith("train"):
         mfu = lambda v: f", MFU {v['mfu']:.1%}" if v["mfu"] is not None else ""  # noqa: E731
         mem = lambda v: f", peak {v['peak_mem_mb']:.0f} MB" if v["peak_mem_mb"] is not None else ""  # noqa: E731
@@ -377,6 +700,61 @@ def summary(section, r):
                 f"over {r['two-axis']['critical_path_calls']} calls (ratio {r['sequential/two-axis time']:.2f}, "
                 f"max |diff| {r['max_abs_difference']:.1e})")
     return f"fp32 floor {r['fp32']['floor']:.1e}, bf16 floor {r['bf16']['floor']:.1e}"
+
+
+def scale_table(sections):
+    """(what, value) rows of issue 27's checks, the ImageNet path on GPUs, from whichever of the precision,
+    diagnostics, vae and checkpoint sections ran (a timed-out section gives what it kept)."""
+    rows = []
+    vae = sections.get("vae", {})
+    precision = sections.get("precision", {})
+    for name, _, _ in PRECISIONS:
+        if name not in precision:
+            continue
+        r = precision[name]
+        ratio = f" ({precision[f'{name}/fp32 images_per_s']:.2f}x fp32)" if name != "fp32" else ""
+        rows.append((f"{precision['model']} sampling, DDPM + guidance, batch {precision['batch']}: {name}",
+                     f"{r['images_per_s']:.2f} img/s{ratio}, max |diff| to fp32 {r['max_abs_diff_to_fp32']:.1e}"))
+        hours = f"{r['fid50k_hours_8gpus']:.2f} h"
+        decode = vae.get("fp32" if name == "fp32" else "tf32")  # sample.py decodes in float32, under its TF32 flag
+        if decode:
+            decode_hours = FID_SAMPLES / decode["decode_images_per_s"] / FID_GPUS / 3600
+            hours += f" (+ VAE decode: {r['fid50k_hours_8gpus'] + decode_hours:.2f} h)"
+        rows.append((f"  {FID_SAMPLES // 1000}k DDPM-{FID_STEPS} samples with guidance on {FID_GPUS} GPUs", hours))
+    diagnostics = sections.get("diagnostics", {})
+    if "contraction_s" in diagnostics:
+        rows.append((f"FPDM {diagnostics['model']} contraction: probe {diagnostics['probe_batch']}, "
+                     f"{diagnostics['settle_iterations']} settle + {diagnostics['power_iterations']} JVP iterations",
+                     f"{diagnostics['contraction_s']:.2f} s a call"))
+    if "plot_s" in diagnostics:
+        rows.append((f"  TrainingDiagnostics.plot, {diagnostics['plot_rows']} rows (CPU)",
+                     f"{diagnostics['plot_s']:.2f} s ({diagnostics['plot_first_s']:.2f} s the first, matplotlib "
+                     f"imported)"))
+    for name, _, _ in PRECISIONS:
+        if name in vae:
+            rows.append((f"SD-VAE AutoencoderKL at {vae['resolution']} px, batch {vae['batch']}: {name}",
+                         f"encode {vae[name]['encode_images_per_s']:.1f} img/s, decode "
+                         f"{vae[name]['decode_images_per_s']:.1f} img/s"))
+    if "skipped" in vae:
+        rows.append(("SD-VAE AutoencoderKL", f"skipped: {vae['skipped']}"))
+    checkpoint = sections.get("checkpoint", {})
+    if "write_s" in checkpoint:
+        rows.append((f"{checkpoint['model']} training checkpoint (model + EMA + AdamW), {checkpoint['gb']:.2f} GB: "
+                     f"write",
+                     f"{checkpoint['write_gb_per_s']:.2f} GB/s ({checkpoint['write_s']:.1f} s, "
+                     f"{checkpoint['filesystem']})"))
+    if "restore_s" in checkpoint:
+        anonymous = checkpoint["anonymous_peak_growth_gb"]
+        cache = "from disk" if checkpoint["page_cache_dropped"] else "from the page cache"
+        rows.append(("  read (memory-mapped) into model, EMA and AdamW",
+                     f"{checkpoint['restore_s']:.1f} s {cache} (torch.load {checkpoint['read_s']:.2f} s), peak RSS "
+                     f"+{checkpoint['rss_peak_growth_gb']:.2f} GB"
+                     + (f", anonymous +{anonymous:.2f} GB" if anonymous is not None else "")))
+    elif "write_s" in checkpoint and "error" in checkpoint:
+        rows.append(("  read (memory-mapped) into model, EMA and AdamW", checkpoint["error"]))
+    if "skipped" in checkpoint:
+        rows.append(("training checkpoint", f"skipped: {checkpoint['skipped']}"))
+    return rows
 
 
 if __name__ == "__main__":

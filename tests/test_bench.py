@@ -128,11 +128,14 @@ def test_unknown_benchmark_is_refused():
 def test_gpu_benchmark_dry_run(tmp_path):
     """bench/gpu.py, the one command for a GPU lease, at tiny sizes on the CPU: every section but the compiled one
     (torch.compile's regional path is tested in test_models.py; here it would add ~40 s) finishes and reports what
-    the README's GPU table needs; a CPU run at full sizes is refused with a one-line error."""
+    the README's GPU table needs, issue 27's scale checks among it (sampling per precision, the FPDM diagnostics, the
+    VAE, a training checkpoint written and read back) with their rows in the printed table; a CPU run at full sizes
+    is refused with a one-line error."""
     out = tmp_path / "gpu.json"
-    sections = "train-eager,sampling,parallel,two-axis,residual"
+    sections = "train-eager,sampling,precision,parallel,two-axis,residual,diagnostics,vae,checkpoint"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--tiny",
-                           "--sections", sections, "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                           "--sections", sections, "--out", str(out), "--scratch", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "expected about" in proc.stdout and "at most" in proc.stdout  # the time estimate and the caps
@@ -151,6 +154,31 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert two_axis["two-axis"]["critical_path_calls"] == two_axis["two-axis"]["info"]["outer_iterations"]
     residual = report["sections"]["residual"]
     assert residual["fp32"]["floor"] < 1e-5 and residual["fp32"]["floor"] <= residual["bf16"]["floor"] < 1e-2
+    precision = report["sections"]["precision"]
+    for name in ("fp32", "tf32", "bf16+tf32"):  # the names sample.py's args.json gives its precisions
+        row = precision[name]
+        assert row["images_per_s"] > 0 and row["cfg_passes"] == 2  # guidance: the batch doubled
+        assert row["fid50k_hours_8gpus"] == pytest.approx(50_000 * 250 * row["ms_per_image_step"] / 1e3 / 8 / 3600)
+    assert precision["tf32"]["max_abs_diff_to_fp32"] == 0  # the CPU ignores TF32; the same DDPM draws in every run
+    assert 0 < precision["bf16+tf32"]["max_abs_diff_to_fp32"] < 10
+    assert precision["bf16+tf32/fp32 images_per_s"] > 0 and precision["tf32/fp32 images_per_s"] > 0
+    diagnostics = report["sections"]["diagnostics"]
+    assert diagnostics["contraction_s"] > 0 and diagnostics["rho"] > 0 and diagnostics["probe_batch"] == 10
+    assert diagnostics["settle_iterations"] == 2 * (10 + 12) and diagnostics["power_iterations"] == 20
+    assert diagnostics["plot_rows"] == 200 and diagnostics["plot_s"] > 0
+    vae = report["sections"]["vae"]
+    assert vae["latent_shape"] == [4, 8, 8]  # 16 px through one downsampling level
+    for name in ("fp32", "tf32", "bf16+tf32"):
+        assert vae[name]["encode_images_per_s"] > 0 and vae[name]["decode_images_per_s"] > 0
+    checkpoint = report["sections"]["checkpoint"]
+    assert checkpoint["gb"] > 0 and checkpoint["write_gb_per_s"] > 0 and checkpoint["filesystem"]
+    assert 0 < checkpoint["read_s"] <= checkpoint["restore_s"] and checkpoint["rss_peak_growth_gb"] >= 0
+    assert checkpoint["anonymous_peak_growth_gb"] is not None and checkpoint["page_cache_dropped"]
+    table = report["scale_table"]
+    assert len(table) == 2 * 3 + 2 + 3 + 2  # per precision sampling and the 50k projection; diagnostics; VAE; I/O
+    for what, value in table:
+        assert what in proc.stdout and value in proc.stdout
+    assert "+ VAE decode" in proc.stdout  # the 50k projection with the vae section's decode rate added
     refused = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu"],
                              capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "need a GPU" in refused.stderr
