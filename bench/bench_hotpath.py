@@ -63,7 +63,7 @@ def training_syncs(out_dir, steps, log_every):
     """Syncs per training step of train.py (a tiny FPDM, random S-JFB counts), by where they happen."""
     with SyncCounter() as counter:
         counter.watch(train, "train_step", "update_ema")
-        counter.watch(train.MetricsWindow, "log")
+        counter.watch(train.MetricsWindow, "log", "take_residual_by_t")
         train.main(train.parse_args([*TINY, "--results-dir", out_dir, "--run-name", "syncs", "--max-steps",
                                      str(steps), "--log-every", str(log_every), "--ckpt-every", str(steps)]))
     return {"steps": steps, "log_every": log_every, "total": counter.total, "per_step": counter.total / steps,
