@@ -1,0 +1,195 @@
+"""Train DiT or FPDM with Stochastic Jacobian-Free Backprop, under accelerate, from a laptop CPU to many GPU nodes.
+
+    python train.py --preset demo-mnist-fpdm                                                      # one process
+    python train.py --data-path mnist --model DiT-S/2 --fixed-point --max-steps 1000
+    accelerate launch --config_file aconfs/cpu_2proc.yaml train.py --data-path mnist ...          # two CPU processes
+    accelerate launch --config_file aconfs/1node_8gpu_bf16.yaml train.py --preset fpdm-xl2-in256 --data-path latents/
+
+The settings (fpdm/config.py: typed groups, presets, one validator per group) come from flags or from Python:
+`train.main(configs.preset("demo-mnist-fpdm", max_steps=500))`. This file is the training loop, top to bottom;
+what it calls (run folder, resume, checkpoints, data order, metrics, previews, FID) is fpdm/training.py.
+
+N processes train as one: every random choice of an optimizer step — batch composition, each example's timestep,
+noise, label dropout and augmentation (`ExampleDraws`), the S-JFB counts (`sjfb_counts`) — is a function of
+(seed, step, position in the global batch) alone. One process, N processes and any --grad-accum-steps split take the
+same optimizer steps (same losses and weights up to float summation order), and `--resume auto` continues an
+interrupted run exactly, also on another number of processes. The whole configuration is saved with each checkpoint
+as plain data.
+"""
+
+import copy
+import logging
+import os
+import random
+import sys
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fpdm.checkpoints import set_rng_state
+from fpdm.config import parse_args
+from fpdm.diagnostics import TrainingDiagnostics
+from fpdm.run_folders import exit_with_parent
+from fpdm.training import (BackgroundWork, Evaluator, ExampleDraws, Preview, StepBatchSampler, build_model,
+                           check_ranks_agree, check_resume_precision, latent_decoder_path, load_latent_decoder,
+                           local_batch_size, log_layer_diagnostics, make_accelerator, open_run, restore,
+                           save_checkpoint, sjfb_counts, start_run_folder, update_ema)
+
+logger = logging.getLogger("train")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------------
+
+def main(cfg):
+    """Train as `cfg` (a configs.TrainConfig) says; returns the run folder."""
+    with ExitStack() as cleanup:  # releases the run lock however the run ends
+        return _train(cfg.validate(), cleanup)
+
+
+def _train(cfg, cleanup):
+    from diffusion import create_diffusion
+    from fpdm import data
+    o, r = cfg.optim, cfg.run
+    dataset = data.build_dataset(cfg.data.data_path, image_size=cfg.data.image_size, skip_bad_images=
+                                 cfg.data.skip_bad_images, unconditional=cfg.data.unconditional, scan=False)
+    vae_path = latent_decoder_path(cfg, dataset)
+    run_dir, ckpt_path, ckpt = open_run(cfg)
+    if "LOCAL_RANK" in os.environ:  # a worker of accelerate launch / torchrun: stop when the launcher dies
+        exit_with_parent()
+    accelerator, tracker = make_accelerator(cfg, run_dir)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    check_ranks_agree(cfg, ckpt_path, ckpt, accelerator)
+    check_resume_precision(cfg, ckpt, accelerator)
+    decoder = load_latent_decoder(vae_path, device, accelerator.is_main_process or bool(cfg.run.eval_every))
+    if hasattr(dataset, "scan"):  # image folders: every file decoded once before step 1 (one scan per node, cached)
+        with accelerator.local_main_process_first():
+            dataset.scan()
+    local_batch = local_batch_size(cfg, world, device)
+    if device.type == "cuda":  # TensorFloat-32 matmuls and convolutions on Ampere and later (--no-tf32: full fp32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = o.tf32
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(o.seed * 1000 + rank)
+
+    model, init_report = build_model(cfg, dataset, ckpt)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    diffusion = create_diffusion("", **asdict(cfg.diffusion), min_snr_gamma=o.min_snr_gamma).prepare(device)
+    # The fused AdamW kernel on GPUs (one launch for all parameters); the CPU keeps the reference implementation.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    if o.compile:  # after prepare (DDP keeps its overlap), block by block (any S-JFB counts reuse the graphs)
+        raw_model.compile_regions()
+    ema.to(device)
+    step, saved_rng = 0, None
+    if ckpt is not None:
+        step = restore(ckpt, raw_model, ema, optimizer, scheduler, cfg, accelerator)
+        saved_rng = ckpt["rng"][rank] if ckpt["world_size"] == world else None
+    ckpt = None  # the checkpoint's tensors are in the model and optimizer now: nothing else holds the file's pages
+
+    metrics = start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, step, local_batch, ckpt_path,
+                               init_report, tracker)
+    draws = ExampleDraws(cfg, dataset, diffusion.num_timesteps, raw_model.y_embedder.dropout_prob, device)
+    sampler = StepBatchSampler(len(dataset), local_batch * world, rank, world, o.seed,
+                               start_micro_step=step * o.grad_accum_steps)
+    # The loader gets its own generator: creating its iterator must not advance the training RNG.
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                              pin_memory=device.type == "cuda", generator=torch.Generator(),
+                                              persistent_workers=cfg.data.num_workers > 0))
+    preview = Preview(cfg, dataset, ema, run_dir, device, decoder)
+    evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder) if r.eval_every else None
+    background = BackgroundWork()  # plots drawn off the training path
+    cleanup.callback(background.close)
+    diagnostics = None
+    if cfg.fp.fixed_point and r.fp_diagnostics and accelerator.is_main_process:
+        diagnostics = TrainingDiagnostics(run_dir, dataset, diffusion, device, r.fp_power_iterations, step)
+    if saved_rng is not None:
+        set_rng_state(saved_rng)  # last, so that nothing above consumes the restored stream (previews, evaluation)
+
+    model.train()
+    progress = tqdm(total=o.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
+                    dynamic_ncols=True)
+    last_good = ckpt_path
+    while step < o.max_steps:
+        grad_norm, lr = train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler,
+                                   accelerator, metrics, step, last_good, draws)
+        step += 1
+        update_ema(ema, raw_model, min(o.ema_decay, (1 + step) / (10 + step)) if o.ema_warmup else o.ema_decay)
+        progress.update(1)
+        if step % r.log_every == 0 or step == o.max_steps:
+            metrics.log(step, grad_norm, lr, accelerator, progress)
+        if metrics.by_t and (step % r.fp_diagnostics_every == 0 or step == o.max_steps):
+            residual_by_t = metrics.take_residual_by_t(accelerator)  # every process: a reduction
+            if diagnostics is not None:  # the contraction estimate on the probe batch: here, never per step
+                log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker, background)
+        if r.sample_every and r.num_sample_images and step % r.sample_every == 0 and accelerator.is_main_process:
+            logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
+        if evaluator is not None and step % r.eval_every == 0:
+            evaluator.run(step, background)
+        if step % r.ckpt_every == 0 or step == o.max_steps:
+            last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
+    progress.close()
+    if accelerator.is_main_process and r.num_sample_images and not os.path.exists(preview.path(step)):
+        logger.info("samples: %s", preview.write(step, accelerator if tracker else None))  # (a finished run has it)
+    background.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler, accelerator, metrics, step,
+               last_good, draws):
+    """One optimizer step over `grad_accum_steps` micro-batches; returns (gradient norm, the rate it used)."""
+    accum, device = cfg.optim.grad_accum_steps, accelerator.device
+    nonfinite = torch.zeros((), device=device)  # non-finite micro-batch losses of this step (no sync to count)
+    draws.draw(step)
+    for micro in range(accum):
+        x, y = next(loader)
+        # This micro-batch's examples sit at these positions of the step's global batch (as StepBatchSampler's).
+        mine = draws.select((micro * accelerator.num_processes + accelerator.process_index) * x.shape[0], x.shape[0])
+        x, y = dataset.augment(x.to(device, non_blocking=True), mine["augment"]), y.to(device, non_blocking=True)
+        kwargs = {"y": y}
+        if mine["drop"] is not None:
+            kwargs["force_drop_ids"] = mine["drop"]
+        if cfg.fp.fixed_point:
+            kwargs["num_iterations"] = sjfb_counts(cfg, step)
+        t = mine["t"]
+        with nullcontext() if micro == accum - 1 else accelerator.no_sync(model), accelerator.autocast():
+            loss = diffusion.training_losses(model, x, t, model_kwargs=kwargs, noise=mine["noise"])["loss"].mean()
+        accelerator.backward(loss / accum)
+        nonfinite += ~torch.isfinite(loss.detach())
+        metrics.add(loss.detach() / accum, raw_model.last_stats if raw_model.fixed_point else None, t)
+    # NaN guard, before anything reaches the optimizer: every micro-batch's loss on every process, and the
+    # (all-reduced) gradient norm, checked with one host sync per step. All processes agree, nothing is saved,
+    # and the weights, optimizer state and last good checkpoint stay as they were.
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    bad = accelerator.reduce(nonfinite, reduction="sum") + ~torch.isfinite(torch.as_tensor(grad_norm).to(device))
+    if bad.item():
+        raise NonFiniteLossError(f"non-finite loss or gradient at step {step + 1} ({int(nonfinite.item())} of {accum} "
+                                 f"micro-batches on this process had a non-finite loss): stopping without saving; last "
+                                 f"good checkpoint: {last_good or 'none'} (lower --lr, enable --max-grad-norm, or "
+                                 f"check the data)")
+    lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(description=__doc__))
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
