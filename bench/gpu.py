@@ -99,7 +99,7 @@ def train_section(args, sizes, compiled):
     diffusion = create_diffusion("", learn_sigma=True).prepare(device)
     cfg = configs.preset("fpdm-xl2-in256")
     steps = sizes["warmup"] + sizes["train_steps"]
-    draws = [training.sjfb_counts(cfg, step, 0) for step in range(steps)]
+    draws = [training.sjfb_counts(cfg, step) for step in range(steps)]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(sizes["batch"], 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
     y = torch.randint(0, sizes["num_classes"], (sizes["batch"],), generator=g).to(device)

@@ -87,11 +87,12 @@ def test_parallel_rows(quick):
 
 def test_hotpath_figures(quick):
     """Rank-synchronous S-JFB draws remove the straggler slowdown (≈ 1.6x on 8 ranks with per-rank draws); host syncs
-    are exactly the NaN guard per step plus 4 reads per log row (10 steps, 2 rows: loss, gradient norm, residual, the
-    per-timestep residual table) and 1 listing of the data order, and none while sampling."""
+    are exactly the NaN guard per step plus 3 reads per log row (10 steps, 2 rows: loss, gradient norm, residual) and
+    1 listing of the data order, and none while sampling. (The per-timestep residual table is read once per
+    diagnostics row, outside the functions this benchmark watches: tests/test_host_syncs.py counts it.)"""
     result = quick[0]["results"]["hotpath"]
     assert 1.4 < result["straggler"]["before"]["ratio"] < 1.8 and result["straggler"]["after"]["ratio"] == 1.0
-    assert result["train_syncs"]["total"] == 10 + 2 * 4 + 1 and result["train_syncs"]["per_step"] == 1.9
+    assert result["train_syncs"]["total"] == 10 + 2 * 3 + 1 and result["train_syncs"]["per_step"] == 1.7
     assert result["sample_syncs"]["during_sampling"] == 0 and result["sample_syncs"]["reading_the_report"] == 1
 
 
