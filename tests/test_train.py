@@ -510,7 +510,7 @@ def test_workers_exit_when_their_launcher_dies(tmp_path):
     """exit_with_parent: a child that asked for it is terminated when its parent is SIGKILLed (as workers of a killed
     accelerate launch must be); without it the child would live on as an orphan."""
     pid_file = tmp_path / "child.pid"
-    child = (f"import os, sys, time; import run_folders; run_folders.exit_with_parent(); "
+    child = (f"import os, sys, time; from fpdm import run_folders; run_folders.exit_with_parent(); "
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
                                f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"])
