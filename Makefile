@@ -9,8 +9,8 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # Re-runs only when requirements.txt or pyproject.toml changes; a half-finished install leaves no stamp and is redone.
-# The repository itself is installed in editable mode (pyproject.toml), so every script, test, benchmark and
-# experiment imports `models`, `diffusion`, ... without touching sys.path.
+# The repository itself is installed in editable mode (pyproject.toml) as `models`, `diffusion` and `fpdm`, so every
+# script, benchmark and experiment imports them without touching sys.path. The scripts are files, not installed.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip

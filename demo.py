@@ -11,27 +11,10 @@ import os
 import shutil
 import time
 
-import torch
+from fpdm.demo_recipe import add_spacing_argument, sample_quality, train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_DIR = os.path.join(ROOT, "results", "demo-fpdm-mnist")
-
-
-
-def add_spacing_argument(parser):
-    """--timestep-spacing for the demo and experiments/ (recorded with their results)."""
-    from diffusion import TIMESTEP_SPACINGS
-    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=TIMESTEP_SPACINGS[0],
-                        help="DDIM timesteps (diffusers' names); trailing starts at T-1")
-
-
-def train(max_steps, run_dir=RUN_DIR):
-    """The measured CPU recipe (configs.PRESETS["demo-mnist-fpdm"]) for `max_steps` steps in `run_dir`: trained,
-    resumed, or skipped when finished."""
-    import configs
-    import train as trainer
-    trainer.launch(configs.preset("demo-mnist-fpdm", max_steps=max_steps, results_dir=os.path.dirname(run_dir),
-                                  run_name=os.path.basename(run_dir), resume="auto"))
 
 
 def configurations(model, steps):
@@ -47,33 +30,9 @@ def configurations(model, steps):
     return rows
 
 
-def sample_quality(model, train_config, steps, num_per_class=50, cfg_scale=2.0, iterations_per_step=None,
-                   reuse=False, seed=0, timestep_spacing="trailing", sampler="ddim", fp_solver=None,
-                   full_metrics=False):
-    """Sample `num_per_class` digits of every class from fixed noise (`seed`) with `sampler` over `timestep_spacing`;
-    returns a dict with FID-MNIST, class accuracy (with `full_metrics` also precision, recall and KID on the same
-    features: evaluate.mnist_metrics), the compute report, the labels and the samples. Shared by the demo and
-    experiments/."""
-    import evaluate
-    from sampling import diffusion_for_sampling, sample_images
-    labels = torch.arange(model.num_classes).repeat_interleave(num_per_class)
-    noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(seed))
-    start = time.perf_counter()
-    samples, stats = sample_images(model, diffusion_for_sampling(train_config, steps, timestep_spacing), noise, labels,
-                                   cfg_scale=cfg_scale, iterations_per_step=iterations_per_step, reuse=reuse,
-                                   sampler=sampler, fp_solver=fp_solver)
-    seconds = time.perf_counter() - start
-    result = {"compute": stats.compute(), "seconds": seconds, "samples": samples, "labels": labels}
-    if full_metrics:
-        metrics = evaluate.mnist_metrics(samples, labels)
-        return {**result, "fid_mnist": metrics["fid"], "accuracy": metrics["accuracy"],
-                **{k: metrics[k] for k in ("precision", "recall", "kid", "kid_std")}}
-    return {**result, "fid_mnist": evaluate.fid_mnist(samples),
-            "accuracy": evaluate.classifier_accuracy(samples, labels)}
-
-
 def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir, timestep_spacing):
-    from sampling import iterations_from_block_budget, load_model_for_sampling, save_grid
+    from fpdm.checkpoints import load_model_for_sampling
+    from fpdm.sampling import iterations_from_block_budget, save_grid
     model, train_config = load_model_for_sampling(ckpt_path)
     results, done = [], {}
     for name, budget, schedule, reuse in configurations(model, steps):
@@ -102,8 +61,8 @@ def evaluate_budgets(ckpt_path, num_per_class, steps, cfg_scale, out_dir, timest
 def save_npz(samples, labels, path):
     """Samples in [-1, 1] as an ADM sample file (uint8 `arr_0` N x H x W x 3, `labels`), as sample_ddp.py writes."""
     import numpy as np
-    from run_folders import atomic_write
-    from sampling import to_uint8
+    from fpdm.run_folders import atomic_write
+    from fpdm.sampling import to_uint8
     arrays = to_uint8(samples)
     atomic_write(path, lambda f: np.savez(f, arr_0=arrays, labels=labels.numpy()), "wb")
     return path
@@ -143,7 +102,7 @@ def main():
 
     print(f"[1/2] training a small FPDM on MNIST ({args.max_steps} steps) -> {RUN_DIR}", flush=True)
     start = time.time()
-    train(args.max_steps)
+    train(args.max_steps, RUN_DIR)
     train_minutes = (time.time() - start) / 60
     with open(os.path.join(RUN_DIR, "latest.json")) as f:
         ckpt = os.path.join(RUN_DIR, json.load(f)["path"])

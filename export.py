@@ -16,16 +16,16 @@ DiTPipeline takes class 1000 as its null class: a model with fewer classes has i
 copies of the null row (labels past its classes sample unconditionally); one with more must sample with
 guidance_scale 1. Pixel-space models (1 or 3 channels) get transformer/ and scheduler/ only: DiTPipeline always
 decodes with a VAE. `checkpoints.load_model` and sample.py read the folder (and the older flat transformer folder).
-The key mapping and the numerics of diffusers' DiT: diffusers_dit.py.
+The key mapping and the numerics of diffusers' DiT: fpdm/diffusers_dit.py.
 """
 
 import argparse
 import json
 import os
 
-from checkpoints import SAFETENSORS_FORMAT, diffusion_settings, load_model
-from diffusers_dit import PIPELINE_NULL_CLASS, SCHEDULER_CONFIG, diffusers_version, scheduler_config, to_diffusers
 from diffusion import DIFFUSION_DEFAULTS
+from fpdm.checkpoints import SAFETENSORS_FORMAT, diffusion_settings, load_model
+from fpdm.diffusers_dit import PIPELINE_NULL_CLASS, SCHEDULER_CONFIG, diffusers_version, scheduler_config, to_diffusers
 
 
 def from_diffusers(folder, **kwargs):
@@ -43,13 +43,13 @@ def to_pipeline(model, out_dir, diffusion, vae_path=None):
     diffusion: the diffusion settings (train.py names) the scheduler samples. vae_path: a local AutoencoderKL folder,
     copied to vae/ (loaded and saved by diffusers, so any format it reads works).
     """
-    from sampling import is_pixel_model
+    from fpdm.sampling import is_pixel_model
     pixel, classes, has_null = is_pixel_model(model), model.num_classes, model.config["class_dropout_prob"] > 0
     if pixel and vae_path:
         raise ValueError(f"--vae: this is a pixel-space model ({model.in_channels} channels), which needs no VAE")
     autoencoder = None
     if vae_path:  # checked before anything is written
-        from vae import load as load_vae
+        from fpdm.vae import load as load_vae
         autoencoder = load_vae(vae_path)
         if autoencoder.config.latent_channels != model.in_channels:
             raise ValueError(f"--vae {vae_path} has {autoencoder.config.latent_channels} latent channels, the model "

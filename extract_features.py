@@ -34,9 +34,9 @@ from datetime import timedelta
 import torch
 from tqdm import tqdm
 
-import vae as vae_io
-from data import LATENT_FORMAT, ImageFolderDataset
-from run_folders import atomic_write
+from fpdm import vae as vae_io
+from fpdm.data import LATENT_FORMAT, ImageFolderDataset
+from fpdm.run_folders import atomic_write
 
 SETUP_FILE = "extraction.json"
 # Processes wait for each other at the start (process 0 lists the images and clears an old extraction) and at the

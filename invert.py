@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import IMAGE_EXTENSIONS, list_images, read_rgb
 from diffusion import TIMESTEP_SPACINGS
 from diffusion.parallel import check_model, ddim_chain_map
 from diffusion.solvers import solve
+from fpdm.data import IMAGE_EXTENSIONS, list_images, read_rgb
 
 
 
@@ -137,7 +137,8 @@ class HalfBatchCFG:
 
 def build(args):
     """Network (EMA weights), model callable and diffusion from a checkpoint (any format load_model reads)."""
-    from sampling import GuidedModel, diffusion_for_sampling, load_model_for_sampling, resolve_device
+    from fpdm.checkpoints import load_model_for_sampling
+    from fpdm.sampling import GuidedModel, diffusion_for_sampling, resolve_device
     net, train_config = load_model_for_sampling(args.ckpt, device=resolve_device(args.device))
     if net.in_channels not in (1, 3):
         raise ValueError(f"{args.ckpt} is a {net.in_channels}-channel model, presumably of VAE latents: invert.py "
@@ -175,7 +176,7 @@ def plot(histories, path):
 def main(args):
     from torchvision.utils import save_image
 
-    from sampling import claim_output_folder, file_fingerprint, resolve_device
+    from fpdm.sampling import claim_output_folder, file_fingerprint, resolve_device
     args.device = str(resolve_device(args.device))
     torch.manual_seed(args.seed)
     net, model, diffusion = build(args)
@@ -239,5 +240,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    import cli
+    from fpdm import cli
     cli.run_script(main, parse_args)

@@ -145,40 +145,6 @@ class FixedPointStats:
         return torch.stack(self.residuals).tolist() if self.residuals else []
 
 
-@dataclass
-class FixedPointSolver:
-    """How an FPDM call at sampling solves its layer: "iterate" (z <- f(z), the default) or "anderson" (type-II
-    Anderson mixing with `history` iterates, ridge `ridge` and damping `damping` (β); diffusion.solvers, the same
-    implementation that solves parallel DDIM's chain), each image on its own (its own coefficients, residual and
-    stopping). One evaluation of f is one iteration, so budgets and block-evaluation counts are unchanged; the
-    result is the best evaluated f(z) of each image. Residuals: ‖f(z) − z‖ / (‖f(z)‖ + 1e-5) per image, their
-    maximum over the batch per iteration in `FixedPointStats.residuals`."""
-    method: str = "iterate"
-    history: int = 5
-    ridge: float = 1e-4
-    damping: float = 1.0
-
-    def __post_init__(self):
-        if self.method not in ("iterate", "anderson"):
-            raise ValueError(f"unknown fixed-point solver {self.method!r}: use iterate or anderson")
-        if self.history < 1 or self.ridge < 0 or not 0 < self.damping <= 1:
-            raise ValueError("Anderson needs history >= 1, ridge >= 0 and damping in (0, 1]")
-
-    def run(self, f, z, injection, c, iterations, tol=None):
-        """(z*, FixedPointStats) after at most `iterations` evaluations of f(z; injection, c), per image."""
-        from diffusion.solvers import solve_batched
-        stats = FixedPointStats(sjfb=(0, iterations))
-        if iterations < 1:
-            return z, stats
-        result = solve_batched(lambda x, idx: f(x[0], injection[idx], c[idx])[None], z[None], "anderson",
-                               max_iter=iterations, tol=-1.0 if tol is None else tol, m=self.history,
-                               lam=self.ridge, beta=self.damping)
-        stats.iterations = max(result.image_evaluations)
-        stats.image_iterations = result.image_evaluations
-        stats.residuals = [torch.tensor(r) for r in result.residuals]
-        return result.fx[0], stats
-
-
 class SolutionCache:
     """Solution reuse between consecutive calls (sampling timesteps): the fixed-point state z of the last call, the
     next call's starting point. A sampler owns one per batch and passes it as `model(..., reuse=cache)`; a model built
@@ -487,10 +453,11 @@ class FPDM(DiT):
         return self.block_fixed_point(projected.to(z.dtype), c)
 
     def solve(self, h, c, num_iterations=None, tol=None, reuse=None, fp_solver=None, stop=None):
-        """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N. `fp_solver`
-        (FixedPointSolver) with method "anderson" accelerates the iterations of a call without autograd (sampling).
-        `stop` (stats -> bool), asked once after every iteration, ends the call when it returns True (the iteration
-        count is then the cap, as with `tol`; allocation.BudgetAllocator): residuals are tracked for it."""
+        """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N. `fp_solver` (any object
+        with `method` and `run`, e.g. fpdm.sampling.FixedPointSolver) with method "anderson" accelerates the iterations
+        of a call without autograd (sampling). `stop` (stats -> bool), asked once after every iteration, ends the call
+        when it returns True (the iteration count is then the cap, as with `tol`; fpdm.allocation.BudgetAllocator):
+        residuals are tracked for it."""
         no_grad_iters, with_grad_iters = self.iteration_counts(num_iterations)
         cache = self._cache_for(reuse)
         injection = self.block_pre_projection(h)  # input injection: computed once per call, inside the graph

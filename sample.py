@@ -25,9 +25,9 @@ import time
 
 import torch
 
-import cli
-from run_folders import atomic_write
-from sampling import claim_output_folder, resolve_device, save_grid
+from fpdm import cli
+from fpdm.run_folders import atomic_write
+from fpdm.sampling import claim_output_folder, resolve_device, save_grid
 
 
 def parse_args(argv=None):

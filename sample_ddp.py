@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-import cli
-from run_folders import atomic_write, remove_stale_temporaries
-from sampling import claim_output_folder, to_uint8
+from fpdm import cli
+from fpdm.run_folders import atomic_write, remove_stale_temporaries
+from fpdm.sampling import claim_output_folder, to_uint8
 
 
 def parse_args(argv=None):

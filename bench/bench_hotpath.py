@@ -8,9 +8,9 @@ Three measurements:
              iterations without a graph, m with one, c = --with-grad-cost no-grad iterations each). Simulated over
              --sim-steps steps of the fpdm-xl2-in256 preset's counts (n in 0..10, m in 1..12) on --ranks ranks:
              "before", every rank drawing from its own RNG (seeded per rank, as the release and our first version
-             did); "after", train.sjfb_counts (one draw per step, the same on every rank). The ratio
+             did); "after", training.sjfb_counts (one draw per step, the same on every rank). The ratio
              is the mean step cost on R ranks over the mean on one rank: the straggler slowdown.
-  syncs      host-device syncs (measure.SyncCounter: .item(), .tolist(), .cpu(), bool/float/int of a tensor,
+  syncs      host-device syncs (fpdm.measure.SyncCounter: .item(), .tolist(), .cpu(), bool/float/int of a tensor,
              torch.from_numpy) made by this repository's code per training step (train.py, a tiny FPDM, --train-steps
              steps, logged every --log-every) and per DDIM sampling step (20 steps, guidance, reuse).
   compile    compiled / eager time of one FPDM training step (random S-JFB counts, the same for both) and of a
@@ -19,6 +19,7 @@ Three measurements:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,11 +30,19 @@ import time
 import numpy as np
 import torch
 
-import configs
-import train
-from measure import SyncCounter
+from fpdm import config as configs
+from fpdm import training
+from fpdm.measure import SyncCounter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def train_script():
+    """train.py, loaded from its file (a script, not an installed module), to count the syncs of its loop here."""
+    spec = importlib.util.spec_from_file_location("train", training.TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def straggler(ranks, steps, cost_with_grad, seed=0):
@@ -47,7 +56,7 @@ def straggler(ranks, steps, cost_with_grad, seed=0):
     streams = [np.random.default_rng(seed * 1000 + r) for r in range(ranks)]
     before = np.array([[cost(s.integers(*n_range), s.integers(*m_range)) for s in streams] for _ in range(steps)])
     # after: every rank calls sjfb_counts(cfg, step), which does not depend on the rank
-    after = np.array([[cost(*train.sjfb_counts(cfg, step)) for _ in range(ranks)] for step in range(steps)])
+    after = np.array([[cost(*training.sjfb_counts(cfg, step)) for _ in range(ranks)] for step in range(steps)])
     return {"ranks": ranks, "steps": steps, "with_grad_cost": cost_with_grad,
             "before": {"one_rank": float(before[:, 0].mean()), "all_ranks": float(before.max(1).mean()),
                        "ratio": float(before.max(1).mean() / before[:, 0].mean())},
@@ -61,9 +70,10 @@ TINY = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--h
 
 def training_syncs(out_dir, steps, log_every):
     """Syncs per training step of train.py (a tiny FPDM, random S-JFB counts), by where they happen."""
+    train = train_script()
     with SyncCounter() as counter:
         counter.watch(train, "train_step", "update_ema")
-        counter.watch(train.MetricsWindow, "log", "take_residual_by_t")
+        counter.watch(training.MetricsWindow, "log", "take_residual_by_t")
         train.main(train.parse_args([*TINY, "--results-dir", out_dir, "--run-name", "syncs", "--max-steps",
                                      str(steps), "--log-every", str(log_every), "--ckpt-every", str(steps)]))
     return {"steps": steps, "log_every": log_every, "total": counter.total, "per_step": counter.total / steps,
@@ -71,7 +81,7 @@ def training_syncs(out_dir, steps, log_every):
 
 
 def tiny_fpdm(device, hidden=64, depth=4):
-    from measure import perturb_parameters_
+    from fpdm.measure import perturb_parameters_
     from models import DiT
     torch.manual_seed(0)
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=hidden, depth=depth, num_heads=4,
@@ -81,7 +91,7 @@ def tiny_fpdm(device, hidden=64, depth=4):
 
 def sampling_syncs(device, steps=20):
     """Syncs per DDIM step of a guided FPDM sample with reuse (after a first call has built the tables)."""
-    from sampling import diffusion_for_sampling, sample_images
+    from fpdm.sampling import diffusion_for_sampling, sample_images
     model = tiny_fpdm(device).eval()
     diffusion = diffusion_for_sampling({"learn_sigma": True}, steps)
     noise, labels = torch.randn(4, 4, 8, 8, device=device), torch.arange(4, device=device)
@@ -99,7 +109,7 @@ def compiled_vs_eager(device, repeats, train_steps=6):
     """Median time of `train_steps` S-JFB training steps (random counts, the same sequence for both) and of a 20-step
     DDIM sample, eager vs compile_regions()."""
     from diffusion import create_diffusion
-    from sampling import diffusion_for_sampling, sample_images
+    from fpdm.sampling import diffusion_for_sampling, sample_images
     eager, compiled = tiny_fpdm(device).train(), tiny_fpdm(device).train().compile_regions()
     diffusion = create_diffusion("", learn_sigma=True).prepare(device)
     sampler_diffusion = diffusion_for_sampling({"learn_sigma": True}, 20)

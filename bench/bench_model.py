@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from measure import peak_rss_bytes, perturb_parameters_, saved_tensor_bytes
+from fpdm.measure import peak_rss_bytes, perturb_parameters_, saved_tensor_bytes
 from models import DiT
 
 VARIANTS = ("dit", "fpdm", "fpdm_release_nograd")

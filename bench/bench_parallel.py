@@ -25,9 +25,9 @@ import torch
 
 from diffusion import create_diffusion
 from diffusion.parallel import parallel_ddim_sample
-from measure import perturb_parameters_
+from fpdm.measure import perturb_parameters_
+from fpdm.sampling import GuidedModel, diffusion_for_sampling
 from models import DiT, DiT_models, load_state_dict_checked
-from sampling import GuidedModel, diffusion_for_sampling
 
 
 def build(args):

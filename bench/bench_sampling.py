@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from measure import perturb_parameters_
+from fpdm.measure import perturb_parameters_
+from fpdm.sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images
 from models import DiT
-from sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images
 
 DIFFUSION_CONFIG = {"predict_v": True, "learn_sigma": True}
 

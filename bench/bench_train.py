@@ -15,6 +15,7 @@ With --repeats > 1 the runs go round-robin (DiT, FPDM, DiT, ...) and medians are
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -26,11 +27,19 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from measure import peak_rss_bytes, reset_peak_rss
+from fpdm.measure import peak_rss_bytes, reset_peak_rss
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("dit", "fpdm")
 CHILD_PREFIX = "bench_train child: "
+
+
+def train_script():
+    """train.py, loaded from its file (a script, not an installed module), to run its loop in this process."""
+    spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_child(threads, train_argv):
@@ -42,11 +51,11 @@ def train_child(threads, train_argv):
     import accelerate  # noqa: F401  (imported here so that the baseline holds it)
     import torchvision  # noqa: F401  (save_grid)
 
-    import data
     import diffusion  # noqa: F401
-    import sampling  # noqa: F401
-    import train
+    from fpdm import data
+    from fpdm import sampling  # noqa: F401
     from models import DiT
+    train = train_script()
     cfg = train.parse_args(train_argv)
     data.build_dataset(cfg.data.data_path, image_size=cfg.data.image_size, unconditional=cfg.data.unconditional)
     reset_peak_rss()  # reading the digits peaks above what it keeps

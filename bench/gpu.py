@@ -12,7 +12,7 @@ section that runs over is recorded as timed out with what it measured so far, th
 
   train-eager     DiT-XL/2 vs FPDM-XL/2 training steps at batch 32, bf16 autocast, fused AdamW: images/s, peak CUDA
                   memory, and MFU (model FLOPs from torch's FLOP counter over the GPU's peak bf16 FLOP/s). FPDM draws
-                  its S-JFB counts with train.sjfb_counts from the fpdm-xl2-in256 preset (n in 0..10, m in 1..12),
+                  its S-JFB counts with training.sjfb_counts from the fpdm-xl2-in256 preset (n in 0..10, m in 1..12),
                   the same sequence in every variant; its FLOPs per step follow exactly from (n, m).
   train-compiled  the same with model.compile_regions() (compile time reported apart, steps after warm-up).
   sampling        20 DDIM steps at batch 32, DiT-XL/2 vs FPDM-XL/2 at equal block evaluations (with reuse):
@@ -91,7 +91,7 @@ def peak_tflops(device_name):
 def build(name, sizes, fixed_point=False, device="cpu", contract=False):
     import torch
 
-    from measure import perturb_parameters_
+    from fpdm.measure import perturb_parameters_
     from models import DiT_models
     torch.manual_seed(0)
     fp = dict(fixed_point=True, fixed_point_pre_depth=1, fixed_point_post_depth=1) if fixed_point else {}
@@ -137,7 +137,7 @@ def timed(device, fn, repeats):
 def keep_partial(args, result):
     """Write what a section has measured so far, atomically: the driver keeps it if the section then overruns its
     cap."""
-    from run_folders import atomic_write
+    from fpdm.run_folders import atomic_write
     atomic_write(args.section_out, lambda f: json.dump(result, f))
 
 
@@ -154,14 +154,14 @@ def train_section(args, sizes, compiled):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import configs
-    import train
     from diffusion import create_diffusion
+    from fpdm import config as configs
+    from fpdm import training
     device = torch.device(args.device)
     diffusion = create_diffusion("", learn_sigma=True).prepare(device)
     cfg = configs.preset("fpdm-xl2-in256")
     steps = sizes["warmup"] + sizes["train_steps"]
-    draws = [train.sjfb_counts(cfg, step) for step in range(steps)]
+    draws = [training.sjfb_counts(cfg, step) for step in range(steps)]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(sizes["batch"], 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
     y = torch.randint(0, sizes["num_classes"], (sizes["batch"],), generator=g).to(device)
@@ -235,7 +235,7 @@ def sampling_section(args, sizes):
     """DDIM images/s, DiT vs FPDM at the DiT's block-evaluation budget (FPDM with reuse)."""
     import torch
 
-    from sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images
+    from fpdm.sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images
     device = torch.device(args.device)
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
     g = torch.Generator().manual_seed(0)
@@ -268,7 +268,7 @@ def timed_sampling(device, *args, seed=None, **options):
     every run and samples compare one to one."""
     import torch
 
-    from sampling import sample_images
+    from fpdm.sampling import sample_images
 
     def run():
         if seed is not None:
@@ -289,7 +289,7 @@ def precision_section(args, sizes):
     take on FID_GPUS GPUs at this batch (the network alone: no VAE decode, no PNGs)."""
     import torch
 
-    from sampling import diffusion_for_sampling
+    from fpdm.sampling import diffusion_for_sampling
     device = torch.device(args.device)
     steps = sizes["precision_steps"]
     model = build(sizes["dit"], sizes, False, device).eval()
@@ -318,7 +318,7 @@ def parallel_section(args, sizes):
     """DEQ-DDIM (Anderson per image) vs sequential DDIM wall-clock, one image, T' = parallel_steps."""
     import torch
 
-    from sampling import diffusion_for_sampling
+    from fpdm.sampling import diffusion_for_sampling
     device = torch.device(args.device)
     model = build(sizes["parallel_model"], sizes, False, device).eval()
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["parallel_steps"])
@@ -336,12 +336,12 @@ def parallel_section(args, sizes):
 
 
 def two_axis_section(args, sizes):
-    """Two-axis sampling (diffusion/two_axis.py: the DDIM chain and FPDM's layer as one fixed point, k = 1 layer
+    """Two-axis sampling (fpdm/two_axis.py: the DDIM chain and FPDM's layer as one fixed point, k = 1 layer
     iteration per state per outer iteration) vs sequential FPDM DDIM with reuse at 3 iterations per step: wall-clock,
     block evaluations and critical path, one image, T' = sample_steps, the contractive FPDM of parallel_model size."""
     import torch
 
-    from sampling import diffusion_for_sampling
+    from fpdm.sampling import diffusion_for_sampling
     device = torch.device(args.device)
     model = build(sizes["parallel_model"], sizes, True, device, contract=True).eval()
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
@@ -394,9 +394,9 @@ def diagnostics_section(args, sizes):
 
     import torch
 
-    import configs
+    from fpdm import config as configs
     from diffusion import create_diffusion
-    from fp_diagnostics import BUCKETS, TrainingDiagnostics, contraction
+    from fpdm.diagnostics import BUCKETS, TrainingDiagnostics, contraction
     device = torch.device(args.device)
     set_tf32(True)
     power_iterations = configs.preset("fpdm-xl2-in256").run.fp_power_iterations
@@ -442,7 +442,7 @@ def vae_section(args, sizes):
     except ImportError as e:
         return {"skipped": f"no diffusers here ({e}): carry its wheel to run this section"}
 
-    import vae
+    from fpdm import vae
     device = torch.device(args.device)
     channels, size, batch = sizes["vae_channels"], sizes["vae_resolution"], sizes["vae_batch"]
     torch.manual_seed(0)
@@ -525,8 +525,8 @@ def checkpoint_section(args, sizes):
 
     import torch
 
-    from checkpoints import read_training_checkpoint, rng_state, write_training_checkpoint
-    from measure import peak_rss_bytes, reset_peak_rss
+    from fpdm.checkpoints import read_training_checkpoint, rng_state, write_training_checkpoint
+    from fpdm.measure import peak_rss_bytes, reset_peak_rss
     from models import DiT_models
     device = torch.device(args.device)
     folder = scratch(args, "checkpoint")

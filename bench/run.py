@@ -75,8 +75,8 @@ MEANINGS = {
                                                  "fraction)",
     ("hotpath", "straggler 8 ranks/1, before (per-rank draws)"): "mean step cost on 8 DDP ranks over one rank's when "
                                                                   "each rank draws its own S-JFB counts (slowest wins)",
-    ("hotpath", "straggler 8 ranks/1, after (sjfb_counts)"): "the same with train.sjfb_counts: one draw per step for "
-                                                             "all ranks (1 = no straggler)",
+    ("hotpath", "straggler 8 ranks/1, after (sjfb_counts)"): "the same with training.sjfb_counts: one draw per step "
+                                                             "for all ranks (1 = no straggler)",
     ("hotpath", "host syncs per training step"): "host-device syncs by our code per step (1 NaN guard + the log rows' "
                                                  "reads, amortised)",
     ("hotpath", "host syncs per sampling step"): "host-device syncs by our code per DDIM step (guided FPDM with reuse)",

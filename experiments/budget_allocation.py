@@ -8,7 +8,7 @@ beat the best fixed schedule (flat, more-noisy, more-clean)?
 The experiments' FPDM (MNIST 14 px, 500 samples, cfg 2), 20 DDIM steps with solution reuse, at 64, 96 and 128 block
 evaluations per image: the three fixed schedules and the allocator, which spends exactly the same budget (checked
 per row), in two forms: "adaptive" minimises the summed layer residual, "calibrated" weights each step's residual by
-its measured effect on the samples (allocation.calibrate_step_weights on 20 digits of other noise, from the flat split;
+its measured effect on the samples (sampling.calibrate_step_weights on 20 digits of other noise, from the flat split;
 its time is recorded apart). Three noise seeds; FID-MNIST mean ± std, and per budget each allocator minus the best
 fixed schedule (lowest mean FID), paired by seed. Writes experiments/results/budget_allocation.{json,png}; an interrupted run continues.
 """
@@ -51,8 +51,8 @@ def main():
     args = p.parse_args()
     import torch
 
-    from allocation import BudgetAllocator, calibrate_step_weights
-    from sampling import diffusion_for_sampling, iterations_from_block_budget
+    from fpdm.allocation import BudgetAllocator
+    from fpdm.sampling import calibrate_step_weights, diffusion_for_sampling, iterations_from_block_budget
 
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     budgets = [int(b) for b in args.budgets.split(",")]

@@ -6,10 +6,10 @@ import json
 import os
 import statistics
 
+from fpdm import demo_recipe  # (the demo's FPDM recipe and sample_quality)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
-
-import demo  # (the FPDM recipe, its run folder and sample_quality)
 
 
 FPDM_RUN_DIR = os.path.join(RESULTS, "fpdm_runs", "fpdm-mnist")  # the demo recipe trained longer (2,500 steps)
@@ -18,7 +18,7 @@ FPDM_RUN_DIR = os.path.join(RESULTS, "fpdm_runs", "fpdm-mnist")  # the demo reci
 def demo_checkpoint(train_steps=2500):
     """Path of the experiments' FPDM: the demo recipe trained for `train_steps` steps in a folder of its own (the demo
     itself trains 1,500); trained, resumed or skipped as needed."""
-    demo.train(train_steps, FPDM_RUN_DIR)
+    demo_recipe.train(train_steps, FPDM_RUN_DIR)
     path = os.path.join(FPDM_RUN_DIR, "checkpoints", f"step_{train_steps:07d}.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: the run in {FPDM_RUN_DIR} has no checkpoint at step {train_steps} "
@@ -29,9 +29,9 @@ def demo_checkpoint(train_steps=2500):
 def train(results, name, cfg, steps):
     """Train (or resume, or skip when finished) configuration `cfg` (configs.TrainConfig) for `steps` steps into
     <results>/<name>, with a checkpoint at the end; returns (checkpoint path, metrics.csv rows as dicts)."""
-    import train as trainer
-    run_dir = trainer.launch(cfg.replace(max_steps=steps, ckpt_every=steps, results_dir=results, run_name=name,
-                                         resume="auto"), quiet=True)
+    from fpdm.training import launch
+    run_dir = launch(cfg.replace(max_steps=steps, ckpt_every=steps, results_dir=results, run_name=name,
+                                 resume="auto"), quiet=True)
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     return os.path.join(run_dir, "checkpoints", f"step_{steps:07d}.pt"), rows
@@ -50,12 +50,12 @@ def add_sampling_arguments(parser, name):
     parser.add_argument("--checkpoint", default=None, help="an FPDM checkpoint (default: the demo's, trained if "
                         "missing)")
     parser.add_argument("--name", default=name, help="results name: experiments/results/<name>.{json,png}")
-    demo.add_spacing_argument(parser)
+    demo_recipe.add_spacing_argument(parser)
 
 
 def load_for_sampling(args):
     """(checkpoint path, EMA model, training config, seeds) from the flags of add_sampling_arguments."""
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
     ckpt = args.checkpoint or demo_checkpoint(getattr(args, "train_steps", 2500))
     model, train_config = load_model_for_sampling(ckpt)
     return ckpt, model, train_config, [int(s) for s in args.seeds.split(",")]
@@ -65,8 +65,9 @@ def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num
                        timestep_spacing="trailing", sampler="ddim", fp_solver=None):
     """FID-MNIST and accuracy of one sampling setting for each noise seed, with their mean and standard deviation,
     the block evaluations per image and the mean relative residual left at the end of each step."""
-    runs = [demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse, seed=seed,
-                                timestep_spacing=timestep_spacing, sampler=sampler, fp_solver=fp_solver)
+    runs = [demo_recipe.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations, reuse,
+                                       seed=seed, timestep_spacing=timestep_spacing, sampler=sampler,
+                                       fp_solver=fp_solver)
             for seed in seeds]
     fids, accs = [r["fid_mnist"] for r in runs], [r["accuracy"] for r in runs]
     residuals = [v for r in runs for v in r["compute"]["final_residual_per_step"] if v is not None]
@@ -74,7 +75,7 @@ def quality_over_seeds(model, train_config, steps, iterations, reuse, seeds, num
             "timestep_spacing": timestep_spacing, "reuse": reuse,
             "iterations": iterations if iterations is None or isinstance(iterations, int) else
             iterations.to_dict() if hasattr(iterations, "to_dict") else list(iterations),
-            # a BudgetAllocator (allocation.py) decides per run: what each seed spent, step by step
+            # a BudgetAllocator (fpdm/allocation.py) decides per run: what each seed spent, step by step
             **({"iterations_spent": [r["compute"]["iterations_per_step"] for r in runs]}
                if hasattr(iterations, "to_dict") else {}),
             "block_evals": runs[0]["compute"]["block_evals"], "fid_mnist": fids, "accuracy": accs,

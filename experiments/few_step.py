@@ -18,7 +18,7 @@ import argparse
 import os
 
 import common
-import configs
+from fpdm import config as configs
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
     p.add_argument("--dit-results", default=os.path.join(common.RESULTS, "fpdm_vs_dit_runs"))
     common.add_sampling_arguments(p, "few_step")
     args = p.parse_args()
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
 
     dit_ckpt, _ = common.train(args.dit_results, "dit-mnist", configs.preset("demo-mnist-dit"), args.train_steps)
     dit, dit_config = load_model_for_sampling(dit_ckpt)

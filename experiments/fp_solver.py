@@ -22,8 +22,7 @@ def main():
     p.add_argument("--history", type=int, default=5)
     common.add_sampling_arguments(p, "fp_solver")
     args = p.parse_args()
-    from models import FixedPointSolver
-    from sampling import iterations_from_block_budget
+    from fpdm.sampling import FixedPointSolver, iterations_from_block_budget
 
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     solvers = {"iterate": None, "anderson": FixedPointSolver("anderson", history=args.history)}

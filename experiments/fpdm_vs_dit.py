@@ -17,7 +17,7 @@ import argparse
 import os
 
 import common
-import configs
+from fpdm import config as configs
 
 
 def main():
@@ -28,7 +28,8 @@ def main():
     common.add_sampling_arguments(p, "fpdm_vs_dit")
     p.set_defaults(seeds="0,1")  # two seeds keep the script under ~30 minutes; the README used 0,1,2
     args = p.parse_args()
-    from sampling import iterations_from_block_budget, load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
+    from fpdm.sampling import iterations_from_block_budget
 
     dit_ckpt, _ = common.train(args.results, "dit-mnist", configs.preset("demo-mnist-dit"), args.train_steps)
     dit, dit_cfg = load_model_for_sampling(dit_ckpt)

@@ -12,7 +12,8 @@ import argparse
 import os
 
 import common
-import configs
+from fpdm import config as configs
+from fpdm import demo_recipe
 
 # The demo's DiT recipe with more frequent logging and small preview grids; the FPDM adds t-conditioned pre/post
 # blocks (as the DiT blocks it starts from were) and S-JFB 3 no-grad + 2 with-grad iterations.
@@ -23,9 +24,9 @@ FPDM = DIT.replace(fixed_point=True, fixed_point_pre_post_timestep_conditioning=
 
 
 def quality(ckpt, num_per_class, steps, cfg_scale, timestep_spacing):
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
     model, train_config = load_model_for_sampling(ckpt)
-    result = common.demo.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations_per_step=6,
+    result = demo_recipe.sample_quality(model, train_config, steps, num_per_class, cfg_scale, iterations_per_step=6,
                                         timestep_spacing=timestep_spacing)
     return {"fid_mnist": result["fid_mnist"], "accuracy": result["accuracy"]}
 
@@ -37,7 +38,7 @@ def main():
     p.add_argument("--num-per-class", type=int, default=20)
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--results", default=os.path.join(common.RESULTS, "init_from_dit_runs"))
-    common.demo.add_spacing_argument(p)
+    demo_recipe.add_spacing_argument(p)
     args = p.parse_args()
 
     dit_ckpt, _ = common.train(args.results, "dit", DIT, args.dit_steps)

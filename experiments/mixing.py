@@ -16,7 +16,7 @@ import os
 import torch
 
 import common
-import configs
+from fpdm import config as configs
 
 
 def main():
@@ -28,11 +28,11 @@ def main():
     p.add_argument("--dit-results", default=os.path.join(common.RESULTS, "fpdm_vs_dit_runs"))
     common.add_sampling_arguments(p, "mixing")
     args = p.parse_args()
-    from sampling import diffusion_for_sampling, sample_images
+    from fpdm.sampling import diffusion_for_sampling, sample_images
 
     dit_ckpt, _ = common.train(args.dit_results, "dit-mnist", configs.preset("demo-mnist-dit"), 2500)
     fpdm_ckpt = args.checkpoint or common.demo_checkpoint()
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
     rows = []
     for name, ckpt in (("DiT", dit_ckpt), ("FPDM", fpdm_ckpt)):
         model, config = load_model_for_sampling(ckpt)

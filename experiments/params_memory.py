@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import common
-from measure import perturb_parameters_, saved_tensor_bytes
+from fpdm.measure import perturb_parameters_, saved_tensor_bytes
 from models import DiT_models
 
 BYTES_PER_PARAM = 20  # fp32 weights + gradients + AdamW exp_avg + exp_avg_sq + EMA copy

@@ -28,7 +28,7 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     common.add_sampling_arguments(p, "reuse")
     args = p.parse_args()
-    from sampling import iterations_from_block_budget
+    from fpdm.sampling import iterations_from_block_budget
 
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     rows = []

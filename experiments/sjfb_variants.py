@@ -19,8 +19,8 @@ import statistics
 import torch
 
 import common
-import configs
-from common import demo
+from fpdm import config as configs
+from fpdm import demo_recipe
 
 VARIANTS = {"S-JFB": (1, 5, 1, 3), "JFB": (2, 6, 1, 1), "unroll": (0, 0, 5, 5)}
 
@@ -34,8 +34,8 @@ def config_for(ranges):
 
 def saved_activation_mb(ckpt, n, m, batch=64):
     """MB that autograd keeps for backward in one training forward with n no-grad and m with-grad iterations."""
-    from measure import saved_tensor_bytes
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
+    from fpdm.measure import saved_tensor_bytes
     model, _ = load_model_for_sampling(ckpt)
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -49,16 +49,16 @@ def main():
     p.add_argument("--train-steps", type=int, default=1200)
     p.add_argument("--num-per-class", type=int, default=50)
     p.add_argument("--results", default=os.path.join(common.RESULTS, "sjfb_variants_runs"))
-    demo.add_spacing_argument(p)
+    demo_recipe.add_spacing_argument(p)
     args = p.parse_args()
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
 
     report = {"args": vars(args), "variants": {}}
     for name, ranges in VARIANTS.items():
         ckpt, rows = common.train(args.results, name, config_for(ranges), args.train_steps)
         model, train_config = load_model_for_sampling(ckpt)
-        quality = demo.sample_quality(model, train_config, 20, args.num_per_class, 2.0, iterations_per_step=6,
-                                      reuse=True, timestep_spacing=args.timestep_spacing)
+        quality = demo_recipe.sample_quality(model, train_config, 20, args.num_per_class, 2.0, iterations_per_step=6,
+                                             reuse=True, timestep_spacing=args.timestep_spacing)
         n_mean, m_mean = round((ranges[0] + ranges[1]) / 2), round((ranges[2] + ranges[3]) / 2)
         result = {"ranges": ranges, "losses": common.losses(rows),
                   # median over 50-step windows: robust to a window slowed by other work on the machine

@@ -30,7 +30,7 @@ def main():
                    help="comma-separated steps:budget:reuse|no-reuse")
     common.add_sampling_arguments(p, "smoothing")
     args = p.parse_args()
-    from sampling import iterations_from_block_budget
+    from fpdm.sampling import iterations_from_block_budget
 
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     rows = []

@@ -6,7 +6,7 @@ The experiments' FPDM samples 200 digits (20 per class, cfg 2, 10 trailing DDIM 
   sequential   FPDM + solution reuse, 1, 2, 3 or 5 iterations per step: 10 dependent calls;
   deq-ddim     DEQ-DDIM over FPDM (Anderson per image) with a fixed inner count of 3 iterations from the injection
                at every state, 3, 5 or 8 outer iterations;
-  two-axis k   diffusion/two_axis.py with k = 1 or 2 layer iterations per state per outer iteration, warm-started
+  two-axis k   fpdm/two_axis.py with k = 1 or 2 layer iterations per state per outer iteration, warm-started
                from that state's previous solution, Anderson outer update, 3, 5 or 8 outer iterations.
 Parallel runs use tolerance 0, so each runs exactly its outer iterations (and returns each image's best iterate);
 no run clips x̂_0 (the parallel solvers cannot), the sequential one included.
@@ -34,8 +34,8 @@ def configurations(args):
 
 
 def run(model, train_config, config, args, seed):
-    import evaluate
-    from sampling import diffusion_for_sampling, sample_images
+    from fpdm.metrics import classifier_accuracy, fid_mnist
+    from fpdm.sampling import diffusion_for_sampling, sample_images
     labels = torch.arange(model.num_classes).repeat_interleave(args.num_per_class)
     noise = torch.randn(len(labels), 1, *model.input_hw, generator=torch.Generator().manual_seed(seed))
     diffusion = diffusion_for_sampling(train_config, args.steps, args.timestep_spacing)
@@ -59,7 +59,7 @@ def run(model, train_config, config, args, seed):
     else:
         blocks, path_calls = fn.info["block_evaluations"], fn.info["critical_path_calls"]
         path_blocks = fn.info["critical_path_blocks"]
-    return {"fid": evaluate.fid_mnist(samples), "accuracy": evaluate.classifier_accuracy(samples, labels),
+    return {"fid": fid_mnist(samples), "accuracy": classifier_accuracy(samples, labels),
             "block_evals": blocks, "critical_path_calls": path_calls, "critical_path_blocks": path_blocks,
             "seconds": seconds}
 

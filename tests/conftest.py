@@ -7,6 +7,10 @@ from threadpoolctl import threadpool_limits
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub: nothing can be downloaded here
 
+# The scripts (train.py, sample.py, evaluate.py, ...) are files at the top of the repository, not installed modules:
+# tests import them from there (`import train`), ahead of any installed package of the same name.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):

@@ -1,14 +1,12 @@
-"""train.py that records the S-JFB counts its FPDM runs: each process appends (n, m) of every training call to
-SJFB_LOG.<rank> (one JSON list per line).
+"""train.py, run as a file, that records the S-JFB counts its FPDM runs: each process appends (n, m) of every training
+call to SJFB_LOG.<rank> (one JSON list per line).
 
     SJFB_LOG=/tmp/draws accelerate launch ... tests/sjfb_recording_train.py <train.py flags>
 """
 
 import json
 import os
-import sys
-
-import train
+import runpy
 
 
 def recording_solve(real, path):
@@ -28,6 +26,7 @@ def read_draws(path):
 
 
 if __name__ == "__main__":
+    from fpdm.training import TRAIN_SCRIPT
     from models import FPDM
     FPDM.solve = recording_solve(FPDM.solve, f"{os.environ['SJFB_LOG']}.{os.environ.get('RANK', '0')}")
-    train.main(train.parse_args(sys.argv[1:]))
+    runpy.run_path(TRAIN_SCRIPT, run_name="__main__")  # train.py with these flags (sys.argv[1:])

@@ -1,6 +1,6 @@
-"""allocation.py: the budget allocator spends exactly its budget (real tiny FPDM, sample_images and sample.py),
+"""fpdm/allocation.py: the budget allocator spends exactly its budget (real tiny FPDM, sample_images and sample.py),
 reproduces the optimal split on geometric residuals, and refuses budgets below one iteration per step; FPDM.solve's
-`stop` hook."""
+`stop` hook; the step weights of sampling.calibrate_step_weights."""
 
 import json
 import os
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import cli
 import sample as sample_cli
-from allocation import BudgetAllocator
+from fpdm import cli
+from fpdm.allocation import BudgetAllocator
+from fpdm.sampling import diffusion_for_sampling, sample_images
 from models import FixedPointStats
-from sampling import diffusion_for_sampling, sample_images
 from test_sampling import TRAIN_CONFIG, tiny_fpdm
 
 
@@ -215,7 +215,7 @@ def test_calibrated_weights_on_a_real_fpdm(reuse, cfg):
     """calibrate_step_weights on the tiny FPDM: one positive weight per step, mean 1, deterministic; the same for a
     batch given twice (per-image means and batch-relative residuals do not depend on the batch's size); the last
     step's weight matches a direct measurement; an allocator with them spends its budget exactly."""
-    from allocation import calibrate_step_weights
+    from fpdm.sampling import calibrate_step_weights
     model = tiny_fpdm(class_dropout_prob=0.1)
     steps, iterations = 5, [2, 2, 2, 2, 2]
     diffusion = diffusion_for_sampling(TRAIN_CONFIG, steps)

@@ -1,5 +1,5 @@
-"""checkpoints.py and export.py: format detection for all six formats, EMA choice, the weights_only allow-list and a
-refused malicious pickle, diffusers and safetensors round trips (outputs vs diffusers measured), clear errors,
+"""fpdm/checkpoints.py and export.py: format detection for all six formats, EMA choice, the weights_only allow-list
+and a refused malicious pickle, diffusers and safetensors round trips (outputs vs diffusers measured), clear errors,
 DiT-XL/2 inference on the meta device, and init_fpdm_from_dit."""
 
 import argparse
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoints import TRAIN_FORMAT, detect_format, infer_config, init_fpdm_from_dit, load_model
 from export import main as export_main
-from diffusers_dit import to_diffusers, use_dit_timestep_frequencies
 from export import to_safetensors
+from fpdm.checkpoints import TRAIN_FORMAT, detect_format, infer_config, init_fpdm_from_dit, load_model
+from fpdm.diffusers_dit import to_diffusers, use_dit_timestep_frequencies
 from models import DiT, DiT_models
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)
@@ -354,8 +354,9 @@ COSINE_V = {"noise_schedule": "cosine", "predict_v": True, "zero_terminal_snr": 
 
 def sample_with(path, steps=4, flags=()):
     """Four DDIM samples from whatever diffusion sample.py resolves for `path` and its diffusion `flags`."""
-    import cli as sample_cli
-    from sampling import diffusion_for_sampling, load_model_for_sampling, sample_images
+    from fpdm import cli as sample_cli
+    from fpdm.checkpoints import load_model_for_sampling
+    from fpdm.sampling import diffusion_for_sampling, sample_images
     model, train_config = load_model_for_sampling(str(path))
     args = sample_cli.build_parser().parse_args(["--ckpt", str(path), *flags])
     config = sample_cli.diffusion_config(args, model, train_config)
@@ -389,7 +390,7 @@ def test_exports_carry_the_diffusion_settings(fmt, tmp_path):
 
 
 def test_diffusion_flags_for_checkpoints_that_record_none(tmp_path, capsys):
-    import cli as sample_cli
+    from fpdm import cli as sample_cli
     model = tiny(learn_sigma=False)
     to_safetensors(model, tmp_path / "bare")  # records nothing (as official DiT weights): DiT's defaults, with a note
     _, config = sample_with(tmp_path / "bare")
@@ -399,7 +400,7 @@ def test_diffusion_flags_for_checkpoints_that_record_none(tmp_path, capsys):
     ckpt["config"] = {**ckpt["config"], **COSINE_V}
     torch.save(ckpt, tmp_path / "run.pt")
     original, _ = sample_with(tmp_path / "run.pt")
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
     bare_model, bare_config = load_model_for_sampling(str(tmp_path / "bare"))
     args = sample_cli.build_parser().parse_args(["--ckpt", "x", "--noise-schedule", "cosine", "--predict-v"])
     assert sample_cli.diffusion_config(args, bare_model, bare_config) == sample_with(tmp_path / "run.pt")[1]

@@ -1,11 +1,11 @@
-"""configs.py: typed groups, the generated command line, presets, flat storage, one validator per group."""
+"""fpdm/config.py: typed groups, the generated command line, presets, flat storage, one validator per group."""
 
 import dataclasses
 
 import pytest
 
-import configs
 from diffusion import DIFFUSION_DEFAULTS, create_diffusion
+from fpdm import config as configs
 
 # The demo's flags before presets existed (demo.py's TRAIN_FLAGS until 2026-12-04): the preset must be the same recipe.
 OLD_DEMO_FLAGS = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "128",

@@ -1,4 +1,4 @@
-"""data.py and extract_features.py: MNIST digits, image folders (ADM centre crop, flips), the latent shard format
+"""fpdm/data.py and extract_features.py: MNIST digits, image folders (ADM centre crop, flips), the latent shard format
 (round trip against the VAE, flips, posterior sampling, 1 vs 2 processes), and one-line errors for bad input."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import ImageFolderDataset, LatentDataset, MNISTDigits, build_dataset, center_crop_arr
+from fpdm.data import ImageFolderDataset, LatentDataset, MNISTDigits, build_dataset, center_crop_arr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -298,14 +298,14 @@ def test_errors_are_one_clear_line(tmp_path, folder, latents):
     os.remove(os.path.join(bad, "shard-r000-00000.safetensors"))
     raises(ValueError, "shard-r000-00000.safetensors: latent shard is missing", build_dataset, bad)
 
-    import vae
+    from fpdm import vae
     raises(ValueError, "cannot load VAE .*pass a local folder", vae.load, str(tmp_path / "empty"))
 
 
 # --------------------------------------------------------------------------- bad files, 16-bit images
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
-    from data import read_rgb
+    from fpdm.data import read_rgb
     gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (4, 1))
     Image.fromarray(gradient).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
@@ -316,7 +316,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
 
 
 def test_unreadable_images_stop_before_training_or_are_skipped(tmp_path, monkeypatch):
-    import data
+    from fpdm import data
     root = tmp_path / "images"
     for i in range(3):
         save(root / "a" / f"{i}.png", noise(12, 12, i))

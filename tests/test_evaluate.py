@@ -1,7 +1,8 @@
-"""evaluate.py: the Fréchet distance, Inception Score, precision/recall and KID against closed forms, sample IO (ADM
-npz and image folders), the Inception pipeline end to end with random weights (the metric table from one pass, sFID's
-layer, reference statistics, stats files and the reference cache), FID-MNIST sanity (real vs real small, noise
-large, corruptions monotone), the MNIST metric table, the classifier cache, and the CLI."""
+"""fpdm/metrics.py and its command line evaluate.py: the Fréchet distance, Inception Score, precision/recall and KID
+against closed forms, sample IO (ADM npz and image folders), the Inception pipeline end to end with random weights
+(the metric table from one pass, sFID's layer, reference statistics, stats files and the reference cache), FID-MNIST
+sanity (real vs real small, noise large, corruptions monotone), the MNIST metric table, the classifier cache, and the
+CLI."""
 
 import contextlib
 import json
@@ -18,12 +19,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import gaussian_blur
 
-import evaluate
-from data import MNISTDigits
-from evaluate import (INCEPTION_URL, InceptionFeatures, MNIST_CLASSIFIER, classifier_accuracy, feature_statistics,
-                      fid_mnist, format_table, frechet_distance, inception_metrics, inception_score, kid, load_images,
-                      load_mnist_classifier, load_reference, load_statistics, main, mnist_features, mnist_metrics,
-                      precision_recall, reference_cache_path, reference_content_hash)
+from evaluate import format_table, main
+from fpdm import metrics
+from fpdm.data import MNISTDigits
+from fpdm.metrics import (INCEPTION_URL, InceptionFeatures, MNIST_CLASSIFIER, classifier_accuracy, feature_statistics,
+                          fid_mnist, frechet_distance, inception_metrics, inception_score, kid, load_images,
+                          load_mnist_classifier, load_reference, load_statistics, mnist_features, mnist_metrics,
+                          precision_recall, reference_cache_path, reference_content_hash)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -329,7 +331,7 @@ def counting_forward():
 @pytest.fixture
 def quick_frechet(monkeypatch):
     """sqrtm of a 2048 x 2048 matrix takes ~25 s on this 2-core machine, twice per table (FID, sFID). The table tests
-    therefore swap `evaluate.frechet_distance` for a stand-in (the formula without its coupling term) and record
+    therefore swap `metrics.frechet_distance` for a stand-in (the formula without its coupling term) and record
     which statistics reach it; the Fréchet distance itself is tested against closed forms above."""
     calls = []
 
@@ -337,7 +339,7 @@ def quick_frechet(monkeypatch):
         calls.append((mu1, sigma1, mu2, sigma2))
         return float(np.sum((np.asarray(mu1) - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2))
 
-    monkeypatch.setattr(evaluate, "frechet_distance", stand_in)
+    monkeypatch.setattr(metrics, "frechet_distance", stand_in)
     return calls
 
 
@@ -531,14 +533,14 @@ def test_fid_mnist_sanity(classifier):
 
 def test_mnist_inputs_sizes_and_errors():
     x, _ = real_digits(28)
-    assert torch.equal(evaluate.mnist_inputs(real_digits(32)[0][:4])[0], x[:4])  # 32 px = 28 px padded by 2
+    assert torch.equal(metrics.mnist_inputs(real_digits(32)[0][:4])[0], x[:4])  # 32 px = 28 px padded by 2
     for size in (7, 14):
-        prepared, got = evaluate.mnist_inputs(real_digits(size)[0][:4])
+        prepared, got = metrics.mnist_inputs(real_digits(size)[0][:4])
         assert prepared.shape == (4, 1, 28, 28) and got == size
     with pytest.raises(ValueError, match="px"):
-        evaluate.mnist_inputs(torch.zeros(2, 1, 20, 20))
+        metrics.mnist_inputs(torch.zeros(2, 1, 20, 20))
     with pytest.raises(ValueError, match="shape"):
-        evaluate.mnist_inputs(torch.zeros(2, 2, 28, 28))
+        metrics.mnist_inputs(torch.zeros(2, 2, 28, 28))
 
 
 def test_classifier_cache_reused_retrained_when_corrupt_or_stale(classifier, tmp_path, capsys):
@@ -554,7 +556,7 @@ def test_classifier_cache_reused_retrained_when_corrupt_or_stale(classifier, tmp
     assert sorted(os.listdir(tmp_path)) == ["quick.pt"]  # no temporary file left behind
     load_mnist_classifier(path, config={**quick, "seed": 1})
     assert "another format or config" in capsys.readouterr().out
-    assert evaluate.mnist_classifier_path(quick) != evaluate.mnist_classifier_path(MNIST_CLASSIFIER)
+    assert metrics.mnist_classifier_path(quick) != metrics.mnist_classifier_path(MNIST_CLASSIFIER)
 
 
 def test_cli_fid_mnist(classifier, tmp_path):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from checkpoints import TRAIN_FORMAT, load_model
-from diffusers_dit import SCHEDULER_CONFIG, scheduler_config, to_diffusers, use_dit_timestep_frequencies
 from export import main as export_main
+from fpdm.checkpoints import TRAIN_FORMAT, load_model
+from fpdm.diffusers_dit import SCHEDULER_CONFIG, scheduler_config, to_diffusers, use_dit_timestep_frequencies
 from models import DiT
 
 LATENT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -56,8 +56,8 @@ def test_pipeline_samples_equal_our_ddim_and_vae(tmp_path, capsys):
     """DiTPipeline (DDIM, guidance 4 on all channels, learned sigma dropped, class 1000 as null) from the same
     generator equals our sample_images + vae.decode, latents and images, once DiT's timestep frequencies are set."""
     from diffusers import AutoencoderKL, DiTPipeline
-    import vae as vae_module
-    from sampling import diffusion_for_sampling, sample_images
+    from fpdm import vae as vae_module
+    from fpdm.sampling import diffusion_for_sampling, sample_images
     model = tiny()
     tiny_vae(tmp_path)
     out = export(tmp_path, model, "--vae", str(tmp_path / "vae"))
@@ -91,7 +91,7 @@ def test_pipeline_samples_equal_our_ddim_and_vae(tmp_path, capsys):
 
 def test_scheduler_ends_at_alpha_bar_one_like_ours(tmp_path):
     from diffusers import DDIMScheduler
-    from sampling import diffusion_for_sampling
+    from fpdm.sampling import diffusion_for_sampling
     out = export(tmp_path, tiny())
     config = json.loads((out / "scheduler" / SCHEDULER_CONFIG).read_text())
     assert config["set_alpha_to_one"] and config["timestep_spacing"] == "trailing" and not config["clip_sample"]
@@ -136,7 +136,7 @@ def test_pixel_models_get_transformer_and_scheduler_only(tmp_path, capsys):
 
 def test_old_flat_layout_and_pipeline_layout_load_alike(tmp_path):
     """The old export (transformer files and scheduler_config.json at the top) still loads, as the new one does."""
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
     model = tiny()
     flat = to_diffusers(model, tmp_path / "flat")
     (tmp_path / "flat" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config(DIFFUSION)))

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import extract_features
-from data import ImageFolderDataset, LatentDataset
 from extract_features import extract
+from fpdm.data import ImageFolderDataset, LatentDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,5 @@
-"""fp_diagnostics.py and its use in train.py: the contraction estimate against the exact spectral radius, per-example
-residuals bucketed by timestep, the run folder's CSV and PNGs, and training left bit-identical."""
+"""fpdm/diagnostics.py and its use in train.py: the contraction estimate against the exact spectral radius,
+per-example residuals bucketed by timestep, the run folder's CSV and PNGs, and training left bit-identical."""
 
 import copy
 import csv
@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import configs
 import train
-from fp_diagnostics import BUCKETS, contraction, layer_problem
+from fpdm import config as configs
+from fpdm import training
+from fpdm.diagnostics import BUCKETS, contraction, layer_problem
 from models import DiT, FixedPointStats
 from test_train import TINY_ARGS, final_weights, losses
 
@@ -127,7 +128,7 @@ def test_metrics_window_averages_residuals_per_timestep_bucket(tmp_path):
     cfg = configs.TrainConfig().replace(fixed_point=True, diffusion_steps=1000, tracker="none")
     accelerator = SimpleNamespace(is_main_process=True, device=torch.device("cpu"),
                                   reduce=lambda tensor, reduction: tensor)
-    window = train.MetricsWindow(str(tmp_path / "metrics.csv"), cfg, accelerator, None)
+    window = training.MetricsWindow(str(tmp_path / "metrics.csv"), cfg, accelerator, None)
     for t, r in (([0, 99, 950], [1.0, 3.0, 0.5]), ([100, 999, 50], [4.0, 1.5, 5.0])):
         stats = FixedPointStats(sjfb=(1, 1), residuals=[torch.tensor(1.0)], example_residuals=torch.tensor(r))
         window.add(torch.tensor(0.1), stats, torch.tensor(t))

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 import train
-from measure import SyncCounter
+from fpdm import training
+from fpdm.measure import SyncCounter
 from test_train import TINY_ARGS
 
 
@@ -22,7 +23,7 @@ def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path):
     counted functions: it reads its result once per diagnostics row.)"""
     with SyncCounter() as counter:
         counter.watch(train, "train_step", "update_ema")
-        counter.watch(train.MetricsWindow, "log", "take_residual_by_t")
+        counter.watch(training.MetricsWindow, "log", "take_residual_by_t")
         args = [a for a in TINY_ARGS]
         args[args.index("--log-every") + 1] = "5"
         cfg = train.parse_args([*args, "--fixed-point-no-grad-max-iters", "4", "--fixed-point-with-grad-max-iters",
@@ -30,8 +31,9 @@ def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path):
                                 "--ckpt-every", "10", "--sample-every", "0"])
         train.main(cfg)
     # ("tolist", _index): the data order, a CPU permutation listed once per epoch (not a device sync).
-    expected = {("tolist", "train.py:_index"): 1, ("item", "train.py:train_step"): 10, ("item", "train.py:log"): 2,
-                ("__float__", "train.py:log"): 4, ("tolist", "train.py:take_residual_by_t"): 1}
+    expected = {("tolist", "training.py:_index"): 1, ("item", "train.py:train_step"): 10,
+                ("item", "training.py:log"): 2, ("__float__", "training.py:log"): 4,
+                ("tolist", "training.py:take_residual_by_t"): 1}
     assert counter.calls == expected, counter.calls
     assert counter.total == 1 + 10 * 1 + 2 * 3 + 1
 
@@ -40,7 +42,7 @@ def test_sampling_syncs_once_per_sample_call():
     """A 20-step DDIM sample of an FPDM with guidance, solution reuse and fixed iterations: no sync at any step (the
     residuals stay on the device until read, the schedule tables are built once, reuse checks its timesteps on the
     device); reading the compute report afterwards is one sync for all 20 steps' residuals."""
-    from sampling import diffusion_for_sampling, sample_images
+    from fpdm.sampling import diffusion_for_sampling, sample_images
     from test_sampling import TRAIN_CONFIG, tiny_fpdm
 
     model = tiny_fpdm(class_dropout_prob=0.1)

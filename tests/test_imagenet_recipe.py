@@ -45,8 +45,10 @@ def recipe():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """What a researcher downloads, at toy size: images, the VAE, Inception weights, ADM's reference batch."""
-    import evaluate
     from diffusers import AutoencoderKL
+
+    import evaluate
+    from fpdm.metrics import InceptionFeatures
     root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
     for i in range(24):  # two classes of smooth random colour fields, as JPEGs of odd sizes (centre-cropped to 16)
@@ -58,7 +60,7 @@ def world(tmp_path_factory):
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                   latent_channels=4, norm_num_groups=8, sample_size=16).save_pretrained(root / "sd-vae-ft-ema")
-    net = evaluate.InceptionFeatures(random_init=True).net.state_dict()
+    net = InceptionFeatures(random_init=True).net.state_dict()
     torch.save({**net, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, root / "inception.pth")
     (root / "val").mkdir()
     for i in range(12):

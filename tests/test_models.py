@@ -629,7 +629,7 @@ def test_label_dropout_rate_and_null_class():
 def test_anderson_in_the_layer_reaches_the_fixed_point_in_fewer_evaluations():
     """On a contractive layer with a slow rate, Anderson (per image) reaches a relative residual of 1e-6 in fewer
     evaluations of f than plain iteration, to the same fixed point; with a fixed count it spends exactly that count."""
-    from models import FixedPointSolver
+    from fpdm.sampling import FixedPointSolver
     model = make_contractive(randomize(tiny(fixed_point=True), scale=0.1), scale=1.6).eval()  # a slow contraction
     x, t, y = inputs(same_t=True)
     anderson = FixedPointSolver("anderson", history=5)
@@ -648,8 +648,7 @@ def test_anderson_in_the_layer_reaches_the_fixed_point_in_fewer_evaluations():
 
 
 def test_anderson_in_the_layer_works_with_reuse_guidance_and_budgets():
-    from models import FixedPointSolver
-    from sampling import diffusion_for_sampling, iterations_from_block_budget, sample_images
+    from fpdm.sampling import FixedPointSolver, diffusion_for_sampling, iterations_from_block_budget, sample_images
     model = make_contractive(randomize(tiny(fixed_point=True), scale=0.1), scale=0.5).eval()
     config = {"noise_schedule": "linear", "learn_sigma": True, "predict_v": False, "zero_terminal_snr": False,
               "diffusion_steps": 1000}

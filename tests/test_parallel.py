@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import invert
-from checkpoints import TRAIN_FORMAT
 from diffusion import create_diffusion, get_named_beta_schedule
 from diffusion.parallel import ddim_chain_map, parallel_ddim_sample
 from diffusion.solvers import solve
+from fpdm.checkpoints import TRAIN_FORMAT
+from fpdm.sampling import GuidedModel
 from models import DiT
-from sampling import GuidedModel
 
 
 def tiny_model(fixed_point=False, in_channels=4, learn_sigma=True, seed=0):

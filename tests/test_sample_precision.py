@@ -10,9 +10,9 @@ from PIL import Image
 import pytest
 import torch
 
-import cli
 import sample as sample_cli
 import sample_ddp
+from fpdm import cli
 from test_sampling import TRAIN_CONFIG, save_checkpoint, tiny_fpdm
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion import ModelMeanType, create_diffusion
-from sampling import SAMPLERS, GuidedModel, diffusers_scheduler, model_calls, run_scheduler, sample_images
+from fpdm.sampling import SAMPLERS, GuidedModel, diffusers_scheduler, model_calls, run_scheduler, sample_images
 
 MU, S = 0.4, 0.3  # data: x0 ~ N(MU, S^2) in every coordinate
 STEPS = (10, 20, 40)
@@ -148,7 +148,7 @@ def tiny_fpdm():
 
 
 def fpdm_sample(sampler, steps=6, budget=None, **kwargs):
-    from sampling import diffusion_for_sampling, iterations_from_block_budget
+    from fpdm.sampling import diffusion_for_sampling, iterations_from_block_budget
     from test_sampling import TRAIN_CONFIG
     model = tiny_fpdm()
     diffusion = diffusion_for_sampling(TRAIN_CONFIG, steps)
@@ -188,7 +188,7 @@ def test_guidance_interval_runs_one_branch_outside_it():
 
 
 def test_linear_guidance_schedule_scales_with_t():
-    from sampling import GuidedModel
+    from fpdm.sampling import GuidedModel
     fn = GuidedModel(tiny_fpdm(), cfg_scale=5.0, guidance_schedule="linear", num_train_timesteps=1000)
     assert fn.guidance_scale(1000) == 1.0 and fn.guidance_scale(0) == 5.0 and fn.guidance_scale(500) == 3.0
     constant, _ = fpdm_sample("ddim", cfg_scale=3.0)

@@ -1,4 +1,4 @@
-"""sampling.py, sample.py and sample_ddp.py: iteration schedules, reuse, adaptive stopping, compute accounting,
+"""fpdm/sampling.py, sample.py and sample_ddp.py: iteration schedules, reuse, adaptive stopping, compute accounting,
 process-count independence and resumption of sharded sampling, and errors for bad flags."""
 
 import json
@@ -12,13 +12,13 @@ from PIL import Image
 import pytest
 import torch
 
-import cli
 import sample as sample_cli
-from evaluate import load_images
 import sample_ddp
+from fpdm import cli
+from fpdm.metrics import load_images
+from fpdm.sampling import (GuidedModel, diffusion_for_sampling, iteration_schedule, iterations_from_block_budget,
+                           sample_images)
 from models import DiT
-from sampling import (GuidedModel, diffusion_for_sampling, iteration_schedule, iterations_from_block_budget,
-                      sample_images)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = {"noise_schedule": "cosine", "learn_sigma": False, "predict_v": True, "zero_terminal_snr": False,
@@ -111,7 +111,7 @@ def test_sampler_registry_has_one_signature_and_clear_errors():
     unknown names and options a sampler lacks are one-line errors; the parallel sampler, reached through the same
     entry point, gives sequential DDIM's samples (its exact fixed point)."""
     import inspect
-    from sampling import SAMPLERS
+    from fpdm.sampling import SAMPLERS
     assert {"ddpm", "ddim", "ddim-parallel", "dpmpp-2m", "unipc", "euler", "heun"} <= set(SAMPLERS)
     for name, fn in SAMPLERS.items():
         params = inspect.signature(fn).parameters
@@ -343,7 +343,7 @@ def test_sample_cli_two_axis(checkpoint, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 def random_dit(channels, **kwargs):
-    from measure import perturb_parameters_
+    from fpdm.measure import perturb_parameters_
     torch.manual_seed(0)
     model = DiT(input_size=8, patch_size=2, in_channels=channels, hidden_size=32, depth=2, num_heads=4,
                 num_classes=10, learn_sigma=False, **kwargs)
@@ -352,7 +352,7 @@ def random_dit(channels, **kwargs):
 
 @pytest.mark.parametrize("channels,clips", [(4, False), (1, True), (3, True)])
 def test_default_clips_x0_only_for_pixel_models(channels, clips):
-    from sampling import clip_denoised_for
+    from fpdm.sampling import clip_denoised_for
     model = random_dit(channels)
     noise = torch.randn(4, channels, 8, 8, generator=torch.Generator().manual_seed(0))
     diffusion = diffusion_for_sampling({**TRAIN_CONFIG, "predict_v": False, "noise_schedule": "linear"}, 5)
@@ -513,7 +513,7 @@ def test_vae_is_loaded_once_for_many_batches(tmp_path, monkeypatch):
 def test_sample_ddp_sample_equals_in_process_sampling_and_uint8_mapping(checkpoint, tmp_path):
     """Batch 1 of the sharded run (samples 3..5) equals sample_images on the noise and labels of (seed, i), and the
     uint8 conversion maps -1, 0, 1 to 0, 128, 255 (grayscale repeated to RGB)."""
-    from sampling import load_model_for_sampling
+    from fpdm.checkpoints import load_model_for_sampling
     out = sample_ddp.main(ddp_args(checkpoint, tmp_path / "s", "--cfg-scale", "2", "--seed", "3"))
     saved = np.load(os.path.join(out, "samples.npz"))
     model, config = load_model_for_sampling(checkpoint)

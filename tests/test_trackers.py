@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import train
+from fpdm import training
 from test_train import TINY_ARGS
 
 
@@ -23,14 +24,14 @@ def test_a_stray_folder_or_a_broken_module_is_no_tracker(tmp_path, monkeypatch):
     (tmp_path / "stray_tracker").mkdir()  # what a `wandb/` folder beside the script looks like to find_spec
     (tmp_path / "broken_tracker.py").write_text("raise ImportError('half installed')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert not train._importable("stray_tracker") and not train._importable("broken_tracker")
-    assert train._importable("tensorboard")
-    monkeypatch.setattr(train, "_importable", lambda name: name == "tensorboard")
-    assert train.choose_tracker("auto") == "tensorboard"
+    assert not training._importable("stray_tracker") and not training._importable("broken_tracker")
+    assert training._importable("tensorboard")
+    monkeypatch.setattr(training, "_importable", lambda name: name == "tensorboard")
+    assert training.choose_tracker("auto") == "tensorboard"
     with pytest.raises(ValueError, match="--tracker wandb: the wandb package does not import here.*--tracker none"):
-        train.choose_tracker("wandb")
-    monkeypatch.setattr(train, "_importable", lambda name: False)
-    assert train.choose_tracker("auto") is None
+        training.choose_tracker("wandb")
+    monkeypatch.setattr(training, "_importable", lambda name: False)
+    assert training.choose_tracker("auto") is None
 
 
 def tracker_run(tmp_path, tracker):
@@ -49,7 +50,7 @@ def test_wandb_writes_offline_under_the_run_folder_with_images(tmp_path, monkeyp
     run_dir = tracker_run(tmp_path / "runs", "wandb")
     assert not os.path.exists(tmp_path / "wandb")
     runs = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
-    assert len(runs) == 1 and runs[0].endswith(train.wandb_run_id(run_dir))
+    assert len(runs) == 1 and runs[0].endswith(training.wandb_run_id(run_dir))
     media = {os.path.basename(p).split("_")[0] for p in glob.glob(os.path.join(runs[0], "files", "media", "images",
                                                                               "*.png"))}
     assert {"samples", "eval", "fp"} <= media, media

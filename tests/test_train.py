@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-import checkpoints
-import configs
 import sjfb_recording_train
 import train
+from fpdm import checkpoints
+from fpdm import config as configs
+from fpdm import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "32", "--depth", "4",
@@ -125,22 +126,22 @@ def test_warmup_clipping_and_weight_decay_follow_their_formulas(tmp_path, monkey
 def test_step_batch_sampler_splits_the_one_process_batch(tmp_path):
     """Two ranks' index lists at each micro-step are disjoint halves of the one-process batch, and each epoch of
     positions is a permutation of the dataset."""
-    one = iter(train.StepBatchSampler(20, 8, 0, 1, seed=3, start_micro_step=0))
-    ranks = [iter(train.StepBatchSampler(20, 8, r, 2, seed=3, start_micro_step=0)) for r in (0, 1)]
+    one = iter(training.StepBatchSampler(20, 8, 0, 1, seed=3, start_micro_step=0))
+    ranks = [iter(training.StepBatchSampler(20, 8, r, 2, seed=3, start_micro_step=0)) for r in (0, 1)]
     stream = []
     for _ in range(5):
         batch, halves = next(one), [next(r) for r in ranks]
         assert halves[0] + halves[1] == batch and len(halves[0]) == 4
         stream += batch
     assert sorted(stream[:20]) == list(range(20)) == sorted(stream[20:40]) and stream[:20] != stream[20:40]
-    resumed = iter(train.StepBatchSampler(20, 8, 0, 1, seed=3, start_micro_step=3))
+    resumed = iter(training.StepBatchSampler(20, 8, 0, 1, seed=3, start_micro_step=3))
     assert next(resumed) == stream[24:32]
 
 
 def test_gradient_accumulation_takes_the_same_steps(tmp_path, monkeypatch):
     """Global batch 8 as 1 × 8 and as 4 micro-batches of 2, through train.py itself (random S-JFB counts, label
     dropout): the same loss and gradients at every optimizer step, hence the same weights — each example's t, noise
-    and label dropout are drawn from (seed, step, position in the global batch) (train.ExampleDraws)."""
+    and label dropout are drawn from (seed, step, position in the global batch) (training.ExampleDraws)."""
     steps = record_optimizer_steps(monkeypatch)
     dirs = [run(tmp_path, "--max-steps", "2", "--grad-accum-steps", accum, name=f"a{accum}") for accum in ("1", "4")]
     assert len(steps) == 4
@@ -369,7 +370,7 @@ def free_port():
 
 def test_sjfb_draws_are_the_same_on_every_rank_machine_and_world_size(tmp_path, monkeypatch):
     """Two "machines" of one process each (the multi-node recipe over loopback) run the same random S-JFB counts on
-    both ranks at every micro-batch, the same sequence as one process and as `train.sjfb_counts`, and a run resumed
+    both ranks at every micro-batch, the same sequence as one process and as `training.sjfb_counts`, and a run resumed
     on them ends bit-exactly where an uninterrupted one does."""
     flags = [*TINY_ARGS, "--results-dir", str(tmp_path), "--grad-accum-steps", "2", "--ckpt-every", "2",
              "--num-sample-images", "0"]
@@ -380,7 +381,7 @@ def test_sjfb_draws_are_the_same_on_every_rank_machine_and_world_size(tmp_path, 
                         tmp_path / "split")
     assert "2 process(es)" in open(tmp_path / "straight" / "log.txt").read()
     cfg = train.parse_args([*flags, "--max-steps", "5"])
-    expected = [train.sjfb_counts(cfg, step) for step in range(5) for micro in range(2)]  # one draw per step
+    expected = [training.sjfb_counts(cfg, step) for step in range(5) for micro in range(2)]  # one draw per step
     assert len(set(expected)) > 3  # the counts do vary
     for name in ("straight", "split"):
         for rank in (0, 1):
@@ -409,15 +410,15 @@ def test_init_fpdm_from_a_trained_dit(tmp_path):
     # Before its first step the FPDM's fixed-point block was the DiT's middle block (block 1 of 4 -> 1 + (4-2)//2 = 2).
     dit = torch.load(dit_ckpt, weights_only=True)["model"]
     fpdm_cfg = train.parse_args(TINY_ARGS + ["--init-from", dit_ckpt])
+    from fpdm import data
     from models import DiT_models
-    import data
     dataset = data.build_dataset("mnist", image_size=14)
     model = DiT_models[fpdm_cfg.net.model](**configs.model_kwargs(fpdm_cfg, dataset.image_shape, dataset.num_classes))
-    report = train.initialise_from(model, fpdm_cfg)
+    report = training.initialise_from(model, fpdm_cfg)
     assert report["placement"] == {"blocks_pre.0": 0, "block_fixed_point": 2, "blocks_post.0": 3}
     torch.testing.assert_close(model.block_fixed_point.attn.qkv.weight, dit["blocks.2.attn.qkv.weight"])
     with pytest.raises(ValueError, match="holds an FPDM"):
-        train.initialise_from(model, train.parse_args(TINY_ARGS + ["--init-from", os.path.join(
+        training.initialise_from(model, train.parse_args(TINY_ARGS + ["--init-from", os.path.join(
             run_dir, "checkpoints", "step_0000001.pt")]))
 
 
@@ -460,7 +461,7 @@ def test_resume_refuses_other_settings_and_applies_overrides(tmp_path, monkeypat
 
 def test_a_run_folder_has_one_writer_and_metrics_hold_each_step_once(tmp_path, monkeypatch):
     from diffusion.gaussian_diffusion import GaussianDiffusion
-    from run_folders import RunLock
+    from fpdm.run_folders import RunLock
     real = GaussianDiffusion.training_losses
     calls = {"n": 0}
 
@@ -509,7 +510,7 @@ def test_workers_exit_when_their_launcher_dies(tmp_path):
     """exit_with_parent: a child that asked for it is terminated when its parent is SIGKILLed (as workers of a killed
     accelerate launch must be); without it the child would live on as an orphan."""
     pid_file = tmp_path / "child.pid"
-    child = (f"import os, sys, time; import run_folders; run_folders.exit_with_parent(); "
+    child = (f"import os, sys, time; from fpdm import run_folders; run_folders.exit_with_parent(); "
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
                                f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"])

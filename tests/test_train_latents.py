@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import train
+from fpdm import training
 from test_train import ROOT
 
 LATENT_ARGS = ["--model", "DiT-S/2", "--hidden-size", "32", "--depth", "4", "--num-heads", "2", "--fixed-point",
@@ -34,9 +35,11 @@ def fresh_accelerate_state():
 def latent_run_inputs(tmp_path_factory):
     """A small random AutoencoderKL saved to disk, 8 images of 16 px in 2 classes extracted with it, random
     Inception weights saved in pytorch-fid's layout and an `evaluate.py stats` reference of the images."""
-    import evaluate
     from diffusers import AutoencoderKL
+
+    import evaluate
     from extract_features import extract
+    from fpdm.metrics import InceptionFeatures
     root = tmp_path_factory.mktemp("latent_run")
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -53,7 +56,7 @@ def latent_run_inputs(tmp_path_factory):
         image.save(root / "reference" / f"{i}.png")  # evaluate.py stats reads one flat folder
     extract(str(root / "images"), str(root / "latents"), str(root / "vae"), image_size=16, batch_size=4,
             shard_size=8, flip=False, device="cpu")
-    net = evaluate.InceptionFeatures(random_init=True).net.state_dict()
+    net = InceptionFeatures(random_init=True).net.state_dict()
     torch.save({**net, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, root / "inception.pth")
     evaluate.main(["stats", str(root / "reference"), "--out", str(root / "ref"), "--inception",
                    str(root / "inception.pth"), "--batch-size", "4", "--device", "cpu"])
@@ -63,12 +66,12 @@ def latent_run_inputs(tmp_path_factory):
 def test_previews_and_fid_decode_latents_through_the_vae(latent_run_inputs, tmp_path, monkeypatch):
     """The images Inception scores equal vae.decode(latents / scaling_factor) mapped to uint8, and the preview grid
     shows the decoded images: not the first 3 latent channels."""
-    import evaluate
-    import sampling
     from diffusers import AutoencoderKL
+
+    from fpdm import metrics, sampling
     root = latent_run_inputs
     sampled, scored = [], []
-    real_sample, real_features = sampling.sample_images, evaluate.InceptionFeatures.features
+    real_sample, real_features = sampling.sample_images, metrics.InceptionFeatures.features
 
     def recording_sample(*args, **kwargs):
         out = real_sample(*args, **kwargs)
@@ -79,7 +82,7 @@ def test_previews_and_fid_decode_latents_through_the_vae(latent_run_inputs, tmp_
         scored.append(np.array(images))
         return real_features(self, images, *args, **kwargs)
     monkeypatch.setattr(sampling, "sample_images", recording_sample)
-    monkeypatch.setattr(evaluate.InceptionFeatures, "features", recording_features)
+    monkeypatch.setattr(metrics.InceptionFeatures, "features", recording_features)
     run_dir = train.main(train.parse_args([
         *LATENT_ARGS, "--data-path", str(root / "latents"), "--results-dir", str(tmp_path), "--run-name", "latent",
         "--max-steps", "2", "--ckpt-every", "2", "--num-sample-images", "4", "--eval-every", "2", "--eval-samples",
@@ -93,7 +96,7 @@ def test_previews_and_fid_decode_latents_through_the_vae(latent_run_inputs, tmp_
     assert scored[0].shape == (4, 16, 16, 3) and np.array_equal(scored[0], expected)
     with open(os.path.join(run_dir, "eval.csv")) as f:
         assert f.read().splitlines()[1].split(",")[1] == "fid"
-    from sampling import save_grid
+    from fpdm.sampling import save_grid
     save_grid(decoded[1], str(tmp_path / "expected.png"), nrow=2)
     grid = np.asarray(Image.open(os.path.join(run_dir, "samples", "step_0000002.png")))
     assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "expected.png")))
@@ -148,7 +151,7 @@ def test_resume_drops_the_checkpoint_after_restoring(tmp_path, monkeypatch):
     at DiT-XL/2)."""
     import weakref
 
-    import checkpoints
+    from fpdm import checkpoints
     from test_train import TINY_ARGS
     args = [*TINY_ARGS, "--results-dir", str(tmp_path), "--run-name", "r", "--num-sample-images", "0"]
     train.main(train.parse_args([*args, "--max-steps", "3"]))
@@ -158,7 +161,8 @@ def test_resume_drops_the_checkpoint_after_restoring(tmp_path, monkeypatch):
 
     class Checkpoint(dict):  # a dict that can be weakly referenced
         pass
-    refs, loads, real_read, real_load, real_step = [], [], train.read_training_checkpoint, torch.load, train.train_step
+    refs, loads, real_read = [], [], training.read_training_checkpoint
+    real_load, real_step = torch.load, train.train_step
 
     def read(path):
         ckpt = Checkpoint(real_read(path))
@@ -173,7 +177,7 @@ def test_resume_drops_the_checkpoint_after_restoring(tmp_path, monkeypatch):
         gc.collect()
         assert refs and all(ref() is None for ref in refs), "the checkpoint is still referenced during training"
         return real_step(*a, **kw)
-    monkeypatch.setattr(train, "read_training_checkpoint", read)
+    monkeypatch.setattr(training, "read_training_checkpoint", read)
     monkeypatch.setattr(checkpoints.torch, "load", load)
     monkeypatch.setattr(train, "train_step", step)
     train.main(train.parse_args([*args, "--max-steps", "4", "--resume", "auto"]))
@@ -192,34 +196,34 @@ def test_ranks_that_disagree_on_the_run_stop_in_one_line(monkeypatch):
         contributed.append(mine[0])
         return [contributed[0], mine[0]]
     monkeypatch.setattr(accelerate.utils, "gather_object", gather)
-    train.check_ranks_agree(cfg, "/shared/run/checkpoints/step_0002000.pt", ckpt, accelerator)
-    train.check_ranks_agree(cfg, "/other/mount/run/checkpoints/step_0002000.pt", ckpt, accelerator)  # same place
+    training.check_ranks_agree(cfg, "/shared/run/checkpoints/step_0002000.pt", ckpt, accelerator)
+    training.check_ranks_agree(cfg, "/other/mount/run/checkpoints/step_0002000.pt", ckpt, accelerator)  # same place
     with pytest.raises(ValueError, match=r"disagree.*rank 0: step 2000, checkpoint step_0002000.pt.*rank 1: step 0, "
                                          r"checkpoint none.*same --results-dir"):
-        train.check_ranks_agree(cfg, None, None, accelerator)
+        training.check_ranks_agree(cfg, None, None, accelerator)
     with pytest.raises(ValueError, match="disagree"):  # same step, other settings
-        train.check_ranks_agree(train.parse_args(["--data-path", "mnist", "--lr", "3e-4"]),
+        training.check_ranks_agree(train.parse_args(["--data-path", "mnist", "--lr", "3e-4"]),
                                 "/shared/run/checkpoints/step_0002000.pt", ckpt, accelerator)
 
 
 def test_example_draws_give_each_example_the_same_numbers_for_any_split(tmp_path):
     """The draws of an example depend on (seed, step, its position in the global batch) only: two processes × two
     micro-batches see the rows one process sees at once; flips of an image folder follow the uniform draw."""
-    from data import ImageFolderDataset
+    from fpdm.data import ImageFolderDataset
     for i in range(2):
         path = tmp_path / "images" / "a" / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(path)
     ds = ImageFolderDataset(str(tmp_path / "images"), 4)
     cfg = train.parse_args(["--data-path", "mnist", "--global-batch-size", "8"])
-    draws = train.ExampleDraws(cfg, ds, 1000, 0.1, "cpu")
+    draws = training.ExampleDraws(cfg, ds, 1000, 0.1, "cpu")
     draws.draw(5)
     whole = draws.select(0, 8)
     assert set(whole) == {"t", "noise", "drop", "augment"} and whole["augment"].shape == (8,)
     parts = [draws.select((micro * 2 + rank) * 2, 2) for micro in range(2) for rank in range(2)]
     for key in whole:
         assert torch.equal(torch.cat([p[key] for p in parts]), whole[key])
-    again = train.ExampleDraws(cfg, ds, 1000, 0.1, "cpu")
+    again = training.ExampleDraws(cfg, ds, 1000, 0.1, "cpu")
     again.draw(5)
     assert all(torch.equal(again.select(0, 8)[k], whole[k]) for k in whole)
     again.draw(6)

@@ -1,4 +1,4 @@
-"""Two-axis sampling (diffusion/two_axis.py): one fixed point over the DDIM chain and FPDM's layer together.
+"""Two-axis sampling (fpdm/two_axis.py): one fixed point over the DDIM chain and FPDM's layer together.
 
 The reference is sequential DDIM (clip_denoised=False) with a converged layer at every step: 60 iterations of a
 layer made a contraction (test_sampling.tiny_fpdm), from the injection, no reuse."""
@@ -6,8 +6,8 @@ layer made a contraction (test_sampling.tiny_fpdm), from the injection, no reuse
 import pytest
 import torch
 
-from diffusion.two_axis import two_axis_sample
-from sampling import GuidedModel, diffusion_for_sampling, sample_images
+from fpdm.sampling import GuidedModel, diffusion_for_sampling, sample_images
+from fpdm.two_axis import two_axis_sample
 from test_sampling import TRAIN_CONFIG, tiny_fpdm
 
 STEPS = 8

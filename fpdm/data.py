@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from run_folders import atomic_write
+from fpdm.run_folders import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENT_FORMAT = "fpdm-latents-v1"

@@ -3,7 +3,7 @@ its fixed point, per timestep, and how strongly the layer contracts there.
 
   - Residual per timestep bucket: `FixedPointStats.example_residuals` (each example's ‖f(z) − z‖ / ‖z‖ after the
     last iteration of its training forward) summed on the device per bucket of t (`timestep_buckets`) by
-    train.MetricsWindow, read once per log row.
+    training.MetricsWindow, read once per log row.
   - Contraction: the spectral radius ρ of ∂f/∂z at the layer's fixed point z*, on a fixed probe batch, by power
     iteration with Jacobian-vector products (`contraction`). ρ < 1: plain iteration converges near z*, the residual
     shrinking by about ρ per iteration; ρ ≥ 1: z* is not attracting, and more iterations will not help.
@@ -138,7 +138,7 @@ class TrainingDiagnostics:
     FIELDS = ["step", "contraction", "contraction_mean", "probe_residual", *(f"r_b{b}" for b in range(BUCKETS))]
 
     def __init__(self, run_dir, dataset, diffusion, device, power_iterations=20, step=0):
-        from run_folders import truncate_metrics
+        from fpdm.run_folders import truncate_metrics
         self.run_dir, self.power_iterations = run_dir, power_iterations
         self.path = os.path.join(run_dir, "fp_diagnostics.csv")
         self.probe = probe_batch(dataset, diffusion, device)
@@ -175,7 +175,7 @@ class TrainingDiagnostics:
         from matplotlib.colors import LogNorm
         from matplotlib.figure import Figure
 
-        from run_folders import atomic_write
+        from fpdm.run_folders import atomic_write
         rows = self.rows()
         if not rows:
             return []

@@ -29,8 +29,8 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from diffusers_dit import read_diffusers, read_scheduler_config, transformer_folder
 from diffusion import DIFFUSION_DEFAULTS
+from fpdm.diffusers_dit import read_diffusers, read_scheduler_config, transformer_folder
 from models import DiT, DiT_models, load_state_dict_checked
 
 TRAIN_FORMAT = "fpdm-train-v1"  # train.py checkpoints (written below)
@@ -65,6 +65,16 @@ def load_model(path, *, model_name=None, use_ema=True, trust_checkpoint=False, d
     load_state_dict_checked(model, state_dict)
     info["model_config"] = model.config
     return model.eval(), info
+
+
+def load_model_for_sampling(path, use_ema=True, device="cpu", trust_checkpoint=False, model_name=None):
+    """(model in eval mode on `device`, training config dict or None) from any checkpoint `load_model` reads: ours,
+    official DiT, the FPDM release, diffusers folders, safetensors exports. EMA weights by default."""
+    model, info = load_model(path, model_name=model_name, use_ema=use_ema, trust_checkpoint=trust_checkpoint,
+                             device=device)
+    for note in info.get("notes", []):
+        print(f"note: {note}")
+    return model.eval(), info.get("training_config")
 
 
 def _build(config, device):
@@ -447,7 +457,7 @@ def read_training_checkpoint(path):
 def write_training_checkpoint(run_dir, step, state, keep_last):
     """Write `state` (plus format and step) as checkpoints/step_NNNNNNN.pt atomically, point latest.json at it, then
     keep the `keep_last` newest by step (never the one just written). Returns the checkpoint's relative path."""
-    from run_folders import atomic_write, prune_checkpoints
+    from fpdm.run_folders import atomic_write, prune_checkpoints
     name = f"checkpoints/step_{step:07d}.pt"
     # CPU tensors: a checkpoint written on a GPU loads anywhere with plain torch.load.
     ckpt = {"format": TRAIN_FORMAT, "step": step, **to_cpu(state)}
@@ -459,7 +469,7 @@ def write_training_checkpoint(run_dir, step, state, keep_last):
 
 def atomic_torch_save(obj, path):
     """torch.save through run_folders.atomic_write: a crash mid-write leaves the old file intact."""
-    from run_folders import atomic_write
+    from fpdm.run_folders import atomic_write
     atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 

@@ -11,14 +11,16 @@ import inspect
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from allocation import BudgetAllocator
 from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
-from models import SolutionCache
-from run_folders import atomic_write
+from diffusion.solvers import solve_batched
+from fpdm.allocation import TINY, BudgetAllocator
+from fpdm.run_folders import atomic_write
+from models import FixedPointStats, SolutionCache
 
 
 def diffusion_for_sampling(config, num_sampling_steps, spacing=TIMESTEP_SPACINGS[0]):
@@ -69,17 +71,6 @@ def resolve_device(name):
     return device
 
 
-def load_model_for_sampling(path, use_ema=True, device="cpu", trust_checkpoint=False, model_name=None):
-    """(model in eval mode on `device`, training config dict or None) from any checkpoint `checkpoints.load_model`
-    reads: ours, official DiT, the FPDM release, diffusers folders, safetensors exports. EMA weights by default."""
-    from checkpoints import load_model
-    model, info = load_model(path, model_name=model_name, use_ema=use_ema, trust_checkpoint=trust_checkpoint,
-                             device=device)
-    for note in info.get("notes", []):
-        print(f"note: {note}")
-    return model.eval(), info.get("training_config")
-
-
 SCHEDULES = ("flat", "more-noisy", "more-clean")
 
 
@@ -119,6 +110,39 @@ def iterations_from_block_budget(model, block_evals, num_steps, schedule="flat")
     return iteration_schedule(block_evals - fixed, num_steps, schedule)
 
 
+@dataclass
+class FixedPointSolver:
+    """How an FPDM call at sampling solves its layer: "iterate" (z <- f(z), the default) or "anderson" (type-II
+    Anderson mixing with `history` iterates, ridge `ridge` and damping `damping` (β); diffusion.solvers, the same
+    implementation that solves parallel DDIM's chain), each image on its own (its own coefficients, residual and
+    stopping). One evaluation of f is one iteration, so budgets and block-evaluation counts are unchanged; the
+    result is the best evaluated f(z) of each image. Residuals: ‖f(z) − z‖ / (‖f(z)‖ + 1e-5) per image, their
+    maximum over the batch per iteration in `FixedPointStats.residuals`."""
+    method: str = "iterate"
+    history: int = 5
+    ridge: float = 1e-4
+    damping: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in ("iterate", "anderson"):
+            raise ValueError(f"unknown fixed-point solver {self.method!r}: use iterate or anderson")
+        if self.history < 1 or self.ridge < 0 or not 0 < self.damping <= 1:
+            raise ValueError("Anderson needs history >= 1, ridge >= 0 and damping in (0, 1]")
+
+    def run(self, f, z, injection, c, iterations, tol=None):
+        """(z*, FixedPointStats) after at most `iterations` evaluations of f(z; injection, c), per image."""
+        stats = FixedPointStats(sjfb=(0, iterations))
+        if iterations < 1:
+            return z, stats
+        result = solve_batched(lambda x, idx: f(x[0], injection[idx], c[idx])[None], z[None], "anderson",
+                               max_iter=iterations, tol=-1.0 if tol is None else tol, m=self.history,
+                               lam=self.ridge, beta=self.damping)
+        stats.iterations = max(result.image_evaluations)
+        stats.image_iterations = result.image_evaluations
+        stats.residuals = [torch.tensor(r) for r in result.residuals]
+        return result.fx[0], stats
+
+
 GUIDANCE_SCHEDULES = ("constant", "linear")
 PRECISIONS = ("fp32", "bf16")
 
@@ -155,7 +179,7 @@ class GuidedModel:
         self.guidance_channels = guidance_channels
         self.guidance_interval, self.guidance_schedule = guidance_interval, guidance_schedule
         self.num_train_timesteps = num_train_timesteps
-        self.fp_solver = fp_solver  # models.FixedPointSolver for FPDM's layer (None: plain iteration)
+        self.fp_solver = fp_solver  # FixedPointSolver for FPDM's layer (None: plain iteration)
         self.precision = precision
         self.calls = 0
         self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
@@ -332,9 +356,9 @@ def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
                          solver="anderson", solver_max_iter=50, solver_tol=1e-3, chunk_size=None):
     """FPDM only: one fixed point over time (the DDIM chain) and depth (the layer of every timestep), one batched
     call per outer iteration running the GuidedModel's iteration count per state, warm-started from the state's
-    previous layer solution (diffusion/two_axis.py). info: outer_iterations, block_evaluations, critical_path_calls,
+    previous layer solution (fpdm/two_axis.py). info: outer_iterations, block_evaluations, critical_path_calls,
     critical_path_blocks, ..."""
-    from diffusion.two_axis import two_axis_sample
+    from fpdm.two_axis import two_axis_sample
     if clip_denoised:
         raise ValueError("two-axis sampling solves the DDIM chain without x0 clipping: sample with "
                          "clip_denoised=False")
@@ -483,6 +507,44 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
 # ------------------------------------------------------------------------------------------------------------------
 # Sample folders: the samples of exactly one configuration
 # ------------------------------------------------------------------------------------------------------------------
+
+def calibrate_step_weights(model, diffusion, noise, labels, iterations, *, reuse=True, cfg_scale=1.0, sampler="ddim",
+                           progress=False, **sample_options):
+    """Per-step weights for BudgetAllocator's objective Σ w_i r_i(k_i), measured on a small calibration batch
+    (`noise`, `labels`): w_i is how far the final samples move per unit of relative layer residual that one more
+    iteration at step i removes.
+
+    It samples the batch with the fixed schedule `iterations` (one count per model call), then once more per step i
+    with one extra iteration at step i, the same noise otherwise: w_i = mean over images of ||x_0^(i) - x_0|| divided
+    by the residual that extra iteration removed, r_i(k_i) - r_i(k_i + 1) (floored at 0.1% of r_i(k_i)). Everything
+    downstream is in it: with reuse the later steps start from what step i left, and the later denoising steps damp
+    or keep what step i changed, which the residual alone cannot tell (a noisy step's error is largely undone by the
+    steps after it, a clean step's stays in the image). Cost: len(iterations) + 1 samplings of the batch.
+    `sample_options` go to sampling.sample_images (guidance interval, eta, ...). Returns the weights scaled to mean 1.
+    """
+    from tqdm.auto import tqdm
+
+    iterations = [int(k) for k in iterations]
+    options = dict(sampler=sampler, cfg_scale=cfg_scale, reuse=reuse, **sample_options)
+
+    def run(schedule):  # every run draws the same sampler noise (eta > 0): only the extra iteration differs
+        with torch.random.fork_rng(devices=[noise.device] if noise.is_cuda else []):
+            torch.manual_seed(0)
+            return sample_images(model, diffusion, noise, labels, iterations_per_step=schedule, **options)
+
+    base, _ = run(iterations)
+    weights = []
+    for i in tqdm(range(len(iterations)), desc="calibrating step weights", disable=not progress):
+        more = list(iterations)
+        more[i] += 1
+        out, fn = run(more)
+        before, after = fn.residuals[i][-2:]
+        removed = max(before - after, 1e-3 * before, TINY)
+        moved = float((out - base).flatten(1).norm(dim=1).mean())
+        weights.append(max(moved, TINY) / removed)
+    mean = sum(weights) / len(weights)
+    return [w / mean for w in weights]
+
 
 def file_fingerprint(path):
     """SHA-256 (first 16 hex digits) of a file's content, or of a folder's files (names and contents): a

@@ -60,7 +60,7 @@ class SyncCounter:
     directly from this repository's code, by (operation, "file:function"), while a `counting` wrapper runs. torch's
     own internals are not counted. Use as a context manager: the patches are undone on exit."""
 
-    ROOT = os.path.dirname(os.path.abspath(__file__))
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts and fpdm/
     SKIP = (os.sep + ".venv" + os.sep, os.sep + "tests" + os.sep, os.sep + "bench" + os.sep)
 
     def __init__(self):

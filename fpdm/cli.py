@@ -8,14 +8,14 @@ import sys
 
 import torch
 
-import vae as vae_io
-from allocation import BudgetAllocator
-from checkpoints import diffusion_settings
 from diffusion import TIMESTEP_SPACINGS
-from sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, PRECISIONS, SAMPLERS, SCHEDULES, \
-    can_clip, clip_denoised_for, model_calls, \
+from fpdm import vae as vae_io
+from fpdm.allocation import BudgetAllocator
+from fpdm.checkpoints import diffusion_settings, load_model_for_sampling
+from fpdm.sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, PRECISIONS, SAMPLERS, SCHEDULES, \
+    FixedPointSolver, calibrate_step_weights, can_clip, clip_denoised_for, model_calls, \
     diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
-    load_model_for_sampling, resolve_device, settings_hash
+    resolve_device, settings_hash
 
 def build_parser(description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +66,7 @@ def build_parser(description=None):
                    help="FPDM: spread the budget by --schedule, or 'budget': decide each step's iterations online "
                    "from the residuals (allocation.BudgetAllocator; spends the budget exactly, one sync per iteration), "
                    "or 'calibrated': the same with each step's residual weighted by its measured effect on the "
-                   "samples (allocation.calibrate_step_weights, once before sampling on --calibration-samples noises)")
+                   "samples (sampling.calibrate_step_weights, once before sampling on --calibration-samples noises)")
     p.add_argument("--calibration-samples", type=int, default=20,
                    help="--fp-allocation calibrated: images of the calibration batch (seeded by --seed + 1)")
     p.add_argument("--reuse", action="store_true", help="FPDM: start each step from the previous step's solution")
@@ -80,7 +80,7 @@ def build_parser(description=None):
     # DEQ-DDIM: the whole DDIM chain as one fixed point (diffusion/parallel.py).
     p.add_argument("--parallel", choices=["anderson", "picard", "window", "two-axis"], default=None,
                    help="sample all DDIM steps in parallel with this solver (DDIM, clipping off, fixed FPDM iterations); "
-                   "two-axis (FPDM): one fixed point over time and the layer of every step (diffusion/two_axis.py)")
+                   "two-axis (FPDM): one fixed point over time and the layer of every step (fpdm/two_axis.py)")
     p.add_argument("--inner-iterations", type=int, default=None,
                    help="--parallel two-axis: layer iterations per timestep in each outer iteration (default 1), "
                    "warm-started from that timestep's previous solution")
@@ -324,14 +324,12 @@ class Setup:
         if args.fp_solver != "iterate":
             if not self.model.fixed_point:
                 raise ValueError("--fp-solver applies to FPDM checkpoints; this one is a DiT")
-            from models import FixedPointSolver
             self.fp_solver = FixedPointSolver(args.fp_solver, args.fp_history, damping=args.fp_damping)
         self.vae = load_vae(self.model, args.vae, device)
 
     def calibrated(self, args, device):
         """The budget allocator with step weights measured on a calibration batch of its own noise (seed + 1) and
         labels, from the flat split of the same budget, with the run's guidance, reuse and sampler."""
-        from allocation import calibrate_step_weights
         model, budget = self.model, self.iterations
         g = torch.Generator().manual_seed(args.seed + 1)
         noise = torch.randn(args.calibration_samples, model.in_channels, *model.input_hw, generator=g).to(device)
@@ -346,7 +344,7 @@ class Setup:
 
     def sample(self, args, noise, labels, sampler=None, progress=False):
         """sampling.sample_images with every flag applied; `sampler` overrides the chosen one (options then its own)."""
-        from sampling import sample_images
+        from fpdm.sampling import sample_images
         name = sampler or self.sampler
         options = self.options if sampler is None else ({"eta": args.eta} if sampler == "ddim" else {})
         iterations = self.iterations

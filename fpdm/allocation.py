@@ -3,7 +3,7 @@
 `BudgetAllocator` spends a GIVEN total of iterations exactly, deciding online, step by step, how many each sampling
 step gets from the residuals it observes (the FPDM paper's stated future work). `sampling.GuidedModel` takes one as
 its `iterations_per_step`; sample.py exposes it as `--fp-allocation budget` with `--budget-block-evals`, and with
-per-step weights measured by `calibrate_step_weights` as `--fp-allocation calibrated`.
+per-step weights measured by `sampling.calibrate_step_weights` as `--fp-allocation calibrated`.
 """
 
 import math
@@ -21,9 +21,9 @@ class BudgetAllocator:
 
     Objective. Write r_i(k) for step i's relative residual ||f(z) - z|| / ||z|| after k iterations. The allocator
     aims at the split that minimises Σ_i w_i r_i(k_i) subject to Σ_i k_i = B and k_i >= 1, with step weights w_i
-    given in advance (`weights`; all 1 by default, or measured by `calibrate_step_weights`: how much the samples
-    move per unit of residual removed at each step, which a residual alone cannot tell). For r_i convex and decreasing
-    in k that optimum is greedy on marginal gains: there is a price λ such that every step runs exactly the
+    given in advance (`weights`; all 1 by default, or measured by `sampling.calibrate_step_weights`: how much the
+    samples move per unit of residual removed at each step, which a residual alone cannot tell). For r_i convex and
+    decreasing in k that optimum is greedy on marginal gains: there is a price λ such that every step runs exactly the
     iterations whose gain r_i(k - 1) - r_i(k) is at least λ. The allocator runs that rule with λ tuned online.
 
     What it sees. At step i: the residuals of steps < i and of step i's iterations so far; nothing of later steps.
@@ -207,44 +207,3 @@ class BudgetAllocator:
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if total(math.exp(mid)) > left else (lo, mid)
         return math.exp(hi)
-
-
-def calibrate_step_weights(model, diffusion, noise, labels, iterations, *, reuse=True, cfg_scale=1.0, sampler="ddim",
-                           progress=False, **sample_options):
-    """Per-step weights for BudgetAllocator's objective Σ w_i r_i(k_i), measured on a small calibration batch
-    (`noise`, `labels`): w_i is how far the final samples move per unit of relative layer residual that one more
-    iteration at step i removes.
-
-    It samples the batch with the fixed schedule `iterations` (one count per model call), then once more per step i
-    with one extra iteration at step i, the same noise otherwise: w_i = mean over images of ||x_0^(i) - x_0|| divided
-    by the residual that extra iteration removed, r_i(k_i) - r_i(k_i + 1) (floored at 0.1% of r_i(k_i)). Everything
-    downstream is in it: with reuse the later steps start from what step i left, and the later denoising steps damp
-    or keep what step i changed, which the residual alone cannot tell (a noisy step's error is largely undone by the
-    steps after it, a clean step's stays in the image). Cost: len(iterations) + 1 samplings of the batch.
-    `sample_options` go to sampling.sample_images (guidance interval, eta, ...). Returns the weights scaled to mean 1.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from sampling import sample_images
-    iterations = [int(k) for k in iterations]
-    options = dict(sampler=sampler, cfg_scale=cfg_scale, reuse=reuse, **sample_options)
-
-    def run(schedule):  # every run draws the same sampler noise (eta > 0): only the extra iteration differs
-        with torch.random.fork_rng(devices=[noise.device] if noise.is_cuda else []):
-            torch.manual_seed(0)
-            return sample_images(model, diffusion, noise, labels, iterations_per_step=schedule, **options)
-
-    base, _ = run(iterations)
-    weights = []
-    for i in tqdm(range(len(iterations)), desc="calibrating step weights", disable=not progress):
-        more = list(iterations)
-        more[i] += 1
-        out, fn = run(more)
-        before, after = fn.residuals[i][-2:]
-        removed = max(before - after, 1e-3 * before, TINY)
-        moved = float((out - base).flatten(1).norm(dim=1).mean())
-        weights.append(max(moved, TINY) / removed)
-    mean = sum(weights) / len(weights)
-    return [w / mean for w in weights]
-

@@ -171,7 +171,7 @@ def scheduler_config(diffusion):
     names them) and our parameterisation. `set_alpha_to_one`: our last DDIM step goes to ᾱ = 1 (x̂_0 itself).
     diffusers steps from t to t - T // N, which is our next timestep when N divides T (e.g. 10, 25, 50, 250 of 1000).
     """
-    from sampling import diffusers_scheduler, diffusion_for_sampling, diffusion_kwargs
+    from fpdm.sampling import diffusers_scheduler, diffusion_for_sampling, diffusion_kwargs
     settings = diffusion_kwargs(diffusion)
     spaced = diffusion_for_sampling(settings, settings["diffusion_steps"])  # all T steps: trailing is tried first
     scheduler = diffusers_scheduler(spaced, "DDIMScheduler", clip_sample=False, set_alpha_to_one=True,

@@ -189,7 +189,7 @@ class RunConfig:
             raise ValueError("--eval-samples and --eval-steps must be >= 1")
         if self.tracker not in ("auto", "wandb", "tensorboard", "none"):
             raise ValueError(f"unknown --tracker {self.tracker!r}: use auto, wandb, tensorboard or none")
-        from sampling import SAMPLERS
+        from fpdm.sampling import SAMPLERS
         if self.sample_sampler not in SAMPLERS or self.sample_sampler == "ddim-parallel":
             raise ValueError(f"unknown --sample-sampler {self.sample_sampler!r}; choose one of: "
                              f"{', '.join(s for s in SAMPLERS if s != 'ddim-parallel')}")

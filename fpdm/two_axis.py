@@ -25,8 +25,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .parallel import _chain_outputs, _model_outputs, check_model
-from .solvers import solve_batched
+from diffusion.parallel import _chain_outputs, _model_outputs, check_model
+from diffusion.solvers import solve_batched
+from models import StateCache
 
 class _LayerStates:
     """Z: every image's layer state at every chain position, (B, T', tokens, hidden), filled by the first outer
@@ -63,7 +64,6 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
     critical_path_calls, critical_path_blocks, sequential_* (the same for sequential DDIM with this inner count
     and reuse), residual, converged, wall_time_s, per-image evaluations and residual histories.
     """
-    from models import StateCache
     check_model(model)
     net = getattr(model, "model", model)
     if not getattr(net, "fixed_point", False):
