@@ -64,7 +64,6 @@ class ExampleDraws:
         self.num_timesteps, self.label_dropout, self.augment_draw = num_timesteps, label_dropout, dataset.augment_draw
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
-        self.step = None
 
     def draw(self, step):
         entropy = np.random.SeedSequence([self.seed, step]).generate_state(2, np.uint32)
@@ -77,7 +76,6 @@ class ExampleDraws:
                       "augment": {None: lambda: None, "uniform": lambda: torch.rand(n, generator=g, **where),
                                   "normal": lambda: torch.randn(n, *self.shape, generator=g, **where)
                                   }[self.augment_draw]()}
-        self.step = step
 
     def select(self, start, size):
         """The draws of global-batch positions [start, start + size) of the current step."""
