@@ -7,13 +7,8 @@ Inception pass, and the same metrics on a small MNIST classifier's features for 
     python evaluate.py all-mnist samples.npz              # FID, precision/recall, KID, accuracy on MNIST features
     python evaluate.py fid-mnist samples.npz              # class labels from the npz's "labels", or --labels y.npy
 
-FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) between Gaussians fitted to features of samples and reference.
-Inception features are pool3 (2048-d) of the TF FID Inception-v3 (pytorch-fid's port of its weights, read from a
-local file: nothing is downloaded), on images resized to 299x299 (bilinear) and scaled to [-1, 1]; the same pass
-gives sFID's spatial features and the 1008-way logits of the Inception Score. FID-MNIST uses the 128-d penultimate
-layer of a small CNN trained once (seeded, ~10 s on one CPU thread) on the 5,000 bundled digits and cached with the
-statistics of all 5,000 real digits at each MNISTDigits size (7, 14, 28, 32 px): samples are compared with real
-digits of their own size. Results are printed and written as JSON next to the samples.
+The definitions (FID, sFID, IS, precision/recall, KID, FID-MNIST) and the Inception network are in fpdm/metrics.py.
+Results are printed and written as JSON next to the samples.
 """
 
 import argparse

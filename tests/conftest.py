@@ -29,3 +29,17 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(threads)
+
+
+def reset_accelerate():
+    """Forget accelerate's process-wide state, so that the next Accelerator in this process starts clean (each
+    train.main call creates one)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from fpdm.data import ImageFolderDataset, LatentDataset, MNISTDigits, build_dataset, center_crop_arr
+from conftest import reset_accelerate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -360,12 +361,10 @@ def test_train_and_extract_check_the_folder_first(tmp_path, vae_dir):
     assert not (tmp_path / "runs").exists()  # stopped before step 1, nothing written
     with pytest.raises(ValueError, match="broken.png"):
         extract(str(root), str(tmp_path / "latents"), vae_dir, image_size=16, device="cpu")
-    from accelerate.state import AcceleratorState, GradientState
     try:
         run_dir = train.main(train.parse_args(args + ["--skip-bad-images"]))
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     assert "4 items" in open(os.path.join(run_dir, "log.txt")).read()
     meta = extract(str(root), str(tmp_path / "latents"), vae_dir, image_size=16, device="cpu", skip_bad_images=True)
     assert meta["num_images"] == 4 and meta["skipped_files"] == 1

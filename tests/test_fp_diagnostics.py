@@ -16,18 +16,13 @@ from fpdm import training
 from fpdm.diagnostics import BUCKETS, contraction, layer_problem
 from models import DiT, FixedPointStats
 from test_train import TINY_ARGS, final_weights, losses
+from conftest import reset_accelerate
 
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
     reset_accelerate()
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def small_fpdm(seed, fc2_scale):

@@ -12,13 +12,6 @@ from fpdm import training
 from test_train import TINY_ARGS
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 def test_a_stray_folder_or_a_broken_module_is_no_tracker(tmp_path, monkeypatch):
     (tmp_path / "stray_tracker").mkdir()  # what a `wandb/` folder beside the script looks like to find_spec

@@ -16,6 +16,7 @@ import train
 from fpdm import checkpoints
 from fpdm import config as configs
 from fpdm import training
+from conftest import reset_accelerate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2", "--hidden-size", "32", "--depth", "4",
@@ -24,13 +25,6 @@ TINY_ARGS = ["--data-path", "mnist", "--image-size", "14", "--model", "DiT-S/2",
              "--ckpt-every", "3", "--num-sample-images", "10", "--sample-steps", "4", "--tracker", "none",
              "--lr", "1e-3"]
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def run(tmp_path, *extra, name="run"):
@@ -170,7 +164,6 @@ def test_resume_is_exact(tmp_path):
 def test_killed_process_resumes_exactly(tmp_path):
     """SIGKILL a real training process after its first checkpoint, resume it, and match an uninterrupted run (both
     in-process, with one thread like the killed process: bitwise equality on CPU needs equal thread counts)."""
-    from accelerate.state import AcceleratorState, GradientState
     common = [sys.executable, os.path.join(ROOT, "train.py"), *TINY_ARGS, "--results-dir", str(tmp_path),
               "--ckpt-every", "2"]
     proc = subprocess.Popen(common + ["--run-name", "killed", "--max-steps", "100000"], cwd=ROOT,
@@ -187,8 +180,7 @@ def test_killed_process_resumes_exactly(tmp_path):
     target = resumed_from + 2
     for name, extra in (("killed", ["--resume", "auto"]), ("straight", [])):
         run(tmp_path, "--ckpt-every", "2", "--max-steps", str(target), *extra, name=name)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     killed, straight = losses(tmp_path / "killed"), losses(tmp_path / "straight")
     assert {s: killed[s] for s in straight} == straight
     for a, b in zip(final_weights(tmp_path / "killed", target), final_weights(tmp_path / "straight", target)):
@@ -326,9 +318,7 @@ def test_two_process_cpu_run_through_accelerate(tmp_path):
     for x, y in zip(final_weights(tmp_path / "ddp", 4), final_weights(single, 4)):
         for key in x:
             torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-4, msg=key)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = train.main(train.parse_args([*flags, "--run-name", "resumed", "--resume",
                                            str(tmp_path / "ddp" / "checkpoints" / "step_0000002.pt")]))
     assert losses(resumed) == pytest.approx({k: v for k, v in losses(single).items() if k > 2}, rel=1e-5)
@@ -401,9 +391,7 @@ def test_init_fpdm_from_a_trained_dit(tmp_path):
     dit_args = [a for a in TINY_ARGS if a != "--fixed-point"]
     cfg = train.parse_args(dit_args + ["--results-dir", str(tmp_path), "--run-name", "dit", "--max-steps", "2"])
     dit_dir = train.main(cfg)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     dit_ckpt = os.path.join(dit_dir, "checkpoints", "step_0000002.pt")
     run_dir = run(tmp_path, "--max-steps", "1", "--init-from", dit_ckpt, name="fpdm")
     assert "initialised from" in open(os.path.join(run_dir, "log.txt")).read()

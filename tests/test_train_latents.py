@@ -16,19 +16,13 @@ from PIL import Image
 import train
 from fpdm import training
 from test_train import ROOT
+from conftest import reset_accelerate
 
 LATENT_ARGS = ["--model", "DiT-S/2", "--hidden-size", "32", "--depth", "4", "--num-heads", "2", "--fixed-point",
                "--fixed-point-no-grad-max-iters", "2", "--fixed-point-with-grad-max-iters", "2",
                "--global-batch-size", "4", "--log-every", "1", "--sample-steps", "2", "--tracker", "none",
                "--lr", "1e-3"]
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +120,6 @@ def test_the_launch_config_decides_the_precision_and_a_resume_keeps_it(tmp_path,
     """A bf16 launch config (accelerate launch passes it on as ACCELERATE_MIXED_PRECISION; the README's recipe test
     goes through the real launcher) and no --mixed-precision: the run trains in bf16 (logged, in config.json and the
     checkpoint); resuming it under an fp32 launch is refused in one line unless --override says so."""
-    from accelerate.state import AcceleratorState, GradientState
     flags = ["--data-path", "mnist", "--image-size", "14", *LATENT_ARGS, "--results-dir", str(tmp_path),
              "--run-name", "bf16", "--num-sample-images", "0"]
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
@@ -136,12 +129,10 @@ def test_the_launch_config_decides_the_precision_and_a_resume_keeps_it(tmp_path,
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "step_0000001.pt"), weights_only=True)
     assert ckpt["mixed_precision_used"] == "bf16" and ckpt["config"]["mixed_precision"] is None
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(ValueError, match="trained with mixed precision 'bf16' but this launch gives 'no'"):
         train.main(train.parse_args([*flags, "--max-steps", "2", "--resume", "auto"]))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     train.main(train.parse_args([*flags, "--max-steps", "2", "--resume", "auto", "--override", "mixed_precision=no"]))
     assert json.loads(open(os.path.join(run_dir, "config.json")).read())["mixed_precision_used"] == "no"
 
@@ -155,9 +146,7 @@ def test_resume_drops_the_checkpoint_after_restoring(tmp_path, monkeypatch):
     from test_train import TINY_ARGS
     args = [*TINY_ARGS, "--results-dir", str(tmp_path), "--run-name", "r", "--num-sample-images", "0"]
     train.main(train.parse_args([*args, "--max-steps", "3"]))
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
     class Checkpoint(dict):  # a dict that can be weakly referenced
         pass
