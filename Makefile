@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench help-docs clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: install
 
 demo: install
 	$(PY) demo.py
+
+# docs/<script>-help.txt: each script's --help at 120 columns (tests/test_help_docs.py fails when one is stale).
+HELP_SCRIPTS := train sample sample_ddp evaluate extract_features export invert
+help-docs: install
+	for s in $(HELP_SCRIPTS); do COLUMNS=120 $(PY) $$s.py --help > docs/$$s-help.txt || exit 1; done
 
 # Every benchmark and one table of ratios, e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--device cuda".
 bench: install
