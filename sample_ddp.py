@@ -26,7 +26,7 @@ import torch
 
 from fpdm import cli
 from fpdm.run_folders import atomic_write, remove_stale_temporaries
-from fpdm.sampling import claim_output_folder, to_uint8
+from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
 
 
 def parse_args(argv=None):
@@ -97,11 +97,13 @@ def wait(futures):
 
 def main(args):
     from accelerate import PartialState
-    state = PartialState(cpu=not torch.cuda.is_available())
+    device = resolve_device(args.device)  # as sample.py: a GPU this machine lacks is an error, not a CPU run
+    state = PartialState(cpu=device.type == "cpu")
     rank, world = state.process_index, state.num_processes
     if args.num_fid_samples < 1 or args.batch_size < 1:
         raise ValueError("--num-fid-samples and --batch-size must be >= 1")
-    device = state.device
+    if world > 1:  # each process on its own GPU, as accelerate assigns them (one process keeps --device's index)
+        device = state.device
     args.device = str(device)
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

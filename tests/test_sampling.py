@@ -552,3 +552,25 @@ def test_sampling_reads_no_residual_back_per_call(monkeypatch):
     report = fn.compute()
     assert len(reads) == 1 and len(report["final_residual_per_step"]) == 10
     assert fn.residuals[4] == pytest.approx(torch.stack([torch.as_tensor(v) for v in fn.residuals[4]]).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags sample_ddp.py and sample.py once ignored without a word
+# ----------------------------------------------------------------------------------------------------------------
+
+def refused_in_one_line(script, *flags):
+    """Run `script` (a subprocess, CPU only) and return its one line of stderr; it must exit 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    return proc.stderr.strip()
+
+
+def test_sample_ddp_refuses_a_gpu_this_machine_lacks(checkpoint, tmp_path):
+    """As sample.py: --device cuda without a visible GPU is an error, not a silent run on the CPU."""
+    out = tmp_path / "gpu"
+    line = refused_in_one_line("sample_ddp.py", "--ckpt", checkpoint, "--num-fid-samples", "2", "--device", "cuda",
+                               "--out", str(out))
+    assert line.startswith("error: --device cuda: no CUDA GPU is visible here") and "--device cpu" in line
+    assert not out.exists()
