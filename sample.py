@@ -40,12 +40,7 @@ def main(args):
     device = resolve_device(args.device)
     setup = cli.Setup(args, device)
     model = setup.model
-    if args.class_labels:
-        labels = [int(v) for v in args.class_labels.split(",")]
-    else:
-        labels = [i % model.num_classes for i in range(args.num_samples)]
-    if any(not 0 <= v < model.num_classes for v in labels):
-        raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}]")
+    labels = cli.class_labels(args, model.num_classes) or [i % model.num_classes for i in range(args.num_samples)]
     settings = cli.sample_settings(args, model, setup.iterations, setup.clip, labels, setup.diffusion_config)
     out = claim_output_folder(cli.output_folder(args, settings), settings, args.overwrite)
 

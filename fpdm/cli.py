@@ -49,7 +49,10 @@ def build_parser(description=None):
                    help="guidance scale constant, or linear from 1 at t = T to --cfg-scale at t = 0")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 reproduces official DiT's numbers)")
-    p.add_argument("--class-labels", type=str, default=None, help="comma-separated labels (default: cycle classes)")
+    p.add_argument("--class-labels", type=str, default=None,
+                   help="comma-separated labels. sample.py: one image per label (default: cycle the classes); "
+                   "sample_ddp.py: sample i gets label i mod their count, so that any number of processes makes the "
+                   "same samples (default: a random label drawn from (seed, i))")
     p.add_argument("--num-samples", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-denoised", choices=CLIP_CHOICES, default="auto",
@@ -150,6 +153,19 @@ def fpdm_iterations(args, model, calls=None):
     if k < 1:
         raise ValueError(f"--iterations must be >= 1, got {k}")
     return iteration_schedule(k * calls, calls, args.schedule)
+
+
+def class_labels(args, num_classes):
+    """The --class-labels list (None when not given), each checked to lie in [0, num_classes)."""
+    if not args.class_labels:
+        return None
+    try:
+        labels = [int(v) for v in args.class_labels.split(",")]
+    except ValueError:
+        raise ValueError(f"--class-labels takes comma-separated integers, got {args.class_labels!r}") from None
+    if any(not 0 <= v < num_classes for v in labels):
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}]")
+    return labels
 
 
 def diffusion_config(args, model, train_config):

@@ -574,3 +574,19 @@ def test_sample_ddp_refuses_a_gpu_this_machine_lacks(checkpoint, tmp_path):
                                "--out", str(out))
     assert line.startswith("error: --device cuda: no CUDA GPU is visible here") and "--device cpu" in line
     assert not out.exists()
+
+
+def test_sample_ddp_class_labels_cycle_over_sample_indices(checkpoint, tmp_path):
+    """--class-labels 3,7: sample i gets label [3, 7][i mod 2] and the noise of (seed, i), whatever the process count;
+    the labels are part of the folder's identity; a label out of range is refused."""
+    out = sample_ddp.main(ddp_args(checkpoint, tmp_path / "l", "--class-labels", "3,7"))
+    saved = np.load(os.path.join(out, "samples.npz"))
+    assert saved["labels"].tolist() == [3, 7, 3, 7, 3, 7, 3]
+    assert json.load(open(os.path.join(out, "args.json")))["labels"] == [3, 7]
+    noise, label = sample_ddp.sample_noise_and_label(0, 4, (1, 8, 8), 10, labels=[3, 7])
+    assert label == 3 and torch.equal(noise, sample_ddp.sample_noise_and_label(0, 4, (1, 8, 8), 10)[0])
+    with pytest.raises(FileExistsError, match="labels"):
+        sample_ddp.main(ddp_args(checkpoint, tmp_path / "l"))
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 9\]"):
+        sample_ddp.main(ddp_args(checkpoint, tmp_path / "bad", "--class-labels", "3,10"))
+    assert not (tmp_path / "bad").exists()
