@@ -103,6 +103,8 @@ def main(args):
     rank, world = state.process_index, state.num_processes
     if args.num_fid_samples < 1 or args.batch_size < 1:
         raise ValueError("--num-fid-samples and --batch-size must be >= 1")
+    if args.num_samples is not None:
+        raise ValueError("--num-samples is sample.py's: sample_ddp.py makes --num-fid-samples images")
     if world > 1:  # each process on its own GPU, as accelerate assigns them (one process keeps --device's index)
         device = state.device
     args.device = str(device)

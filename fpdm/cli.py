@@ -17,6 +17,9 @@ from fpdm.sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, 
     diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
     resolve_device, settings_hash
 
+DEFAULT_NUM_SAMPLES = 40  # sample.py without --num-samples or --class-labels (resolved there: see num_samples)
+
+
 def build_parser(description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint, an official DiT / FPDM-release .pt, a diffusers "
@@ -53,7 +56,8 @@ def build_parser(description=None):
                    help="comma-separated labels. sample.py: one image per label (default: cycle the classes); "
                    "sample_ddp.py: sample i gets label i mod their count, so that any number of processes makes the "
                    "same samples (default: a random label drawn from (seed, i))")
-    p.add_argument("--num-samples", type=int, default=40)
+    p.add_argument("--num-samples", type=int, default=None,
+                   help=f"sample.py: images to make (default {DEFAULT_NUM_SAMPLES}; with --class-labels one per label)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-denoised", choices=CLIP_CHOICES, default="auto",
                    help="clip predicted x0 to [-1, 1]: auto = only for pixel-space models (never for latents)")
@@ -166,6 +170,17 @@ def class_labels(args, num_classes):
     if any(not 0 <= v < num_classes for v in labels):
         raise ValueError(f"class labels must lie in [0, {num_classes - 1}]")
     return labels
+
+
+def num_samples(args, labels):
+    """sample.py's image count: one per --class-labels entry (`labels`), else --num-samples or its default; an
+    explicit --num-samples that contradicts the labels is refused (None stands for "not given")."""
+    if labels is None:
+        return DEFAULT_NUM_SAMPLES if args.num_samples is None else args.num_samples
+    if args.num_samples is not None and args.num_samples != len(labels):
+        raise ValueError(f"--num-samples {args.num_samples} differs from the {len(labels)} --class-labels: sample.py "
+                         f"makes one image per label (drop --num-samples, or give {args.num_samples} labels)")
+    return len(labels)
 
 
 def diffusion_config(args, model, train_config):

@@ -590,3 +590,22 @@ def test_sample_ddp_class_labels_cycle_over_sample_indices(checkpoint, tmp_path)
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 9\]"):
         sample_ddp.main(ddp_args(checkpoint, tmp_path / "bad", "--class-labels", "3,10"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_num_samples_and_class_labels_must_agree(checkpoint, tmp_path):
+    """sample.py makes one image per --class-labels entry: an explicit --num-samples of another count is refused in
+    one line, not ignored; without labels the default stays 40 images (the folder identity of earlier runs);
+    sample_ddp.py, which makes --num-fid-samples, refuses --num-samples."""
+    base = ["--ckpt", checkpoint, "--num-sampling-steps", "2", "--iterations", "1", "--device", "cpu"]
+    line = refused_in_one_line("sample.py", *base, "--class-labels", "1,2", "--num-samples", "8",
+                               "--out", str(tmp_path / "x"))
+    assert line == ("error: --num-samples 8 differs from the 2 --class-labels: sample.py makes one image per label "
+                    "(drop --num-samples, or give 8 labels)")
+    assert not (tmp_path / "x").exists()
+    for flags, count in ((["--class-labels", "1,2"], 2), (["--class-labels", "1,2", "--num-samples", "2"], 2),
+                         ([], 40)):
+        out, report = sample_cli.main(sample_cli.parse_args([*base, *flags, "--out", str(tmp_path / str(flags))]))
+        assert report["num_images"] == count and report["args"]["num_samples"] == count
+    assert json.load(open(os.path.join(out, "args.json")))["labels"] == [i % 10 for i in range(40)]
+    with pytest.raises(ValueError, match="--num-samples is sample.py's: sample_ddp.py makes --num-fid-samples"):
+        sample_ddp.main(ddp_args(checkpoint, tmp_path / "ddp", "--num-samples", "5"))
