@@ -68,7 +68,8 @@ def build_parser(description=None):
     p.add_argument("--budget-block-evals", type=int, default=None,
                    help="FPDM: total transformer-block evaluations per image over all steps (pre + iterations + post)")
     p.add_argument("--schedule", choices=SCHEDULES, default="flat",
-                   help="how a budget is spread: flat, more-noisy (more at the first, noisiest steps), more-clean")
+                   help="FPDM: how the iterations are spread over the steps (those of --budget-block-evals, else "
+                   "--iterations x steps): flat, more-noisy (more at the first, noisiest steps), more-clean")
     p.add_argument("--fp-allocation", choices=["schedule", "budget", "calibrated"], default="schedule",
                    help="FPDM: spread the budget by --schedule, or 'budget': decide each step's iterations online "
                    "from the residuals (allocation.BudgetAllocator; spends the budget exactly, one sync per iteration), "
@@ -152,11 +153,16 @@ def fpdm_iterations(args, model, calls=None):
         fixed = sum(iterations_from_block_budget(model, args.budget_block_evals, calls))  # checks the budget
         return BudgetAllocator(fixed, calls)
     if args.budget_block_evals is not None:
-        return iterations_from_block_budget(model, args.budget_block_evals, calls, args.schedule)
-    k = model.default_num_iterations if args.iterations is None else args.iterations
-    if k < 1:
-        raise ValueError(f"--iterations must be >= 1, got {k}")
-    return iteration_schedule(k * calls, calls, args.schedule)
+        iterations = iterations_from_block_budget(model, args.budget_block_evals, calls, args.schedule)
+    else:
+        k = model.default_num_iterations if args.iterations is None else args.iterations
+        if k < 1:
+            raise ValueError(f"--iterations must be >= 1, got {k}")
+        iterations = iteration_schedule(k * calls, calls, args.schedule)
+    if args.schedule != "flat" and sum(iterations) == calls:  # the same images as flat, in a folder of their own
+        raise ValueError(f"--schedule {args.schedule} moves iterations between steps, but one per step leaves none "
+                         f"to move: raise --iterations or --budget-block-evals")
+    return iterations
 
 
 def class_labels(args, num_classes):
@@ -342,9 +348,9 @@ class Setup:
                 raise ValueError("--parallel two-axis solves FPDM's layer with the chain: this checkpoint is a DiT "
                                  "(use --parallel anderson)")
             if args.reuse or args.adaptive_tol is not None or args.iterations is not None or (
-                    args.budget_block_evals is not None):
+                    args.budget_block_evals is not None) or args.schedule != "flat":
                 raise ValueError("--parallel two-axis sets the layer's iterations itself: use --inner-iterations "
-                                 "(no --iterations, --budget-block-evals, --reuse or --adaptive-tol)")
+                                 "(no --iterations, --budget-block-evals, --schedule, --reuse or --adaptive-tol)")
             if (args.inner_iterations or 1) < 1:
                 raise ValueError(f"--inner-iterations must be >= 1, got {args.inner_iterations}")
             self.iterations = [args.inner_iterations or 1]

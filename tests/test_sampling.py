@@ -609,3 +609,24 @@ def test_num_samples_and_class_labels_must_agree(checkpoint, tmp_path):
     assert json.load(open(os.path.join(out, "args.json")))["labels"] == [i % 10 for i in range(40)]
     with pytest.raises(ValueError, match="--num-samples is sample.py's: sample_ddp.py makes --num-fid-samples"):
         sample_ddp.main(ddp_args(checkpoint, tmp_path / "ddp", "--num-samples", "5"))
+
+
+def test_schedule_spreads_the_iterations_or_is_refused(checkpoint, tmp_path):
+    """--schedule without a budget spreads --iterations (default: the model's) x steps, and changes the samples;
+    where it has nothing to spread (one iteration per step) or is not used (--parallel two-axis sets the layer's
+    iterations itself), it is refused in one line instead of making the same images in a new folder."""
+    base = ["--ckpt", checkpoint, "--num-sampling-steps", "4", "--num-samples", "2", "--device", "cpu"]
+
+    def run(*flags):
+        out = tmp_path / ("-".join(flags) or "default")
+        return sample_cli.main(sample_cli.parse_args([*base, *flags, "--out", str(out)]))
+    flat, noisy = run()[1]["iterations_per_step"], run("--schedule", "more-noisy")[1]["iterations_per_step"]
+    k = tiny_fpdm().default_num_iterations
+    assert flat == [k] * 4 and sum(noisy) == 4 * k and noisy == iteration_schedule(4 * k, 4, "more-noisy") != flat
+    assert run("--iterations", "3", "--schedule", "more-clean")[1]["iterations_per_step"] == [2, 3, 3, 4]
+    for flags in (["--iterations", "1"], ["--budget-block-evals", "12"]):  # 4 steps x (pre + post + 1) = 12
+        with pytest.raises(ValueError, match="--schedule more-clean moves iterations between steps, but one per step "
+                                             "leaves none to move: raise --iterations or --budget-block-evals"):
+            run(*flags, "--schedule", "more-clean")
+    with pytest.raises(ValueError, match="--parallel two-axis sets the layer's iterations itself.*--schedule"):
+        run("--parallel", "two-axis", "--schedule", "more-noisy")
