@@ -35,17 +35,14 @@ def parse_args(argv=None):
 
 
 def main(args):
-    if args.num_sampling_steps < 1 or args.num_samples < 1:
+    if args.num_sampling_steps < 1 or (args.num_samples is not None and args.num_samples < 1):
         raise ValueError("--num-sampling-steps and --num-samples must be >= 1")
     device = resolve_device(args.device)
     setup = cli.Setup(args, device)
     model = setup.model
-    if args.class_labels:
-        labels = [int(v) for v in args.class_labels.split(",")]
-    else:
-        labels = [i % model.num_classes for i in range(args.num_samples)]
-    if any(not 0 <= v < model.num_classes for v in labels):
-        raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}]")
+    labels = cli.class_labels(args, model.num_classes)
+    args.num_samples = cli.num_samples(args, labels)  # resolved, as compute.json records it
+    labels = labels or [i % model.num_classes for i in range(args.num_samples)]
     settings = cli.sample_settings(args, model, setup.iterations, setup.clip, labels, setup.diffusion_config)
     out = claim_output_folder(cli.output_folder(args, settings), settings, args.overwrite)
 

@@ -4,15 +4,15 @@
         --sampler ddpm --num-sampling-steps 250 --precision bf16
     python sample_ddp.py --ckpt CKPT --num-fid-samples 1000 --budget-block-evals 560 --reuse   # one process
 
-Sample i's noise and label derive from (seed, i) alone, and batches are fixed blocks of consecutive indices whose
-RNG is seeded by (seed, batch), so the images do not depend on the number of processes. The folder holds one
-configuration: `args.json` (every setting that changes the samples, N and the batch size included) is written first
-and a rerun with other settings is refused (sample.py's rules). Each finished batch is committed as one file,
-`batches/{b:06d}.npz` (images and labels together, written atomically); a killed run, restarted, skips exactly the
-committed batches. Background threads write each image as `images/{i:06d}.png` for viewing while the next batch
-samples (--no-png: none; the batch files are the record). At the end the main process writes the PNGs still
-missing, exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N) and
-`compute.json`. All sampling flags are sample.py's (--precision, --tf32 included).
+Sample i's noise and label derive from (seed, i) alone (--class-labels: label i mod their count), and batches are
+fixed blocks of consecutive indices whose RNG is seeded by (seed, batch), so the images do not depend on the number of
+processes. The folder holds one configuration: `args.json` (every setting that changes the samples, N and the batch
+size included) is written first and a rerun with other settings is refused (sample.py's rules). Each finished batch is
+committed as one file, `batches/{b:06d}.npz` (images and labels together, written atomically); a killed run,
+restarted, skips exactly the committed batches. Background threads write each image as `images/{i:06d}.png` for
+viewing while the next batch samples (--no-png: none; the batch files are the record). At the end the main process
+writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N)
+and `compute.json`. All sampling flags are sample.py's (--precision, --tf32 included).
 """
 
 import argparse
@@ -26,7 +26,7 @@ import torch
 
 from fpdm import cli
 from fpdm.run_folders import atomic_write, remove_stale_temporaries
-from fpdm.sampling import claim_output_folder, to_uint8
+from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
 
 
 def parse_args(argv=None):
@@ -39,11 +39,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def sample_noise_and_label(seed, index, shape, num_classes):
-    """Noise and label of global sample `index`: a function of (seed, index) only."""
+def sample_noise_and_label(seed, index, shape, num_classes, labels=None):
+    """Noise and label of global sample `index`: a function of (seed, index) only. The label is drawn at random, or
+    with `labels` (--class-labels) the (index mod their count)-th of them; the noise is the same either way."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     noise = torch.randn(*shape, generator=g)
-    label = int(torch.randint(0, num_classes, (), generator=g))
+    label = int(torch.randint(0, num_classes, (), generator=g)) if labels is None else labels[index % len(labels)]
     return noise, label
 
 
@@ -97,11 +98,15 @@ def wait(futures):
 
 def main(args):
     from accelerate import PartialState
-    state = PartialState(cpu=not torch.cuda.is_available())
+    device = resolve_device(args.device)  # as sample.py: a GPU this machine lacks is an error, not a CPU run
+    state = PartialState(cpu=device.type == "cpu")
     rank, world = state.process_index, state.num_processes
     if args.num_fid_samples < 1 or args.batch_size < 1:
         raise ValueError("--num-fid-samples and --batch-size must be >= 1")
-    device = state.device
+    if args.num_samples is not None:
+        raise ValueError("--num-samples is sample.py's: sample_ddp.py makes --num-fid-samples images")
+    if world > 1:  # each process on its own GPU, as accelerate assigns them (one process keeps --device's index)
+        device = state.device
     args.device = str(device)
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -109,7 +114,8 @@ def main(args):
         raise ValueError("sample_ddp.py samples sequentially: use sample.py for --parallel")
     setup = cli.Setup(args, device)
     model = setup.model
-    settings = {**cli.sample_settings(args, model, setup.iterations, setup.clip, labels=None,
+    given_labels = cli.class_labels(args, model.num_classes)
+    settings = {**cli.sample_settings(args, model, setup.iterations, setup.clip, labels=given_labels,
                                       diffusion=setup.diffusion_config),
                 "num_fid_samples": args.num_fid_samples, "batch_size": args.batch_size}
     out = cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
@@ -136,7 +142,7 @@ def main(args):
             if os.path.exists(batch_path(batch_dir, b)):
                 done += 1
                 continue
-            pairs = [sample_noise_and_label(args.seed, i, shape, model.num_classes) for i in indices]
+            pairs = [sample_noise_and_label(args.seed, i, shape, model.num_classes, given_labels) for i in indices]
             noise = torch.stack([n for n, _ in pairs]).to(device)
             labels = torch.tensor([label for _, label in pairs], device=device)
             torch.manual_seed(args.seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process

@@ -17,6 +17,9 @@ from fpdm.sampling import CLIP_CHOICES, DIFFUSION_DEFAULTS, GUIDANCE_SCHEDULES, 
     diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, iterations_from_block_budget, \
     resolve_device, settings_hash
 
+DEFAULT_NUM_SAMPLES = 40  # sample.py without --num-samples or --class-labels (resolved there: see num_samples)
+
+
 def build_parser(description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint, an official DiT / FPDM-release .pt, a diffusers "
@@ -49,8 +52,12 @@ def build_parser(description=None):
                    help="guidance scale constant, or linear from 1 at t = T to --cfg-scale at t = 0")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 reproduces official DiT's numbers)")
-    p.add_argument("--class-labels", type=str, default=None, help="comma-separated labels (default: cycle classes)")
-    p.add_argument("--num-samples", type=int, default=40)
+    p.add_argument("--class-labels", type=str, default=None,
+                   help="comma-separated labels. sample.py: one image per label (default: cycle the classes); "
+                   "sample_ddp.py: sample i gets label i mod their count, so that any number of processes makes the "
+                   "same samples (default: a random label drawn from (seed, i))")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help=f"sample.py: images to make (default {DEFAULT_NUM_SAMPLES}; with --class-labels one per label)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-denoised", choices=CLIP_CHOICES, default="auto",
                    help="clip predicted x0 to [-1, 1]: auto = only for pixel-space models (never for latents)")
@@ -61,7 +68,8 @@ def build_parser(description=None):
     p.add_argument("--budget-block-evals", type=int, default=None,
                    help="FPDM: total transformer-block evaluations per image over all steps (pre + iterations + post)")
     p.add_argument("--schedule", choices=SCHEDULES, default="flat",
-                   help="how a budget is spread: flat, more-noisy (more at the first, noisiest steps), more-clean")
+                   help="FPDM: how the iterations are spread over the steps (those of --budget-block-evals, else "
+                   "--iterations x steps): flat, more-noisy (more at the first, noisiest steps), more-clean")
     p.add_argument("--fp-allocation", choices=["schedule", "budget", "calibrated"], default="schedule",
                    help="FPDM: spread the budget by --schedule, or 'budget': decide each step's iterations online "
                    "from the residuals (allocation.BudgetAllocator; spends the budget exactly, one sync per iteration), "
@@ -145,11 +153,40 @@ def fpdm_iterations(args, model, calls=None):
         fixed = sum(iterations_from_block_budget(model, args.budget_block_evals, calls))  # checks the budget
         return BudgetAllocator(fixed, calls)
     if args.budget_block_evals is not None:
-        return iterations_from_block_budget(model, args.budget_block_evals, calls, args.schedule)
-    k = model.default_num_iterations if args.iterations is None else args.iterations
-    if k < 1:
-        raise ValueError(f"--iterations must be >= 1, got {k}")
-    return iteration_schedule(k * calls, calls, args.schedule)
+        iterations = iterations_from_block_budget(model, args.budget_block_evals, calls, args.schedule)
+    else:
+        k = model.default_num_iterations if args.iterations is None else args.iterations
+        if k < 1:
+            raise ValueError(f"--iterations must be >= 1, got {k}")
+        iterations = iteration_schedule(k * calls, calls, args.schedule)
+    if args.schedule != "flat" and sum(iterations) == calls:  # the same images as flat, in a folder of their own
+        raise ValueError(f"--schedule {args.schedule} moves iterations between steps, but one per step leaves none "
+                         f"to move: raise --iterations or --budget-block-evals")
+    return iterations
+
+
+def class_labels(args, num_classes):
+    """The --class-labels list (None when not given), each checked to lie in [0, num_classes)."""
+    if not args.class_labels:
+        return None
+    try:
+        labels = [int(v) for v in args.class_labels.split(",")]
+    except ValueError:
+        raise ValueError(f"--class-labels takes comma-separated integers, got {args.class_labels!r}") from None
+    if any(not 0 <= v < num_classes for v in labels):
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}]")
+    return labels
+
+
+def num_samples(args, labels):
+    """sample.py's image count: one per --class-labels entry (`labels`), else --num-samples or its default; an
+    explicit --num-samples that contradicts the labels is refused (None stands for "not given")."""
+    if labels is None:
+        return DEFAULT_NUM_SAMPLES if args.num_samples is None else args.num_samples
+    if args.num_samples is not None and args.num_samples != len(labels):
+        raise ValueError(f"--num-samples {args.num_samples} differs from the {len(labels)} --class-labels: sample.py "
+                         f"makes one image per label (drop --num-samples, or give {args.num_samples} labels)")
+    return len(labels)
 
 
 def diffusion_config(args, model, train_config):
@@ -311,9 +348,9 @@ class Setup:
                 raise ValueError("--parallel two-axis solves FPDM's layer with the chain: this checkpoint is a DiT "
                                  "(use --parallel anderson)")
             if args.reuse or args.adaptive_tol is not None or args.iterations is not None or (
-                    args.budget_block_evals is not None):
+                    args.budget_block_evals is not None) or args.schedule != "flat":
                 raise ValueError("--parallel two-axis sets the layer's iterations itself: use --inner-iterations "
-                                 "(no --iterations, --budget-block-evals, --reuse or --adaptive-tol)")
+                                 "(no --iterations, --budget-block-evals, --schedule, --reuse or --adaptive-tol)")
             if (args.inner_iterations or 1) < 1:
                 raise ValueError(f"--inner-iterations must be >= 1, got {args.inner_iterations}")
             self.iterations = [args.inner_iterations or 1]

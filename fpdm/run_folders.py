@@ -44,16 +44,19 @@ def _process_alive(pid):
 
 def remove_stale_temporaries(folder):
     """Delete `atomic_write` temporaries (`*.tmp-PID`) that a killed process left in `folder`; those of processes still
-    running on this machine are kept. Their names end in the PID, so no image reader counts them as images."""
-    removed = 0
+    running on this machine are kept. Their names end in the PID, so no image reader counts them as images. Returns
+    {name: size in bytes} of the deleted files."""
+    removed = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         stem, sep, pid = name.rpartition(".tmp-")
         if not (sep and pid.isdigit()):
             continue
         if _process_alive(int(pid)):
             continue  # another writer's file in progress
-        os.remove(os.path.join(folder, name))
-        removed += 1
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        os.remove(path)
+        removed[name] = size
     return removed
 
 

@@ -20,7 +20,7 @@ from fpdm.checkpoints import (find_training_checkpoint, read_training_checkpoint
                               write_training_checkpoint)
 from fpdm.diagnostics import BUCKETS, timestep_buckets
 from fpdm.measure import peak_rss_bytes
-from fpdm.run_folders import RunLock, truncate_metrics
+from fpdm.run_folders import RunLock, remove_stale_temporaries, truncate_metrics
 
 logger = logging.getLogger("train")
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -246,12 +246,16 @@ class BackgroundWork:
 
 def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, step, local_batch, ckpt_path,
                      init_report, tracker):
-    """Lock the folder (main process), drop metrics rows after `step`, write config.json, start logging and the
-    tracker; returns the MetricsWindow."""
-    lock, dropped = None, 0
+    """Lock the folder (main process), remove a killed run's temporaries, drop metrics rows after `step`, write
+    config.json, start logging and the tracker; returns the MetricsWindow."""
+    lock, dropped, stale = None, 0, {}
     if accelerator.is_main_process:  # one writer per run folder, for the whole run
         lock = RunLock(run_dir).acquire()
         cleanup.callback(lock.release)
+        # A kill mid-write leaves `*.tmp-PID` files that nothing else removes; a checkpoint's is as large as the
+        # checkpoint (~11 GB at DiT-XL/2).
+        for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+            stale.update(remove_stale_temporaries(folder))
         # Rows logged after the checkpoint we continue from (or by a start that never checkpointed) are logged again.
         dropped = truncate_metrics(os.path.join(run_dir, "metrics.csv"), step)
     for sub in ("checkpoints", "samples"):
@@ -273,6 +277,8 @@ def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, ste
                                                      f"exit cleanly"),
                                (dropped, f"dropped {dropped} metrics.csv rows after step {step} (they are logged "
                                          f"again)"),
+                               (stale, f"removed {len(stale)} temporary file(s) a killed run left "
+                                       f"({', '.join(sorted(stale))}): {sum(stale.values()):,} bytes freed"),
                                (cfg.run.override, f"settings changed on purpose (--override): "
                                                   f"{', '.join(cfg.run.override)}"),
                                (ckpt_path, f"resumed from {ckpt_path} at step {step}"),

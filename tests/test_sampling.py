@@ -552,3 +552,81 @@ def test_sampling_reads_no_residual_back_per_call(monkeypatch):
     report = fn.compute()
     assert len(reads) == 1 and len(report["final_residual_per_step"]) == 10
     assert fn.residuals[4] == pytest.approx(torch.stack([torch.as_tensor(v) for v in fn.residuals[4]]).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags sample_ddp.py and sample.py once ignored without a word
+# ----------------------------------------------------------------------------------------------------------------
+
+def refused_in_one_line(script, *flags):
+    """Run `script` (a subprocess, CPU only) and return its one line of stderr; it must exit 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    return proc.stderr.strip()
+
+
+def test_sample_ddp_refuses_a_gpu_this_machine_lacks(checkpoint, tmp_path):
+    """As sample.py: --device cuda without a visible GPU is an error, not a silent run on the CPU."""
+    out = tmp_path / "gpu"
+    line = refused_in_one_line("sample_ddp.py", "--ckpt", checkpoint, "--num-fid-samples", "2", "--device", "cuda",
+                               "--out", str(out))
+    assert line.startswith("error: --device cuda: no CUDA GPU is visible here") and "--device cpu" in line
+    assert not out.exists()
+
+
+def test_sample_ddp_class_labels_cycle_over_sample_indices(checkpoint, tmp_path):
+    """--class-labels 3,7: sample i gets label [3, 7][i mod 2] and the noise of (seed, i), whatever the process count;
+    the labels are part of the folder's identity; a label out of range is refused."""
+    out = sample_ddp.main(ddp_args(checkpoint, tmp_path / "l", "--class-labels", "3,7"))
+    saved = np.load(os.path.join(out, "samples.npz"))
+    assert saved["labels"].tolist() == [3, 7, 3, 7, 3, 7, 3]
+    assert json.load(open(os.path.join(out, "args.json")))["labels"] == [3, 7]
+    noise, label = sample_ddp.sample_noise_and_label(0, 4, (1, 8, 8), 10, labels=[3, 7])
+    assert label == 3 and torch.equal(noise, sample_ddp.sample_noise_and_label(0, 4, (1, 8, 8), 10)[0])
+    with pytest.raises(FileExistsError, match="labels"):
+        sample_ddp.main(ddp_args(checkpoint, tmp_path / "l"))
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 9\]"):
+        sample_ddp.main(ddp_args(checkpoint, tmp_path / "bad", "--class-labels", "3,10"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_num_samples_and_class_labels_must_agree(checkpoint, tmp_path):
+    """sample.py makes one image per --class-labels entry: an explicit --num-samples of another count is refused in
+    one line, not ignored; without labels the default stays 40 images (the folder identity of earlier runs);
+    sample_ddp.py, which makes --num-fid-samples, refuses --num-samples."""
+    base = ["--ckpt", checkpoint, "--num-sampling-steps", "2", "--iterations", "1", "--device", "cpu"]
+    line = refused_in_one_line("sample.py", *base, "--class-labels", "1,2", "--num-samples", "8",
+                               "--out", str(tmp_path / "x"))
+    assert line == ("error: --num-samples 8 differs from the 2 --class-labels: sample.py makes one image per label "
+                    "(drop --num-samples, or give 8 labels)")
+    assert not (tmp_path / "x").exists()
+    for flags, count in ((["--class-labels", "1,2"], 2), (["--class-labels", "1,2", "--num-samples", "2"], 2),
+                         ([], 40)):
+        out, report = sample_cli.main(sample_cli.parse_args([*base, *flags, "--out", str(tmp_path / str(flags))]))
+        assert report["num_images"] == count and report["args"]["num_samples"] == count
+    assert json.load(open(os.path.join(out, "args.json")))["labels"] == [i % 10 for i in range(40)]
+    with pytest.raises(ValueError, match="--num-samples is sample.py's: sample_ddp.py makes --num-fid-samples"):
+        sample_ddp.main(ddp_args(checkpoint, tmp_path / "ddp", "--num-samples", "5"))
+
+
+def test_schedule_spreads_the_iterations_or_is_refused(checkpoint, tmp_path):
+    """--schedule without a budget spreads --iterations (default: the model's) x steps, and changes the samples;
+    where it has nothing to spread (one iteration per step) or is not used (--parallel two-axis sets the layer's
+    iterations itself), it is refused in one line instead of making the same images in a new folder."""
+    base = ["--ckpt", checkpoint, "--num-sampling-steps", "4", "--num-samples", "2", "--device", "cpu"]
+
+    def run(*flags):
+        out = tmp_path / ("-".join(flags) or "default")
+        return sample_cli.main(sample_cli.parse_args([*base, *flags, "--out", str(out)]))
+    flat, noisy = run()[1]["iterations_per_step"], run("--schedule", "more-noisy")[1]["iterations_per_step"]
+    k = tiny_fpdm().default_num_iterations
+    assert flat == [k] * 4 and sum(noisy) == 4 * k and noisy == iteration_schedule(4 * k, 4, "more-noisy") != flat
+    assert run("--iterations", "3", "--schedule", "more-clean")[1]["iterations_per_step"] == [2, 3, 3, 4]
+    for flags in (["--iterations", "1"], ["--budget-block-evals", "12"]):  # 4 steps x (pre + post + 1) = 12
+        with pytest.raises(ValueError, match="--schedule more-clean moves iterations between steps, but one per step "
+                                             "leaves none to move: raise --iterations or --budget-block-evals"):
+            run(*flags, "--schedule", "more-clean")
+    with pytest.raises(ValueError, match="--parallel two-axis sets the layer's iterations itself.*--schedule"):
+        run("--parallel", "two-axis", "--schedule", "more-noisy")

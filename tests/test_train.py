@@ -427,6 +427,23 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     assert [step for step in losses(run_dir)] == [1, 2, 3, 4, 5, 6]  # each step once, in order
 
 
+def test_start_removes_the_temporaries_a_killed_run_left(tmp_path):
+    """A kill mid-checkpoint leaves `step_N.pt.tmp-PID` (as large as a checkpoint: ~11 GB at DiT-XL/2): the next start
+    of the run removes those of processes that are gone, in the run folder and checkpoints/, and logs the bytes
+    freed; a live process's temporary is kept."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    stale = [run_dir / "checkpoints" / "step_0000003.pt.tmp-999999999", run_dir / "latest.json.tmp-999999998"]
+    stale[0].write_bytes(b"x" * 1000)
+    stale[1].write_bytes(b"x" * 234)
+    live = run_dir / "checkpoints" / f"step_0000006.pt.tmp-{os.getppid()}"
+    live.write_bytes(b"")
+    run(tmp_path, "--max-steps", "1")
+    assert not any(path.exists() for path in stale) and live.exists()
+    assert ("removed 2 temporary file(s) a killed run left (latest.json.tmp-999999998, step_0000003.pt.tmp-"
+            "999999999): 1,234 bytes freed") in (run_dir / "log.txt").read_text()
+
+
 def test_resume_refuses_other_settings_and_applies_overrides(tmp_path, monkeypatch):
     run_dir = run(tmp_path, "--max-steps", "2")
     with pytest.raises(ValueError, match=r"--lr 0.0005 \(run: 0.001\); .*--override lr=0.0005"):
