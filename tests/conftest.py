@@ -43,3 +43,15 @@ def reset_accelerate():
 def fresh_accelerate_state():
     yield
     reset_accelerate()
+
+
+def random_model(config, seed=1, scale=0.1):
+    """`models.DiT(**config)` in eval mode with every parameter drawn from scale·N(0, 1) (seeded): adaLN-Zero would
+    otherwise make a fresh model's outputs exactly zero, and tests compare real outputs."""
+    from models import DiT
+    model = DiT(**config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()

@@ -14,20 +14,16 @@ from export import main as export_main
 from export import to_safetensors
 from fpdm.checkpoints import TRAIN_FORMAT, detect_format, infer_config, init_fpdm_from_dit, load_model
 from fpdm.diffusers_dit import to_diffusers, use_dit_timestep_frequencies
-from models import DiT, DiT_models
+from models import DiT_models
+from conftest import random_model
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)
 TINY_FPDM = dict(TINY, fixed_point=True, fixed_point_pre_depth=1, fixed_point_post_depth=2)
 
 
 def tiny(seed=1, scale=0.2, **kwargs):
-    """A tiny model with every parameter random (adaLN-Zero would otherwise make outputs exactly zero)."""
-    model = DiT(**{**TINY, **kwargs})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+    """A tiny model with every parameter random (conftest.random_model)."""
+    return random_model({**TINY, **kwargs}, seed, scale)
 
 
 def inputs(batch=4, seed=2, num_classes=10):

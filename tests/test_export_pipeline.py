@@ -10,7 +10,7 @@ import torch
 from export import main as export_main
 from fpdm.checkpoints import TRAIN_FORMAT, load_model
 from fpdm.diffusers_dit import SCHEDULER_CONFIG, scheduler_config, to_diffusers, use_dit_timestep_frequencies
-from models import DiT
+from conftest import random_model
 
 LATENT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 DIFFUSION = {"noise_schedule": "linear", "predict_v": False, "zero_terminal_snr": False, "diffusion_steps": 1000,
@@ -18,13 +18,8 @@ DIFFUSION = {"noise_schedule": "linear", "predict_v": False, "zero_terminal_snr"
 
 
 def tiny(seed=1, scale=0.1, **kwargs):
-    """A tiny DiT with every parameter random (adaLN-Zero would otherwise make outputs exactly zero)."""
-    model = DiT(**{**LATENT, **kwargs})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+    """A tiny DiT with every parameter random (conftest.random_model)."""
+    return random_model({**LATENT, **kwargs}, seed, scale)
 
 
 def checkpoint(tmp_path, model):
