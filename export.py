@@ -22,10 +22,15 @@ The key mapping and the numerics of diffusers' DiT: fpdm/diffusers_dit.py.
 import argparse
 import json
 import os
+import shutil
 
 from diffusion import DIFFUSION_DEFAULTS
 from fpdm.checkpoints import SAFETENSORS_FORMAT, diffusion_settings, load_model
 from fpdm.diffusers_dit import PIPELINE_NULL_CLASS, SCHEDULER_CONFIG, diffusers_version, scheduler_config, to_diffusers
+from fpdm.sampling import check_only_ours, remove_outputs
+
+# What an export writes (either format): all that --overwrite may remove.
+OUTPUTS = ("model_index.json", "transformer", "scheduler", "vae", "model.safetensors", "config.json")
 
 
 def from_diffusers(folder, **kwargs):
@@ -121,12 +126,33 @@ def main(argv=None):
                         help="export the EMA weights when the checkpoint has both (default)")
     parser.add_argument("--vae", default=None,
                         help="--format diffusers: a local AutoencoderKL folder (e.g. sd-vae-ft-ema), copied to vae/")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an export in --out (only the files an export writes; anything else is refused)")
     args = parser.parse_args(argv)
     if args.vae and args.format != "diffusers":
         raise ValueError("--vae goes with --format diffusers (a DiTPipeline folder)")
-    run_files = [f for f in ("latest.json", "checkpoints", "metrics.csv") if os.path.exists(os.path.join(args.out, f))]
-    if run_files:
-        raise ValueError(f"--out {args.out} holds a training run ({', '.join(run_files)}): export into another folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: choose a folder path")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        check_only_ours(args.out, sorted(os.listdir(args.out)), OUTPUTS, args.overwrite)
+        if not args.overwrite:
+            raise FileExistsError(f"--out {args.out} holds an export: choose another folder, or pass --overwrite to "
+                                  f"replace it")
+    # Written beside --out first, moved in once whole: a failed or killed export leaves the previous one intact.
+    final, args.out = args.out, f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
+    try:
+        write(args)
+        remove_outputs(final, OUTPUTS)
+        os.makedirs(final, exist_ok=True)
+        for name in os.listdir(args.out):
+            os.replace(os.path.join(args.out, name), os.path.join(final, name))
+    finally:
+        shutil.rmtree(args.out, ignore_errors=True)
+    print(f"{args.ckpt} -> {final} ({args.format})")
+
+
+def write(args):
+    """The export of --ckpt into the folder args.out."""
     model, info = load_model(args.ckpt, model_name=args.model, use_ema=args.use_ema,
                              trust_checkpoint=args.trust_checkpoint)
     diffusion = diffusion_settings(info["training_config"])
@@ -147,12 +173,11 @@ def main(argv=None):
                        diffusion=diffusion)
     for note in info["notes"]:
         print(f"note: {note}")
-    print(f"{args.ckpt} ({info['format']}, {info['weights']} weights, "
-          f"{model.num_parameters():,} parameters) -> {args.out} ({args.format})")
+    print(f"{args.ckpt}: {info['format']}, {info['weights']} weights, {model.num_parameters():,} parameters")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}")

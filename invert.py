@@ -173,6 +173,9 @@ def plot(histories, path):
     plt.close(fig)
 
 
+OUTPUTS = ("args.json", "inversion.json", "mse.png", "grid.png")  # all that --overwrite may remove
+
+
 def main(args):
     from torchvision.utils import save_image
 
@@ -183,7 +186,7 @@ def main(args):
     # The folder holds one configuration: args.json first, a rerun with other settings refused.
     settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "device", "overwrite")},
                 "checkpoint_sha256": file_fingerprint(args.ckpt), "images_sha256": file_fingerprint(args.images)}
-    claim_output_folder(args.out, settings, args.overwrite)
+    claim_output_folder(args.out, settings, args.overwrite, outputs=OUTPUTS)
     target = load_targets(args.images, net.input_hw, net.in_channels, args.num_images).to(args.device)
     labels = torch.full((len(target),), args.class_label, dtype=torch.long, device=args.device)
     kwargs = {"y": labels}

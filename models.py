@@ -172,6 +172,45 @@ class StateCache(SolutionCache):
     per_example = True
 
 
+@dataclass(frozen=True)
+class IterationPolicy:
+    """How one call of FPDM's layer iterates, and the one place its options are checked (`FPDM.solve` takes it;
+    `model(x, t, y, num_iterations=..., tol=..., ...)` builds it from the same names).
+
+    num_iterations: None (training: an S-JFB draw; eval: the model's default), k (k iterations, all with autograd
+    when grad is enabled) or (n, m) (n without a graph, then m with one). tol: stop once the relative residual falls
+    below it (the count is then the cap). reuse: a SolutionCache, False (never) or None (the model's own cache if
+    built with reuse). fp_solver: an object with `method` and `run` (fpdm.sampling.FixedPointSolver); "anderson"
+    accelerates the iterations of a call without autograd. stop: stats -> bool, asked after every iteration
+    (fpdm.allocation.BudgetAllocator), ends the call when it returns True."""
+    num_iterations: object = None
+    tol: float = None
+    reuse: object = None
+    fp_solver: object = None
+    stop: object = None
+
+    def __post_init__(self):
+        counts = self.num_iterations
+        if isinstance(counts, (tuple, list)):
+            if len(counts) != 2 or any(int(v) < 0 for v in counts):
+                raise ValueError(f"iteration counts (n, m) must be two numbers >= 0, got {counts}")
+        elif counts is not None and int(counts) < 0:
+            raise ValueError(f"iteration counts must be >= 0, got {counts}")
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(f"the residual tolerance must be > 0, got {self.tol}")
+        if self.stop is not None and (self.anderson or self.tol is not None):
+            raise ValueError("budget allocation (a stop rule) spends its budget exactly with plain iteration: drop "
+                             "the tolerance and the Anderson solver")
+
+    @property
+    def anderson(self):
+        return self.fp_solver is not None and self.fp_solver.method == "anderson"
+
+    @property
+    def tracks_residuals(self):
+        return self.tol is not None or self.stop is not None
+
+
 class DiT(nn.Module):
     """Diffusion transformer (Peebles & Xie, 2023): patch embedding, `depth` adaLN-Zero blocks, final layer.
 
@@ -320,7 +359,8 @@ class DiT(nn.Module):
 
         `force_drop_ids`: (N,) booleans, which labels to replace by the null class (training draws them per example;
         without it a training forward drops labels from torch's RNG, as DiT does).
-        `solver`: FPDM only (see `FPDM.trunk`): `num_iterations`, `tol`, `reuse`.
+        `solver`: FPDM only: `policy=IterationPolicy(...)` or its fields as keywords (`num_iterations`, `tol`,
+        `reuse`, `fp_solver`, `stop`).
         """
         self._check_input(x, t, y, **solver)
         tokens = self.x_embedder(x) + self.pos_embed
@@ -433,13 +473,17 @@ class FPDM(DiT):
     def transformer_blocks(self):
         return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
 
-    def trunk(self, tokens, c, y_emb, num_iterations=None, tol=None, reuse=None, fp_solver=None, stop=None):
+    def trunk(self, tokens, c, y_emb, policy=None, **options):
         """Pre blocks, the fixed-point layer, post blocks. Pre/post blocks and the final layer see only the class
-        embedding unless `fixed_point_pre_post_timestep_conditioning` (as in the release)."""
+        embedding unless `fixed_point_pre_post_timestep_conditioning` (as in the release). `policy` (an
+        IterationPolicy) or its fields as keywords."""
+        if policy is not None and options:
+            raise ValueError("give an IterationPolicy or its options as keywords, not both")
+        policy = policy or IterationPolicy(**options)
         c_outer = c if self.fixed_point_pre_post_timestep_conditioning else y_emb
         for block in self.blocks_pre:
             tokens = self._run_block(block, tokens, c_outer)
-        z = self.solve(tokens, c, num_iterations, tol, reuse, fp_solver, stop)
+        z = self.solve(tokens, c, policy)
         for block in self.blocks_post:
             z = self._run_block(block, z, c_outer)
         return z, c_outer
@@ -452,29 +496,25 @@ class FPDM(DiT):
         projected = self.block_fixed_point_projection_fc2(F.gelu(projected, approximate="tanh"))
         return self.block_fixed_point(projected.to(z.dtype), c)
 
-    def solve(self, h, c, num_iterations=None, tol=None, reuse=None, fp_solver=None, stop=None):
-        """Iterate f from the pre-blocks' output h (or from the reused solution); returns z_N. `fp_solver` (any object
-        with `method` and `run`, e.g. fpdm.sampling.FixedPointSolver) with method "anderson" accelerates the iterations
-        of a call without autograd (sampling). `stop` (stats -> bool), asked once after every iteration, ends the call
-        when it returns True (the iteration count is then the cap, as with `tol`; fpdm.allocation.BudgetAllocator):
-        residuals are tracked for it."""
-        no_grad_iters, with_grad_iters = self.iteration_counts(num_iterations)
-        cache = self._cache_for(reuse)
+    def solve(self, h, c, policy=IterationPolicy()):
+        """Iterate f from the pre-blocks' output h (or from the reused solution) as `policy` (IterationPolicy) says;
+        returns z_N. Residuals are tracked when the policy stops on them (tol, stop) or the model was built to."""
+        no_grad_iters, with_grad_iters = self.iteration_counts(policy.num_iterations)
+        tol, stop = policy.tol, policy.stop
+        cache = self._cache_for(policy.reuse)
         injection = self.block_pre_projection(h)  # input injection: computed once per call, inside the graph
         start = cache.start(h) if cache is not None else None
         # z_0 is detached, as in the release: parameters get gradient through the with-grad iterations (and the
         # injection) only, never through the starting point.
         z = (h if start is None else start).detach()
-        if fp_solver is not None and fp_solver.method == "anderson" and not torch.is_grad_enabled():
-            if stop is not None:
-                raise ValueError("a stop rule (budget allocation) needs plain iteration: use fp_solver iterate")
-            z, self.last_stats = fp_solver.run(self.fixed_point_function, z, injection, c,
-                                               no_grad_iters + with_grad_iters, tol)
+        if policy.anderson and not torch.is_grad_enabled():
+            z, self.last_stats = policy.fp_solver.run(self.fixed_point_function, z, injection, c,
+                                                      no_grad_iters + with_grad_iters, tol)
             if cache is not None:
                 cache.solution = z.detach()
             return z
         stats = FixedPointStats(sjfb=(no_grad_iters, with_grad_iters))
-        track = self.fixed_point_track_residuals or tol is not None or stop is not None
+        track = self.fixed_point_track_residuals or policy.tracks_residuals
         stopped = False
 
         def step(z, with_grad):
@@ -524,12 +564,8 @@ class FPDM(DiT):
                 return 0, self.default_num_iterations
             return _randint(*self.fixed_point_no_grad_iters), _randint(*self.fixed_point_with_grad_iters)
         if isinstance(num_iterations, (tuple, list)):
-            n, m = (int(v) for v in num_iterations)
-        else:
-            n, m = 0, int(num_iterations)
-        if n < 0 or m < 0:
-            raise ValueError(f"iteration counts must be >= 0, got {num_iterations}")
-        return n, m
+            return tuple(int(v) for v in num_iterations)
+        return 0, int(num_iterations)
 
     def _cache_for(self, reuse):
         """reuse: a SolutionCache, False (no reuse) or None (the model's own cache if built with reuse)."""
@@ -537,9 +573,9 @@ class FPDM(DiT):
             return self.solution_cache if self.fixed_point_reuse_solution else None
         return reuse or None
 
-    def _check_input(self, x, t, y, reuse=None, **solver):
+    def _check_input(self, x, t, y, policy=None, reuse=None, **solver):
         super()._check_input(x, t, y)
-        cache = self._cache_for(reuse)
+        cache = self._cache_for(policy.reuse if policy is not None else reuse)
         if cache is not None and not getattr(cache, "per_example", False) and t.numel() > 1:  # on the device: no sync
             torch._assert_async((t == t[0]).all(), "solution reuse needs one shared timestep per batch, got mixed "
                                 "timesteps: sample with a shared t or turn reuse off")

@@ -25,43 +25,41 @@ import time
 
 import torch
 
-from fpdm import cli
+from fpdm import cli, sample_config
 from fpdm.run_folders import atomic_write
-from fpdm.sampling import claim_output_folder, resolve_device, save_grid
+from fpdm.sampling import capabilities, claim_output_folder, resolve_device, save_grid
 
 
 def parse_args(argv=None):
-    return cli.build_parser(__doc__).parse_args(argv)
+    return sample_config.parse_args(argv, "sample", __doc__)
 
 
-def main(args):
-    if args.num_sampling_steps < 1 or (args.num_samples is not None and args.num_samples < 1):
-        raise ValueError("--num-sampling-steps and --num-samples must be >= 1")
-    device = resolve_device(args.device)
-    setup = cli.Setup(args, device)
+def main(cfg):
+    device = resolve_device(cfg.output.device)
+    setup = cli.Setup(cfg, device)
     model = setup.model
-    labels = cli.class_labels(args, model.num_classes)
-    args.num_samples = cli.num_samples(args, labels)  # resolved, as compute.json records it
-    labels = labels or [i % model.num_classes for i in range(args.num_samples)]
-    settings = cli.sample_settings(args, model, setup.iterations, setup.clip, labels, setup.diffusion_config)
-    out = claim_output_folder(cli.output_folder(args, settings), settings, args.overwrite)
+    labels = cli.class_labels(cfg, model.num_classes)
+    cfg.grid.num_samples = cli.num_samples(cfg, labels)  # resolved, as compute.json records it
+    labels = labels or [i % model.num_classes for i in range(cfg.grid.num_samples)]
+    settings = cli.sample_settings(cfg, setup, labels)
+    out = claim_output_folder(cli.output_folder(cfg, settings), settings, cfg.output.overwrite)
 
-    torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(cfg.sampler.seed)
+    g = torch.Generator().manual_seed(cfg.sampler.seed)
     noise = torch.randn(len(labels), model.in_channels, *model.input_hw, generator=g).to(device)
     y = torch.tensor(labels, device=device)
 
     def timed(sampler=None):
         start = time.perf_counter()
-        samples, fn = setup.sample(args, noise, y, sampler=sampler, progress=True)
+        samples, fn = setup.sample(cfg, noise, y, sampler=sampler, progress=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return samples, fn, time.perf_counter() - start
 
     samples, fn, wall = timed()
-    parallel = setup.sampler in ("ddim-parallel", "ddim-two-axis")
-    compute, extra = (fn.info if parallel else fn.compute()), {}
-    if parallel and args.compare_sequential:
+    caps = capabilities(setup.sampler)
+    compute, extra = (fn.info if caps.parallel else fn.compute()), {}
+    if caps.parallel and cfg.parallel.compare_sequential:
         reference, seq_fn, seq_wall = timed("ddim")
         seq_calls = seq_fn.compute()["model_calls"]
         extra["sequential"] = {"wall_time_s": seq_wall, "network_evaluations": seq_calls,
@@ -71,22 +69,22 @@ def main(args):
               f"{compute['network_evaluations']} in {compute.get('parallel_iterations', compute.get('outer_iterations'))} "
               f"parallel iterations, "
               f"{wall:.1f} s; max |difference| {extra['sequential']['max_abs_difference']:.2e}")
-    nrow = model.num_classes if 1 < model.num_classes <= 16 and not args.class_labels else 8
+    nrow = model.num_classes if 1 < model.num_classes <= 16 and not cfg.output.class_labels else 8
     save_grid(cli.decode(samples, setup.vae), os.path.join(out, "grid.png"), nrow=nrow)
     if "sequential" in extra:  # the reference beside the parallel result, never over it
         save_grid(cli.decode(reference, setup.vae), os.path.join(out, extra["sequential"]["grid"]), nrow=nrow)
-    report = {"args": vars(args), "settings": settings, "precision": settings["precision"],
+    report = {"args": cfg.flat(), "settings": settings, "precision": settings["resolved"]["precision"],
               "num_images": len(labels), "wall_time_s": wall,
               "wall_time_per_image_s": wall / len(labels), **compute, **extra}
     atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
     kind = "FPDM" if model.fixed_point else "DiT"
-    if setup.sampler == "ddim-two-axis":
+    if caps.sets_layer_iterations:
         print(f"FPDM, two-axis ({setup.options['solver']}, {compute['inner_iterations']} inner iterations): "
               f"{compute['outer_iterations']} outer iterations, {compute['block_evaluations']:.0f} block evaluations "
               f"per image, critical path {compute['critical_path_calls']} calls / {compute['critical_path_blocks']} "
               f"blocks (sequential: {compute['sequential_critical_path_calls']} calls), residual "
               f"{compute['residual']:.2e}, {wall:.1f} s")
-    elif parallel:
+    elif caps.parallel:
         print(f"{kind}, parallel DDIM ({setup.options['solver']}): {compute['parallel_iterations']} parallel "
               f"iterations, {compute['network_evaluations']} network evaluations per image (sequential: "
               f"{compute['sequential_evaluations']}), residual {compute['residual']:.2e}, {wall:.1f} s")

@@ -1,7 +1,6 @@
 """Sample N images for FID with several processes (accelerate or torchrun), resumably.
 
-    accelerate launch --num_processes 8 sample_ddp.py --ckpt CKPT --num-fid-samples 50000 --cfg-scale 1.5 \
-        --sampler ddpm --num-sampling-steps 250 --precision bf16
+    accelerate launch --num_processes 8 sample_ddp.py --ckpt CKPT --vae VAE --preset dit-fid50k --precision bf16
     python sample_ddp.py --ckpt CKPT --num-fid-samples 1000 --budget-block-evals 560 --reuse   # one process
 
 Sample i's noise and label derive from (seed, i) alone (--class-labels: label i mod their count), and batches are
@@ -15,7 +14,6 @@ writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz` 
 and `compute.json`. All sampling flags are sample.py's (--precision, --tf32 included).
 """
 
-import argparse
 import json
 import os
 import time
@@ -24,19 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fpdm import cli
+from fpdm import cli, sample_config
 from fpdm.run_folders import atomic_write, remove_stale_temporaries
 from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
 
 
 def parse_args(argv=None):
-    parser = cli.build_parser(__doc__)  # every sample.py flag, plus:
-    parser.add_argument("--num-fid-samples", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (fixes the batches' contents)")
-    parser.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
-                        help="also write images/{i:06d}.png (in background threads); --no-png: only the batch files "
-                        "and samples.npz (FID reads those), e.g. to spare 50k small files on a shared filesystem")
-    return parser.parse_args(argv)
+    return sample_config.parse_args(argv, "sample_ddp", __doc__)
 
 
 def sample_noise_and_label(seed, index, shape, num_classes, labels=None):
@@ -96,35 +88,27 @@ def wait(futures):
     return []
 
 
-def main(args):
+def main(cfg):
     from accelerate import PartialState
-    device = resolve_device(args.device)  # as sample.py: a GPU this machine lacks is an error, not a CPU run
+    device = resolve_device(cfg.output.device)  # as sample.py: a GPU this machine lacks is an error, not a CPU run
     state = PartialState(cpu=device.type == "cpu")
     rank, world = state.process_index, state.num_processes
-    if args.num_fid_samples < 1 or args.batch_size < 1:
-        raise ValueError("--num-fid-samples and --batch-size must be >= 1")
-    if args.num_samples is not None:
-        raise ValueError("--num-samples is sample.py's: sample_ddp.py makes --num-fid-samples images")
     if world > 1:  # each process on its own GPU, as accelerate assigns them (one process keeps --device's index)
         device = state.device
-    args.device = str(device)
+    cfg.output.device = str(device)
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if args.parallel or args.sampler == "ddim-parallel":
-        raise ValueError("sample_ddp.py samples sequentially: use sample.py for --parallel")
-    setup = cli.Setup(args, device)
-    model = setup.model
-    given_labels = cli.class_labels(args, model.num_classes)
-    settings = {**cli.sample_settings(args, model, setup.iterations, setup.clip, labels=given_labels,
-                                      diffusion=setup.diffusion_config),
-                "num_fid_samples": args.num_fid_samples, "batch_size": args.batch_size}
-    out = cli.output_folder(args, settings, suffix=f"-n{args.num_fid_samples}")
+    setup = cli.Setup(cfg, device)
+    model, fid, seed = setup.model, cfg.fid, cfg.sampler.seed
+    given_labels = cli.class_labels(cfg, model.num_classes)
+    settings = cli.sample_settings(cfg, setup, given_labels)
+    out = cli.output_folder(cfg, settings, suffix=f"-n{fid.num_fid_samples}")
     # The main process claims the folder (checks it, writes args.json) and clears a killed run's temporaries while
     # the others wait: checking concurrently, they could see its half-written args.json and refuse. If it refuses,
     # its exit stops the others (accelerate launch ends the whole group).
     batch_dir, image_dir = os.path.join(out, "batches"), os.path.join(out, "images")
     if state.is_main_process:
-        claim_output_folder(out, settings, args.overwrite)
+        claim_output_folder(out, settings, cfg.output.overwrite)
         for folder in (out, batch_dir, image_dir):
             remove_stale_temporaries(folder)
     state.wait_for_everyone()
@@ -132,44 +116,44 @@ def main(args):
     os.makedirs(image_dir, exist_ok=True)
 
     shape = (model.in_channels, *model.input_hw)
-    num_batches = -(-args.num_fid_samples // args.batch_size)
+    num_batches = -(-fid.num_fid_samples // fid.batch_size)
     mine = [b for b in range(num_batches) if b % world == rank]
     stats, wall, done, pending = [], 0.0, 0, []
     from tqdm.auto import tqdm
     with ThreadPoolExecutor(PNG_THREADS) as pool:
         for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
-            indices = range(b * args.batch_size, min((b + 1) * args.batch_size, args.num_fid_samples))
+            indices = range(b * fid.batch_size, min((b + 1) * fid.batch_size, fid.num_fid_samples))
             if os.path.exists(batch_path(batch_dir, b)):
                 done += 1
                 continue
-            pairs = [sample_noise_and_label(args.seed, i, shape, model.num_classes, given_labels) for i in indices]
+            pairs = [sample_noise_and_label(seed, i, shape, model.num_classes, given_labels) for i in indices]
             noise = torch.stack([n for n, _ in pairs]).to(device)
             labels = torch.tensor([label for _, label in pairs], device=device)
-            torch.manual_seed(args.seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
+            torch.manual_seed(seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
             start = time.perf_counter()
-            samples, fn = setup.sample(args, noise, labels)
+            samples, fn = setup.sample(cfg, noise, labels)
             images = to_uint8(cli.decode(samples, setup.vae))
             wall += time.perf_counter() - start
             stats.append(fn.compute())
             pending = wait(pending)  # the last batch's PNGs, written while this one sampled (one batch in memory)
             commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
-            if args.png:
+            if fid.png:
                 pending = write_pngs(pool, image_dir, images, indices)
         wait(pending)
 
     state.wait_for_everyone()
     if state.is_main_process:
-        arrays = np.zeros((args.num_fid_samples, *images_shape(batch_dir)), dtype=np.uint8)
-        labels = np.zeros(args.num_fid_samples, dtype=np.int64)
+        arrays = np.zeros((fid.num_fid_samples, *images_shape(batch_dir)), dtype=np.uint8)
+        labels = np.zeros(fid.num_fid_samples, dtype=np.int64)
         for b in range(num_batches):
             with np.load(batch_path(batch_dir, b)) as batch:
                 arrays[batch["indices"]], labels[batch["indices"]] = batch["images"], batch["labels"]
-        if args.png:  # those of batches a killed run (or --no-png) left without (rows of `arrays`: no copies)
+        if fid.png:  # those of batches a killed run (or --no-png) left without (rows of `arrays`: no copies)
             with ThreadPoolExecutor(PNG_THREADS) as pool:
                 wait(write_pngs(pool, image_dir, arrays, range(len(arrays)), only_missing=True))
         atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=arrays, labels=labels), "wb")
-        report = {"args": vars(args), "settings": settings, "precision": settings["precision"],
-                  "num_images": args.num_fid_samples, "processes": world,
+        report = {"args": cfg.flat(), "settings": settings, "precision": settings["resolved"]["precision"],
+                  "num_images": fid.num_fid_samples, "processes": world,
                   "batches_skipped_as_done_on_rank0": done, "wall_time_rank0_s": wall}
         if stats:
             report.update({k: stats[0][k] for k in ("cfg_passes", "block_evals", "flops_per_image",

@@ -59,6 +59,13 @@ def load_model(path, *, model_name=None, use_ema=True, trust_checkpoint=False, d
     info = {"path": path, "format": None, "weights": "weights", "training_config": None, "step": None,
             "sources": {}, "notes": []}
     state_dict, config = _read(path, info, model_name, use_ema, trust_checkpoint, overrides)
+    if model_name is not None and info["sources"] and set(info["sources"].values()) == {"checkpoint"}:
+        named = registry_config(model_name)  # the checkpoint records its architecture: a name may only agree
+        differ = [f"{k} {named[k]} (checkpoint: {config[k]})" for k in ("hidden_size", "depth", "num_heads",
+                                                                       "patch_size") if config.get(k) != named[k]]
+        if differ:
+            raise ValueError(f"--model {model_name} contradicts the architecture {path} records ({', '.join(differ)})"
+                             f": drop --model, which only completes checkpoints that record none")
     config = {**config, **overrides}
     info["sources"].update(dict.fromkeys(overrides, "override"))
     model = _build(config, device)

@@ -190,9 +190,9 @@ class RunConfig:
         if self.tracker not in ("auto", "wandb", "tensorboard", "none"):
             raise ValueError(f"unknown --tracker {self.tracker!r}: use auto, wandb, tensorboard or none")
         from fpdm.sampling import SAMPLERS
-        if self.sample_sampler not in SAMPLERS or self.sample_sampler == "ddim-parallel":
-            raise ValueError(f"unknown --sample-sampler {self.sample_sampler!r}; choose one of: "
-                             f"{', '.join(s for s in SAMPLERS if s != 'ddim-parallel')}")
+        sequential = [name for name, fn in SAMPLERS.items() if not fn.capabilities.parallel]  # previews, FID
+        if self.sample_sampler not in sequential:
+            raise ValueError(f"unknown --sample-sampler {self.sample_sampler!r}; choose one of: {', '.join(sequential)}")
 
 
 @dataclass

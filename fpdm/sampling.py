@@ -6,11 +6,13 @@ residual tolerance (adaptive iterations), solution reuse, and compute accounting
 """
 
 import contextlib
+import fnmatch
 import hashlib
 import inspect
 import json
 import os
 import shutil
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +22,7 @@ from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, t
 from diffusion.solvers import solve_batched
 from fpdm.allocation import TINY, BudgetAllocator
 from fpdm.run_folders import atomic_write
-from models import FixedPointStats, SolutionCache
+from models import FixedPointStats, IterationPolicy, SolutionCache
 
 
 def diffusion_for_sampling(config, num_sampling_steps, spacing=TIMESTEP_SPACINGS[0]):
@@ -171,9 +173,7 @@ class GuidedModel:
         self.model, self.cfg_scale, self.reuse, self.tol = model, cfg_scale, reuse, tol
         self.cache = SolutionCache() if reuse and model.fixed_point else None  # this batch's reused solution
         if isinstance(iterations_per_step, BudgetAllocator):
-            if tol is not None or (fp_solver is not None and fp_solver.method != "iterate"):
-                raise ValueError("budget allocation spends its budget exactly with plain iteration: drop the "
-                                 "tolerance and the Anderson solver")
+            IterationPolicy(tol=tol, fp_solver=fp_solver, stop=bool)  # its conflicts, checked before sampling
             iterations_per_step = iterations_per_step.restarted()
         self.iterations_per_step = iterations_per_step
         self.guidance_channels = guidance_channels
@@ -197,20 +197,16 @@ class GuidedModel:
     def __call__(self, x, t, y):
         kwargs = {}
         if self.model.fixed_point:
-            iters = self.iterations_per_step
+            iters, stop = self.iterations_per_step, None
             if isinstance(iters, BudgetAllocator):
-                iters, kwargs["stop"] = iters.next_step()
+                iters, stop = iters.next_step()
             elif isinstance(iters, (list, tuple)):
                 if self.calls >= len(iters):
                     raise ValueError(f"the iteration schedule has {len(iters)} entries but the sampler made more "
                                      f"model calls: give one entry per model call")
                 iters = iters[self.calls]
-            kwargs["num_iterations"] = iters
-            if self.tol is not None:
-                kwargs["tol"] = self.tol
-            kwargs["reuse"] = self.cache or False  # the sampler decides, whatever the model was built with
-            if self.fp_solver is not None:
-                kwargs["fp_solver"] = self.fp_solver
+            # reuse: the sampler decides, whatever the model was built with
+            kwargs["policy"] = IterationPolicy(iters, self.tol, self.cache or False, self.fp_solver, stop)
         guided = self.cfg_scale != 1.0  # then the batch is doubled
         if guided and (self.guidance_interval is not None or self.guidance_schedule != "constant"):
             if t.numel() > 1 and not bool((t == t[0]).all()):
@@ -260,7 +256,8 @@ class GuidedModel:
         reuse, that half continues from (and updates) its part of the stored solution."""
         half = len(x) // 2
         if self.cache is not None:
-            kwargs["reuse"] = part = SolutionCache()
+            part = SolutionCache()
+            kwargs = {**kwargs, "policy": dataclasses.replace(kwargs["policy"], reuse=part)}
             if self.cache.solution is not None:
                 part.solution = self.cache.solution[:half]
         out = self.model(x[:half], t[:half], y[:half], **kwargs)
@@ -308,14 +305,40 @@ def save_grid(images, path, nrow=8):
 # name -> sampler(model, diffusion, x_T, *, model_kwargs, clip_denoised, progress, **options) -> (x_0, info dict).
 # `model` is a model callable as diffusion/ expects (a GuidedModel: guidance, FPDM iterations and reuse, counting);
 # the diffusion's timesteps are the ones the sampler visits (diffusion_for_sampling). Options are sampler-specific.
+# Each sampler declares what it can do (`capabilities`): callers ask that, never the name.
 SAMPLERS = {}
 
 
-def register_sampler(name):
+@dataclass(frozen=True)
+class Capabilities:
+    """What a sampler does, as the command line and the folder identity need to know it."""
+    parallel: bool = False  # solves every timestep at once: one FPDM iteration count for all, no reuse, no clipping
+    needs_fpdm: bool = False  # solves FPDM's layer itself (two-axis): a DiT cannot be sampled with it
+    sets_layer_iterations: bool = False  # decides the layer's iterations per call itself (two-axis: inner iterations)
+    can_clip: bool = True  # can clip x̂_0 to [-1, 1]
+    options: tuple = ()  # its keyword options (eta, solver, ...), from its signature
+    model_calls: object = None  # diffusion -> model calls over its timesteps (None: one per timestep)
+
+    @property
+    def takes_eta(self):
+        return "eta" in self.options
+
+
+def register_sampler(name, **capabilities):
     def add(fn):
+        options = tuple(k for k, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY
+                        and k not in ("model_kwargs", "clip_denoised", "progress"))
+        fn.capabilities = Capabilities(options=options, **capabilities)
         SAMPLERS[name] = fn
         return fn
     return add
+
+
+def capabilities(sampler):
+    """The Capabilities of sampler `sampler`; one line naming the choices for an unknown name."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[sampler].capabilities
 
 
 @register_sampler("ddpm")
@@ -333,7 +356,7 @@ def sample_ddim(model, diffusion, x, *, model_kwargs, clip_denoised=False, progr
                                       progress=progress, eta=eta), {}
 
 
-@register_sampler("ddim-parallel")
+@register_sampler("ddim-parallel", parallel=True, can_clip=False)
 def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False, eta=0.0,
                          solver="anderson", solver_max_iter=15, solver_tol=1e-3, window=None, chunk_size=None,
                          mixing="image"):
@@ -351,7 +374,8 @@ def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
     return out, stats
 
 
-@register_sampler("ddim-two-axis")
+@register_sampler("ddim-two-axis", parallel=True, needs_fpdm=True, sets_layer_iterations=True,
+                  can_clip=False)
 def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False, eta=0.0,
                          solver="anderson", solver_max_iter=50, solver_tol=1e-3, chunk_size=None):
     """FPDM only: one fixed point over time (the DDIM chain) and depth (the layer of every timestep), one batched
@@ -371,15 +395,14 @@ def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
 def model_calls(sampler, diffusion):
     """How many model calls `sampler` makes over `diffusion`'s timesteps (Heun: two per step but the last): the unit
     an FPDM iteration budget is spread over."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    calls = getattr(SAMPLERS[sampler], "model_calls", None)
+    calls = capabilities(sampler).model_calls
     return calls(diffusion) if calls else diffusion.num_timesteps
 
 
 def can_clip(sampler):
-    """Whether `sampler` can clip x̂_0 to [-1, 1] (the ODE solvers of diffusers' k-diffusion family cannot)."""
-    return getattr(SAMPLERS[sampler], "can_clip", True) and sampler not in ("ddim-parallel", "ddim-two-axis")
+    """Whether `sampler` can clip x̂_0 to [-1, 1] (the ODE solvers of diffusers' k-diffusion family and the parallel
+    samplers cannot)."""
+    return capabilities(sampler).can_clip
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -438,10 +461,9 @@ def _register_diffusers(name, class_name, doc, can_clip, **config):
 
     sample.__doc__ = doc
     sample.__name__ = f"sample_{name.replace('-', '_')}"
-    sample.model_calls = lambda diffusion: len(diffusers_scheduler(diffusion, class_name, **config).timesteps)
-    sample.can_clip = can_clip
     sample.scheduler_class, sample.config = class_name, config
-    register_sampler(name)(sample)
+    register_sampler(name, can_clip=can_clip, model_calls=lambda diffusion: len(
+        diffusers_scheduler(diffusion, class_name, **config).timesteps))(sample)
 
 
 _register_diffusers("dpmpp-2m", "DPMSolverMultistepScheduler",
@@ -569,24 +591,84 @@ def settings_hash(settings):
 SETTINGS_FILE = "args.json"
 
 
-def claim_output_folder(out, settings, overwrite=False):
+# What sample.py and sample_ddp.py write into a folder (evaluate.py adds its tables beside samples.npz): all that
+# --overwrite may remove.
+SAMPLE_OUTPUTS = (SETTINGS_FILE, "grid.png", "grid_sequential.png", "compute.json", "batches", "images",
+                  "samples.npz", "samples.*.json")
+
+
+def _ours(name, outputs):
+    """Whether `name` is one of `outputs` (or a temporary of one that a killed write left: `NAME.tmp-PID`)."""
+    name = name.split(".tmp-")[0]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in outputs)
+
+
+def _leaves(settings, prefix=""):
+    """Nested settings as {"group.name": value} (what a refusal names)."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_only_ours(out, entries, outputs, overwrite):
+    """One line when folder `out` holds `entries` that are not among a command's `outputs`: --overwrite never
+    removes what the command did not write (a training run, an export, a user's files)."""
+    foreign = [name for name in entries if not _ours(name, outputs)]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise FileExistsError(f"{out} holds files this command did not write ({shown}): choose another --out"
+                              + ("" if overwrite else "; --overwrite would not remove them either"))
+
+
+def remove_outputs(out, outputs):
+    """Remove from folder `out` what a command writes (`outputs`, names or patterns), after checking that it holds
+    nothing else (check_only_ours)."""
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    check_only_ours(out, entries, outputs, True)
+    for name in entries:
+        target = os.path.join(out, name)
+        shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
+
+
+def claim_output_folder(out, settings, overwrite=False, outputs=SAMPLE_OUTPUTS):
     """Make `out` the folder of exactly these `settings`: a new folder gets `args.json` written first; a folder of
     the same settings is reused (resumed); one of other settings, or of unknown settings, is refused with one line
-    naming what differs, unless `overwrite` (then its contents are deleted first). One process claims a folder (under
-    accelerate: the main one, before the others start writing)."""
+    naming what differs, unless `overwrite`: then what the command writes (`outputs`, names or patterns) is removed
+    first; a folder holding anything else (a training run, an export, a user's files) is never touched. One
+    process claims a folder (under accelerate: the main one, before the others start writing)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out} is a file: choose a folder path")
     path = os.path.join(out, SETTINGS_FILE)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        if not os.path.isfile(path):
-            raise FileExistsError(f"{out} holds files but no {SETTINGS_FILE}: choose another --out, or pass "
-                                  f"--overwrite to delete them")
-        with open(path) as f:
-            previous = json.load(f)
-        differing = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-        if differing:
-            details = ", ".join(f"{k} {previous.get(k)!r} -> {settings.get(k)!r}" for k in differing)
-            raise FileExistsError(f"{out} holds samples of other settings ({details}): choose another --out, or pass "
-                                  f"--overwrite to start over")
-        return out
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries:
+        previous = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                previous = json.load(f)
+            if previous == settings:
+                return out
+        if not overwrite:
+            if previous is None:
+                check_only_ours(out, entries, outputs, overwrite)
+                raise FileExistsError(f"{out} holds outputs but no {SETTINGS_FILE}: choose another --out, or pass "
+                                      f"--overwrite to start over")
+            before, after = _leaves(previous), _leaves(settings)
+            differing = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            details = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in differing)
+            older = ("; it was written by an older version of this command (before settings format "
+                     f"{settings['format']}): finish it with that version, or start over") if (
+                "format" in settings and "format" not in previous) else ""
+            check_only_ours(out, entries, outputs, overwrite)
+            raise FileExistsError(f"{out} holds samples of other settings ({details}){older}: choose another "
+                                  f"--out, or pass --overwrite to start over")
+        remove_outputs(out, outputs)
+    os.makedirs(out, exist_ok=True)
+    atomic_write(path, lambda f: json.dump(settings, f, indent=2, sort_keys=True))
+    return out
     if overwrite and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)

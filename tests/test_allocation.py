@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from fpdm import sample_config
+
 import sample as sample_cli
 from fpdm import cli
 from fpdm.allocation import BudgetAllocator
@@ -72,11 +74,11 @@ def test_sample_cli_budget_allocation(tmp_path):
         "--reuse", "--num-samples", "4", "--out", str(tmp_path / "s"), "--device", "cpu"]))
     saved = json.load(open(os.path.join(out, "compute.json")))
     assert saved["block_evals"] == 40 and sum(saved["iterations_per_step"]) == 40 - 6 * 2
-    assert json.load(open(os.path.join(out, "args.json")))["fixed_point"]["iterations_per_step"] == {
+    assert json.load(open(os.path.join(out, "args.json")))["resolved"]["iterations_per_step"] == {
         "allocator": "budget", "total_iterations": 28, "num_steps": 6, "window": 5, "projection": "level"}
     for flags, message in ((["--iterations", "4"], "give --budget-block-evals"),
-                           (["--budget-block-evals", "40", "--adaptive-tol", "0.1"], "drop --adaptive-tol"),
-                           (["--budget-block-evals", "40", "--schedule", "more-noisy"], "drop --adaptive-tol"),
+                           (["--budget-block-evals", "40", "--adaptive-tol", "0.1"], "--adaptive-tol does not apply to --fp-allocation"),
+                           (["--budget-block-evals", "40", "--schedule", "more-noisy"], "--schedule does not apply"),
                            (["--budget-block-evals", "17"], "raise it to at least 18")):
         with pytest.raises(ValueError, match=message):
             sample_cli.main(sample_cli.parse_args(["--ckpt", path, "--num-sampling-steps", "6", "--fp-allocation",
@@ -88,7 +90,7 @@ def test_budget_below_one_iteration_per_step_is_refused_in_one_line():
     with pytest.raises(ValueError, match="below one iteration per step for 10 steps: raise the budget") as error:
         BudgetAllocator(9, 10)
     assert "\n" not in str(error.value)
-    args = cli.build_parser().parse_args(["--ckpt", "x", "--fp-allocation", "budget", "--budget-block-evals", "5"])
+    args = sample_config.parse_args(["--ckpt", "x", "--fp-allocation", "budget", "--budget-block-evals", "5"])
     with pytest.raises(ValueError, match="less than one iteration per step"):
         cli.fpdm_iterations(args, tiny_fpdm(), 4)
 
@@ -261,7 +263,7 @@ def test_sample_cli_calibrated_allocation(tmp_path):
     assert saved["block_evals"] == 30 and sum(saved["iterations_per_step"]) == 30 - 5 * 2
     weights = saved["allocation"]["weights"]
     assert len(weights) == 5 and min(weights) > 0
-    identity = json.load(open(os.path.join(out, "args.json")))["fixed_point"]["iterations_per_step"]
+    identity = json.load(open(os.path.join(out, "args.json")))["resolved"]["iterations_per_step"]
     assert identity == {"allocator": "budget", "total_iterations": 20, "num_steps": 5, "window": 5,
                         "projection": "level", "calibration": {"samples": 3, "seed": 1}}
     sample_cli.main(sample_cli.parse_args(flags))  # same flags: resumes (nothing to do)

@@ -8,6 +8,8 @@ import shlex
 
 import pytest
 import torch
+
+from fpdm import sample_config
 import torch.nn.functional as F
 
 from export import main as export_main
@@ -354,7 +356,7 @@ def sample_with(path, steps=4, flags=()):
     from fpdm.checkpoints import load_model_for_sampling
     from fpdm.sampling import diffusion_for_sampling, sample_images
     model, train_config = load_model_for_sampling(str(path))
-    args = sample_cli.build_parser().parse_args(["--ckpt", str(path), *flags])
+    args = sample_config.parse_args(["--ckpt", str(path), *flags])
     config = sample_cli.diffusion_config(args, model, train_config)
     noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     samples, _ = sample_images(model, diffusion_for_sampling(config, steps), noise, torch.arange(4),
@@ -398,13 +400,13 @@ def test_diffusion_flags_for_checkpoints_that_record_none(tmp_path, capsys):
     original, _ = sample_with(tmp_path / "run.pt")
     from fpdm.checkpoints import load_model_for_sampling
     bare_model, bare_config = load_model_for_sampling(str(tmp_path / "bare"))
-    args = sample_cli.build_parser().parse_args(["--ckpt", "x", "--noise-schedule", "cosine", "--predict-v"])
+    args = sample_config.parse_args(["--ckpt", "x", "--noise-schedule", "cosine", "--predict-v"])
     assert sample_cli.diffusion_config(args, bare_model, bare_config) == sample_with(tmp_path / "run.pt")[1]
     flagged = sample_with(tmp_path / "bare", flags=("--noise-schedule", "cosine", "--predict-v"))[0]
     torch.testing.assert_close(flagged, original, atol=1e-5, rtol=1e-5)  # the flags reproduce the recorded run
     with pytest.raises(ValueError, match=r"--noise-schedule linear \(checkpoint: cosine\): .*drop the flag"):
         run_model, run_config = load_model_for_sampling(str(tmp_path / "run.pt"))
-        sample_cli.diffusion_config(sample_cli.build_parser().parse_args(["--ckpt", "x", "--noise-schedule", "linear"]),
+        sample_cli.diffusion_config(sample_config.parse_args(["--ckpt", "x", "--noise-schedule", "linear"]),
                                     run_model, run_config)
     assert original.shape == (4, 4, 8, 8)
 
@@ -415,8 +417,10 @@ def test_export_refuses_a_run_folder(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.json").write_text('{"train": {}}')
-    with pytest.raises(ValueError, match="holds a training run"):
-        export_main(["--ckpt", str(tmp_path / "run.pt"), "--format", "safetensors", "--out", str(run_dir)])
+    for overwrite in ([], ["--overwrite"]):  # --overwrite removes only an export's own files: never a run
+        with pytest.raises(FileExistsError, match=r"holds files this command did not write \(checkpoints\)"):
+            export_main(["--ckpt", str(tmp_path / "run.pt"), "--format", "safetensors", "--out", str(run_dir),
+                         *overwrite])
     assert (run_dir / "config.json").read_text() == '{"train": {}}'
 
 

@@ -125,8 +125,11 @@ def test_pixel_models_get_transformer_and_scheduler_only(tmp_path, capsys):
     assert "pixel-space model" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["scheduler", "transformer"]
     assert load_model(out)[0].config == model.config
-    with pytest.raises(ValueError, match="pixel-space model"):
-        export(tmp_path, model, "--vae", str(tmp_path))
+    with pytest.raises(ValueError, match="pixel-space model"):  # refused with the first export left whole
+        export(tmp_path, model, "--vae", str(tmp_path), "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["scheduler", "transformer"] and load_model(out)[0].config == \
+        model.config
+    assert not list(tmp_path.glob("out.tmp-*"))
 
 
 def test_old_flat_layout_and_pipeline_layout_load_alike(tmp_path):

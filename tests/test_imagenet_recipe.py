@@ -172,7 +172,7 @@ def test_the_readme_imagenet_recipe_at_toy_size(world, tmp_path):
     out = tmp_path / "samples" / "fpdm-xl2"
     with np.load(out / "samples.npz") as npz:
         assert npz["arr_0"].shape == (8, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
-    assert json.loads((out / "args.json").read_text())["precision"] == "bf16"
+    assert json.loads((out / "args.json").read_text())["resolved"]["precision"] == "bf16"
 
     # 6. The scores.
     proc = run(score)

@@ -711,3 +711,29 @@ def test_regional_compile_reuses_graphs_for_any_sjfb_counts():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
     assert len(draws) > 8  # more distinct (n, m) than dynamo's recompile limit: a whole-model compile fell back
     assert 1 <= counters["stats"]["unique_graphs"] <= 4 and not counters["recompiles"]
+
+
+def test_iteration_policy_is_checked_in_one_place():
+    """FPDM.solve takes one IterationPolicy; its conflicts are refused when it is built, whoever builds it (the
+    model's keywords, GuidedModel, two-axis sampling)."""
+    from types import SimpleNamespace
+
+    from models import IterationPolicy
+    anderson = SimpleNamespace(method="anderson")
+    for options, message in (({"num_iterations": -1}, "must be >= 0"), ({"num_iterations": (1, 2, 3)}, "two numbers"),
+                             ({"tol": 0.0}, "tolerance must be > 0"),
+                             ({"stop": bool, "fp_solver": anderson}, "budget allocation"),
+                             ({"stop": bool, "tol": 1e-3}, "budget allocation")):
+        with pytest.raises(ValueError, match=message):
+            IterationPolicy(**options)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=4, num_classes=10,
+                fixed_point=True).eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 5]), torch.tensor([1, 2])
+    with torch.no_grad():
+        by_keywords = model(x, t, y, num_iterations=3)
+        torch.testing.assert_close(model(x, t, y, policy=IterationPolicy(num_iterations=3)), by_keywords, rtol=0,
+                                   atol=0)
+        with pytest.raises(ValueError, match="not both"):
+            model(x, t, y, policy=IterationPolicy(), num_iterations=3)
+        with pytest.raises(ValueError, match="must be >= 0"):
+            model(x, t, y, num_iterations=-2)

@@ -73,12 +73,12 @@ def test_precision_is_recorded_and_names_another_folder(checkpoint, tmp_path, mo
     def run(*flags):
         return sample_cli.main(sample_cli.parse_args(base + list(flags)))
     default, report = run()
-    assert json.load(open(os.path.join(default, "args.json")))["precision"] == "fp32"
+    assert json.load(open(os.path.join(default, "args.json")))["resolved"]["precision"] == "fp32"
     assert json.load(open(os.path.join(default, "compute.json")))["precision"] == report["precision"] == "fp32"
     # CPU runs ignore --tf32: folders made before the flag existed keep their identity (and name).
     assert run("--tf32")[0] == run("--no-tf32")[0] == default
     bf16, report = run("--precision", "bf16")
-    assert bf16 != default and report["settings"]["precision"] == "bf16"
+    assert bf16 != default and report["settings"]["resolved"]["precision"] == "bf16"
     named = str(tmp_path / "named")
     run("--out", named)
     with pytest.raises(FileExistsError, match=r"precision 'fp32' -> 'bf16'.*--overwrite"):
@@ -112,7 +112,7 @@ def test_sample_ddp_pngs_equal_the_batches_and_bf16_is_recorded(checkpoint, tmp_
                for i, n in enumerate(names))
     batches = [np.load(os.path.join(out, "batches", f"{b:06d}.npz"))["images"] for b in range(3)]
     assert np.array_equal(np.concatenate(batches), saved)
-    assert json.load(open(os.path.join(out, "args.json")))["precision"] == "bf16"
+    assert json.load(open(os.path.join(out, "args.json")))["resolved"]["precision"] == "bf16"
     assert json.load(open(os.path.join(out, "compute.json")))["precision"] == "bf16"
     full = np.load(os.path.join(sample_ddp.main(ddp_args(checkpoint, tmp_path / "f")), "samples.npz"))["arr_0"]
     assert np.abs(full.astype(int) - saved).max() <= 16

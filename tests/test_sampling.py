@@ -201,9 +201,9 @@ def test_sample_cli_few_step_sampler_with_budget_and_guidance_interval(checkpoin
     assert report["model_calls"] == 9 and report["block_evals"] == 45 and len(report["iterations_per_step"]) == 9
     assert 9 < report["model_passes"] < 18
     settings = json.load(open(os.path.join(out, "args.json")))
-    assert settings["sampler"] == "heun" and settings["guidance"] == {"interval": [300.0, 700.0],
-                                                                     "schedule": "constant"}
-    assert settings["clip_denoised"] is False
+    assert settings["resolved"]["sampler"] == "heun" and settings["guidance"] == {
+        "cfg_scale": 2.0, "guidance_interval": [300.0, 700.0], "guidance_schedule": "constant", "guidance_channels": None}
+    assert settings["resolved"]["clip_denoised"] is False
     with pytest.raises(ValueError, match="cannot clip x0"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--sampler", "euler", "--clip-denoised", "on",
                                                "--out", str(tmp_path / "e"), "--device", "cpu"]))
@@ -212,8 +212,8 @@ def test_sample_cli_few_step_sampler_with_budget_and_guidance_interval(checkpoin
         "--fp-solver", "anderson", "--fp-history", "3", "--num-samples", "2", "--out", str(tmp_path / "a"),
         "--device", "cpu"]))
     assert report["block_evals"] == 4 * (3 + 2) and report["iterations_per_step"] == [3, 3, 3, 3]
-    assert json.load(open(os.path.join(out, "args.json")))["fixed_point"]["solver"] == {
-        "method": "anderson", "history": 3, "damping": 1.0}
+    fp = json.load(open(os.path.join(out, "args.json")))["fp"]
+    assert (fp["fp_solver"], fp["fp_history"], fp["fp_damping"]) == ("anderson", 3, 1.0)
 
 
 def test_sample_cli_bad_flags(checkpoint, tmp_path):
@@ -308,7 +308,7 @@ def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
         sample_cli.main(sample_cli.parse_args([
             "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2",
             "--num-samples", "4", "--out", str(tmp_path / "par"), "--device", "cpu"]))
-    with pytest.raises(ValueError, match="fixed FPDM iteration count"):
+    with pytest.raises(ValueError, match="one FPDM iteration count"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "picard", "--reuse",
                                                "--out", str(tmp_path / "bad")]))
 
@@ -325,7 +325,7 @@ def test_sample_cli_two_axis(checkpoint, tmp_path):
         "--iterations", "40", "--sampler", "ddim", "--clip-denoised", "off", "--out", str(tmp_path / "seq"),
         "--device", "cpu"]))[1]
     assert report["converged"] and report["inner_iterations"] == 1 and report["critical_path_calls"] < 100
-    assert report["settings"]["parallel"]["solver"] == "two-axis-anderson"
+    assert report["settings"]["parallel"]["parallel"] == "two-axis" and report["settings"]["parallel"]["two_axis_outer"] == "anderson"
     grid = lambda folder: np.asarray(Image.open(folder / "grid.png"), dtype=float)  # noqa: E731
     assert np.abs(grid(tmp_path / "two") - grid(tmp_path / "seq")).max() <= 1  # uint8 rounding
     assert reference["block_evals"] == 6 * (40 + 2)
@@ -384,7 +384,7 @@ def test_sample_folder_is_one_configuration(checkpoint, tmp_path, monkeypatch):
     first, _ = run()
     assert first.startswith("samples" + os.sep) and os.path.isfile(os.path.join(first, "args.json"))
     settings = json.load(open(os.path.join(first, "args.json")))
-    assert settings["timestep_spacing"] == "trailing" and settings["clip_denoised"] is True
+    assert settings["sampler"]["timestep_spacing"] == "trailing" and settings["resolved"]["clip_denoised"] is True
     grid = open(os.path.join(first, "grid.png"), "rb").read()
     assert run()[0] == first  # the same settings: the same folder
     # Each setting that changes the samples gives another folder (the old images are never returned) ...
@@ -400,10 +400,10 @@ def test_sample_folder_is_one_configuration(checkpoint, tmp_path, monkeypatch):
     # ... and into one named folder, another setting is refused with one line naming it; --overwrite starts over.
     named = str(tmp_path / "named")
     run("--out", named)
-    with pytest.raises(FileExistsError, match=r"other settings \(eta 0.0 -> 0.5\).*--overwrite"):
+    with pytest.raises(FileExistsError, match=r"other settings \(sampler.eta 0.0 -> 0.5\).*--overwrite"):
         run("--out", named, "--eta", "0.5")
     run("--out", named, "--eta", "0.5", "--overwrite")
-    assert json.load(open(os.path.join(named, "args.json")))["eta"] == 0.5
+    assert json.load(open(os.path.join(named, "args.json")))["sampler"]["eta"] == 0.5
     assert open(os.path.join(first, "grid.png"), "rb").read() == grid
     # A folder of unknown origin is not written into.
     os.makedirs(tmp_path / "foreign")
@@ -425,7 +425,7 @@ def test_checkpoint_identity_is_its_content(tmp_path, monkeypatch):
     assert out_a != out_b and os.path.basename(out_a).split("-")[:-1] == os.path.basename(out_b).split("-")[:-1]
     sample_cli.main(sample_cli.parse_args(["--ckpt", a, *flags, "--out", "fixed"]))
     save_checkpoint(random_dit(1, class_dropout_prob=0.0), a)  # new weights at the same path
-    with pytest.raises(FileExistsError, match="checkpoint_sha256"):
+    with pytest.raises(FileExistsError, match="checkpoint_file.sha256"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", a, *flags, "--out", "fixed"]))
 
 
@@ -507,7 +507,7 @@ def test_vae_is_loaded_once_for_many_batches(tmp_path, monkeypatch):
                                                  "--out", str(tmp_path / "s")]))
     assert loads["n"] == 1
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (8, 8, 8, 3)
-    assert json.load(open(os.path.join(out, "args.json")))["clip_denoised"] is False  # latents: never clipped
+    assert json.load(open(os.path.join(out, "args.json")))["resolved"]["clip_denoised"] is False  # latents: never clipped
 
 
 def test_sample_ddp_sample_equals_in_process_sampling_and_uint8_mapping(checkpoint, tmp_path):
@@ -582,7 +582,7 @@ def test_sample_ddp_class_labels_cycle_over_sample_indices(checkpoint, tmp_path)
     out = sample_ddp.main(ddp_args(checkpoint, tmp_path / "l", "--class-labels", "3,7"))
     saved = np.load(os.path.join(out, "samples.npz"))
     assert saved["labels"].tolist() == [3, 7, 3, 7, 3, 7, 3]
-    assert json.load(open(os.path.join(out, "args.json")))["labels"] == [3, 7]
+    assert json.load(open(os.path.join(out, "args.json")))["resolved"]["labels"] == [3, 7]
     noise, label = sample_ddp.sample_noise_and_label(0, 4, (1, 8, 8), 10, labels=[3, 7])
     assert label == 3 and torch.equal(noise, sample_ddp.sample_noise_and_label(0, 4, (1, 8, 8), 10)[0])
     with pytest.raises(FileExistsError, match="labels"):
@@ -606,9 +606,9 @@ def test_num_samples_and_class_labels_must_agree(checkpoint, tmp_path):
                          ([], 40)):
         out, report = sample_cli.main(sample_cli.parse_args([*base, *flags, "--out", str(tmp_path / str(flags))]))
         assert report["num_images"] == count and report["args"]["num_samples"] == count
-    assert json.load(open(os.path.join(out, "args.json")))["labels"] == [i % 10 for i in range(40)]
-    with pytest.raises(ValueError, match="--num-samples is sample.py's: sample_ddp.py makes --num-fid-samples"):
-        sample_ddp.main(ddp_args(checkpoint, tmp_path / "ddp", "--num-samples", "5"))
+    assert json.load(open(os.path.join(out, "args.json")))["resolved"]["labels"] == [i % 10 for i in range(40)]
+    with pytest.raises(SystemExit):  # sample_ddp.py has no --num-samples: it makes --num-fid-samples
+        ddp_args(checkpoint, tmp_path / "ddp", "--num-samples", "5")
 
 
 def test_schedule_spreads_the_iterations_or_is_refused(checkpoint, tmp_path):
@@ -628,5 +628,5 @@ def test_schedule_spreads_the_iterations_or_is_refused(checkpoint, tmp_path):
         with pytest.raises(ValueError, match="--schedule more-clean moves iterations between steps, but one per step "
                                              "leaves none to move: raise --iterations or --budget-block-evals"):
             run(*flags, "--schedule", "more-clean")
-    with pytest.raises(ValueError, match="--parallel two-axis sets the layer's iterations itself.*--schedule"):
+    with pytest.raises(ValueError, match="--schedule does not apply to --parallel two-axis: it sets the layer's iterations itself"):
         run("--parallel", "two-axis", "--schedule", "more-noisy")
