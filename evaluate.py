@@ -8,7 +8,9 @@ Inception pass, and the same metrics on a small MNIST classifier's features for 
     python evaluate.py fid-mnist samples.npz              # class labels from the npz's "labels", or --labels y.npy
 
 The definitions (FID, sFID, IS, precision/recall, KID, FID-MNIST) and the Inception network are in fpdm/metrics.py.
-Results are printed and written as JSON next to the samples.
+Results are printed and written as JSON next to the samples. Samples and reference must be images of one size
+(Inception resizes both to 299 px, so other sizes give numbers not comparable to published ones): `fid` and `all`
+refuse others; stats files record the size of their images.
 """
 
 import argparse
@@ -19,8 +21,9 @@ import sys
 import numpy as np
 
 from fpdm.metrics import (DEFAULT_INCEPTION, INCEPTION_URL, STATISTICS, InceptionFeatures, _reference_from_images,
-                          evaluate_inception, evaluate_mnist, feature_statistics, frechet_distance, load_images,
-                          load_mnist_classifier, load_statistics, mnist_metrics, save_reference)
+                          check_reference_size, evaluate_inception, evaluate_mnist, feature_statistics,
+                          frechet_distance, load_images, load_mnist_classifier, load_statistics, mnist_metrics,
+                          save_reference)
 
 
 def _write_report(samples, command, result):
@@ -62,10 +65,13 @@ def _inception(args):
 def run_fid(args):
     model = _inception(args)
     images = load_images(args.samples)
+    size_note = check_reference_size(images.shape[1:3], args.ref)  # other sizes: refused before any network pass
+    if size_note:
+        print(f"note: {size_note}")
     mu, sigma = feature_statistics(model.features(images, args.batch_size))
     fid = frechet_distance(mu, sigma, *load_statistics(args.ref, model, args.batch_size))
     result = {"fid": fid, "num_samples": len(images), "image_shape": list(images.shape[1:]), "samples": args.samples,
-              "reference": args.ref, "inception": model.weights}
+              "reference": args.ref, "inception": model.weights, "size_note": size_note}
     print(f"FID {fid:.4f} ({len(images)} samples vs {args.ref}) -> {_write_report(args.samples, 'fid', result)}")
     return result
 
@@ -76,7 +82,7 @@ def run_stats(args):
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
     save_reference(out, reference, model.identity)
     print(f"wrote mu/sigma {reference.sigma.shape}, mu_s/sigma_s {reference.sigma_s.shape} and the pool3 features "
-          f"{reference.features.shape} of {args.images} to {out}")
+          f"{reference.features.shape} of {args.images} ({'x'.join(map(str, reference.image_size))} px) to {out}")
     return {name: getattr(reference, name) for name in STATISTICS + ("features",)}
 
 
@@ -86,6 +92,8 @@ def run_all(args):
                 "is_split_size": args.is_split_size, "seed": args.seed}
     result = evaluate_inception(args.samples, args.ref, model, args.batch_size, cache=not args.no_cache, **settings)
     result.update(samples=args.samples, reference=args.ref, inception=model.weights, inception_id=model.identity)
+    if result["size_note"]:
+        print(f"note: {result['size_note']}")
     if result["reference_note"]:
         print(result["reference_note"])
     path = _write_report(args.samples, "all", result)
@@ -141,7 +149,8 @@ def main(argv=None):
     for p in (every, fid):
         p.add_argument("samples", help="ADM .npz (arr_0: uint8 N x H x W x 3) or a folder of PNG/JPG images")
         p.add_argument("ref", help="ADM's reference batch (.npz with arr_0 and mu/sigma/mu_s/sigma_s), a file from "
-                                   "`evaluate.py stats`, or images (.npz with arr_0, or a folder)")
+                                   "`evaluate.py stats`, or images (.npz with arr_0, or a folder), of the samples' "
+                                   "image size")
     stats = commands.add_parser("stats", help="write the Inception statistics and features of IMAGES, for use as REF")
     stats.add_argument("images", help="ADM .npz or a folder of PNG/JPG images")
     stats.add_argument("--out", required=True, help="output .npz")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from fpdm import vae as vae_io
 from fpdm.data import LATENT_FORMAT, ImageFolderDataset
-from fpdm.run_folders import atomic_write
+from fpdm.run_folders import atomic_write, check_writable
 
 SETUP_FILE = "extraction.json"
 # Processes wait for each other at the start (process 0 lists the images and clears an old extraction) and at the
@@ -147,17 +147,17 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     is_main = rank == 0
+    dataset = ImageFolderDataset(data_path, image_size, scan=False)  # checked while encoding, see _CheckedImages
+    check_writable(output, "--output")  # before the VAE is loaded
     device = accelerator.device if accelerator else torch.device(device or ("cuda" if torch.cuda.is_available()
                                                                              else "cpu"))
     vae_name = vae if isinstance(vae, str) else getattr(vae.config, "_name_or_path", "") or type(vae).__name__
     vae = (vae_io.load(vae) if isinstance(vae, str) else vae).eval()
     scaling_factor = vae_io.scaling_factor(vae)
-    dataset = ImageFolderDataset(data_path, image_size, scan=False)  # checked while encoding, see _CheckedImages
     if os.path.isfile(os.path.join(output, "meta.json")):
         with open(os.path.join(output, "meta.json")) as f:
             if json.load(f).get("format") != LATENT_FORMAT:
                 raise ValueError(f"{output} holds a foreign meta.json; choose an empty output folder")
-    os.makedirs(output, exist_ok=True)
     setup = _setup(dataset, vae, image_size, flip, shard_size, world, skip_bad_images) if is_main else None
     vae = vae.to(device)
     if accelerator:
@@ -264,5 +264,6 @@ if __name__ == "__main__":
                         help="leave unreadable files out (meta.json lists them) instead of stopping at the first one")
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        from fpdm.run_folders import exit_with_error
+        exit_with_error(e)

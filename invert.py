@@ -22,11 +22,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from diffusion import TIMESTEP_SPACINGS
 from diffusion.parallel import check_model, ddim_chain_map
 from diffusion.solvers import solve
-from fpdm.data import IMAGE_EXTENSIONS, list_images, read_rgb
+from fpdm.data import IMAGE_EXTENSIONS, list_images, read_image, training_crop
 
 
 
@@ -101,26 +102,32 @@ def invert(model, diffusion, target, x_T, method="phantom", steps=50, lr=0.05, t
 # ------------------------------------------------------------------------------------------------------------------
 
 def load_targets(path, image_size, channels, num_images=None):
-    """Images in [-1, 1] of shape (N, channels, H, W) from a folder of images or an ADM `.npz` (`arr_0`: uint8
-    N×H×W×3), resized (bicubic, antialiased) to `image_size` (int or (H, W))."""
+    """Images in [-1, 1] of shape (N, channels, S, S) from a folder of images or an ADM `.npz` (`arr_0`: uint8
+    N×H×W×3, N×H×W×1 or N×H×W), through the training transform (`data.training_crop`: ADM's centre crop to
+    `image_size`, as ImageFolderDataset reads training images), so a non-square target is cropped, not squashed.
+    One channel: the mean of RGB. `image_size`: int or (H, W) with H = W (training crops are square)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if height != width:
+        raise ValueError(f"the model takes {height}x{width} inputs: invert.py prepares targets as training does, by a "
+                         f"square centre crop, so it inverts square models only")
+    if channels not in (1, 3):
+        raise ValueError(f"the model takes {channels} channels: invert.py inverts pixel-space models (1 or 3)")
     if str(path).endswith(".npz"):
         with np.load(path) as data:
             arrays = data["arr_0"][:num_images]
-        images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if arrays.ndim == 4 and arrays.shape[-1] == 1:
+            arrays = arrays[..., 0]
+        if arrays.dtype != np.uint8 or not (arrays.ndim == 3 or (arrays.ndim == 4 and arrays.shape[-1] == 3)):
+            raise ValueError(f"{path}: arr_0 must hold uint8 images (N, H, W, 3), (N, H, W, 1) or (N, H, W), got "
+                             f"{arrays.dtype} {arrays.shape}")
+        pictures = [Image.fromarray(array) for array in arrays]
     else:
         files = list_images(path)[:num_images]
         if not files:
             raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        images = torch.stack([torch.from_numpy(np.array(read_rgb(f))).permute(2, 0, 1)
-                              for f in files]).float() / 127.5 - 1
-    if channels == 1:
-        images = images.mean(dim=1, keepdim=True)
-    elif channels != images.shape[1]:
-        raise ValueError(f"the model takes {channels} channels; targets have {images.shape[1]}")
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if tuple(images.shape[2:]) != size:
-        images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
-    return images.clamp(-1, 1)
+        pictures = [read_image(f) for f in files]
+    images = torch.stack([training_crop(picture, height) for picture in pictures])
+    return images.mean(dim=1, keepdim=True) if channels == 1 else images
 
 
 class HalfBatchCFG:
@@ -183,6 +190,8 @@ def main(args):
     args.device = str(resolve_device(args.device))
     torch.manual_seed(args.seed)
     net, model, diffusion = build(args)
+    if not 0 <= args.class_label < net.num_classes:  # num_classes itself would be the null class of guidance
+        raise ValueError(f"--class-label must lie in [0, {net.num_classes - 1}] for this model")
     # The folder holds one configuration: args.json first, a rerun with other settings refused.
     settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "device", "overwrite")},
                 "checkpoint_sha256": file_fingerprint(args.ckpt), "images_sha256": file_fingerprint(args.images)}
@@ -220,7 +229,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="train.py checkpoint (EMA weights are used)")
-    parser.add_argument("--images", required=True, help="folder of images, or an ADM .npz (arr_0: uint8 NxHxWx3)")
+    parser.add_argument("--images", required=True, help="folder of images, or an ADM .npz (arr_0: uint8 NxHxWx3), "
+                                                        "centre-cropped to the model's size as training crops")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num-images", type=int, default=8, help="first N targets")
     parser.add_argument("--num-sampling-steps", type=int, default=10, help="DDIM steps T'")
@@ -234,7 +244,8 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None, help="states per network call (memory limit)")
     parser.add_argument("--methods", default="phantom,sequential", help="comma-separated: phantom, sequential")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
-    parser.add_argument("--class-label", type=int, default=0, help="class label of all targets")
+    parser.add_argument("--class-label", type=int, default=0, help="class label of all targets, in [0, N-1] for a "
+                                                                   "model of N classes")
     parser.add_argument("--num-iterations", type=int, default=None, help="FPDM iterations per step (default: model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -695,6 +695,23 @@ def create_model(name, **kwargs):
     return DiT_models[name](**kwargs)
 
 
+def _fits(state_dict):
+    """What the weights fit, as a remedy: their width and patch size, and the registry names with both."""
+    embed = state_dict.get("x_embedder.proj.weight")
+    if embed is None:
+        return "build the model with the checkpoint's config"
+    hidden, patch = embed.shape[0], embed.shape[-1]
+    names = [n for n, make in DiT_models.items() if n.endswith(f"/{patch}") and _registry_width(n) == hidden]
+    return (f"the weights have hidden size {hidden} and patch size {patch}: build the model with "
+            + (f"--model {names[0]}" if names else f"--hidden-size {hidden} --patch-size {patch}")
+            + " (and the checkpoint's depth and heads)")
+
+
+def _registry_width(name):
+    with torch.device("meta"):
+        return DiT_models[name]().config["hidden_size"]
+
+
 def load_state_dict_checked(model, state_dict):
     """Strict load that names the first problem: a missing or unexpected key, or a key whose shape differs."""
     own = model.state_dict()
@@ -704,7 +721,7 @@ def load_state_dict_checked(model, state_dict):
                              f"architecture? DiT vs FPDM, or other pre/post depth)")
         if tuple(own[key].shape) != tuple(value.shape):
             raise ValueError(f"shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs model "
-                             f"{tuple(own[key].shape)}; build the model with the checkpoint's config")
+                             f"{tuple(own[key].shape)}; {_fits(state_dict)}")
     missing = [k for k in own if k not in state_dict]
     if missing:
         raise ValueError(f"checkpoint lacks key {missing[0]!r} ({len(missing)} missing in all): "

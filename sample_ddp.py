@@ -8,14 +8,17 @@ fixed blocks of consecutive indices whose RNG is seeded by (seed, batch), so the
 processes. The folder holds one configuration: `args.json` (every setting that changes the samples, N and the batch
 size included) is written first and a rerun with other settings is refused (sample.py's rules). Each finished batch is
 committed as one file, `batches/{b:06d}.npz` (images and labels together, written atomically); a killed run,
-restarted, skips exactly the committed batches. Background threads write each image as `images/{i:06d}.png` for
-viewing while the next batch samples (--no-png: none; the batch files are the record). At the end the main process
+restarted, skips exactly the committed batches; on SIGTERM or SIGUSR1 (a scheduler's preemption) each process
+finishes and commits the batch in flight, then exits with code 3. Background threads write each image as
+`images/{i:06d}.png` for viewing while the next batch samples (--no-png: none; the batch files are the record). At the end the main process
 writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N)
 and `compute.json`. All sampling flags are sample.py's (--precision, --tf32 included).
 """
 
 import json
 import os
+import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,8 +26,15 @@ import numpy as np
 import torch
 
 from fpdm import cli, sample_config
-from fpdm.run_folders import atomic_write, remove_stale_temporaries
+from fpdm.run_folders import StopSignals, atomic_write, remove_stale_temporaries
 from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
+
+
+STOPPED_EXIT_CODE = 3  # as train.py's preemption (fpdm.training.PREEMPTED_EXIT_CODE): rerun to continue
+
+
+class SamplingStopped(Exception):
+    """SIGTERM or SIGUSR1 (a scheduler's preemption): the batch in flight was finished and committed."""
 
 
 def parse_args(argv=None):
@@ -120,8 +130,10 @@ def main(cfg):
     mine = [b for b in range(num_batches) if b % world == rank]
     stats, wall, done, pending = [], 0.0, 0, []
     from tqdm.auto import tqdm
-    with ThreadPoolExecutor(PNG_THREADS) as pool:
+    with ThreadPoolExecutor(PNG_THREADS) as pool, StopSignals() as stop:
         for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
+            if stop.received:  # preemption: the batch in flight was committed; a rerun samples from the next one
+                break
             indices = range(b * fid.batch_size, min((b + 1) * fid.batch_size, fid.num_fid_samples))
             if os.path.exists(batch_path(batch_dir, b)):
                 done += 1
@@ -140,6 +152,11 @@ def main(cfg):
             if fid.png:
                 pending = write_pngs(pool, image_dir, images, indices)
         wait(pending)
+        signum = stop.received
+    if signum:  # each process stops on its own (batches are independent): no collective that a stopped one would miss
+        name = signal.Signals(signum).name
+        raise SamplingStopped(f"stopped by {name} on rank {rank} after {done + len(stats)} of {len(mine)} batches (all "
+                              f"committed): rerun the same command to continue (exit code {STOPPED_EXIT_CODE})")
 
     state.wait_for_everyone()
     if state.is_main_process:
@@ -165,4 +182,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cli.run_script(main, parse_args)
+    try:
+        cli.run_script(main, parse_args)
+    except SamplingStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)

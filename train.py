@@ -21,6 +21,7 @@ import copy
 import logging
 import os
 import random
+import signal
 import sys
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
@@ -32,11 +33,12 @@ from tqdm.auto import tqdm
 from fpdm.checkpoints import set_rng_state
 from fpdm.config import parse_args
 from fpdm.diagnostics import TrainingDiagnostics
-from fpdm.run_folders import exit_with_parent
-from fpdm.training import (BackgroundWork, Evaluator, ExampleDraws, Preview, StepBatchSampler, build_model,
-                           check_ranks_agree, check_resume_precision, latent_decoder_path, load_latent_decoder,
-                           local_batch_size, log_layer_diagnostics, make_accelerator, open_run, restore,
-                           save_checkpoint, sjfb_counts, start_run_folder, update_ema)
+from fpdm.run_folders import STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent, ignore_stop_signals
+from fpdm.training import (BackgroundWork, CheckpointWriteError, Evaluator, ExampleDraws, Preview, StepBatchSampler,
+                           TrainingPreempted, build_model, check_ranks_agree, check_resume_precision, close_loader,
+                           latent_decoder_path, load_latent_decoder, local_batch_size, log_layer_diagnostics,
+                           make_accelerator, open_run, preempted, restore, save_checkpoint, sjfb_counts,
+                           start_run_folder, update_ema)
 
 logger = logging.getLogger("train")
 
@@ -46,12 +48,16 @@ logger = logging.getLogger("train")
 # ------------------------------------------------------------------------------------------------------------------
 
 def main(cfg):
-    """Train as `cfg` (a configs.TrainConfig) says; returns the run folder."""
-    with ExitStack() as cleanup:  # releases the run lock however the run ends
-        return _train(cfg.validate(), cleanup)
+    """Train as `cfg` (a configs.TrainConfig) says; returns the run folder. On SIGTERM or SIGUSR1 (a scheduler's
+    preemption) every process finishes its step, the step is checkpointed, and TrainingPreempted is raised."""
+    with ExitStack() as cleanup:  # releases the run lock however the run ends, then restores the signal handlers
+        # SIGTERM / SIGUSR1 from here on only note the signal: train_step shares it with every process, all stop after
+        # the same step, and that step is checkpointed (then no preview, evaluation or diagnostics row for it).
+        stop_signals = cleanup.enter_context(StopSignals())
+        return _train(cfg.validate(), cleanup, stop_signals)
 
 
-def _train(cfg, cleanup):
+def _train(cfg, cleanup, stop_signals):
     from diffusion import create_diffusion
     from fpdm import data
     o, r = cfg.optim, cfg.run
@@ -101,7 +107,9 @@ def _train(cfg, cleanup):
     # The loader gets its own generator: creating its iterator must not advance the training RNG.
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                               pin_memory=device.type == "cuda", generator=torch.Generator(),
-                                              persistent_workers=cfg.data.num_workers > 0))
+                                              persistent_workers=cfg.data.num_workers > 0,
+                                              worker_init_fn=ignore_stop_signals))
+    cleanup.callback(close_loader, loader)  # its workers ignore SIGTERM: stopped here, also when the run raises
     preview = Preview(cfg, dataset, ema, run_dir, device, decoder)
     evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder) if r.eval_every else None
     background = BackgroundWork()  # plots drawn off the training path
@@ -115,15 +123,19 @@ def _train(cfg, cleanup):
     model.train()
     progress = tqdm(total=o.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
-    last_good = ckpt_path
+    last_good, stop = ckpt_path, 0
     while step < o.max_steps:
-        grad_norm, lr = train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler,
-                                   accelerator, metrics, step, last_good, draws)
+        grad_norm, lr, stop = train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler,
+                                         accelerator, metrics, step, last_good, draws, stop_signals)
         step += 1
+        stop = stop if step < o.max_steps else 0  # a signal during the last step: the run ends as finished
         update_ema(ema, raw_model, min(o.ema_decay, (1 + step) / (10 + step)) if o.ema_warmup else o.ema_decay)
         progress.update(1)
-        if step % r.log_every == 0 or step == o.max_steps:
+        if step % r.log_every == 0 or step == o.max_steps or stop:
             metrics.log(step, grad_norm, lr, accelerator, progress)
+        if stop:  # this step's checkpoint now (a scheduler's grace period is short), instead of the periodic one
+            last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
+            break
         if metrics.by_t and (step % r.fp_diagnostics_every == 0 or step == o.max_steps):
             residual_by_t = metrics.take_residual_by_t(accelerator)  # every process: a reduction
             if diagnostics is not None:  # the contraction estimate on the probe batch: here, never per step
@@ -135,17 +147,23 @@ def _train(cfg, cleanup):
         if step % r.ckpt_every == 0 or step == o.max_steps:
             last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
     progress.close()
-    if accelerator.is_main_process and r.num_sample_images and not os.path.exists(preview.path(step)):
+    if stop:  # before the last barrier: no process exits before the main one has recorded it
+        preemption = preempted(run_dir, stop, step, last_good, accelerator)
+    elif accelerator.is_main_process and r.num_sample_images and not os.path.exists(preview.path(step)):
         logger.info("samples: %s", preview.write(step, accelerator if tracker else None))  # (a finished run has it)
     background.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if stop:
+        raise preemption
     return run_dir
 
 
 def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler, accelerator, metrics, step,
-               last_good, draws):
-    """One optimizer step over `grad_accum_steps` micro-batches; returns (gradient norm, the rate it used)."""
+               last_good, draws, stop_signals=None):
+    """One optimizer step over `grad_accum_steps` micro-batches; returns (gradient norm, the rate it used, the stop
+    signal: the largest signal number any process's `stop_signals` (a run_folders.StopSignals) received by the end of
+    the step, the same on every process; 0: none)."""
     accum, device = cfg.optim.grad_accum_steps, accelerator.device
     nonfinite = torch.zeros((), device=device)  # non-finite micro-batch losses of this step (no sync to count)
     draws.draw(step)
@@ -167,11 +185,15 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
         metrics.add(loss.detach() / accum, raw_model.last_stats if raw_model.fixed_point else None, t)
     # NaN guard, before anything reaches the optimizer: every micro-batch's loss on every process, and the
     # (all-reduced) gradient norm, checked with one host sync per step. All processes agree, nothing is saved,
-    # and the weights, optimizer state and last good checkpoint stay as they were.
+    # and the weights, optimizer state and last good checkpoint stay as they were. The same all-reduce (max) and
+    # read carry the stop signal (preemption): a signal reaches the processes at different steps, and all must stop
+    # after the same one. (One small collective and one sync per step, as before; the flag is filled on the device.)
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    bad = accelerator.reduce(nonfinite, reduction="sum") + ~torch.isfinite(torch.as_tensor(grad_norm).to(device))
-    if bad.item():
+    local = torch.stack([nonfinite + ~torch.isfinite(torch.as_tensor(grad_norm).to(device)),
+                         torch.full((), float(getattr(stop_signals, "received", 0)), device=device)])
+    bad, stop = accelerator.reduce(local, reduction="max").tolist()
+    if bad:
         raise NonFiniteLossError(f"non-finite loss or gradient at step {step + 1} ({int(nonfinite.item())} of {accum} "
                                  f"micro-batches on this process had a non-finite loss): stopping without saving; last "
                                  f"good checkpoint: {last_good or 'none'} (lower --lr, enable --max-grad-norm, or "
@@ -180,7 +202,7 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
+    return grad_norm, lr, int(stop)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -190,6 +212,9 @@ class NonFiniteLossError(RuntimeError):
 if __name__ == "__main__":
     try:
         main(parse_args(description=__doc__))
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, CheckpointWriteError) as e:
+        exit_with_error(e)
+    except TrainingPreempted as e:  # checkpointed, lock released; the main process logged the line
+        for sig in STOP_SIGNALS:  # a launcher's own SIGTERM now must not turn the exit code into 143
+            signal.signal(sig, signal.SIG_IGN)
+        sys.exit(e.exit_code)  # training.PREEMPTED_EXIT_CODE, on every process

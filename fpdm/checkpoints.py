@@ -59,13 +59,6 @@ def load_model(path, *, model_name=None, use_ema=True, trust_checkpoint=False, d
     info = {"path": path, "format": None, "weights": "weights", "training_config": None, "step": None,
             "sources": {}, "notes": []}
     state_dict, config = _read(path, info, model_name, use_ema, trust_checkpoint, overrides)
-    if model_name is not None and info["sources"] and set(info["sources"].values()) == {"checkpoint"}:
-        named = registry_config(model_name)  # the checkpoint records its architecture: a name may only agree
-        differ = [f"{k} {named[k]} (checkpoint: {config[k]})" for k in ("hidden_size", "depth", "num_heads",
-                                                                       "patch_size") if config.get(k) != named[k]]
-        if differ:
-            raise ValueError(f"--model {model_name} contradicts the architecture {path} records ({', '.join(differ)})"
-                             f": drop --model, which only completes checkpoints that record none")
     config = {**config, **overrides}
     info["sources"].update(dict.fromkeys(overrides, "override"))
     model = _build(config, device)
@@ -79,6 +72,13 @@ def load_model_for_sampling(path, use_ema=True, device="cpu", trust_checkpoint=F
     official DiT, the FPDM release, diffusers folders, safetensors exports. EMA weights by default."""
     model, info = load_model(path, model_name=model_name, use_ema=use_ema, trust_checkpoint=trust_checkpoint,
                              device=device)
+    if model_name is not None and set(info["sources"].values()) == {"checkpoint"}:
+        named, config = registry_config(model_name), model.config  # the architecture is recorded: a name may agree
+        differ = [f"{k} {named[k]} (checkpoint: {config[k]})" for k in ("hidden_size", "depth", "num_heads",
+                                                                       "patch_size") if config.get(k) != named[k]]
+        if differ:
+            raise ValueError(f"--model {model_name} contradicts the architecture {path} records ({', '.join(differ)})"
+                             f": drop --model, which only completes checkpoints that record none")
     for note in info.get("notes", []):
         print(f"note: {note}")
     return model.eval(), info.get("training_config")
@@ -442,10 +442,44 @@ def find_training_checkpoint(resume, run_dir):
     pointer = os.path.join(folder, "latest.json")
     if os.path.isfile(pointer):
         with open(pointer) as f:
-            return os.path.join(folder, json.load(f)["path"])
+            path = os.path.join(folder, json.load(f)["path"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{pointer} names {path}, which is missing; {_others(folder, path)}")
+        return path
     if resume == "auto":
         return None
     raise FileNotFoundError(f"--resume {resume}: no checkpoint file and no latest.json there")
+
+
+def _others(run_dir, bad):
+    """What to do when checkpoint `bad` of a run cannot be used: the newest readable other checkpoint, if any."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = sorted((n for n in os.listdir(folder) if re.fullmatch(r"step_\d+\.pt", n)), reverse=True) \
+        if os.path.isdir(folder) else []
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.abspath(path) == os.path.abspath(bad):
+            continue
+        try:
+            read_training_checkpoint(path)
+        except ValueError:
+            continue
+        return f"the newest readable checkpoint is {path}: pass --resume {path} to continue from it"
+    return f"no other readable checkpoint in {folder}: start the run over under another --run-name"
+
+
+def resume_checkpoint(resume, run_dir):
+    """(path, checkpoint dict) for --resume, or (None, None); one line naming the newest good checkpoint beside an
+    unreadable (torn, truncated) one."""
+    path = find_training_checkpoint(resume, run_dir)
+    if path is None:
+        return None, None
+    try:
+        return path, read_training_checkpoint(path)
+    except ValueError as e:
+        if os.path.abspath(os.path.dirname(path)) != os.path.abspath(os.path.join(run_dir, "checkpoints")):
+            raise
+        raise ValueError(f"{e}; {_others(run_dir, path)}") from None
 
 
 def read_training_checkpoint(path):
@@ -454,10 +488,13 @@ def read_training_checkpoint(path):
     every process)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 (any unreadable file gets the same advice)
-        raise ValueError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 (any unreadable file gets the same line)
+        reason = (str(e).splitlines() or [""])[0].split(". ")[0][:100]
+        raise ValueError(f"cannot read {path} as a train.py checkpoint (truncated, or not one: {reason}); pass a "
+                         f"checkpoints/step_*.pt of a train.py run") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != TRAIN_FORMAT:
-        raise ValueError(f"{path} is not a train.py checkpoint (format {TRAIN_FORMAT})")
+        raise ValueError(f"{path} is not a train.py checkpoint (format {TRAIN_FORMAT}); pass a checkpoints/step_*.pt "
+                         f"of a train.py run (other checkpoints start a run with --init-from)")
     return ckpt
 
 

@@ -3,13 +3,13 @@
 sample with, the settings that identify a sample folder and its default name, the VAE, and one-line errors."""
 
 import os
-import sys
 
 import torch
 
 from fpdm import vae as vae_io
 from fpdm.allocation import BudgetAllocator
 from fpdm.checkpoints import diffusion_settings, load_model_for_sampling
+from fpdm.run_folders import exit_with_error
 from fpdm.sample_config import DEFAULT_NUM_SAMPLES, FIELDS, identity
 from fpdm.sampling import DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_weights, capabilities, \
     clip_denoised_for, diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, \
@@ -356,5 +356,4 @@ def run_script(main, parse_args):
     try:
         return main(parse_args())
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)

@@ -12,6 +12,7 @@ written before the groups existed load and resume unchanged.
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from diffusion import DIFFUSION_DEFAULTS
@@ -205,9 +206,14 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self):
-        """One clear line for the first problem, before anything is created or overwritten."""
+        """One clear line for the first problem, before anything is created or overwritten (and, under a launcher,
+        before the process group starts: WORLD_SIZE is the launch's number of processes)."""
         for group in GROUPS:
             getattr(self, group).validate()
+        world, o = int(os.environ.get("WORLD_SIZE", "1")), self.optim
+        if o.global_batch_size % (world * o.grad_accum_steps):
+            raise ValueError(f"--global-batch-size {o.global_batch_size} is not divisible by processes ({world}) x "
+                             f"--grad-accum-steps ({o.grad_accum_steps}): use a multiple of {world * o.grad_accum_steps}")
         if self.run.eval_every and self.data.data_path != "mnist" and not self.run.eval_reference:
             raise ValueError("--eval-every on image data needs --eval-reference (an ADM reference batch, an evaluate.py "
                              "stats file or images) and the Inception weights (--eval-inception)")

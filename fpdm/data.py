@@ -105,21 +105,33 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
-def read_rgb(path):
-    """An image file as a PIL RGB image, fully decoded. 16-bit grayscale (PNG "I;16") is scaled to 8 bits, not
-    clipped (PIL's own convert clips it: a 16-bit gradient would come out nearly all white)."""
+GRAY_MODES = ("1", "L", "LA", "La")  # after 16- and 32-bit grayscale ("I;16", "I") are scaled to "L"
+
+
+def read_image(path, keep_gray=False):
+    """An image file as a fully decoded PIL image: RGB, or L for a grayscale file when `keep_gray`. The one image
+    reader of training (ImageFolderDataset, extract_features.py), evaluation (metrics.load_images) and invert.py.
+    16-bit grayscale (PNG "I;16") is scaled to 8 bits, not clipped (PIL's own convert clips it: a 16-bit gradient
+    would come out nearly all white). 16-bit RGB PNGs PIL itself reads as 8-bit RGB (the high byte)."""
     with Image.open(path) as image:
         image.load()
         if image.mode.startswith("I"):
             arr = np.asarray(image).astype(np.float64)
             top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
             image = Image.fromarray(np.round(arr.clip(0, top) * (255.0 / top)).astype(np.uint8), mode="L")
-        return image.convert("RGB")
+        return image.convert("L" if keep_gray and image.mode in GRAY_MODES else "RGB")
+
+
+def training_crop(pil_image, image_size):
+    """The training transform of one image (ImageFolderDataset's items before augmentation): ADM's centre crop
+    (`center_crop_arr`) to `image_size`, as a float tensor (3, S, S) in [-1, 1]."""
+    arr = center_crop_arr(pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB"), image_size)
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def _check_image(path):
     try:
-        read_rgb(path)
+        read_image(path)
         return None
     except Exception as e:  # noqa: BLE001 (every unreadable file is reported the same way)
         return f"{type(e).__name__}: {e}".splitlines()[0][:200]
@@ -231,9 +243,7 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        arr = center_crop_arr(read_rgb(self.files[index]), self.image_shape[-1])
-        x = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
-        return x, self.labels[index]
+        return training_crop(read_image(self.files[index]), self.image_shape[-1]), self.labels[index]
 
     def augment(self, x, draw=None):
         if not self.random_flip:

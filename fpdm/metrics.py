@@ -31,7 +31,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionAux, 
     InceptionE
 from tqdm import tqdm
 
-from fpdm.data import IMAGE_EXTENSIONS, MNISTDigits, list_images
+from fpdm.data import IMAGE_EXTENSIONS, MNISTDigits, list_images, read_image
 from fpdm.run_folders import atomic_write
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -230,8 +230,18 @@ def _as_images(array, name):
 
 
 def _read_image(path):
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L"))[..., None] if image.mode == "L" else np.asarray(image.convert("RGB"))
+    """uint8 (H, W, 1) for a grayscale file, (H, W, 3) otherwise, through the training reader (`data.read_image`:
+    16-bit grayscale scaled to 8 bits, as training reads it)."""
+    array = np.asarray(read_image(path, keep_gray=True))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _image_files(path):
+    """The image files of a sample or reference folder, in the order `load_images` reads them."""
+    files = list_images(path, recursive=False)
+    if not files:
+        raise ValueError(f"{path}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in this folder")
+    return files
 
 
 def _check_image_source(path):
@@ -244,13 +254,12 @@ def _check_image_source(path):
 
 
 def load_images(path):
-    """An ADM sample file (`.npz` with `arr_0`) or a folder of PNG/JPG images (sorted by name) -> uint8 (N, H, W, C)."""
+    """An ADM sample file (`.npz` with `arr_0`) or a folder of PNG/JPG images (sorted by name, read by the training
+    reader `data.read_image`: 16-bit grayscale scaled to 8 bits) -> uint8 (N, H, W, C)."""
     path = os.path.expanduser(str(path))
     _check_image_source(path)
     if os.path.isdir(path):
-        files = list_images(path, recursive=False)
-        if not files:
-            raise ValueError(f"{path}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in this folder")
+        files = _image_files(path)
         images = [_read_image(f) for f in tqdm(files, desc="reading", disable=len(files) < 1000)]
         channels = max(image.shape[-1] for image in images)  # a grayscale image among RGB ones becomes RGB
         images = [np.repeat(image, channels // image.shape[-1], axis=-1) for image in images]
@@ -426,10 +435,11 @@ class InceptionFeatures(nn.Module):
 #                         Reference statistics and cache                        #
 #################################################################################
 # A reference is an ADM reference batch (.npz: uint8 `arr_0` and precomputed `mu`, `sigma`, `mu_s`, `sigma_s`), a
-# stats file of ours (`evaluate.py stats`: the same four statistics, the pool3 features `pool3` and metadata), an
-# old stats file (`mu`, `sigma` only), or images (an .npz with `arr_0`, or a folder). Features computed from images
-# are cached next to the reference in a file of the stats-file format, keyed by the reference's content (sha256)
-# and the Inception weights' identity.
+# stats file of ours (`evaluate.py stats`: the same four statistics, the pool3 features `pool3` and metadata, among
+# them the images' size `image_size`, absent from files written before sizes were checked), an old stats file (`mu`,
+# `sigma` only), or images (an .npz with `arr_0`, or a folder). Features computed from images are cached next to the
+# reference in a file of the stats-file format, keyed by the reference's content (sha256) and the Inception weights'
+# identity. Samples and reference of other image sizes are refused (`check_reference_size`).
 
 REFERENCE_FORMAT = "fpdm-inception-reference-v1"
 STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -447,6 +457,7 @@ class Reference:
     num_images: int = None
     source: str = ""
     note: str = None
+    image_size: tuple = None  # (H, W) of the reference images; None where a stats file records none
 
 
 def reference_content_hash(path):
@@ -478,6 +489,8 @@ def save_reference(path, reference, inception, key=""):
     if reference.features is not None:
         arrays["pool3"] = reference.features.astype(np.float32)
     arrays.update(format=REFERENCE_FORMAT, inception=inception, key=key, num_images=reference.num_images or -1)
+    if reference.image_size is not None:
+        arrays["image_size"] = np.asarray(reference.image_size, dtype=np.int64)
     atomic_write(path, lambda f: np.savez(f, **arrays), "wb")
 
 
@@ -488,6 +501,8 @@ def _read_npz(path):
             names = set(data.files)
             stored = {name: data[name].astype(np.float64) for name in STATISTICS + ("pool3",) if name in names}
             meta = {name: data[name].item() for name in ("format", "inception", "key", "num_images") if name in names}
+            if "image_size" in names:  # recorded since stats files check sizes; older files have none
+                meta["image_size"] = tuple(int(v) for v in data["image_size"])
             return stored, "arr_0" in names, meta
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}); pass ADM's reference batch, a file "
@@ -506,13 +521,15 @@ def _reference_from_images(path, model, batch_size=50, cache=True, progress=True
                 if meta.get("key") == key and all(name in stored for name in STATISTICS + ("pool3",)):
                     print(f"reference features of {path} from the cache {cache_path}")
                     return Reference(*(stored[name] for name in STATISTICS), features=stored["pool3"],
-                                     num_images=int(meta["num_images"]), source=path)
+                                     num_images=int(meta["num_images"]), source=path,
+                                     image_size=meta.get("image_size") or reference_image_size(path))
             except ValueError:
                 pass  # unreadable: computed again and rewritten below
     images = load_images(path)
     features = model.all_features(images, batch_size, progress, desc="Inception: reference")
     reference = Reference(*feature_statistics(features["pool3"]), *feature_statistics(features["spatial"]),
-                          features=features["pool3"], num_images=len(images), source=path)
+                          features=features["pool3"], num_images=len(images), source=path,
+                          image_size=tuple(images.shape[1:3]))
     if cache:
         try:
             save_reference(cache_path, reference, model.identity, key)
@@ -543,7 +560,7 @@ def load_reference(path, model, batch_size=50, need_features=True, cache=True, p
     if has_images and any(name not in stored for name in wanted):
         ref = _reference_from_images(path, model, batch_size, cache, progress)
         computed = {name: getattr(ref, name) for name in STATISTICS}
-        computed.update(pool3=ref.features, num_images=ref.num_images)
+        computed.update(pool3=ref.features, num_images=ref.num_images, image_size=ref.image_size)
     values = {**computed, **stored}  # precomputed statistics win over ours
     note, missing, absent = None, [], []
     if "mu_s" not in values or "sigma_s" not in values:
@@ -556,7 +573,57 @@ def load_reference(path, model, batch_size=50, need_features=True, cache=True, p
                 f"stats IMAGES --out {path}` (or the reference images)")
     num_images = values.get("num_images", int(meta.get("num_images", -1)))
     return Reference(values["mu"], values["sigma"], values.get("mu_s"), values.get("sigma_s"), values.get("pool3"),
-                     num_images if num_images is not None and num_images >= 0 else None, path, note)
+                     num_images if num_images is not None and num_images >= 0 else None, path, note,
+                     values.get("image_size", meta.get("image_size")))
+
+
+def reference_image_size(path):
+    """(H, W) of the images behind the reference at `path`, without decoding them: an .npz's `arr_0` (its header
+    alone: ADM's reference batches hold gigabytes), the `image_size` that stats files of `evaluate.py stats` record,
+    or a folder's first image (`load_images` refuses folders of mixed sizes). None for a stats file that records no
+    size (written before sizes were recorded, or `mu`/`sigma` alone)."""
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        with Image.open(_image_files(path)[0]) as image:
+            return image.size[1], image.size[0]
+    _check_image_source(path)
+    try:
+        with np.load(path) as data:
+            if "arr_0" in data.files:
+                with data.zip.open("arr_0.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)(f)
+                shape = header[0]
+                if len(shape) not in (3, 4):
+                    raise ValueError(f"{path}: arr_0 has shape {shape}, not images (N, H, W) or (N, H, W, C)")
+                return int(shape[1]), int(shape[2])
+            return tuple(int(v) for v in data["image_size"]) if "image_size" in data.files else None
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}); pass ADM's reference batch, a file "
+                         f"from `evaluate.py stats`, or images") from None
+
+
+def check_reference_size(sample_size, ref):
+    """Refuse (ValueError) samples of (H, W) `sample_size` against a reference of images of another size: Inception
+    resizes both to 299 px, so the metrics would not be comparable to published ones. Returns a note (str) when the
+    reference records no size (an older stats file), else None."""
+    h, w = (int(v) for v in sample_size)
+    ref_size = reference_image_size(ref)
+    if ref_size is None:
+        return (f"{ref} records no image size (a stats file from before sizes were recorded, or mu/sigma alone): "
+                f"the samples are {h}x{w} px, and against reference images of another size the metrics are not "
+                f"comparable to published ones; re-make it with `python evaluate.py stats IMAGES --out {ref}` to have "
+                f"sizes checked")
+    if tuple(ref_size) != (h, w):
+        rh, rw = ref_size
+        raise ValueError(f"samples are {h}x{w} px but the reference {ref} holds {rh}x{rw} px images: Inception "
+                         f"resizes both to 299 px, so the metrics would not be comparable to published {rh}x{rw} px "
+                         f"numbers; evaluate {rh}x{rw} px samples, or make a {h}x{w} px reference with `python "
+                         f"evaluate.py stats IMAGES --out REF.npz`")
+    return None
 
 
 def load_statistics(path, model, batch_size=50):
@@ -593,16 +660,19 @@ def inception_metrics(features, reference, k=3, kid_subsets=100, kid_subset_size
 def evaluate_inception(samples, ref, model, batch_size=50, cache=True, progress=True, device=None, **settings):
     """`inception_metrics` of samples (images, or a path `load_images` reads) against the reference at `ref`, with
     one Inception pass over the samples and at most one over the reference (none when cached or precomputed).
-    `settings`: k, kid_subsets, kid_subset_size, is_split_size, seed."""
+    Samples and reference images of other sizes are refused before any pass (`check_reference_size`; its note, for
+    a reference without a recorded size, is `size_note`). `settings`: k, kid_subsets, kid_subset_size,
+    is_split_size, seed."""
     if isinstance(samples, (str, os.PathLike)):
         images = load_images(samples)
     else:
         images = _as_images(np.asarray(samples), "samples")
     device = device or next(model.parameters()).device
+    size_note = check_reference_size(images.shape[1:3], ref)
     reference = load_reference(ref, model, batch_size, need_features=True, cache=cache, progress=progress)
     features = model.all_features(images, batch_size, progress, desc="Inception: samples")
     result = inception_metrics(features, reference, device=device, **settings)
-    result["image_shape"] = list(images.shape[1:])
+    result.update(image_shape=list(images.shape[1:]), size_note=size_note)
     return result
 
 

@@ -1,6 +1,7 @@
 """Durable files and run folders: atomic writes (the one helper every script uses) and the cleanup of temporaries a
-killed process left; for train.py, one writer per run folder (a lock), workers that exit with their launcher,
-checkpoint pruning that never deletes what `latest.json` names, and metrics that hold each step once.
+killed process left; for train.py, one writer per run folder (a lock), workers that exit with their launcher, the
+stop signals of a scheduler (preemption: checkpoint at the next step, then exit), checkpoint pruning that never
+deletes what `latest.json` names, and metrics that hold each step once.
 
 No torch import: these are small file operations, tested on their own.
 """
@@ -13,6 +14,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -110,7 +112,8 @@ class RunLock:
 
 def exit_with_parent(sig=signal.SIGTERM):
     """Linux: ask the kernel to send `sig` to this process when its parent dies, so that workers of a killed
-    `accelerate launch` / torchrun do not train on as orphans. Returns False where unsupported."""
+    `accelerate launch` / torchrun do not train on as orphans (in train.py's loop SIGTERM is a stop signal: the
+    workers checkpoint their next step and exit, `StopSignals`). Returns False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
     parent = os.getppid()
@@ -120,6 +123,80 @@ def exit_with_parent(sig=signal.SIGTERM):
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), sig)
     return True
+
+
+def check_writable(folder, flag):
+    """Create `folder` if needed and make sure files can be written there, before any work: one line saying what to
+    do instead of a traceback (a file where the folder should be, a read-only or unwritable folder). `flag` names
+    the option in the message, e.g. "--results-dir"."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"{flag} {folder} is a file: choose a folder")
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder} cannot be written ({e.strerror or type(e).__name__}): choose a folder you "
+                         f"can write to") from None
+
+
+def exit_with_error(error, code=1):
+    """The end of a script that refuses: `error: <message>` on stderr once (by the main process of a launch: rank 0,
+    or a process started without a launcher), and under torchrun / `accelerate launch` also in the worker's error
+    file, which the launcher's failure summary prints as its root cause instead of "To enable traceback see ..."."""
+    import json
+    import time
+    line = f"error: {error}"
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # the launcher then shows its own summary: the line above is still on stderr
+    sys.exit(code)
+
+
+# The signals a scheduler sends ahead of a kill: SIGTERM (Slurm's preemption and time limit, `scancel`, torchrun
+# forwarding its own), SIGUSR1 (`sbatch --signal=USR1@90`, N seconds before the time limit).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While in the `with` block, SIGTERM and SIGUSR1 ask the training loop to stop at its next step boundary instead
+    of ending the process: the handler only records the first signal's number (`received`; no I/O, nothing that could
+    deadlock in a handler), a second signal changes nothing. The loop reads `received` once per step. On exit the
+    previous handlers are back. Outside the main thread (where Python cannot install handlers) it does nothing."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals, self.received, self._previous = tuple(signals), 0, {}
+
+    def _handler(self, signum, frame):
+        if not self.received:
+            self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
+        self._previous = {}
+
+
+def ignore_stop_signals(*_):
+    """DataLoader `worker_init_fn`: a loader worker ignores the stop signals (a scheduler signals every process of the
+    job, workers included; one killed by it would fail the training process), and stops when its loader does."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def checkpoint_steps(ckpt_dir):

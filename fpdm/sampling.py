@@ -21,7 +21,7 @@ import torch
 from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
 from diffusion.solvers import solve_batched
 from fpdm.allocation import TINY, BudgetAllocator
-from fpdm.run_folders import atomic_write
+from fpdm.run_folders import atomic_write, check_writable
 from models import FixedPointStats, IterationPolicy, SolutionCache
 
 
@@ -640,8 +640,7 @@ def claim_output_folder(out, settings, overwrite=False, outputs=SAMPLE_OUTPUTS):
     naming what differs, unless `overwrite`: then what the command writes (`outputs`, names or patterns) is removed
     first; a folder holding anything else (a training run, an export, a user's files) is never touched. One
     process claims a folder (under accelerate: the main one, before the others start writing)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"--out {out} is a file: choose a folder path")
+    check_writable(out, "--out")  # a file, or a folder that cannot be written: one line
     path = os.path.join(out, SETTINGS_FILE)
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if entries:

@@ -1,13 +1,16 @@
 """What train.py calls, so that train.py reads as the training loop: launching it in a fresh process (`launch`), the
 draws of a step (`sjfb_counts`, `ExampleDraws`), the EMA, the run folder (open, lock, config.json, logging, trackers),
-resume and checkpoints, the data order (`StepBatchSampler`), the metrics window, previews, FID during training
-(`Evaluator`) and fixed-point diagnostics rows."""
+resume and checkpoints, preemption (`PREEMPTED_EXIT_CODE`, `TrainingPreempted`), the data order
+(`StepBatchSampler`), the metrics window, previews, FID during training (`Evaluator`) and fixed-point diagnostics
+rows."""
 
 import csv
+import errno
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -16,11 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fpdm import config as configs
-from fpdm.checkpoints import (find_training_checkpoint, read_training_checkpoint, rng_state, set_rng_state,
+from fpdm.checkpoints import (resume_checkpoint, rng_state, set_rng_state,
                               write_training_checkpoint)
 from fpdm.diagnostics import BUCKETS, timestep_buckets
 from fpdm.measure import peak_rss_bytes
-from fpdm.run_folders import RunLock, remove_stale_temporaries, truncate_metrics
+from fpdm.run_folders import RunLock, atomic_write, check_writable, remove_stale_temporaries, truncate_metrics
 
 logger = logging.getLogger("train")
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -100,7 +103,8 @@ def open_run(cfg):
     run_name = r.run_name or (f"{cfg.net.model.replace('/', '-')}-{'fpdm' if cfg.fp.fixed_point else 'dit'}-"
                               f"{os.path.basename(os.path.normpath(cfg.data.data_path))}")
     run_dir = os.path.join(r.results_dir, run_name)
-    ckpt_path = find_training_checkpoint(r.resume, run_dir)
+    check_writable(r.results_dir, "--results-dir")
+    ckpt_path, ckpt = resume_checkpoint(r.resume, run_dir)
     if ckpt_path is None and os.path.isfile(os.path.join(run_dir, "latest.json")):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or choose "
                               f"another --run-name")
@@ -108,13 +112,51 @@ def open_run(cfg):
             os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "metrics.csv")):
         raise FileExistsError(f"{run_dir} holds a run that has not written a checkpoint yet: pass --resume auto to "
                               f"start it over, or choose another --run-name")
-    ckpt = read_training_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:
         configs.check_resume_settings(ckpt["config"], cfg)
         if cfg.optim.max_steps < ckpt["step"]:
             raise ValueError(f"{ckpt_path} is at step {ckpt['step']}, beyond --max-steps {cfg.optim.max_steps}: raise "
                              f"--max-steps to continue the run")
     return run_dir, ckpt_path, ckpt
+
+
+# Preemption. On SIGTERM or SIGUSR1 (run_folders.StopSignals) every process finishes its current step, the main
+# process checkpoints that step and writes PREEMPTED_FILE, the run lock is released and every process exits with
+# PREEMPTED_EXIT_CODE: a job requeued on it continues with `--resume auto` exactly where it stopped. (Not 124,
+# timeout's code, nor 1, an error; 128 + n would read as "killed by signal n".)
+PREEMPTED_EXIT_CODE = 3
+PREEMPTED_FILE = "preempted.json"  # in the run folder; removed when the run starts again
+
+
+class TrainingPreempted(Exception):
+    """train.main stopped on a stop signal after checkpointing `step`; `str()` is the line the main process logged.
+    `python train.py` (each process of a launch) exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, message, signal_name, step, checkpoint):
+        super().__init__(message)
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_code = PREEMPTED_EXIT_CODE
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(int(number)).name
+    except ValueError:
+        return f"signal {int(number)}"
+
+
+def preempted(run_dir, signum, step, checkpoint, accelerator):
+    """After the checkpoint of the step a stop signal ended: the main process records it in PREEMPTED_FILE (for a
+    launcher that does not pass exit codes on, e.g. accelerate launch / torchrun, which exit 1) and logs one line;
+    returns the TrainingPreempted to raise on every process."""
+    name, code = signal_name(signum), PREEMPTED_EXIT_CODE
+    message = (f"preempted by {name} at step {step}: checkpoint {os.path.basename(checkpoint)} written; resume with "
+               f"--resume auto (exit code {code})")
+    if accelerator.is_main_process:
+        record = {"signal": name, "step": step, "checkpoint": os.path.relpath(checkpoint, run_dir), "exit_code": code}
+        atomic_write(os.path.join(run_dir, PREEMPTED_FILE), lambda f: json.dump(record, f))
+        logger.info("%s", message)
+    return TrainingPreempted(message, name, step, checkpoint)
 
 
 def make_accelerator(cfg, run_dir):
@@ -258,6 +300,8 @@ def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, ste
             stale.update(remove_stale_temporaries(folder))
         # Rows logged after the checkpoint we continue from (or by a start that never checkpointed) are logged again.
         dropped = truncate_metrics(os.path.join(run_dir, "metrics.csv"), step)
+        if os.path.exists(os.path.join(run_dir, PREEMPTED_FILE)):  # that preemption is over: this run continues it
+            os.remove(os.path.join(run_dir, PREEMPTED_FILE))
     for sub in ("checkpoints", "samples"):
         os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
     accelerator.wait_for_everyone()
@@ -299,14 +343,35 @@ def save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, ac
     states = gather_object([rng_state()])  # every process's RNG state, in rank order
     name = f"checkpoints/step_{step:07d}.pt"
     if accelerator.is_main_process:
-        write_training_checkpoint(run_dir, step, {
-            "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
-            "sched": scheduler.state_dict(), "config": cfg.flat(), "model_config": raw_model.config,
-            "world_size": accelerator.num_processes, "rng": states, "mixed_precision_used": accelerator.mixed_precision},
-            cfg.run.keep_last)
+        try:
+            write_training_checkpoint(run_dir, step, {
+                "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+                "sched": scheduler.state_dict(), "config": cfg.flat(), "model_config": raw_model.config,
+                "world_size": accelerator.num_processes, "rng": states,
+                "mixed_precision_used": accelerator.mixed_precision}, cfg.run.keep_last)
+        except OSError as e:  # disk full, quota, read-only: atomic writes leave the previous checkpoint whole
+            raise CheckpointWriteError(checkpoint_write_failure(run_dir, name, e)) from None
         logger.info("saved %s", name)
     accelerator.wait_for_everyone()
     return os.path.join(run_dir, name)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (one line: why, what survived, how to continue)."""
+
+
+def checkpoint_write_failure(run_dir, name, error):
+    """The line for a failed checkpoint write: the reason, the checkpoint latest.json still names, the remedy."""
+    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}.get(
+        error.errno, error.strerror or type(error).__name__)
+    latest = os.path.join(run_dir, "latest.json")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            kept = f"{os.path.join(run_dir, json.load(f)['path'])} and latest.json are intact"
+    else:
+        kept = "no earlier checkpoint exists"
+    return (f"cannot write {os.path.join(run_dir, name)} ({reason}); {kept} (the partial file was removed): free "
+            f"space, then rerun with --resume auto to continue from there")
 
 
 def check_same_architecture(saved, current):
@@ -334,6 +399,15 @@ def initialise_from(model, cfg):
 # ------------------------------------------------------------------------------------------------------------------
 # Data order, metrics, previews
 # ------------------------------------------------------------------------------------------------------------------
+
+def close_loader(loader):
+    """Stop a DataLoader iterator's worker processes now, however the run ends. They ignore the stop signals
+    (run_folders.ignore_stop_signals), so a run that ended with an exception (a preemption, a NaN) must not leave them
+    to multiprocessing's exit hook, which SIGTERMs its children and then waits for them."""
+    shutdown = getattr(loader, "_shutdown_workers", None)  # multi-process iterators only; safe to call twice
+    if shutdown is not None:
+        shutdown()
+
 
 class StepBatchSampler:
     """This process's index lists for micro-steps start, start + 1, ... (forever).

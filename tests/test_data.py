@@ -306,11 +306,11 @@ def test_errors_are_one_clear_line(tmp_path, folder, latents):
 # --------------------------------------------------------------------------- bad files, 16-bit images
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
-    from fpdm.data import read_rgb
+    from fpdm.data import read_image
     gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (4, 1))
     Image.fromarray(gradient).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    rgb = np.asarray(read_rgb(tmp_path / "g16.png"))
+    rgb = np.asarray(read_image(tmp_path / "g16.png"))
     assert rgb.shape == (4, 64, 3) and (rgb == rgb[..., :1]).all()
     np.testing.assert_array_equal(rgb[0, :, 0], np.round(gradient[0] / 257).astype(np.uint8))
     assert (rgb == 255).mean() < 0.05  # PIL's own convert("RGB") makes 99.6% of it white

@@ -294,6 +294,28 @@ def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp
     assert np.array_equal(samples, np.load(tmp_path / "ref" / "samples.npz")["arr_0"])
 
 
+def test_sigterm_finishes_the_batch_in_flight_and_exits_3(checkpoint, tmp_path):
+    """A scheduler's SIGTERM mid-run: the batch being sampled is finished and committed (no half batch, no
+    temporaries), the process exits with code 3 and one line, and the same command continues."""
+    import signal
+    out = tmp_path / "stopped"
+    cmd = ddp_cmd(checkpoint, str(out), 1, steps=150)  # ~2 s a batch: the signal lands while one is in flight
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "batches" / "000000.npz").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-2000:]
+    assert "stopped by SIGTERM on rank 0 after" in stderr and "rerun the same command" in stderr
+    committed = sorted(os.listdir(out / "batches"))
+    assert 1 <= len(committed) < 4 and not [f for f in committed if ".tmp-" in f]
+    assert not (out / "samples.npz").exists()
+    sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10
+
+
 def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
     out, report = sample_cli.main(sample_cli.parse_args([
         "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2",

@@ -150,7 +150,7 @@ def test_resume_drops_the_checkpoint_after_restoring(tmp_path, monkeypatch):
 
     class Checkpoint(dict):  # a dict that can be weakly referenced
         pass
-    refs, loads, real_read = [], [], training.read_training_checkpoint
+    refs, loads, real_read = [], [], checkpoints.read_training_checkpoint
     real_load, real_step = torch.load, train.train_step
 
     def read(path):
@@ -166,7 +166,7 @@ def test_resume_drops_the_checkpoint_after_restoring(tmp_path, monkeypatch):
         gc.collect()
         assert refs and all(ref() is None for ref in refs), "the checkpoint is still referenced during training"
         return real_step(*a, **kw)
-    monkeypatch.setattr(training, "read_training_checkpoint", read)
+    monkeypatch.setattr(checkpoints, "read_training_checkpoint", read)
     monkeypatch.setattr(checkpoints.torch, "load", load)
     monkeypatch.setattr(train, "train_step", step)
     train.main(train.parse_args([*args, "--max-steps", "4", "--resume", "auto"]))
