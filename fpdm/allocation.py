@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 RHO_RANGE = (1e-6, 1.0 - 1e-6)  # contraction-rate estimates are kept strictly inside (0, 1)
-PROJECTIONS = ("line", "level")  # later steps' (log b, log ρ): a line through the window, or its mean level
 TINY = 1e-30  # a residual of exactly 0 (converged) is read as this, so that logarithms stay finite
 
 
@@ -29,21 +28,20 @@ class BudgetAllocator:
     What it sees. At step i: the residuals of steps < i and of step i's iterations so far; nothing of later steps.
     It models each step's residuals as geometric, r_i(k) = b_i ρ_i^(k-1) (b_i: the first iteration's residual; ρ_i:
     the geometric mean ratio of the step's residuals so far, or, after its first iteration only, the previous steps'
-    level), and projects later steps' (log b, log ρ) from the last `window` steps (`projection`): "level" (default)
-    assumes they look like the recent ones (the mean over the window, step 0 left out once a later step is seen:
-    it starts cold, the others from the previous solution with reuse); "line" extrapolates a least-squares line
-    through the window. After every iteration it sets λ by bisection so that the projected total (iterations spent,
+    level), and projects later steps' (log b, log ρ) from the last `window` steps: they are assumed to look like the
+    recent ones (the mean level over the window, step 0 left out once a later step is seen: it starts cold, the others
+    from the previous solution with reuse). After every iteration it sets λ by bisection so that the projected total (iterations spent,
     plus the current and later steps' counts at λ under the model) matches the budget, and continues while the
     predicted gain of the next iteration, w_i r_i(k) (1 - ρ_i), is at least λ. The first step's first iteration has
     nothing to predict from: a second follows when the cap allows; an iteration that did not lower the residual
     ends its step.
 
-    Why "level". With reuse, step 0 starts cold (b ≈ 6 on the experiments' FPDM), step 1 from step 0's solution
-    (b ≈ 0.4) and the rest near 0.1–0.2. A line through the first two or three steps falls by a factor of ~10 per
-    step and projects later residuals of 1e-8 and below, so "line" spent 20–30 iterations on steps 1–3 and one on
-    each of the rest, and lost 5–8 FID to every fixed schedule (README, Results (c')). "Level" is exact when the
-    steps share (b, ρ) and within one iteration per step of the offline optimum under slow drift; "line" is exact,
-    from the second step on, when (log b_i, log ρ_i) are linear in i (tests/test_allocation.py).
+    Why a level, not a trend. With reuse, step 0 starts cold (b ≈ 6 on the experiments' FPDM), step 1 from step 0's
+    solution (b ≈ 0.4) and the rest near 0.1–0.2. A least-squares line through the first two or three steps falls by
+    a factor of ~10 per step and projects later residuals of 1e-8 and below: such a projection (tried, and deleted)
+    spent 20–30 iterations on steps 1–3 and one on each of the rest, and lost 5–8 FID to every fixed schedule
+    (docs/results.md, (c')). The level is exact when the steps share (b, ρ) and within one iteration per step of the
+    offline optimum under slow drift (tests/test_allocation.py).
 
     Optimality. For residuals that follow the model the rule is the greedy optimum; step 0 is blind (it assumes the
     later steps behave like itself: a flat-like share). Real steps are not geometric (λ is re-tuned at every
@@ -61,7 +59,7 @@ class BudgetAllocator:
     weights scale the gains, not the residual model: trends are fitted to the residuals themselves.
     """
 
-    def __init__(self, total_iterations, num_steps, window=5, weights=None, projection="level"):
+    def __init__(self, total_iterations, num_steps, window=5, weights=None):
         if num_steps < 1:
             raise ValueError(f"need at least one sampling step, got {num_steps}")
         if total_iterations < num_steps:
@@ -75,10 +73,7 @@ class BudgetAllocator:
                 raise ValueError(f"step weights must be {num_steps} finite positive numbers (one per step), got "
                                  f"{len(weights)}: calibrate them for this number of steps (calibrate_step_weights)")
         self.total_iterations, self.num_steps, self.window = int(total_iterations), int(num_steps), int(window)
-        if projection not in PROJECTIONS:
-            raise ValueError(f"unknown projection {projection!r}: use {' or '.join(PROJECTIONS)}")
         self.weights = weights  # w_i of the objective Σ w_i r_i(k_i) (None: all 1)
-        self.projection = projection
         self.spent = []  # iterations of each finished step
         self.curves = []  # (step, b, ρ or None when the step ran one iteration) of each step that was observed
         self.lambdas = []  # the last λ of each finished step (None where no choice was made)
@@ -87,12 +82,11 @@ class BudgetAllocator:
 
     def restarted(self):
         """A new allocator with the same settings (one per batch)."""
-        return BudgetAllocator(self.total_iterations, self.num_steps, self.window, self.weights, self.projection)
+        return BudgetAllocator(self.total_iterations, self.num_steps, self.window, self.weights)
 
     def to_dict(self):
         return {"allocator": "budget", "total_iterations": self.total_iterations, "num_steps": self.num_steps,
-                "window": self.window, **({"weights": list(self.weights)} if self.weights is not None else {}),
-                "projection": self.projection}
+                "window": self.window, **({"weights": list(self.weights)} if self.weights is not None else {})}
 
     def weight(self, steps):
         """w_i of the objective at step(s) `steps` (1 without weights)."""
@@ -157,25 +151,21 @@ class BudgetAllocator:
         return min(max(rho, RHO_RANGE[0]), RHO_RANGE[1])
 
     def _trend(self, step, first_residual=None, steps=None):
-        """(log b, ρ) projected at `steps` (default: `step`) by a line through the last `window` observed steps
-        (the running one's b included when given); ρ is None when no step has shown a rate yet."""
+        """(log b, ρ) projected at `steps` (default: `step`): the mean level of the last `window` observed steps
+        (the running one's b included when given; step 0 left out once a later step is seen); ρ is None when no step
+        has shown a rate yet."""
         points = self.curves + ([(step, first_residual, self._own_rho(self._residuals))]
                                 if first_residual is not None else [])
         at = np.atleast_1d(step if steps is None else steps).astype(float)
 
-        def line(pairs):
-            if self.projection == "level" and len(pairs) > 1:
+        def level(pairs):
+            if len(pairs) > 1:
                 pairs = [p for p in pairs if p[0] != 0]  # step 0 starts cold: not what reused steps look like
-            pairs = pairs[-self.window:]
-            if len(pairs) == 1 or self.projection == "level":
-                return np.full_like(at, np.mean([y for _, y in pairs]))
-            x, y = np.array(pairs, dtype=float).T
-            slope, intercept = np.polyfit(x, y, 1)
-            return intercept + slope * at
+            return np.full_like(at, np.mean([y for _, y in pairs[-self.window:]]))
 
-        log_b = np.clip(line([(s, math.log(b)) for s, b, _ in points]), -69.0, 69.0)
+        log_b = np.clip(level([(s, math.log(b)) for s, b, _ in points]), -69.0, 69.0)
         rates = [(s, math.log(r)) for s, _, r in points if r is not None]
-        rho = np.clip(np.exp(line(rates)), *RHO_RANGE) if rates else None
+        rho = np.clip(np.exp(level(rates)), *RHO_RANGE) if rates else None
         if steps is None:
             return float(log_b[0]), (None if rho is None else float(rho[0]))
         return log_b, rho

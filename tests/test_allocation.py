@@ -75,7 +75,7 @@ def test_sample_cli_budget_allocation(tmp_path):
     saved = json.load(open(os.path.join(out, "compute.json")))
     assert saved["block_evals"] == 40 and sum(saved["iterations_per_step"]) == 40 - 6 * 2
     assert json.load(open(os.path.join(out, "args.json")))["resolved"]["iterations_per_step"] == {
-        "allocator": "budget", "total_iterations": 28, "num_steps": 6, "window": 5, "projection": "level"}
+        "allocator": "budget", "total_iterations": 28, "num_steps": 6, "window": 5}
     for flags, message in ((["--iterations", "4"], "give --budget-block-evals"),
                            (["--budget-block-evals", "40", "--adaptive-tol", "0.1"], "--adaptive-tol does not apply to --fp-allocation"),
                            (["--budget-block-evals", "40", "--schedule", "more-noisy"], "--schedule does not apply"),
@@ -132,28 +132,14 @@ def objective(a, rho, k):
                                                      (16, 40, -0.04, 0.4)])
 def test_smooth_drift_gets_the_optimal_split_within_one_iteration_per_step(steps, budget, slope, rate):
     """One contraction rate, first residuals drifting slowly (as in sampling): the online split is within one
-    iteration of the offline optimum at every step, and its total residual within 3% of the optimum's with the line
-    projection (the gap is step 0's, decided before any drift is seen), 15% with the level one."""
+    iteration of the offline optimum at every step, and its total residual within 15% of the optimum's (a level
+    projection cannot follow the drift)."""
     a, rho = [float(np.exp(slope * i)) for i in range(steps)], [rate] * steps
-    for projection, within in (("line", 1.03), ("level", 1.15)):  # level cannot follow the drift: up to 15%
-        spent = run_toy(BudgetAllocator(budget, steps, projection=projection), a, rho)
-        best = optimal_split(a, rho, budget)
-        assert sum(spent) == budget
-        assert max(abs(s - b) for s, b in zip(spent, best)) <= 1, (projection, spent, best)
-        assert objective(a, rho, spent) <= within * objective(a, rho, best), projection
-
-
-@pytest.mark.parametrize("steps,budget,slope,rate", [(20, 60, -0.15, 0.6), (20, 44, -0.2, 0.6), (10, 40, 0.1, 0.5),
-                                                     (15, 90, 0.05, 0.8)])
-def test_strong_drift_is_optimal_after_the_first_step(steps, budget, slope, rate):
-    """First residuals drifting geometrically and fast: step 0 cannot know the drift (it assumes later steps look
-    like itself), but once two steps are seen the line projection is exact, so steps >= 1 get exactly the optimal
-    split of what step 0 left, and the total residual stays within 20% of the offline optimum."""
-    a, rho = [float(np.exp(slope * i)) for i in range(steps)], [rate] * steps
-    spent = run_toy(BudgetAllocator(budget, steps, projection="line"), a, rho)
+    spent = run_toy(BudgetAllocator(budget, steps), a, rho)
+    best = optimal_split(a, rho, budget)
     assert sum(spent) == budget
-    assert spent[1:] == optimal_split(a[1:], rho[1:], budget - spent[0])
-    assert objective(a, rho, spent) <= 1.2 * objective(a, rho, optimal_split(a, rho, budget))
+    assert max(abs(s - b) for s, b in zip(spent, best)) <= 1, (spent, best)
+    assert objective(a, rho, spent) <= 1.15 * objective(a, rho, best)
 
 
 @pytest.mark.parametrize("steps,budget,rate", [(20, 64, 0.5), (20, 96, 0.6), (12, 40, 0.4)])
@@ -161,18 +147,13 @@ def test_cold_first_step_then_level_residuals(steps, budget, rate):
     """Sampling with reuse: step 0 starts cold (first residual 30x the others), step 1 partly (3x), the rest alike.
     "level" leaves step 0 out of its projection: from step 2 on it spends what steps 0 and 1 left close to the
     offline optimum of the rest (within two iterations per step, 5% of its summed residual: step 1 stays in the
-    window a while), and its total residual beats "line"'s, which
-    extrapolates the first steps' fall to vanishing residuals and pours the budget into steps 1-4 (the failure seen
-    on the real model). Both are blind at steps 0 and 1 (they cannot know the later steps are 30x and 3x smaller)."""
+    window a while); it is blind at steps 0 and 1 (it cannot know the later steps are 30x and 3x smaller)."""
     a = [30.0, 3.0] + [1.0] * (steps - 2)
     rho = [rate] * steps
     level = run_toy(BudgetAllocator(budget, steps), a, rho)
     rest = optimal_split(a[2:], rho[2:], budget - level[0] - level[1])
     assert sum(level) == budget and max(abs(s - b) for s, b in zip(level[2:], rest)) <= 2, (level, rest)
     assert objective(a[2:], rho[2:], level[2:]) <= 1.05 * objective(a[2:], rho[2:], rest)
-    line = run_toy(BudgetAllocator(budget, steps, projection="line"), a, rho)
-    assert sum(line) == budget and sum(line[1:5]) >= 0.4 * budget > sum(level[1:5]), (line, level)
-    assert objective(a, rho, level) < 0.7 * objective(a, rho, line)
 
 
 def test_no_choice_and_rising_residuals():
@@ -190,15 +171,15 @@ def test_no_choice_and_rising_residuals():
 @pytest.mark.parametrize("steps,budget,rate", [(20, 60, 0.6), (12, 50, 0.5), (16, 70, 0.7)])
 def test_weighted_objective_gets_the_weighted_optimal_split(steps, budget, rate):
     """Weights known in advance (here rising 30x over the last quarter of the steps, as clean steps weigh more) on
-    residuals that fall along the steps: the online split is within one iteration of the offline optimum of
-    Σ w_i r_i at every step, and puts the extra iterations where the weights are, unlike the unweighted rule."""
-    a, rho = [float(np.exp(-0.05 * i)) for i in range(steps)], [rate] * steps
+    steps whose residuals look alike: the online split is within one iteration of the offline optimum of Σ w_i r_i
+    at every step, and puts the extra iterations where the weights are, unlike the unweighted rule."""
+    a, rho = [1.0] * steps, [rate] * steps
     w = [1.0 if i < 3 * steps // 4 else 30.0 for i in range(steps)]
-    spent = run_toy(BudgetAllocator(budget, steps, weights=w, projection="line"), a, rho)
+    spent = run_toy(BudgetAllocator(budget, steps, weights=w), a, rho)
     best = optimal_split([wi * ai for wi, ai in zip(w, a)], rho, budget)
     assert sum(spent) == budget
     assert max(abs(s - b) for s, b in zip(spent, best)) <= 1, (spent, best)
-    unweighted = run_toy(BudgetAllocator(budget, steps, projection="line"), a, rho)
+    unweighted = run_toy(BudgetAllocator(budget, steps), a, rho)
     assert sum(spent[3 * steps // 4:]) > sum(unweighted[3 * steps // 4:]) + steps // 4
 
 
@@ -265,7 +246,7 @@ def test_sample_cli_calibrated_allocation(tmp_path):
     assert len(weights) == 5 and min(weights) > 0
     identity = json.load(open(os.path.join(out, "args.json")))["resolved"]["iterations_per_step"]
     assert identity == {"allocator": "budget", "total_iterations": 20, "num_steps": 5, "window": 5,
-                        "projection": "level", "calibration": {"samples": 3, "seed": 1}}
+                        "calibration": {"samples": 3, "seed": 1}}
     sample_cli.main(sample_cli.parse_args(flags))  # same flags: resumes (nothing to do)
     assert json.load(open(os.path.join(out, "compute.json")))["allocation"]["weights"] == weights
     with pytest.raises(ValueError, match="--calibration-samples must be >= 1"):
