@@ -18,9 +18,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# pytest exits 5 when it collected no test: that fails here like any other error.
+# pytest exits 5 when it collected no test: that fails here like any other error. The suite runs on up to 4 cores
+# (pytest-xdist; every test is single-threaded, see tests/conftest.py): TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: install
-	$(PY) -m pytest -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests"; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests"; exit $$rc
 
 demo: install
 	$(PY) demo.py

@@ -149,6 +149,7 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
     is_main = rank == 0
     dataset = ImageFolderDataset(data_path, image_size, scan=False)  # checked while encoding, see _CheckedImages
     check_writable(output, "--output")  # before the VAE is loaded
+    os.makedirs(output, exist_ok=True)
     device = accelerator.device if accelerator else torch.device(device or ("cuda" if torch.cuda.is_available()
                                                                              else "cpu"))
     vae_name = vae if isinstance(vae, str) else getattr(vae.config, "_name_or_path", "") or type(vae).__name__

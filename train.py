@@ -120,6 +120,8 @@ def _train(cfg, cleanup, stop_signals):
     if saved_rng is not None:
         set_rng_state(saved_rng)  # last, so that nothing above consumes the restored stream (previews, evaluation)
 
+    if evaluator is not None and step and step % r.eval_every == 0 and not evaluator.has_row(step):
+        evaluator.run(step, background)  # due at the step a preempted run stopped at, and skipped there
     model.train()
     progress = tqdm(total=o.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
@@ -133,13 +135,13 @@ def _train(cfg, cleanup, stop_signals):
         progress.update(1)
         if step % r.log_every == 0 or step == o.max_steps or stop:
             metrics.log(step, grad_norm, lr, accelerator, progress)
-        if stop:  # this step's checkpoint now (a scheduler's grace period is short), instead of the periodic one
-            last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
-            break
         if metrics.by_t and (step % r.fp_diagnostics_every == 0 or step == o.max_steps):
             residual_by_t = metrics.take_residual_by_t(accelerator)  # every process: a reduction
             if diagnostics is not None:  # the contraction estimate on the probe batch: here, never per step
                 log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker, background)
+        if stop:  # this step's checkpoint now (a scheduler's grace period is short): its preview and evaluation, if
+            last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
+            break  # due, are made by the resumed run first (below)
         if r.sample_every and r.num_sample_images and step % r.sample_every == 0 and accelerator.is_main_process:
             logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
         if evaluator is not None and step % r.eval_every == 0:

@@ -126,14 +126,20 @@ def exit_with_parent(sig=signal.SIGTERM):
 
 
 def check_writable(folder, flag):
-    """Create `folder` if needed and make sure files can be written there, before any work: one line saying what to
-    do instead of a traceback (a file where the folder should be, a read-only or unwritable folder). `flag` names
-    the option in the message, e.g. "--results-dir"."""
+    """Make sure `folder` can be made and written before any work, creating nothing: one line saying what to do
+    instead of a traceback (a file where the folder should be or above it, a read-only or unwritable place). A
+    probe file is written and removed in `folder`, or in its nearest existing parent when it does not exist yet
+    (each process its own probe: processes of a launch may check at once). `flag` names the option, e.g.
+    "--results-dir"."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"{flag} {folder} is a file: choose a folder")
-    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FileExistsError(f"{flag} {folder} lies under the file {existing}: choose a folder")
+    probe = os.path.join(existing, f".write-test-{os.getpid()}-{threading.get_ident()}")
     try:
-        os.makedirs(folder, exist_ok=True)
         with open(probe, "w"):
             pass
         os.remove(probe)

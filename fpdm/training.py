@@ -609,6 +609,16 @@ class Evaluator:
                 with open(self.path, "w", newline="") as f:
                     csv.writer(f).writerow(self.FIELDS)
 
+    def has_row(self, step):
+        """Whether eval.csv holds a row of `step` (read by the main process, the answer shared with every process,
+        which all take part in an evaluation)."""
+        from accelerate.utils import broadcast_object_list
+        found = [None]
+        if self.accelerator.is_main_process:
+            with open(self.path, newline="") as f:
+                found[0] = any(int(row["step"]) == step for row in csv.DictReader(f))
+        return broadcast_object_list(found)[0]
+
     @torch.no_grad()
     def run(self, step, background=None):
         """Sample, gather and score; every RNG (torch, CUDA, NumPy, Python) is as before afterwards. eval.png is

@@ -137,7 +137,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--tiny",
                            "--sections", sections, "--out", str(out), "--scratch", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "expected about" in proc.stdout and "at most" in proc.stdout  # the time estimate and the caps
     report = json.load(open(out))

@@ -54,7 +54,7 @@ def test_stop_signal_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path, 
         return real_step(*args, **kwargs)
     monkeypatch.setattr(train, "train_step", signalling_step)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    flags = ["--ckpt-every", "100", "--num-sample-images", "0"]
+    flags = ["--ckpt-every", "100", "--num-sample-images", "0", "--fp-diagnostics-every", "3"]
     with pytest.raises(training.TrainingPreempted) as stopped:
         run(tmp_path, "--max-steps", "6", *flags, name="stopped")
     assert {sig: signal.getsignal(sig) for sig in before} == before
@@ -79,6 +79,8 @@ def test_stop_signal_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path, 
     straight = run(tmp_path, "--max-steps", "6", *flags, name="straight")
     assert losses(run_dir) == losses(straight)
     assert_same_weights(run_dir, straight, 6)
+    diagnostics = lambda folder: [row.split(",")[0] for row in open(os.path.join(folder, "fp_diagnostics.csv"))]  # noqa: E731
+    assert diagnostics(run_dir) == diagnostics(straight) == ["step", "3", "6"]  # the stop step's row is not lost
 
     # A signal during the last step: the run is complete, so it ends as finished (no preemption, no marker).
     sent.clear()

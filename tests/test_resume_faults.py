@@ -115,7 +115,7 @@ def test_results_dir_that_is_a_file_or_unwritable_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match=r"--results-dir .*afile is a file: choose a folder"):
         run(tmp_path / "afile", "--max-steps", "1")
-    with pytest.raises(ValueError, match=r"--results-dir /sys/fpdm-test cannot be written \(Operation not permitted\): "
+    with pytest.raises(ValueError, match=r"--results-dir /sys/fpdm-test cannot be written \(Permission denied\): "
                                          r"choose a folder you can write to"):
         run(Path("/sys/fpdm-test"), "--max-steps", "1")  # /sys refuses new folders, even to root
 
@@ -127,7 +127,9 @@ def test_indivisible_batch_under_a_launch_is_refused_before_the_process_group_in
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    proc = subprocess.run([accelerate, "launch", "--config_file", "aconfs/cpu_2proc.yaml", "train.py", "--data-path",
+    from test_train import free_port
+    proc = subprocess.run([accelerate, "launch", "--config_file", "aconfs/cpu_2proc.yaml", "--main_process_port",
+                           str(free_port()), "train.py", "--data-path",
                            "mnist", "--global-batch-size", "7", "--results-dir", str(tmp_path), "--tracker", "none"],
                           cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
