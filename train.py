@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from fpdm.checkpoints import set_rng_state
 from fpdm.config import parse_args
 from fpdm.diagnostics import TrainingDiagnostics
-from fpdm.run_folders import STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent, ignore_stop_signals
-from fpdm.training import (BackgroundWork, CheckpointWriteError, Evaluator, ExampleDraws, Preview, StepBatchSampler,
-                           TrainingPreempted, build_model, check_ranks_agree, check_resume_precision, close_loader,
+from fpdm.run_folders import STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent
+from fpdm.training import (BackgroundWork, CheckpointWriteError, Evaluator, ExampleDraws, Preview,
+                           TrainingPreempted, build_model, check_ranks_agree, check_resume_precision,
                            latent_decoder_path, load_latent_decoder, local_batch_size, log_layer_diagnostics,
-                           make_accelerator, open_run, preempted, restore, save_checkpoint, sjfb_counts,
-                           start_run_folder, update_ema)
+                           make_accelerator, make_loader, make_optimizer, open_run, preempted, restore,
+                           save_checkpoint, sjfb_counts, start_run_folder, update_ema)
 
 logger = logging.getLogger("train")
 
@@ -84,10 +84,7 @@ def _train(cfg, cleanup, stop_signals):
     model, init_report = build_model(cfg, dataset, ckpt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     diffusion = create_diffusion("", **asdict(cfg.diffusion), min_snr_gamma=o.min_snr_gamma).prepare(device)
-    # The fused AdamW kernel on GPUs (one launch for all parameters); the CPU keeps the reference implementation.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    optimizer, scheduler = make_optimizer(cfg, model, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     if o.compile:  # after prepare (DDP keeps its overlap), block by block (any S-JFB counts reuse the graphs)
@@ -102,14 +99,7 @@ def _train(cfg, cleanup, stop_signals):
     metrics = start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, step, local_batch, ckpt_path,
                                init_report, tracker)
     draws = ExampleDraws(cfg, dataset, diffusion.num_timesteps, raw_model.y_embedder.dropout_prob, device)
-    sampler = StepBatchSampler(len(dataset), local_batch * world, rank, world, o.seed,
-                               start_micro_step=step * o.grad_accum_steps)
-    # The loader gets its own generator: creating its iterator must not advance the training RNG.
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                              pin_memory=device.type == "cuda", generator=torch.Generator(),
-                                              persistent_workers=cfg.data.num_workers > 0,
-                                              worker_init_fn=ignore_stop_signals))
-    cleanup.callback(close_loader, loader)  # its workers ignore SIGTERM: stopped here, also when the run raises
+    loader = make_loader(cfg, dataset, local_batch, accelerator, step, cleanup)
     preview = Preview(cfg, dataset, ema, run_dir, device, decoder)
     evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder) if r.eval_every else None
     background = BackgroundWork()  # plots drawn off the training path

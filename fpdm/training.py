@@ -182,6 +182,33 @@ def local_batch_size(cfg, world, device):
     return o.global_batch_size // (world * o.grad_accum_steps)
 
 
+def make_optimizer(cfg, model, device):
+    """AdamW (the fused kernel on GPUs: one launch for all parameters; the CPU keeps the reference implementation)
+    and its linear warm-up."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    return optimizer, scheduler
+
+
+def make_loader(cfg, dataset, local_batch, accelerator, step, cleanup):
+    """This process's batches from `step` on (StepBatchSampler), as an iterator; its workers ignore the stop signals
+    and are shut down by `cleanup` however the run ends."""
+    from fpdm.run_folders import ignore_stop_signals
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = StepBatchSampler(len(dataset), local_batch * world, rank, world, cfg.optim.seed,
+                               start_micro_step=step * cfg.optim.grad_accum_steps)
+    # The loader gets its own generator: creating its iterator must not advance the training RNG.
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                              pin_memory=accelerator.device.type == "cuda",
+                                              generator=torch.Generator(),
+                                              persistent_workers=cfg.data.num_workers > 0,
+                                              worker_init_fn=ignore_stop_signals))
+    cleanup.callback(close_loader, loader)
+    return loader
+
+
 def build_model(cfg, dataset, ckpt):
     """The network for `dataset` (random init, or --init-from weights on a fresh run); (model, init report)."""
     from models import DiT_models
