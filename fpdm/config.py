@@ -316,12 +316,14 @@ def build_parser(description=None):
             flag = "--" + f.name.replace("_", "-")
             if f.name == "override":
                 section.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=f.metadata["help"])
-            elif f.type is bool or isinstance(f.default, bool):
-                section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                     help=f"{f.metadata['help']} (default: {f.default})")
-            else:
-                section.add_argument(flag, type=f.metadata["type"] or type(f.default), default=None,
-                                     help=f"{f.metadata['help']} (default: {f.default})")
+            else:  # the default shown once: a help text that names its own keeps it
+                shown = "" if "default" in f.metadata["help"] else f" (default: {f.default})"
+                if f.type is bool or isinstance(f.default, bool):
+                    section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                         help=f.metadata["help"] + shown)
+                else:
+                    section.add_argument(flag, type=f.metadata["type"] or type(f.default), default=None,
+                                         help=f.metadata["help"] + shown)
     return parser
 
 

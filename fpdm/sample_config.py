@@ -263,7 +263,7 @@ def build_parser(script, description=None):
         section = parser.add_argument_group(group, (kind.__doc__ or "").strip() or None)
         for f in dataclasses.fields(kind):
             flag, extra = "--" + f.name.replace("_", "-"), dict(f.metadata["argparse"])
-            shown = "" if extra.get("required") else f" (default: {f.default})"
+            shown = "" if extra.get("required") or "default" in f.metadata["help"] else f" (default: {f.default})"
             if f.metadata["type"] is bool or isinstance(f.default, bool):
                 section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                      help=f.metadata["help"] + shown)
