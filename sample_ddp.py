@@ -26,11 +26,8 @@ import numpy as np
 import torch
 
 from fpdm import cli, sample_config
-from fpdm.run_folders import StopSignals, atomic_write, remove_stale_temporaries
+from fpdm.run_folders import STOPPED_EXIT_CODE, StopSignals, atomic_write, remove_stale_temporaries
 from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
-
-
-STOPPED_EXIT_CODE = 3  # as train.py's preemption (fpdm.training.PREEMPTED_EXIT_CODE): rerun to continue
 
 
 class SamplingStopped(Exception):

@@ -171,6 +171,10 @@ def exit_with_error(error, code=1):
 # The signals a scheduler sends ahead of a kill: SIGTERM (Slurm's preemption and time limit, `scancel`, torchrun
 # forwarding its own), SIGUSR1 (`sbatch --signal=USR1@90`, N seconds before the time limit).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The exit code of a process that stopped on one of them with its work saved (train.py, sample_ddp.py): a job
+# requeued on it continues with the same command. (Not 124, timeout's code, nor 1, an error; 128 + n would read as
+# "killed by signal n".)
+STOPPED_EXIT_CODE = 3
 
 
 class StopSignals:

@@ -23,7 +23,8 @@ from fpdm.checkpoints import (resume_checkpoint, rng_state, set_rng_state,
                               write_training_checkpoint)
 from fpdm.diagnostics import BUCKETS, timestep_buckets
 from fpdm.measure import peak_rss_bytes
-from fpdm.run_folders import RunLock, atomic_write, check_writable, remove_stale_temporaries, truncate_metrics
+from fpdm.run_folders import (STOPPED_EXIT_CODE, RunLock, atomic_write, check_writable, remove_stale_temporaries,
+                               truncate_metrics)
 
 logger = logging.getLogger("train")
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -122,9 +123,9 @@ def open_run(cfg):
 
 # Preemption. On SIGTERM or SIGUSR1 (run_folders.StopSignals) every process finishes its current step, the main
 # process checkpoints that step and writes PREEMPTED_FILE, the run lock is released and every process exits with
-# PREEMPTED_EXIT_CODE: a job requeued on it continues with `--resume auto` exactly where it stopped. (Not 124,
-# timeout's code, nor 1, an error; 128 + n would read as "killed by signal n".)
-PREEMPTED_EXIT_CODE = 3
+# PREEMPTED_EXIT_CODE (run_folders.STOPPED_EXIT_CODE): a job requeued on it continues with `--resume auto` exactly
+# where it stopped.
+PREEMPTED_EXIT_CODE = STOPPED_EXIT_CODE
 PREEMPTED_FILE = "preempted.json"  # in the run folder; removed when the run starts again
 
 
