@@ -1,8 +1,9 @@
 """The paper's central claim on a CPU-sized problem: at equal sampling compute, does FPDM beat DiT when compute is
 limited, and where do the curves cross?
 
-    python experiments/fpdm_vs_dit.py                 # ~28 minutes on 2 cores: trains the DiT (~10), 2 seeds (~9 each)
-    python experiments/fpdm_vs_dit.py --seeds 0,1,2   # the README's figures (~37 minutes)
+    python experiments/fpdm_vs_dit.py                 # 2 seeds: ~45 min of sampling on 2 quiet cores, after training
+                                                      # the DiT and the FPDM (~12 min each) when they are missing
+    python experiments/fpdm_vs_dit.py --seeds 0,1,2   # a third seed: half as long again
 
 Both models: MNIST 14 px, width 128, 4 heads, patch 2, the demo recipe (v-prediction, cosine, lr 1e-3, 2,500 steps,
 batch 64). DiT: depth 8 (2.46 M parameters, 2.3x FPDM's 1.09 M). FPDM: 1 pre + fixed-point block + 1 post, S-JFB 3 + 2
@@ -26,7 +27,7 @@ def main():
     p.add_argument("--budgets", default="160,96,64,40,24", help="block evaluations per image")
     p.add_argument("--results", default=os.path.join(common.RESULTS, "fpdm_vs_dit_runs"))
     common.add_sampling_arguments(p, "fpdm_vs_dit")
-    p.set_defaults(seeds="0,1")  # two seeds keep the script under ~30 minutes; the README used 0,1,2
+    p.set_defaults(seeds="0,1")  # two seeds (docs/results.md's figures); a third adds half the sampling time
     args = p.parse_args()
     from fpdm.checkpoints import load_model_for_sampling
     from fpdm.sampling import iterations_from_block_budget
