@@ -216,16 +216,7 @@ def test_stats_file_without_a_size_gives_fid_with_a_note(sized, capsys):
 # 4. extract_features.py --output: a file, or a folder that cannot be written
 # ------------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=8)
-    path = str(tmp_path_factory.mktemp("vae"))
-    vae.save_pretrained(path)
-    return path
+from test_extract_resume import vae_dir  # noqa: E402,F401 (the one-level random AutoencoderKL on disk, a fixture)
 
 
 def four_images(root):
