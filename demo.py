@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 
+from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 from fpdm.demo_recipe import add_spacing_argument, sample_quality, train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -118,6 +119,7 @@ def main():
     else:
         print(f"[2/2] sampling {args.num_per_class * 10} digits per setting ({args.sampling_steps} DDIM steps, "
               f"{args.timestep_spacing} spacing, cfg {args.cfg_scale}) and measuring FID-MNIST / accuracy", flush=True)
+        print(f"  {cpu_threads.configure('cpu')}", flush=True)
         results = evaluate_budgets(ckpt, args.num_per_class, args.sampling_steps, args.cfg_scale, out_dir,
                                    args.timestep_spacing)
         with open(results_path, "w") as f:

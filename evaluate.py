@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 import numpy as np
 
 from fpdm.metrics import (DEFAULT_INCEPTION, INCEPTION_URL, STATISTICS, InceptionFeatures, _reference_from_images,
@@ -55,7 +56,9 @@ def format_table(result, title):
 
 def _device(name):
     from fpdm.sampling import resolve_device
-    return resolve_device(name)
+    device = resolve_device(name)
+    cpu_threads.configure(device)  # CPU: the free cores only
+    return device
 
 
 def _inception(args):

@@ -31,6 +31,7 @@ import json
 import os
 from datetime import timedelta
 
+from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 import torch
 from tqdm import tqdm
 
@@ -238,6 +239,9 @@ def main(args):
     # cpu=True is what makes several CPU processes cooperate (gloo); without it each would encode everything.
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
+    threads = cpu_threads.configure(accelerator.device, accelerator.num_processes)  # CPU: the free cores, shared
+    if threads and accelerator.is_main_process:
+        print(threads)
     meta = extract(args.data_path, args.output, args.vae, args.image_size, args.batch_size, args.shard_size,
                    flip=not args.no_flip, accelerator=accelerator, num_workers=args.num_workers,
                    skip_bad_images=args.skip_bad_images)

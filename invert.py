@@ -19,6 +19,7 @@ import json
 import os
 import time
 
+from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,9 @@ def main(args):
 
     from fpdm.sampling import claim_output_folder, file_fingerprint, resolve_device
     args.device = str(resolve_device(args.device))
+    threads = cpu_threads.configure(args.device)  # CPU: the free cores only
+    if threads:
+        print(threads)
     torch.manual_seed(args.seed)
     net, model, diffusion = build(args)
     if not 0 <= args.class_label < net.num_classes:  # num_classes itself would be the null class of guidance

@@ -23,6 +23,7 @@ import json
 import os
 import time
 
+from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 import torch
 
 from fpdm import cli, sample_config
@@ -36,6 +37,9 @@ def parse_args(argv=None):
 
 def main(cfg):
     device = resolve_device(cfg.output.device)
+    threads = cpu_threads.configure(device)  # CPU: the free cores only
+    if threads:
+        print(threads)
     setup = cli.Setup(cfg, device)
     model = setup.model
     labels = cli.class_labels(cfg, model.num_classes)

@@ -22,6 +22,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 import numpy as np
 import torch
 
@@ -103,8 +104,9 @@ def main(cfg):
     if world > 1:  # each process on its own GPU, as accelerate assigns them (one process keeps --device's index)
         device = state.device
     cfg.output.device = str(device)
-    if device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    threads = cpu_threads.configure(device, world)  # CPU: the free cores, shared by the processes
+    if threads and rank == 0:
+        print(threads)
     setup = cli.Setup(cfg, device)
     model, fid, seed = setup.model, cfg.fid, cfg.sampler.seed
     given_labels = cli.class_labels(cfg, model.num_classes)

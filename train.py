@@ -26,6 +26,7 @@ import sys
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 
+from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -76,6 +77,7 @@ def _train(cfg, cleanup, stop_signals):
         with accelerator.local_main_process_first():
             dataset.scan()
     local_batch = local_batch_size(cfg, world, device)
+    threads = cpu_threads.configure(device, world)  # CPU runs: the free cores only (logged below)
     if device.type == "cuda":  # TensorFloat-32 matmuls and convolutions on Ampere and later (--no-tf32: full fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = o.tf32
     for seed in (torch.manual_seed, random.seed, np.random.seed):
@@ -98,6 +100,8 @@ def _train(cfg, cleanup, stop_signals):
 
     metrics = start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, step, local_batch, ckpt_path,
                                init_report, tracker)
+    if threads and accelerator.is_main_process:
+        logger.info("%s", threads)
     draws = ExampleDraws(cfg, dataset, diffusion.num_timesteps, raw_model.y_embedder.dropout_prob, device)
     loader = make_loader(cfg, dataset, local_batch, accelerator, step, cleanup)
     preview = Preview(cfg, dataset, ema, run_dir, device, decoder)

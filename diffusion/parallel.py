@@ -40,16 +40,21 @@ def _coefficients(diffusion, first, n, eta, like):
     """Per-step float64 coefficients for chain positions first..first+n−1 (diffusion index i = T'−1−position),
     shaped (n, 1, …) to broadcast over (n, B, C, H, W):
       sqrt_prev = √ᾱ_{i−1};  d = √(1 − ᾱ_{i−1} − σ_i²)/√ᾱ_{i−1};  c = d − √((1 − ᾱ_i)/ᾱ_i);  s = σ_i/√ᾱ_{i−1}
-    with σ_i(η) as in `GaussianDiffusion.ddim_sample` [DDIM Eq. 16]."""
-    i = diffusion.num_timesteps - 1 - np.arange(first, first + n)
-    a, a_prev = diffusion.alphas_cumprod[i], diffusion.alphas_cumprod_prev[i]
-    sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-    d = np.sqrt(np.maximum(1 - a_prev - sigma ** 2, 0.0)) / np.sqrt(a_prev)
-    with np.errstate(divide="ignore"):  # ᾱ = 0 only at x_T of a zero-terminal-SNR chain, whose c is never used
-        c = d - np.sqrt((1 - a) / a)
+    with σ_i(η) as in `GaussianDiffusion.ddim_sample` [DDIM Eq. 16]. Computed for the whole chain once per
+    (diffusion, η, device) and kept on the device: iterations slice them without a host-to-device copy."""
+    tables = diffusion.__dict__.setdefault("_chain_coefficients", {})
+    key = (float(eta), like.device)
+    if key not in tables:
+        i = diffusion.num_timesteps - 1 - np.arange(diffusion.num_timesteps)
+        a, a_prev = diffusion.alphas_cumprod[i], diffusion.alphas_cumprod_prev[i]
+        sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        d = np.sqrt(np.maximum(1 - a_prev - sigma ** 2, 0.0)) / np.sqrt(a_prev)
+        with np.errstate(divide="ignore"):  # ᾱ = 0 only at x_T of a zero-terminal-SNR chain, whose c is never used
+            c = d - np.sqrt((1 - a) / a)
+        tables[key] = tuple(torch.from_numpy(v).to(device=like.device, dtype=torch.float64)
+                            for v in (np.sqrt(a_prev), d, c, sigma / np.sqrt(a_prev)))
     shape = (n,) + (1,) * (like.dim() - 1)
-    as_tensor = lambda v: torch.from_numpy(v).to(device=like.device, dtype=torch.float64).view(shape)
-    return as_tensor(np.sqrt(a_prev)), as_tensor(d), as_tensor(c), as_tensor(sigma / np.sqrt(a_prev))
+    return tuple(v[first:first + n].view(shape) for v in tables[key])
 
 
 def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size, layer=None, idx=None):
@@ -157,7 +162,8 @@ def check_model(model):
 
 def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwargs=None, eta=0.0, noise_seq=None,
                          max_iter=15, tol=1e-3, m=5, lam=1e-3, beta=1.0, window=None, window_tol=0.1,
-                         chunk_size=None, progress=False, return_result=False, device=None, mixing="image"):
+                         chunk_size=None, progress=False, return_result=False, device=None, mixing="image",
+                         sync_every=None):
     """DDIM sampling (clip_denoised=False) of the whole chain at once; returns x_0, or with `return_result`
     (x_0, SolverResult, stats).
 
@@ -166,12 +172,14 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
     window, window_tol). mixing: "image" (default) or "state" solve every image's chain on its own
     (`solvers.solve_batched`: per-image residuals, stopping and Anderson coefficients, one set per image or per
     state; converged images leave the batch, so no image's result depends on the others); "global" is one solve
-    over the whole batch with one residual (DEQ-DDIM's stopping rule). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
+    over the whole batch with one residual (DEQ-DDIM's stopping rule). `sync_every`: how often "image"/"state" read
+    the device (`solvers.solve_batched`; default 1 on the CPU, 2 on a GPU). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
     is given it is drawn after x_T one step at a time, as `ddim_sample_loop` draws it, so both agree for one seed.
     stats: parallel_iterations, network_evaluations (states evaluated per sample, averaged over the batch;
     sequential DDIM needs T'), sequential_evaluations (T'), residual (relative, of the returned trajectory; per
     image: the largest; window: of its last update), converged, wall_time_s, and per image (mixing "image"/"state")
-    network_evaluations_per_image and residuals_per_image.
+    network_evaluations_per_image and residuals_per_image, with host_reads and masked_chain_evaluations (chains
+    evaluated after they had converged, waiting for a read; not in network_evaluations).
     """
     check_model(model)
     if mixing not in MIXINGS:
@@ -205,7 +213,7 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
                 return ddim_chain_map(model, diffusion, x_T[idx], X, eta,
                                       None if noise_seq is None else noise_seq[:, idx], kwargs, chunk_size)
             result = solve_batched(f, x_T.expand(n_steps, *x_T.shape).clone(), solver, max_iter, tol, m, lam, beta,
-                                   mixing, callback=report)
+                                   mixing, callback=report, sync_every=sync_every)
     if x_T.is_cuda:
         torch.cuda.synchronize(x_T.device)
     bar.close()
@@ -217,6 +225,7 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
     if hasattr(result, "image_evaluations"):
         per_image = [e * n_steps for e in result.image_evaluations]
         stats.update(network_evaluations=sum(per_image) / len(per_image), network_evaluations_per_image=per_image,
+                     host_reads=result.host_reads, masked_chain_evaluations=result.masked_evaluations,
                      residual=max(min(r) for r in result.image_residuals),
                      residuals_per_image=result.image_residuals)
     return (result.x[-1], result, stats) if return_result else result.x[-1]

@@ -44,7 +44,8 @@ def resolve_sampler(cfg):
         if p is not None:
             refuse_given(cfg, ["inner_iterations", "two_axis_outer"], "applies to --parallel two-axis")
             refuse_given(cfg, ["parallel_window"], "applies to --parallel window")
-            refuse_given(cfg, ["parallel_max_iter", "parallel_tol", "parallel_chunk_size", "compare_sequential"],
+            refuse_given(cfg, ["parallel_max_iter", "parallel_tol", "parallel_chunk_size", "parallel_sync_every",
+                               "compare_sequential"],
                          "applies to parallel sampling (--parallel SOLVER)")
         return name, ({"eta": cfg.sampler.eta} if caps.takes_eta else {})
     if p is None:
@@ -52,16 +53,18 @@ def resolve_sampler(cfg):
     if caps.sets_layer_iterations:
         refuse_given(cfg, ["parallel_window"], "applies to --parallel window")
         return name, {"eta": cfg.sampler.eta, "solver": p.two_axis_outer, "solver_max_iter": p.parallel_max_iter,
-                      "solver_tol": p.parallel_tol, "chunk_size": p.parallel_chunk_size}
+                      "solver_tol": p.parallel_tol, "chunk_size": p.parallel_chunk_size,
+                      "sync_every": p.parallel_sync_every}
     solver = p.parallel or "anderson"
     refuse_given(cfg, ["inner_iterations", "two_axis_outer"], "applies to --parallel two-axis")
     if solver == "window":
-        refuse_given(cfg, ["parallel_max_iter", "parallel_tol"], "applies to --parallel anderson, picard and two-axis "
-                     "(the window solver advances by its own error test)")
+        refuse_given(cfg, ["parallel_max_iter", "parallel_tol", "parallel_sync_every"], "applies to --parallel "
+                     "anderson, picard and two-axis (the window solver advances by its own error test)")
     else:
         refuse_given(cfg, ["parallel_window"], "applies to --parallel window")
     return name, {"eta": cfg.sampler.eta, "solver": solver, "solver_max_iter": p.parallel_max_iter,
-                  "solver_tol": p.parallel_tol, "window": p.parallel_window, "chunk_size": p.parallel_chunk_size}
+                  "solver_tol": p.parallel_tol, "window": p.parallel_window, "chunk_size": p.parallel_chunk_size,
+                  "sync_every": p.parallel_sync_every}
 
 
 def check_settings(cfg, model, sampler):

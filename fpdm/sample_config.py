@@ -36,6 +36,7 @@ NOT_IN_IDENTITY = {
     "tf32": "recorded as the effective precision",
     "compile": "the same function, compiled",
     "parallel_chunk_size": "bounds memory: the same network calls in smaller batches",
+    "parallel_sync_every": "when the host reads the device: every image gets the same result",
     "compare_sequential": "adds a reference grid beside the samples; the samples are the same",
     "vae": "recorded as vae_sha256 (its content)",
     "out": "where the samples go, not what they are",
@@ -138,6 +139,8 @@ class ParallelOptions:
     parallel_tol: float = opt(1e-3, "anderson, picard, two-axis: relative residual tolerance (release: 1e-3)")
     parallel_window: int = opt(None, "window: sliding-window size (default: all steps)", int)
     parallel_chunk_size: int = opt(None, "at most this many timesteps per network call (bounds memory)", int)
+    parallel_sync_every: int = opt(None, "anderson, picard, two-axis: read the device (stop, report, drop converged "
+                                   "images) every k iterations (default: 1 on CPU, 2 on GPU; same samples)", int)
     compare_sequential: bool = opt(False, "also run sequential DDIM on the same noise and report both")
 
 

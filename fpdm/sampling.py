@@ -359,25 +359,25 @@ def sample_ddim(model, diffusion, x, *, model_kwargs, clip_denoised=False, progr
 @register_sampler("ddim-parallel", parallel=True, can_clip=False)
 def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False, eta=0.0,
                          solver="anderson", solver_max_iter=15, solver_tol=1e-3, window=None, chunk_size=None,
-                         mixing="image"):
+                         mixing="image", sync_every=None):
     """The DDIM chain solved as one fixed point over all timesteps (DEQ-DDIM, Pokle et al. 2022; the sliding window
     of ParaDiGMS, Shih et al. 2023): `solver` anderson, picard or window (diffusion/parallel.py), at most
     `solver_max_iter` iterations to relative residual `solver_tol`, Anderson `mixing` per image (default), per
-    state or global (see parallel_ddim_sample). Needs a fixed FPDM iteration count and no x0 clipping. info: parallel_iterations, network_evaluations, residual, ..."""
+    state or global (see parallel_ddim_sample), reading the device every `sync_every` iterations. Needs a fixed FPDM
+    iteration count and no x0 clipping. info: parallel_iterations, network_evaluations, residual, ..."""
     from diffusion.parallel import parallel_ddim_sample
     if clip_denoised:
         raise ValueError("parallel DDIM solves the chain without x0 clipping: sample with clip_denoised=False")
     out, _, stats = parallel_ddim_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
                                          max_iter=solver_max_iter, tol=solver_tol, window=window, chunk_size=chunk_size,
-                                         mixing=mixing,
-                                         progress=progress, return_result=True)
+                                         mixing=mixing, sync_every=sync_every, progress=progress, return_result=True)
     return out, stats
 
 
 @register_sampler("ddim-two-axis", parallel=True, needs_fpdm=True, sets_layer_iterations=True,
                   can_clip=False)
 def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=False, progress=False, eta=0.0,
-                         solver="anderson", solver_max_iter=50, solver_tol=1e-3, chunk_size=None):
+                         solver="anderson", solver_max_iter=50, solver_tol=1e-3, chunk_size=None, sync_every=None):
     """FPDM only: one fixed point over time (the DDIM chain) and depth (the layer of every timestep), one batched
     call per outer iteration running the GuidedModel's iteration count per state, warm-started from the state's
     previous layer solution (fpdm/two_axis.py). info: outer_iterations, block_evaluations, critical_path_calls,
@@ -388,7 +388,7 @@ def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
                          "clip_denoised=False")
     out, _, stats = two_axis_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
                                     max_iter=solver_max_iter, tol=solver_tol, chunk_size=chunk_size,
-                                    progress=progress, return_result=True)
+                                    sync_every=sync_every, progress=progress, return_result=True)
     return out, stats
 
 

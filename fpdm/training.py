@@ -178,8 +178,6 @@ def local_batch_size(cfg, world, device):
     if o.global_batch_size % (world * o.grad_accum_steps):
         raise ValueError(f"--global-batch-size {o.global_batch_size} is not divisible by processes ({world}) x "
                          f"--grad-accum-steps ({o.grad_accum_steps})")
-    if device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # no oversubscription of CPU cores
     return o.global_batch_size // (world * o.grad_accum_steps)
 
 

@@ -51,14 +51,14 @@ class _LayerStates:
 
 def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="anderson", model_kwargs=None, eta=0.0,
                     noise_seq=None, max_iter=50, tol=1e-3, m=5, lam=1e-3, beta=1.0, chunk_size=None,
-                    progress=False, return_result=False):
+                    progress=False, return_result=False, sync_every=None):
     """DDIM sampling (clip_denoised=False) of an FPDM over time and depth at once; returns x_0, or with
     `return_result` (x_0, BatchedSolverResult, stats).
 
     model: a `sampling.GuidedModel` around an FPDM (its fixed iteration count is the inner count; guidance with a
     constant scale works), or the FPDM itself with `inner_iterations`. solver: "anderson" (per image) or "picard"
     for the outer update of X; max_iter, tol (relative residual of X per image), m, lam, beta as in
-    `solvers.solve_batched`. η > 0 takes `noise_seq` (T', B, …), or draws it after x_T as the sequential sampler
+    `solvers.solve_batched` (and sync_every: how often it reads the device). η > 0 takes `noise_seq` (T', B, …), or draws it after x_T as the sequential sampler
     does.
     stats: outer_iterations, network_evaluations (states per image), block_evaluations (per image),
     critical_path_calls, critical_path_blocks, sequential_* (the same for sequential DDIM with this inner count
@@ -104,7 +104,7 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
     began = time.perf_counter()
     with torch.no_grad():
         result = solve_batched(f, x_T.expand(n_steps, *x_T.shape).clone(), solver, max_iter, tol, m, lam, beta,
-                               "image", callback=report)
+                               "image", callback=report, sync_every=sync_every)
     if x_T.is_cuda:
         torch.cuda.synchronize(x_T.device)
     bar.close()
@@ -118,5 +118,6 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
              "sequential_network_evaluations": n_steps, "sequential_critical_path_calls": n_steps,
              "residual": max(min(r) for r in result.image_residuals), "converged": result.converged,
              "wall_time_s": time.perf_counter() - began, "network_evaluations_per_image": per_image,
+             "host_reads": result.host_reads, "masked_chain_evaluations": result.masked_evaluations,
              "residuals_per_image": result.image_residuals}
     return (result.x[-1], result, stats) if return_result else result.x[-1]

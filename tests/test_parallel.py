@@ -358,3 +358,141 @@ def test_global_mixing_is_the_previous_whole_batch_solve():
     assert stats["network_evaluations"] == direct.num_evaluations * 10 and "residuals_per_image" not in stats
     with pytest.raises(ValueError, match="unknown mixing"):
         parallel_ddim_sample(guided(net), diffusion, x, model_kwargs=kwargs, mixing="pairs")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The solve loop on the device: host reads, static shapes, ops per iteration (issue "Speed on one GPU")
+# ------------------------------------------------------------------------------------------------------------------
+
+def mixed_difficulty_problem(batch=4, states=3, size=6):
+    """x_b = c_b W x_b + u_b per image, contractions from 0.9 (slow) to 0.05 (fast): images converge at different
+    iterations, so the loop has converged images to mask and drop."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64))[0]
+    c = torch.linspace(0.9, 0.05, batch, dtype=torch.float64).view(1, batch, 1)
+    u = torch.randn(states, batch, size, generator=g, dtype=torch.float64)
+    calls = []
+
+    def f(x, idx):
+        calls.append(len(idx))
+        return c[:, idx] * (x @ W.T) + u[:, idx]
+    return f, torch.zeros(states, batch, size, dtype=torch.float64), calls
+
+
+@pytest.mark.parametrize("method,mixing", [("anderson", "image"), ("anderson", "state"), ("picard", "image")])
+def test_sync_every_reads_the_device_once_per_window_and_changes_no_result(method, mixing):
+    """One host read (a single .tolist()) per `sync_every` iterations and nothing else that waits for the device;
+    every image's result, residual history and evaluation count are the same for any sync_every. Between reads,
+    converged images stay in the batch, masked (`masked_evaluations`), then leave it."""
+    from diffusion import solvers
+    from fpdm.measure import SyncCounter
+    runs = {}
+    for k in (1, 3, 100):
+        f, x0, calls = mixed_difficulty_problem()
+        with SyncCounter() as counter:
+            counter.watch(solvers, "solve_batched")
+            result = solvers.solve_batched(f, x0, method, max_iter=40, tol=1e-8, mixing=mixing, sync_every=k)
+        assert counter.calls == {("tolist", "solvers.py:_read"): result.host_reads}
+        assert result.host_reads == -(-result.num_iterations // k) and result.num_iterations == len(calls)
+        assert sum(calls) == sum(result.image_evaluations) + result.masked_evaluations  # every evaluation counted
+        runs[k] = result, calls
+    one, calls_one = runs[1]
+    assert one.masked_evaluations == 0 and calls_one == sorted(calls_one, reverse=True)  # dropped as they converge
+    assert len(set(one.image_evaluations)) > 1  # (the problem has images that converge at different times)
+    for k in (3, 100):
+        other, calls_k = runs[k]
+        torch.testing.assert_close(other.x, one.x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(other.fx, one.fx, rtol=0, atol=1e-12)
+        assert other.image_evaluations == one.image_evaluations and other.image_converged == one.image_converged
+        for a, b in zip(other.image_residuals, one.image_residuals):
+            np.testing.assert_allclose(a, b, rtol=1e-9)
+        assert other.masked_evaluations > 0
+    assert set(runs[100][1]) == {4}  # never read before the end: all four images in every call
+
+
+def solve_loop_ops(method="anderson", mixing="image", iterations=10):
+    """Compute ops (aten ops that are not views or no-op casts, at the top of the call tree) of a whole
+    solve_batched call of `iterations` iterations with one read at the end, including f's (one multiply each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from diffusion.solvers import solve_batched
+    views = {"select", "unsqueeze", "view", "flatten", "transpose", "numpy_T", "resolve_conj", "resolve_neg",
+             "slice", "reshape", "expand", "as_strided", "t", "permute", "unflatten", "squeeze", "alias", "detach",
+             "view_as", "_unsafe_view", "empty", "empty_like", "empty_strided", "lift_fresh"}
+    x0 = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    f = lambda x, idx: 0.5 * x
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        solve_batched(f, x0, method, max_iter=iterations, tol=-1.0, mixing=mixing, sync_every=iterations)
+    return len([e for e in prof.events() if e.name.startswith("aten::") and e.name[6:] not in views
+                and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+                and not (e.name == "aten::to" and not e.cpu_children)])
+
+
+def test_one_iteration_of_the_solve_loop_is_a_fixed_list_of_ops():
+    """Compute ops per iteration (f's one included), from torch.profiler on the CPU (the same ops launch kernels on
+    a GPU): before the loop moved to the device, 109 (Anderson) and 38 (Picard), with ~15 host syncs per iteration;
+    now 52 and 17, and no sync but the read every sync_every iterations. Every iteration runs the same ops: no shape
+    or path changes inside the loop, so one iteration can be captured as a graph."""
+    for method, mixing, most in (("anderson", "image", 52), ("anderson", "state", 53), ("picard", "image", 17)):
+        per_iteration = (solve_loop_ops(method, mixing, 12) - solve_loop_ops(method, mixing, 6)) / 6
+        assert per_iteration == int(per_iteration) and per_iteration <= most, (method, mixing, per_iteration)
+
+
+def test_batched_anderson_survives_singular_problems_and_blow_ups_per_image():
+    """λ = 0 with identical residuals (an exactly singular system) stays finite; an image whose f blows up
+    restarts from its best f(x) without touching the others' iterates (their results equal those alone)."""
+    from diffusion.solvers import solve_batched
+    x0 = torch.zeros(2, 3, 4)
+    shift = torch.full((2, 3, 4), 0.1)
+    for lam in (1e-3, 0.0):
+        result = solve_batched(lambda x, idx: x + shift[:, idx], x0, "anderson", max_iter=8, lam=lam)
+        assert not result.converged and torch.isfinite(result.x).all() and result.image_evaluations == [8] * 3
+    f, x0, _ = mixed_difficulty_problem(batch=3)
+    evaluations = [0]
+
+    def flaky(x, idx):  # image 0 gives NaN at its 3rd evaluation
+        out = f(x, idx)
+        evaluations[0] += 1
+        if evaluations[0] == 3 and 0 in idx.tolist():
+            out[:, (idx == 0).nonzero()[0]] = float("nan")
+        return out
+    hurt = solve_batched(flaky, x0, "anderson", max_iter=60, tol=1e-6)
+    assert hurt.image_residuals[0][2] == float("inf") and hurt.image_converged[0]
+    for b in (1, 2):
+        alone = solve_batched(lambda x, idx: f(x, idx + b), x0[:, b:b + 1], "anderson", max_iter=60, tol=1e-6)
+        torch.testing.assert_close(hurt.x[:, b:b + 1], alone.x, rtol=0, atol=1e-12)
+        assert hurt.image_evaluations[b] == alone.image_evaluations[0]
+    with pytest.raises(ValueError, match="solvers.solve"):
+        solve_batched(f, x0, mixing="global")
+
+
+def test_sync_every_through_the_samplers_and_sample_py(tmp_path):
+    """parallel_ddim_sample, two-axis sampling and sample.py's --parallel-sync-every: the same samples, fewer host
+    reads; the window solver refuses the flag."""
+    from fpdm import sample_config
+    from fpdm.measure import SyncCounter
+    import diffusion.parallel as parallel
+    net = tiny_model(fixed_point=True)
+    diffusion = create_diffusion("trailing8")
+    x, kwargs = inputs(batch=3)
+    parallel.parallel_ddim_sample(guided(net), diffusion, x, model_kwargs=kwargs, max_iter=2)  # tables on the device
+    outs = {}
+    for k in (1, 4):
+        with SyncCounter() as counter:
+            counter.watch(parallel, "parallel_ddim_sample")
+            outs[k] = parallel.parallel_ddim_sample(guided(net), diffusion, x, model_kwargs=kwargs, tol=1e-5,
+                                                    max_iter=12, sync_every=k, return_result=True)
+        assert counter.total == outs[k][2]["host_reads"], counter.calls  # nothing else waits for the device
+    torch.testing.assert_close(outs[4][0], outs[1][0], rtol=0, atol=1e-6)
+    assert outs[4][2]["host_reads"] < outs[1][2]["host_reads"]
+    from fpdm.two_axis import two_axis_sample
+    two = [two_axis_sample(guided(net), diffusion, x, model_kwargs=kwargs, inner_iterations=1, max_iter=20, tol=1e-5,
+                           sync_every=k, return_result=True) for k in (1, 5)]
+    torch.testing.assert_close(two[1][0], two[0][0], rtol=0, atol=1e-6)
+    assert two[1][2]["host_reads"] < two[0][2]["host_reads"]
+    from fpdm import cli
+    for refused in ({"parallel": "window"}, {}):  # the window solver, and sequential sampling
+        with pytest.raises(ValueError, match="--parallel-sync-every"):
+            cli.resolve_sampler(sample_config.make("sample", ckpt="x.pt", parallel_sync_every=2, **refused))
+    cfg = sample_config.make("sample", ckpt="x.pt", parallel="anderson", parallel_sync_every=3)
+    assert cli.resolve_sampler(cfg)[1]["sync_every"] == 3

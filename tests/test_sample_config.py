@@ -84,15 +84,18 @@ OTHER = {"model": "DiT-S/4", "ema": False, "sampler": "ddpm", "num_sampling_step
          "diffusion_steps": 500}
 MODES = {"dit-ddim": ("dit", {}), "dit-ddpm": ("dit", {"sampler": "ddpm"}), "fpdm-ddim": ("fpdm", {}),
          "fpdm-dpmpp": ("fpdm", {"sampler": "dpmpp-2m"}),
-         "fpdm-parallel": ("fpdm", {"parallel": "anderson", "iterations": 2}),
-         "fpdm-window": ("fpdm", {"parallel": "window", "iterations": 2}),
+         # 3 iterations: with 2, Anderson's first update is the plain step, so only its best-iterate choice (or a
+         # damping) could tell --fp-solver anderson from iterate, and on this model it picks the same one.
+         "fpdm-parallel": ("fpdm", {"parallel": "anderson", "iterations": 3}),
+         "fpdm-window": ("fpdm", {"parallel": "window", "iterations": 3}),
          "fpdm-two-axis": ("fpdm", {"parallel": "two-axis"})}
 # Flags whose effect is not on the samples of one batch, each checked elsewhere: the test named.
 USED_ELSEWHERE = {"ckpt": "every test", "trust_checkpoint": "test_checkpoints (Namespace checkpoints)",
                   "class_labels": "test_sampling::test_class_labels_*", "num_samples": "test_sampling (counts)",
                   "precision": "test_sample_precision", "tf32": "test_sample_precision (CUDA only: no effect on CPU, "
                   "as its help says)", "compile": "test_models (regional compile)",
-                  "parallel_chunk_size": "test_parallel (chunked calls)", "compare_sequential": "test_sampling",
+                  "parallel_chunk_size": "test_parallel (chunked calls)",
+                  "parallel_sync_every": "test_parallel::test_sync_every_* (same samples, fewer reads)", "compare_sequential": "test_sampling",
                   "vae": "test_sampling (latent decode)", "out": "test_sampling", "overwrite": "test_sampling",
                   "device": "test_sample_precision", "num_fid_samples": "test_sampling (sample_ddp)",
                   "batch_size": "test_sampling (sample_ddp)", "png": "test_sampling (sample_ddp --no-png)"}
