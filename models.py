@@ -127,8 +127,9 @@ class FinalLayer(nn.Module):
 class FixedPointStats:
     """What one FPDM call did: the iterations run, the S-JFB counts asked for (n without a graph, m with one) and the
     relative residual ||f(z) - z|| / ||z|| (norm over the batch) after each iteration, as 0-d tensors (no device
-    sync until read); with them, the last iteration's residual of each example (norm over its tokens), a (B,) tensor
-    (train.py buckets it by timestep). `FPDM.last_stats` holds the last call's."""
+    sync until read; in training mode, unless a tolerance or stop rule needs them all, only the last iteration's);
+    with them, the last iteration's residual of each example (norm over its tokens), a (B,) tensor (train.py
+    buckets it by timestep). `FPDM.last_stats` holds the last call's."""
     iterations: int = 0
     sjfb: tuple = (0, 0)
     residuals: list = field(default_factory=list)
@@ -515,21 +516,29 @@ class FPDM(DiT):
             return z
         stats = FixedPointStats(sjfb=(no_grad_iters, with_grad_iters))
         track = self.fixed_point_track_residuals or policy.tracks_residuals
-        stopped = False
+        # Every iteration's residual where something stops on them or reads them (sampling, evaluation); a
+        # training step reads only the last one (the logged residual, the residual by timestep), computed once.
+        every = track and (policy.tracks_residuals or not self.training)
+        stopped, previous = False, None
+
+        def record(z, z_next):
+            with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
+                step_size, size = (z_next - z).float(), z.float()
+                stats.residuals.append(step_size.norm() / size.norm().clamp_min(1e-12))
+                stats.example_residuals = (step_size.flatten(1).norm(dim=1) /
+                                           size.flatten(1).norm(dim=1).clamp_min(1e-12))
 
         def step(z, with_grad):
-            nonlocal stopped
+            nonlocal stopped, previous
             if with_grad and self.fixed_point_checkpoint_iterations and torch.is_grad_enabled():
                 z_next = _checkpointed(self.fixed_point_function, z, injection, c)
             else:
                 z_next = self.fixed_point_function(z, injection, c)
             stats.iterations += 1
-            if track:
-                with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
-                    step_size, size = (z_next - z).float(), z.float()
-                    stats.residuals.append(step_size.norm() / size.norm().clamp_min(1e-12))
-                    stats.example_residuals = (step_size.flatten(1).norm(dim=1) /
-                                               size.flatten(1).norm(dim=1).clamp_min(1e-12))
+            if every:
+                record(z, z_next)
+            else:
+                previous = z
             if stop is not None:
                 stopped = bool(stop(stats))
             return z_next
@@ -552,6 +561,8 @@ class FPDM(DiT):
                 z = step(z, with_grad=True)
                 if converged():
                     break
+        if track and not every and previous is not None:
+            record(previous, z)
         self.last_stats = stats
         if cache is not None:
             cache.solution = z.detach()

@@ -20,7 +20,11 @@ section that runs over is recorded as timed out with what it measured so far, th
   precision       DiT-XL/2 sampling as sample.py runs it (sampling.sample_images, DDPM, guidance: the batch of 32
                   doubled) in fp32 (TF32 off), TF32, and bf16 autocast with TF32 (--precision bf16): images/s, ratios
                   to fp32, and the hours 50,000 DDPM-250 samples with guidance take on 8 GPUs at that rate.
-  parallel        DEQ-DDIM (Anderson, per image) vs sequential DDIM at T' = 50 with DiT-B/2, one image: wall-clock.
+  latency         sequential DDIM (sample_steps) at batch 1 and 4 with DiT-XL/2 and FPDM-XL/2 (reuse): eager vs each
+                  network call replayed from a CUDA graph (sample.py --cuda-graphs, fpdm/graphs.py): seconds, the
+                  ratio, the largest sample difference, graphs captured. (Dry run: graphs emulated on the CPU.)
+  parallel        DEQ-DDIM (Anderson, per image) vs sequential DDIM at T' = 50 with DiT-B/2, one image: wall-clock;
+                  the parallel solve reading the device every 1, 2 (default) and 4 iterations.
   residual        FPDM-XL/2's fixed-point residual floor: the smallest relative residual ||f(z) - z|| / ||z|| reached
                   in 60 iterations in bf16 autocast and in fp32 (the state stays fp32 under autocast).
   diagnostics     train.py's FPDM diagnostics at XL/2: seconds per fp_diagnostics.contraction call (probe batch of
@@ -56,9 +60,9 @@ ROOT = os.path.dirname(HERE)
 # section -> (cap in seconds, expected seconds on an H100/H200 at full size); the caps add up to 8 min 45 s, under a
 # 9-minute lease slot with the driver's own few seconds. Each child spends ~5 s importing torch and starting CUDA. The
 # expected times are estimates (FLOPs at the GPU's rates, a local NVMe disk for the checkpoint), none measured yet.
-SECTIONS = {"train-eager": (75, 45), "train-compiled": (160, 120), "sampling": (35, 25), "precision": (40, 25),
-            "parallel": (30, 15), "two-axis": (30, 15), "residual": (20, 10), "diagnostics": (30, 15),
-            "vae": (30, 15), "checkpoint": (75, 45)}
+SECTIONS = {"train-eager": (75, 45), "train-compiled": (130, 100), "sampling": (35, 25), "precision": (40, 25),
+            "latency": (30, 15), "parallel": (30, 15), "two-axis": (30, 15), "residual": (20, 10),
+            "diagnostics": (30, 15), "vae": (30, 15), "checkpoint": (75, 45)}
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
                     "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
 
@@ -326,12 +330,53 @@ def parallel_section(args, sizes):
     noise = torch.randn(1, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
     labels = torch.zeros(1, dtype=torch.long, device=device)
     out = {}
-    for name, options in (("sequential", {"sampler": "ddim"}), ("parallel", {"sampler": "ddim-parallel"})):
+    for name, options in (("sequential", {"sampler": "ddim"}), ("parallel", {"sampler": "ddim-parallel"}),
+                          ("parallel-sync1", {"sampler": "ddim-parallel", "sync_every": 1}),
+                          ("parallel-sync4", {"sampler": "ddim-parallel", "sync_every": 4})):
         seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, **options)
         out[name] = {"seconds": seconds, "info": info, "result": x}
-    difference = (out["parallel"].pop("result") - out["sequential"].pop("result")).abs().max().item()
-    out["max_abs_difference"] = difference
-    out["sequential/parallel time"] = out["sequential"]["seconds"] / out["parallel"]["seconds"]
+        keep_partial(args, {k: {f: v for f, v in r.items() if f != "result"} for k, r in out.items()})
+    for name in ("parallel", "parallel-sync1", "parallel-sync4"):
+        out[name]["max_abs_difference"] = (out[name].pop("result") - out["sequential"]["result"]).abs().max().item()
+        out[f"sequential/{name} time"] = out["sequential"]["seconds"] / out[name]["seconds"]
+    out["sequential"].pop("result")
+    return out
+
+
+def latency_section(args, sizes):
+    """Sequential DDIM at small batches, eager vs CUDA graphs (one graph per distinct network call, fpdm/graphs.py):
+    DiT and FPDM (reuse, the DiT's block budget), batch 1 and 4, sample_steps steps. On the CPU (dry run) the graphs
+    are emulated, which checks the plumbing, not the speed."""
+    import torch
+
+    from fpdm.graphs import EmulatedGraphs, GraphedCalls
+    from fpdm.sampling import diffusion_for_sampling, iterations_from_block_budget
+    device = torch.device(args.device)
+    diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
+    out = {}
+    dit = build(sizes["dit"], sizes, False, device).eval()
+    budget = sizes["sample_steps"] * dit.block_evaluations()
+    for variant, fixed_point in (("dit", False), ("fpdm", True)):
+        model = dit if not fixed_point else build(sizes["fpdm"], sizes, True, device).eval()
+        options = {"iterations_per_step": iterations_from_block_budget(model, budget, sizes["sample_steps"]),
+                   "reuse": True} if fixed_point else {}
+        for batch in (1, 4):
+            g = torch.Generator().manual_seed(batch)
+            noise = torch.randn(batch, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
+            labels = torch.randint(0, sizes["num_classes"], (batch,), generator=g).to(device)
+            row, results = {}, {}
+            for mode in ("eager", "graphs"):
+                graphs = None if mode == "eager" else GraphedCalls(EmulatedGraphs() if device.type == "cpu" else None)
+                with autocast(device, args.dtype):
+                    seconds, x, fn, _ = timed_sampling(device, model, diffusion, noise, labels, graphs=graphs,
+                                                       **options)
+                row[f"{mode}_s"], results[mode] = seconds, x
+                if graphs is not None:
+                    row["graphs_captured"] = graphs.captures
+            row["eager/graphs time"] = row["eager_s"] / row["graphs_s"]
+            row["max_abs_difference"] = (results["graphs"] - results["eager"]).abs().max().item()
+            out[f"{variant}-batch{batch}"] = row
+            keep_partial(args, out)
     return out
 
 
@@ -588,7 +633,8 @@ def run_section(name, args):
     sizes = TINY if args.tiny else FULL
     if name.startswith("train"):
         return train_section(args, sizes, compiled=name == "train-compiled")
-    return {"sampling": sampling_section, "precision": precision_section, "parallel": parallel_section,
+    return {"sampling": sampling_section, "precision": precision_section, "latency": latency_section,
+            "parallel": parallel_section,
             "two-axis": two_axis_section, "residual": residual_section, "diagnostics": diagnostics_section,
             "vae": vae_section, "checkpoint": checkpoint_section}[name](args, sizes)
 
@@ -693,7 +739,12 @@ def summary(section, r):
                 f"{r['fpdm']['block_evals']} block evals")
     if section == "parallel":
         return (f"sequential {r['sequential']['seconds']:.2f} s, parallel {r['parallel']['seconds']:.2f} s "
-                f"(ratio {r['sequential/parallel time']:.2f}, max |diff| {r['max_abs_difference']:.1e})")
+                f"(ratio {r['sequential/parallel time']:.2f}, max |diff| {r['parallel']['max_abs_difference']:.1e}; "
+                f"reading every 1 / 4 iterations: ratio {r['sequential/parallel-sync1 time']:.2f} / "
+                f"{r['sequential/parallel-sync4 time']:.2f})")
+    if section == "latency":
+        return "; ".join(f"{k} eager/graphs {v['eager/graphs time']:.2f} (|diff| {v['max_abs_difference']:.1e})"
+                         for k, v in r.items())
     if section == "two-axis":
         return (f"sequential (k=3, reuse) {r['sequential']['seconds']:.2f} s over "
                 f"{r['sequential']['critical_path_calls']} calls, two-axis (k=1) {r['two-axis']['seconds']:.2f} s "

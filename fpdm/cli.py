@@ -8,6 +8,7 @@ import torch
 
 from fpdm import vae as vae_io
 from fpdm.allocation import BudgetAllocator
+from fpdm.graphs import GraphedCalls
 from fpdm.checkpoints import diffusion_settings, load_model_for_sampling
 from fpdm.run_folders import exit_with_error
 from fpdm.sample_config import DEFAULT_NUM_SAMPLES, FIELDS, identity
@@ -67,6 +68,24 @@ def resolve_sampler(cfg):
                   "sync_every": p.parallel_sync_every}
 
 
+def check_cuda_graphs(cfg, caps):
+    """--cuda-graphs needs a CUDA device and calls whose work is fixed in advance (GuidedModel replays them)."""
+    if resolve_device(cfg.output.device).type != "cuda":
+        raise ValueError("--cuda-graphs replays CUDA graphs, and this run is on the CPU (where sampling is eager "
+                         "anyway): drop it, or sample with --device cuda")
+    if caps.parallel:
+        raise ValueError("--cuda-graphs applies to sequential samplers: the parallel solvers change their batch as "
+                         "images converge")
+    fp, g = cfg.fp, cfg.guidance
+    for name, decides_online in (("adaptive_tol", fp.adaptive_tol is not None),
+                                 ("fp_allocation", fp.fp_allocation in ("budget", "calibrated")),
+                                 ("fp_solver", fp.fp_solver == "anderson"),
+                                 ("guidance_schedule", g.guidance_schedule != "constant")):
+        if decides_online:
+            raise ValueError(f"--cuda-graphs replays calls whose work is fixed in advance; {flag(name)} "
+                             f"{getattr(fp if hasattr(fp, name) else g, name)} decides it at each step: drop one")
+
+
 def check_settings(cfg, model, sampler):
     """Every setting in range and used: one line for the first flag that is out of range, contradicts another, or
     has no effect with this model and sampler (sampler: the resolved name)."""
@@ -79,6 +98,8 @@ def check_settings(cfg, model, sampler):
             raise ValueError(f"{flag(name)} must be >= 1, got {value}")
     if s.eta < 0:
         raise ValueError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {s.eta}")
+    if cfg.output.cuda_graphs:
+        check_cuda_graphs(cfg, caps)
     if not caps.takes_eta:
         refuse_given(cfg, ["eta"], f"applies to DDIM samplers; --sampler {sampler} takes none")
     if fp.adaptive_tol is not None and not fp.adaptive_tol > 0:
@@ -319,6 +340,7 @@ class Setup:
         if self.model.fixed_point and cfg.fp.fp_solver != "iterate":
             self.fp_solver = FixedPointSolver(cfg.fp.fp_solver, cfg.fp.fp_history, damping=cfg.fp.fp_damping)
         self.vae = load_vae(self.model, out.vae, device)
+        self.graphs = GraphedCalls() if out.cuda_graphs else None  # one set for all batches (same shapes)
 
     def guidance(self, cfg):
         g = cfg.guidance
@@ -351,7 +373,8 @@ class Setup:
             iterations = iterations[0]  # one count for all timesteps (checked in check_settings)
         return sample_images(self.model, self.diffusion, noise, labels, sampler=name, iterations_per_step=iterations,
                              reuse=cfg.fp.reuse, tol=cfg.fp.adaptive_tol, clip_denoised=self.clip, progress=progress,
-                             fp_solver=self.fp_solver, **self.guidance(cfg), **options)
+                             fp_solver=self.fp_solver, graphs=self.graphs if sampler is None else None,
+                             **self.guidance(cfg), **options)
 
 
 def run_script(main, parse_args):

@@ -1,30 +1,28 @@
-"""CPU threads on a shared machine: OpenMP threads that wait passively, as many as there are free cores.
+"""CPU threads on a shared machine: as many OpenMP threads as there are free cores, waiting passively when the
+machine is busy.
 
 torch's CPU kernels run on an OpenMP pool whose threads, by GNU OpenMP's default, spin for a while at every barrier
-before they sleep. Beside another CPU-bound process (a background job on a small VM, a shared login node) the
-spinning threads and the other process take turns on the same cores, and a training step of `make demo` took 3.5x
-its time alone instead of the 1.5x a fair share predicts (bench/bench_shared_cpu.py, bench/results/shared_cpu.json).
-Two things fix it:
+before they sleep. Alone on the machine that is the fastest; beside another CPU-bound process (a background job on a
+small VM, a shared login node) the spinning threads and the other process take turns on the same cores, and a
+training step of `make demo` took 3.5x its time alone instead of the 1.5x a fair share predicts
+(bench/bench_shared_cpu.py, bench/results/shared_cpu.json). So every script imports this module before torch, and
+it looks at the machine once, for a fifth of a second (/proc/stat less this process's own CPU time):
 
-  - OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps at once. OpenMP reads it when torch loads, so every script
-    imports this module before torch (which sets it unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set already). It
-    changes no arithmetic; alone on 2 cores it was as fast as the default (0.94-1.0x).
-  - `configure(device)`: on a CPU run, as many threads as there are cores that other processes leave free, measured
-    over a fifth of a second at start (/proc/stat less this process's own CPU time), at least 1, at most torch's
-    default. With N processes (accelerate launch), the free cores are shared among them.
+  - cores busy with other processes: OMP_NUM_THREADS = the free cores (at least 1; with N processes on this node,
+    LOCAL_WORLD_SIZE, shared among them), and OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once);
+  - a quiet machine: torch's own thread count and OpenMP's default waits (with N processes, the cores shared).
 
-OMP_NUM_THREADS, when set, wins over both choices (and fixes float summation order: results are bit-reproducible
-only for a fixed thread count, so pin it when comparing runs bit for bit). GPU runs are left as they are.
+OpenMP reads these variables once, when torch loads it, hence the import order (tests check it in every script);
+torch.set_num_threads later would be too late for part of the work (measured ~10% slower than the variable). A user's
+OMP_NUM_THREADS, OMP_WAIT_POLICY or GOMP_SPINCOUNT always wins (and pins float summation order: bit-identical
+reruns need the same thread count). Child processes inherit the choice. GPU runs are not affected in any way that
+matters (their CPU threads only feed the GPU).
 """
 
 import os
 import time
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
 WINDOW_S = 0.2
-_default_threads = []  # torch's own choice, read once per process (configure may run more than once)
 
 
 def _busy_seconds():
@@ -64,23 +62,40 @@ def choose_threads(default, cores, busy_elsewhere, world=1):
     return max(1, min(default, free // max(world, 1)))
 
 
-def configure(device, world=1, measure=busy_cores_elsewhere):
-    """Set torch's CPU threads for a run on `device` (a torch.device or its name) and return one line saying what
-    was chosen and why, or None on a GPU (left as is)."""
+def decide(environ=os.environ, measure=busy_cores_elsewhere, cores=None):
+    """Set OMP_NUM_THREADS and OMP_WAIT_POLICY in `environ` for the load seen now, where the user set neither;
+    returns (busy cores elsewhere or None, a line saying why)."""
+    threads_given = bool(environ.get("OMP_NUM_THREADS"))
+    wait_given = bool(environ.get("OMP_WAIT_POLICY") or environ.get("GOMP_SPINCOUNT"))
+    if threads_given and wait_given:
+        return None, "OMP_NUM_THREADS and the OpenMP wait policy as given"
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    world = max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1))
+    busy = measure()
+    loaded = busy is not None and round(busy) >= 1
+    if not threads_given and (loaded or world > 1):
+        environ["OMP_NUM_THREADS"] = str(choose_threads(cores, cores, busy, world))
+    if not wait_given and loaded:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    seen = "load unknown" if busy is None else f"{busy:.1f} of {cores} cores busy with other processes"
+    share = f", {world} processes on this node" if world > 1 else ""
+    waits = ("passive OpenMP waits" if environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else
+             "OpenMP waits as given" if wait_given else "OpenMP's default waits")
+    return busy, f"{seen}{share}; {waits}"
+
+
+_, REASON = decide()
+
+
+def configure(device, world=1):
+    """One line saying how many CPU threads this process uses and why, or None on a GPU. (The choice was made when
+    this module was imported; with `world` processes and no OMP_NUM_THREADS, torch's threads are shared here.)"""
     import torch
 
     if str(device).split(":")[0] != "cpu":
         return None
-    policy = os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return f"cpu threads {torch.get_num_threads()} (OMP_NUM_THREADS; OpenMP wait policy {policy})"
-    if not _default_threads:
-        _default_threads.append(torch.get_num_threads())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = measure()
-    threads = choose_threads(_default_threads[0], cores, busy, world)
-    torch.set_num_threads(threads)
-    seen = "load unknown" if busy is None else f"{busy:.1f} busy with other processes"
-    share = f", {world} processes" if world > 1 else ""
-    return (f"cpu threads {threads} ({cores} cores, {seen}{share}; OpenMP wait policy {policy}; "
-            f"OMP_NUM_THREADS=N pins it)")
+    if world > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    pinned = " (OMP_NUM_THREADS)" if os.environ.get("OMP_NUM_THREADS") else ""
+    return f"cpu threads {torch.get_num_threads()}{pinned}: {REASON}; OMP_NUM_THREADS=N pins it"

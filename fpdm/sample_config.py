@@ -35,6 +35,7 @@ NOT_IN_IDENTITY = {
     "precision": "recorded as the effective precision (with --tf32 and the device)",
     "tf32": "recorded as the effective precision",
     "compile": "the same function, compiled",
+    "cuda_graphs": "the same calls, replayed from CUDA graphs",
     "parallel_chunk_size": "bounds memory: the same network calls in smaller batches",
     "parallel_sync_every": "when the host reads the device: every image gets the same result",
     "compare_sequential": "adds a reference grid beside the samples; the samples are the same",
@@ -157,6 +158,8 @@ class OutputOptions:
                      "full fp32); no effect on CPU")
     compile: bool = opt(False, "torch.compile each transformer block (regional: every step and iteration reuses "
                         "the graphs)")
+    cuda_graphs: bool = opt(False, "CUDA: replay every network call from a CUDA graph (sequential samplers at small "
+                            "batches: no launch overhead; same samples)")
     vae: str = opt(None, "local diffusers AutoencoderKL folder (latent models only)", str)
     out: str = opt(None, "output folder (default: samples/<readable name>-<settings hash>)", str)
     overwrite: bool = opt(False, "start over in an output folder of other settings (removes only what sampling "

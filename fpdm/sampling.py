@@ -159,11 +159,13 @@ class GuidedModel:
     and the compute of every call. `precision` "bf16" runs each network call under torch.autocast (bf16 matmuls,
     convolutions and attention; the residual stream and FPDM's fixed-point state stay float32, see
     FPDM.fixed_point_function) and hands its output back in the input's dtype, so that everything the samplers do
-    between calls (DDIM updates, the Anderson solves of parallel DDIM) stays float32."""
+    between calls (DDIM updates, the Anderson solves of parallel DDIM) stays float32. `graphs` (a
+    graphs.GraphedCalls) replays each network call from a CUDA graph: for fixed iteration counts (a list or an int)
+    without a tolerance, Anderson or a guidance schedule, i.e. calls without host decisions inside."""
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
                  tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000,
-                 fp_solver=None, precision="fp32"):
+                 fp_solver=None, precision="fp32", graphs=None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -181,6 +183,11 @@ class GuidedModel:
         self.num_train_timesteps = num_train_timesteps
         self.fp_solver = fp_solver  # FixedPointSolver for FPDM's layer (None: plain iteration)
         self.precision = precision
+        if graphs is not None and (isinstance(iterations_per_step, BudgetAllocator) or tol is not None or
+                                   fp_solver is not None or guidance_schedule != "constant"):
+            raise ValueError("CUDA graphs replay calls whose work is fixed in advance: not with an online budget "
+                             "allocation, an adaptive tolerance, Anderson in the layer or a guidance schedule")
+        self.graphs = graphs
         self.calls = 0
         self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
         self._residuals = []  # per call, that call's residual tensors: on the device until read (no sync per call)
@@ -218,13 +225,10 @@ class GuidedModel:
         # fp32 enters no context at all, so that a caller's own autocast (bench/) still applies.
         bf16 = self.precision == "bf16"
         with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            if guided and scale is None:
-                out, passes = self._conditional_only(x, t, y, kwargs), 1
-            elif guided:
-                out, passes = self.model.forward_with_cfg(x, t, y, scale, guidance_channels=self.guidance_channels,
-                                                          **kwargs), 2
+            if self.graphs is not None:
+                out, passes = self._graphed(x, t, y, scale, guided, kwargs)
             else:
-                out, passes = self.model(x, t, y, **kwargs), 1
+                out, passes = self._network(x, t, y, scale, guided, kwargs)
         out = out.to(x.dtype)  # bf16 out of autocast's last linear layer; a no-op in fp32
         if self.model.fixed_point:
             k = self.model.last_stats.iterations
@@ -250,6 +254,50 @@ class GuidedModel:
             out.append(values[start:start + len(call)])
             start += len(call)
         return out
+
+    def _network(self, x, t, y, scale, guided, kwargs):
+        """One step's network call: (output, branches run)."""
+        if guided and scale is None:
+            return self._conditional_only(x, t, y, kwargs), 1
+        if guided:
+            return self.model.forward_with_cfg(x, t, y, scale, guidance_channels=self.guidance_channels, **kwargs), 2
+        return self.model(x, t, y, **kwargs), 1
+
+    def _graphed(self, x, t, y, scale, guided, kwargs):
+        """`_network` replayed by self.graphs: FPDM's reused solution goes in and comes out as a tensor, and the
+        layer's statistics are rebuilt from the replay (its residuals) and the capture (its iteration counts)."""
+        iters = kwargs["policy"].num_iterations if "policy" in kwargs else None
+        solution = () if self.cache is None or self.cache.solution is None else (self.cache.solution,)
+
+        def call(x, t, y, *solution):
+            if not self.model.fixed_point:
+                out, passes = self._network(x, t, y, scale, guided, kwargs)
+                return (out,), (passes, None)
+            cache = None
+            if self.cache is not None:
+                cache = SolutionCache()
+                cache.solution = solution[0] if solution else None
+            outer, self.cache = self.cache, cache
+            try:
+                policy = IterationPolicy(iters, None, cache or False, None, None)
+                out, passes = self._network(x, t, y, scale, guided, {"policy": policy})
+            finally:
+                self.cache = outer
+            stats = self.model.last_stats
+            extra = (cache.solution,) if cache is not None else ()
+            if stats.residuals:
+                extra += (torch.stack(stats.residuals),)
+            return (out, *extra), (passes, (stats.iterations, stats.sjfb, bool(stats.residuals)))
+
+        outputs, (passes, layer) = self.graphs(call, (scale, guided, iters, len(solution), self.precision),
+                                               (x, t, y, *solution))
+        if layer is not None:
+            iterations, sjfb, tracked = layer
+            if self.cache is not None:
+                self.cache.solution = outputs[1]
+            residuals = list(outputs[-1]) if tracked else []
+            self.model.last_stats = FixedPointStats(iterations=iterations, sjfb=sjfb, residuals=residuals)
+        return outputs[0], passes
 
     def _conditional_only(self, x, t, y, kwargs):
         """An unguided call on a doubled batch: the conditional half only, its output used for both halves. With
@@ -492,11 +540,12 @@ def guided_batch(noise, labels, cfg_scale, null_class):
 @torch.no_grad()
 def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=1.0, iterations_per_step=None,
                   reuse=False, tol=None, clip_denoised=None, progress=False, guidance_channels=None,
-                  guidance_interval=None, guidance_schedule="constant", fp_solver=None, precision="fp32", **options):
+                  guidance_interval=None, guidance_schedule="constant", fp_solver=None, precision="fp32", graphs=None,
+                  **options):
     """Draw samples from `noise` (N, C, H, W) with class `labels` (N,) with SAMPLERS[sampler] (`options` are its
     own, e.g. eta); returns (samples, GuidedModel), whose `compute()` reports the compute and `info` the sampler's.
     `precision` "bf16" runs the network calls (only they) under bf16 autocast (see GuidedModel); samples keep the
-    noise's dtype.
+    noise's dtype. `graphs` (graphs.GraphedCalls) replays the network calls from CUDA graphs (see GuidedModel).
 
     With cfg_scale != 1 the batch is doubled internally (second half: the null class). clip_denoised=None follows
     `clip_denoised_for(model)`: pixel models clip x̂_0, latent models do not.
@@ -515,7 +564,7 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
     was_training = model.training
     model.eval()
     fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol, guidance_interval,
-                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver, precision)
+                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver, precision, graphs)
     x, y = guided_batch(noise, labels, cfg_scale, model.num_classes)
     diffusion.prepare(x.device)  # schedule tables on the device once, not copied at each step
     try:

@@ -133,7 +133,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     VAE, a training checkpoint written and read back) with their rows in the printed table; a CPU run at full sizes
     is refused with a one-line error."""
     out = tmp_path / "gpu.json"
-    sections = "train-eager,sampling,precision,parallel,two-axis,residual,diagnostics,vae,checkpoint"
+    sections = "train-eager,sampling,precision,latency,parallel,two-axis,residual,diagnostics,vae,checkpoint"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--tiny",
                            "--sections", sections, "--out", str(out), "--scratch", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT,
@@ -148,7 +148,14 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert train["fpdm"]["params"] < train["dit"]["params"] and len(train["fpdm"]["sjfb_draws"]) == 3
     sampling = report["sections"]["sampling"]
     assert sampling["fpdm"]["block_evals"] == sampling["dit"]["block_evals"]  # equal budgets
-    assert report["sections"]["parallel"]["sequential/parallel time"] > 0
+    parallel = report["sections"]["parallel"]
+    assert parallel["sequential/parallel time"] > 0 and parallel["sequential/parallel-sync4 time"] > 0
+    assert parallel["parallel-sync1"]["info"]["host_reads"] >= parallel["parallel-sync4"]["info"]["host_reads"]
+    latency = report["sections"]["latency"]
+    for row in ("dit-batch1", "dit-batch4", "fpdm-batch1", "fpdm-batch4"):  # emulated graphs: eager's samples
+        assert latency[row]["max_abs_difference"] == 0 and latency[row]["eager/graphs time"] > 0
+    assert latency["dit-batch1"]["graphs_captured"] == 1  # one call shape for every step
+    assert latency["fpdm-batch1"]["graphs_captured"] == 2  # reuse: the first step has no solution coming in
     two_axis = report["sections"]["two-axis"]
     steps = 4  # TINY's sample_steps
     assert two_axis["sequential"]["critical_path_calls"] == steps and two_axis["sequential/two-axis time"] > 0

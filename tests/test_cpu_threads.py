@@ -6,6 +6,7 @@ import ast
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -30,29 +31,62 @@ def test_every_script_imports_the_wait_policy_before_anything_that_loads_torch(s
     assert not before, f"{script} imports {before} before fpdm.cpu_threads"
 
 
+@pytest.fixture
+def busy_neighbour():
+    """A CPU-bound process beside the test (as any background job on a shared machine)."""
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)
+    yield
+    loop.kill()
+    loop.wait()
+
+
+def display_env(args, **env):
+    """stderr of `python args` with OpenMP printing its settings when torch loads it (OMP_DISPLAY_ENV)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    environ.update(OMP_DISPLAY_ENV="VERBOSE", **env)
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stderr
+
+
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "sample_ddp.py", "extract_features.py", "invert.py"])
-def test_openmp_in_each_script_spins_zero_times_unless_the_user_chose(script):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(OMP_DISPLAY_ENV="VERBOSE", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "GOMP_SPINCOUNT = '0'" in out.stderr, out.stderr[-2000:]
-    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's choice wins
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in out.stderr and "GOMP_SPINCOUNT = '0'" not in out.stderr
+def test_beside_a_busy_process_each_script_takes_the_free_cores_and_waits_passively(script, busy_neighbour):
+    cores = len(os.sched_getaffinity(0))
+    shown = display_env([script, "--help"])
+    assert "GOMP_SPINCOUNT = '0'" in shown  # passive: a waiting thread sleeps at once
+    threads = int(shown.split("OMP_NUM_THREADS = '")[1].split("'")[0])
+    assert 1 <= threads <= max(1, cores - 1)  # the busy loop's core is not counted as free
+    shown = display_env([script, "--help"], OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="2")  # the user's choice wins
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in shown and "GOMP_SPINCOUNT = '0'" not in shown
+    assert "OMP_NUM_THREADS = '2'" in shown
 
 
-def test_torch_imported_first_would_keep_the_spinning_default():
+def test_torch_imported_first_would_keep_the_spinning_default(busy_neighbour):
     """The reason for the import order: the same import after torch comes too late (this is what the test above
-    guards against)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(OMP_DISPLAY_ENV="VERBOSE", OMP_NUM_THREADS="1")
-    late = subprocess.run([sys.executable, "-c", "import torch, fpdm.cpu_threads"], env=env, capture_output=True,
-                          text=True)
-    early = subprocess.run([sys.executable, "-c", "import fpdm.cpu_threads, torch"], env=env, capture_output=True,
-                           text=True)
-    assert "GOMP_SPINCOUNT = '0'" in early.stderr
-    assert "GOMP_SPINCOUNT = '0'" not in late.stderr and "GOMP_SPINCOUNT" in late.stderr
+    and the import-order test guard against)."""
+    early = display_env(["-c", "import fpdm.cpu_threads, torch"])
+    late = display_env(["-c", "import torch, fpdm.cpu_threads"])
+    assert "GOMP_SPINCOUNT = '0'" in early
+    assert "GOMP_SPINCOUNT = '0'" not in late and "GOMP_SPINCOUNT" in late
+
+
+def test_decide_for_a_quiet_a_busy_and_a_shared_machine():
+    quiet, busy = (lambda: 0.1), (lambda: 1.2)
+    env = {}
+    cpu_threads.decide(env, quiet, cores=2)
+    assert env == {}  # alone: torch's own threads and OpenMP's default waits (the fastest there)
+    env = {}
+    _, why = cpu_threads.decide(env, busy, cores=2)
+    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"} and "1.2 of 2 cores busy" in why
+    env = {"LOCAL_WORLD_SIZE": "2"}
+    cpu_threads.decide(env, quiet, cores=8)
+    assert env["OMP_NUM_THREADS"] == "4" and "OMP_WAIT_POLICY" not in env  # 2 processes share the 8 cores
+    env = {"OMP_NUM_THREADS": "3"}
+    cpu_threads.decide(env, busy, cores=8)
+    assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}  # the user's count, passive waits
+    env = {"OMP_NUM_THREADS": "3", "GOMP_SPINCOUNT": "1000"}
+    assert cpu_threads.decide(env, lambda: pytest.fail("measured"), cores=8)[0] is None  # both given: not measured
 
 
 @pytest.mark.parametrize("default, cores, busy, world, expected", [
@@ -78,18 +112,16 @@ def test_busy_cores_elsewhere_subtracts_this_process():
     assert cpu_threads.busy_cores_elsewhere(0.01, busy_seconds=lambda: None) is None
 
 
-def test_configure_sets_torch_threads_on_cpu_only(monkeypatch):
+def test_configure_reports_on_cpu_only(monkeypatch):
     threads = torch.get_num_threads()
     try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(cpu_threads, "_default_threads", [2])
-        line = cpu_threads.configure("cpu", measure=lambda: 1.0)
-        assert torch.get_num_threads() == min(2, len(os.sched_getaffinity(0)) - 1 or 1)
-        assert line.startswith(f"cpu threads {torch.get_num_threads()} (") and "1.0 busy" in line
-        assert cpu_threads.configure("cuda:0", measure=lambda: 1.0) is None
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        assert "OMP_NUM_THREADS" in cpu_threads.configure("cpu", measure=lambda: 0.0)
-        assert torch.get_num_threads() == 1
+        line = cpu_threads.configure("cpu")
+        assert line.startswith("cpu threads 1 (OMP_NUM_THREADS): ") and cpu_threads.REASON in line
+        assert cpu_threads.configure("cuda:0") is None
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torch.set_num_threads(2)
+        assert cpu_threads.configure("cpu", world=2).startswith("cpu threads 1: ")  # 2 processes share torch's 2
     finally:
         torch.set_num_threads(threads)

@@ -527,6 +527,27 @@ def test_residuals_match_definition_and_decay_for_contraction():
     assert model.last_stats.residuals == [] and model.last_stats.residual is None
 
 
+def test_a_training_step_computes_only_the_last_residual():
+    """Training reads only the last iteration's residual (the logged one, the residual by timestep): computed once
+    there, equal to what evaluation reports for the same iteration; a tolerance still sees every iteration's."""
+    model = make_contractive(randomize(tiny(fixed_point=True), scale=0.1))
+    model.y_embedder.dropout_prob = 0.0  # training mode then computes what evaluation computes
+    x, t, y = inputs()
+    model.train()
+    model(x, t, y, num_iterations=(3, 2))
+    trained = model.last_stats
+    assert trained.iterations == 5 and len(trained.residuals) == 1
+    model.eval()
+    with torch.no_grad():
+        model(x, t, y, num_iterations=5)
+    assert len(model.last_stats.residuals) == 5
+    torch.testing.assert_close(trained.residuals[0], model.last_stats.residuals[-1])
+    torch.testing.assert_close(trained.example_residuals, model.last_stats.example_residuals)
+    model.train()
+    model(x, t, y, num_iterations=5, tol=1e-12)
+    assert len(model.last_stats.residuals) == 5
+
+
 def test_tolerance_stops_early_and_respects_cap():
     model = make_contractive(randomize(tiny(fixed_point=True), scale=0.1)).eval()
     x, t, y = inputs()

@@ -485,9 +485,14 @@ def test_sync_every_through_the_samplers_and_sample_py(tmp_path):
         assert counter.total == outs[k][2]["host_reads"], counter.calls  # nothing else waits for the device
     torch.testing.assert_close(outs[4][0], outs[1][0], rtol=0, atol=1e-6)
     assert outs[4][2]["host_reads"] < outs[1][2]["host_reads"]
-    from fpdm.two_axis import two_axis_sample
-    two = [two_axis_sample(guided(net), diffusion, x, model_kwargs=kwargs, inner_iterations=1, max_iter=20, tol=1e-5,
-                           sync_every=k, return_result=True) for k in (1, 5)]
+    import fpdm.two_axis as two_axis
+    two = []
+    for k in (1, 5):
+        with SyncCounter() as counter:
+            counter.watch(two_axis, "two_axis_sample")
+            two.append(two_axis.two_axis_sample(guided(net), diffusion, x, model_kwargs=kwargs, inner_iterations=1,
+                                                max_iter=20, tol=1e-5, sync_every=k, return_result=True))
+        assert counter.total == two[-1][2]["host_reads"], counter.calls  # the FPDM layer states too: no syncs
     torch.testing.assert_close(two[1][0], two[0][0], rtol=0, atol=1e-6)
     assert two[1][2]["host_reads"] < two[0][2]["host_reads"]
     from fpdm import cli

@@ -81,7 +81,7 @@ OTHER = {"model": "DiT-S/4", "ema": False, "sampler": "ddpm", "num_sampling_step
          "fp_solver": "anderson", "fp_history": 3, "fp_damping": 0.5, "adaptive_tol": 0.5, "parallel": "picard",
          "inner_iterations": 2, "two_axis_outer": "picard", "parallel_max_iter": 2, "parallel_tol": 0.5,
          "parallel_window": 2, "noise_schedule": "linear", "predict_v": False, "zero_terminal_snr": True,
-         "diffusion_steps": 500}
+         "diffusion_steps": 500, "cuda_graphs": True}
 MODES = {"dit-ddim": ("dit", {}), "dit-ddpm": ("dit", {"sampler": "ddpm"}), "fpdm-ddim": ("fpdm", {}),
          "fpdm-dpmpp": ("fpdm", {"sampler": "dpmpp-2m"}),
          # 3 iterations: with 2, Anderson's first update is the plain step, so only its best-iterate choice (or a
