@@ -184,12 +184,12 @@ def solve_batched(f, x0, method="anderson", max_iter=15, tol=1e-3, m=5, lam=1e-3
     result = BatchedSolverResult(x=best_x, image_residuals=[[] for _ in range(batch)],
                                  image_evaluations=[0] * batch, image_converged=[False] * batch)
     active = list(range(batch))  # on the host: the images in the batch, in order
-    s = _BatchState(x0, m if method == "anderson" else 0, mixing)
+    s = _BatchState(x0, m if method == "anderson" else 0, mixing, lam)
+    norms = (0, *range(2, x0.dim()))  # each image's S states and values
     pending = []  # (iteration, residual, live) since the last read
     for i in range(max_iter):
         fx = f(s.x, s.idx)
         diff = fx - s.x
-        norms = (0, *range(2, x0.dim()))
         residual = torch.nan_to_num(  # float64 per image; not finite -> inf
             torch.linalg.vector_norm(diff, dim=norms, dtype=torch.float64) /
             (torch.linalg.vector_norm(fx, dim=norms, dtype=torch.float64) + 1e-5), nan=math.inf, posinf=math.inf)
@@ -205,7 +205,7 @@ def solve_batched(f, x0, method="anderson", max_iter=15, tol=1e-3, m=5, lam=1e-3
             # here is also computed for frozen images; their results no longer change.)
             finite = residual != math.inf
             fx = _per_image_where(finite, fx, s.best_fx)
-            new = fx if method == "picard" else s.anderson(i % m, diff, fx, finite, lam, beta)
+            new = fx if method == "picard" else s.anderson(i % m, diff, fx, finite, beta)
             s.x = _per_image_where(s.live, new, s.x)
         if len(pending) == sync_every or i == max_iter - 1:
             done = _read(pending, s.live, active, result, callback)  # converged, per batch position
@@ -230,7 +230,7 @@ class _BatchState:
     g (float64, for the Gram matrix) and x + β g (the points the update combines), their Gram matrix (K, m, m) and
     which slots are valid (K, m)."""
 
-    def __init__(self, x0, m, mixing):
+    def __init__(self, x0, m, mixing, lam):
         batch, device = x0.shape[1], x0.device
         self.mixing, self.states = mixing, x0.shape[0]
         self.idx = torch.arange(batch, device=device)
@@ -243,7 +243,7 @@ class _BatchState:
         self.gram = torch.zeros(len(groups), m, m, dtype=torch.float64, device=device)
         self.valid = torch.zeros(len(groups), m, dtype=torch.bool, device=device)
         self.eye = torch.eye(m, dtype=torch.float64, device=device)
-        self.ridge = None  # λ·I, made once
+        self.ridge = lam * self.eye
 
     def grouped(self, t):
         """(S, A, ...) -> (K, ...): the values of each least-squares group (a view)."""
@@ -256,7 +256,7 @@ class _BatchState:
         """(A,) image flags -> (K,) group flags."""
         return flags if self.mixing == "image" else flags.repeat(self.states)
 
-    def anderson(self, slot, g, fx, finite, lam, beta):
+    def anderson(self, slot, g, fx, finite, beta):
         """The next iterate: Σ α_j (x_j + β g_j) over the valid history with α = argmin ‖Σ α_j g_j‖² + λ' ‖α‖²,
         Σ α_j = 1, per group (`_anderson_step`'s update); fx (the restart point) where an image's f was not
         `finite` (its history starts over) and where its coefficients are not finite (a Picard step)."""
@@ -268,8 +268,6 @@ class _BatchState:
         self.gram[:, :, slot] = row
         self.valid[:, slot] = True
         self.valid &= self.per_group(finite)[:, None]
-        if self.ridge is None:
-            self.ridge = lam * self.eye
         alpha, ok = _anderson_weights(self.gram, self.valid, slot, self.ridge, self.eye)
         new = torch.bmm(alpha[:, None, :].to(self.hist_y.dtype), self.hist_y.flatten(2))[:, 0]
         new = self.ungrouped(new.view(self.hist_y[:, 0].shape))
