@@ -16,5 +16,7 @@ and the diffusion math is diffusion/; neither imports from here.
     vae             the diffusers VAE: load, encode, decode
     run_folders     atomic writes, the run-folder lock, checkpoint pruning, metrics truncation
     measure         memory and host-device sync measurement
+    graphs          network calls replayed from CUDA graphs (sample.py --cuda-graphs)
+    cpu_threads     CPU threads and OpenMP waits for the cores that are free (imported by every script before torch)
     demo_recipe     the demo's MNIST recipe and sample quality, shared by demo.py and experiments/
 """
