@@ -8,8 +8,8 @@ import torch
 
 from fpdm import vae as vae_io
 from fpdm.allocation import BudgetAllocator
-from fpdm.graphs import GraphedCalls
 from fpdm.checkpoints import diffusion_settings, load_model_for_sampling
+from fpdm.graphs import GraphedCalls
 from fpdm.run_folders import exit_with_error
 from fpdm.sample_config import DEFAULT_NUM_SAMPLES, FIELDS, identity
 from fpdm.sampling import DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_weights, capabilities, \
