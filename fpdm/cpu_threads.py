@@ -23,6 +23,7 @@ import os
 import time
 
 WINDOW_S = 0.2
+INHERITED = "FPDM_CPU_THREADS_CHOICE"  # set with the variables this module chose, for child processes to report
 
 
 def _busy_seconds():
@@ -68,7 +69,9 @@ def decide(environ=os.environ, measure=busy_cores_elsewhere, cores=None):
     threads_given = bool(environ.get("OMP_NUM_THREADS"))
     wait_given = bool(environ.get("OMP_WAIT_POLICY") or environ.get("GOMP_SPINCOUNT"))
     if threads_given and wait_given:
-        return None, "OMP_NUM_THREADS and the OpenMP wait policy as given"
+        inherited = environ.get(INHERITED)
+        return None, (f"as the parent process chose ({inherited})" if inherited else
+                      "OMP_NUM_THREADS and the OpenMP wait policy as given")
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     world = max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1))
@@ -82,7 +85,10 @@ def decide(environ=os.environ, measure=busy_cores_elsewhere, cores=None):
     share = f", {world} processes on this node" if world > 1 else ""
     waits = ("passive OpenMP waits" if environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else
              "OpenMP waits as given" if wait_given else "OpenMP's default waits")
-    return busy, f"{seen}{share}; {waits}"
+    reason = f"{seen}{share}; {waits}"
+    if not threads_given and not wait_given and "OMP_NUM_THREADS" in environ and "OMP_WAIT_POLICY" in environ:
+        environ[INHERITED] = reason  # children inherit both variables and decide nothing: they say whose choice
+    return busy, reason
 
 
 _, REASON = decide()
