@@ -4,7 +4,7 @@ machine is busy.
 torch's CPU kernels run on an OpenMP pool whose threads, by GNU OpenMP's default, spin for a while at every barrier
 before they sleep. Alone on the machine that is the fastest; beside another CPU-bound process (a background job on a
 small VM, a shared login node) the spinning threads and the other process take turns on the same cores, and a
-training step of `make demo` took 3.5x its time alone instead of the 1.5x a fair share predicts
+training step of `make demo` took 3.0-4.3x its time alone instead of the 1.5x a fair share predicts
 (bench/bench_shared_cpu.py, bench/results/shared_cpu.json). So every script imports this module before torch, and
 it looks at the machine once, for a fifth of a second (/proc/stat less this process's own CPU time):
 
