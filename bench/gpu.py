@@ -345,8 +345,8 @@ def parallel_section(args, sizes):
 
 def latency_section(args, sizes):
     """Sequential DDIM at small batches, eager vs CUDA graphs (one graph per distinct network call, fpdm/graphs.py):
-    DiT and FPDM (reuse, the DiT's block budget), batch 1 and 4, sample_steps steps. On the CPU (dry run) the graphs
-    are emulated, which checks the plumbing, not the speed."""
+    DiT and FPDM (reuse, the DiT's block budget), batch 1 and 4, sample_steps steps, in --dtype as sample.py's
+    --precision. On the CPU (dry run) the graphs are emulated, which checks the plumbing, not the speed."""
     import torch
 
     from fpdm.graphs import EmulatedGraphs, GraphedCalls
@@ -367,9 +367,10 @@ def latency_section(args, sizes):
             row, results = {}, {}
             for mode in ("eager", "graphs"):
                 graphs = None if mode == "eager" else GraphedCalls(EmulatedGraphs() if device.type == "cpu" else None)
-                with autocast(device, args.dtype):
-                    seconds, x, fn, _ = timed_sampling(device, model, diffusion, noise, labels, graphs=graphs,
-                                                       **options)
+                # as sample.py runs it: --precision bf16 is GuidedModel's own autocast, per call (no weight cache
+                # around graphed calls, see graphs.check_capturable)
+                seconds, x, fn, _ = timed_sampling(device, model, diffusion, noise, labels, graphs=graphs,
+                                                   precision=args.dtype, **options)
                 row[f"{mode}_s"], results[mode] = seconds, x
                 if graphs is not None:
                     row["graphs_captured"] = graphs.captures

@@ -9,7 +9,7 @@ import torch
 from fpdm import vae as vae_io
 from fpdm.allocation import BudgetAllocator
 from fpdm.checkpoints import diffusion_settings, load_model_for_sampling
-from fpdm.graphs import GraphedCalls
+from fpdm.graphs import GraphedCalls, fixed_work_conflict
 from fpdm.run_folders import exit_with_error
 from fpdm.sample_config import DEFAULT_NUM_SAMPLES, FIELDS, identity
 from fpdm.sampling import DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_weights, capabilities, \
@@ -76,14 +76,13 @@ def check_cuda_graphs(cfg, caps):
     if caps.parallel:
         raise ValueError("--cuda-graphs applies to sequential samplers: the parallel solvers change their batch as "
                          "images converge")
-    fp, g = cfg.fp, cfg.guidance
-    for name, decides_online in (("adaptive_tol", fp.adaptive_tol is not None),
-                                 ("fp_allocation", fp.fp_allocation in ("budget", "calibrated")),
-                                 ("fp_solver", fp.fp_solver == "anderson"),
-                                 ("guidance_schedule", g.guidance_schedule != "constant")):
-        if decides_online:
-            raise ValueError(f"--cuda-graphs replays calls whose work is fixed in advance; {flag(name)} "
-                             f"{getattr(fp if hasattr(fp, name) else g, name)} decides it at each step: drop one")
+    fp = cfg.fp
+    conflict = fixed_work_conflict(fp.adaptive_tol is not None, fp.fp_allocation in ("budget", "calibrated"),
+                                   fp.fp_solver == "anderson")
+    if conflict:
+        name = conflict[0]
+        raise ValueError(f"--cuda-graphs replays calls whose work is fixed in advance; {flag(name)} "
+                         f"{getattr(fp, name)} decides it at each step: drop one")
 
 
 def check_settings(cfg, model, sampler):

@@ -11,12 +11,35 @@ Python values (guidance scale, branch, FPDM iteration count, whether a reused so
 
 `sampling.GuidedModel(graphs=...)` routes its network calls through this (sample.py --cuda-graphs). On the CPU
 there is nothing to capture: sampling is eager, and `EmulatedGraphs` reproduces a graph's buffer semantics (fixed
-input and output buffers, outputs overwritten by each replay) so that tests check the plumbing without a GPU.
+input and output buffers, outputs overwritten by each replay) and a capture's two rules that code can break on the
+CPU too (no host sync inside, no autocast weight cache around it), so that tests check the plumbing without a GPU.
 """
 
 import torch
 
 WARMUP_CALLS = 3  # eager calls on a side stream before capture (cuBLAS/cuDNN workspaces, lazy initialisation)
+
+
+# What decides an FPDM call's work while it runs, so that no graph can replay it: (setting, how a library caller
+# names it). GuidedModel and sample.py's --cuda-graphs (cli.check_cuda_graphs) both refuse through fixed_work_conflict.
+ONLINE_DECISIONS = (("adaptive_tol", "an adaptive tolerance"), ("fp_allocation", "an online budget allocation"),
+                    ("fp_solver", "Anderson in the layer"))
+
+
+def fixed_work_conflict(adaptive_tol, fp_allocation, fp_solver):
+    """The first of ONLINE_DECISIONS that is on (each argument: whether that setting decides work online), or None."""
+    on = {"adaptive_tol": adaptive_tol, "fp_allocation": fp_allocation, "fp_solver": fp_solver}
+    return next(((name, words) for name, words in ONLINE_DECISIONS if on[name]), None)
+
+
+def check_capturable(device_type):
+    """Refuse a capture under autocast with its weight cache on (as torch.cuda.make_graphed_callables does): the
+    casts made by the warm-up calls are cached outside the graph, the captured kernels read them, and the cache frees
+    them when the outermost autocast exits, so later replays would read freed memory. Use
+    torch.autocast(..., cache_enabled=False) around graphed calls (GuidedModel does)."""
+    if torch.is_autocast_enabled(device_type) and torch.is_autocast_cache_enabled():
+        raise RuntimeError("a CUDA graph captured under autocast with cache_enabled=True would read cast weights "
+                           "that autocast frees on exit: enter torch.autocast(..., cache_enabled=False)")
 
 
 class CudaGraphs:
@@ -43,10 +66,15 @@ class CudaGraphs:
 
 class EmulatedGraphs:
     """A graph's semantics on any device, for tests: the captured call's outputs are fixed buffers that every replay
-    overwrites in place, computed from the fixed input buffers."""
+    overwrites in place, computed from the fixed input buffers; and, as CUDA refuses it during a capture, a host
+    sync (a tensor's value read by this repository's code: measure.SyncCounter) in the captured call raises."""
 
     def capture(self, run):
-        outputs, meta = run()
+        from fpdm.measure import SyncCounter
+        with SyncCounter() as counter:
+            outputs, meta = counter.counting(run)()
+        if counter.total:
+            raise RuntimeError(f"host syncs during a graph capture (CUDA refuses them): {sorted(counter.calls)}")
 
         def replay():
             for buffer, value in zip(outputs, run()[0]):
@@ -70,6 +98,7 @@ class GraphedCalls:
         full_key = (key, tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
         entry = self.graphs.get(full_key)
         if entry is None:
+            check_capturable(tensors[0].device.type)
             inputs = tuple(t.clone() for t in tensors)
             outputs, meta, replay = self.backend.capture(lambda: fn(*inputs))
             entry = self.graphs[full_key] = (inputs, outputs, meta, replay)

@@ -21,6 +21,7 @@ import torch
 from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, timestep_spacing
 from diffusion.solvers import solve_batched
 from fpdm.allocation import TINY, BudgetAllocator
+from fpdm.graphs import fixed_work_conflict
 from fpdm.run_folders import atomic_write, check_writable
 from models import FixedPointStats, IterationPolicy, SolutionCache
 
@@ -161,7 +162,7 @@ class GuidedModel:
     FPDM.fixed_point_function) and hands its output back in the input's dtype, so that everything the samplers do
     between calls (DDIM updates, the Anderson solves of parallel DDIM) stays float32. `graphs` (a
     graphs.GraphedCalls) replays each network call from a CUDA graph: for fixed iteration counts (a list or an int)
-    without a tolerance, Anderson or a guidance schedule, i.e. calls without host decisions inside."""
+    without a tolerance or Anderson, i.e. calls without host decisions inside (a guidance scale is a graph input)."""
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
                  tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000,
@@ -183,10 +184,11 @@ class GuidedModel:
         self.num_train_timesteps = num_train_timesteps
         self.fp_solver = fp_solver  # FixedPointSolver for FPDM's layer (None: plain iteration)
         self.precision = precision
-        if graphs is not None and (isinstance(iterations_per_step, BudgetAllocator) or tol is not None or
-                                   fp_solver is not None or guidance_schedule != "constant"):
-            raise ValueError("CUDA graphs replay calls whose work is fixed in advance: not with an online budget "
-                             "allocation, an adaptive tolerance, Anderson in the layer or a guidance schedule")
+        conflict = graphs is not None and fixed_work_conflict(tol is not None, isinstance(iterations_per_step,
+                                                                                         BudgetAllocator),
+                                                               fp_solver is not None)
+        if conflict:
+            raise ValueError(f"CUDA graphs replay calls whose work is fixed in advance: not with {conflict[1]}")
         self.graphs = graphs
         self.calls = 0
         self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
@@ -224,7 +226,10 @@ class GuidedModel:
             scale = self.cfg_scale
         # fp32 enters no context at all, so that a caller's own autocast (bench/) still applies.
         bf16 = self.precision == "bf16"
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        # Graphed calls cast the weights inside the graph: autocast's cache would keep casts made outside it
+        # (graphs.check_capturable).
+        autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=self.graphs is None)
+        with autocast if bf16 else contextlib.nullcontext():
             if self.graphs is not None:
                 out, passes = self._graphed(x, t, y, scale, guided, kwargs)
             else:
@@ -268,10 +273,14 @@ class GuidedModel:
         layer's statistics are rebuilt from the replay (its residuals) and the capture (its iteration counts)."""
         iters = kwargs["policy"].num_iterations if "policy" in kwargs else None
         solution = () if self.cache is None or self.cache.solution is None else (self.cache.solution,)
+        # The guidance scale goes in as a tensor, so that one graph serves every scale (a guidance schedule); a
+        # fill, not a host-to-device copy.
+        scale_in = (torch.full((), scale, device=x.device),) if guided and scale is not None else ()
 
-        def call(x, t, y, *solution):
+        def call(x, t, y, *rest):
+            scale_arg, solution = (rest[0], rest[1:]) if scale_in else (scale, rest)
             if not self.model.fixed_point:
-                out, passes = self._network(x, t, y, scale, guided, kwargs)
+                out, passes = self._network(x, t, y, scale_arg, guided, kwargs)
                 return (out,), (passes, None)
             cache = None
             if self.cache is not None:
@@ -280,7 +289,7 @@ class GuidedModel:
             outer, self.cache = self.cache, cache
             try:
                 policy = IterationPolicy(iters, None, cache or False, None, None)
-                out, passes = self._network(x, t, y, scale, guided, {"policy": policy})
+                out, passes = self._network(x, t, y, scale_arg, guided, {"policy": policy})
             finally:
                 self.cache = outer
             stats = self.model.last_stats
@@ -289,8 +298,8 @@ class GuidedModel:
                 extra += (torch.stack(stats.residuals),)
             return (out, *extra), (passes, (stats.iterations, stats.sjfb, bool(stats.residuals)))
 
-        outputs, (passes, layer) = self.graphs(call, (scale, guided, iters, len(solution), self.precision),
-                                               (x, t, y, *solution))
+        outputs, (passes, layer) = self.graphs(call, (scale is None, guided, iters, len(solution), self.precision),
+                                               (x, t, y, *scale_in, *solution))
         if layer is not None:
             iterations, sjfb, tracked = layer
             if self.cache is not None:

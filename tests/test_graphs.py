@@ -1,8 +1,9 @@
 """Network calls replayed from CUDA graphs (fpdm/graphs.py, GuidedModel(graphs=...), sample.py --cuda-graphs).
 
 There is no GPU here: `EmulatedGraphs` gives a graph's buffer semantics on the CPU (fixed input buffers the replay
-reads, fixed output buffers every replay overwrites), so these tests check everything but the capture itself: the
-samples equal eager sampling's for every kind of call GuidedModel makes, and one graph is captured per distinct call.
+reads, fixed output buffers every replay overwrites) and refuses what a capture refuses (host syncs, autocast's
+weight cache), so these tests check everything but the capture itself: the samples equal eager sampling's for every
+kind of call GuidedModel makes, and one graph is captured per distinct call.
 """
 
 import pytest
@@ -37,6 +38,9 @@ CASES = {
     "fpdm-reuse-schedule": (True, {"iterations_per_step": [3, 1, 2, 2, 1, 1], "reuse": True, "cfg_scale": 2.0}),
     "fpdm-interval-reuse": (True, {"iterations_per_step": 2, "reuse": True, "cfg_scale": 2.0,
                                    "guidance_interval": (0.0, 500.0)}),
+    "dit-linear-schedule": (False, {"cfg_scale": 3.0, "guidance_schedule": "linear"}),
+    "dit-ddpm-bf16": (False, {"sampler": "ddpm", "cfg_scale": 1.5, "precision": "bf16"}),
+    "fpdm-reuse-bf16": (True, {"iterations_per_step": 2, "reuse": True, "cfg_scale": 2.0, "precision": "bf16"}),
 }
 
 
@@ -58,7 +62,9 @@ def test_graph_replayed_calls_give_eager_samples_and_reports(case):
     graphs = runs["graphs"][3]
     distinct = {"dit-ddim": 1, "dit-guided-interval": 2, "dit-ddpm": 1, "dit-dpmpp": 1,
                 "fpdm-reuse-schedule": 3,  # k = 3 without a solution coming in, then k = 1 and k = 2 with one
-                "fpdm-interval-reuse": 3}[case]  # unguided without and with a solution, guided with one
+                "fpdm-interval-reuse": 3,  # unguided without and with a solution, guided with one
+                "dit-linear-schedule": 1,  # the scale changes at every step: a graph input
+                "dit-ddpm-bf16": 1, "fpdm-reuse-bf16": 2}[case]
     assert graphs.captures == distinct
 
 
@@ -78,10 +84,31 @@ def test_graphed_calls_copy_inputs_in_and_clone_outputs_out():
 def test_graphs_refuse_calls_decided_online():
     model = tiny(True)
     graphs = GraphedCalls(EmulatedGraphs())
-    for options in ({"tol": 0.1}, {"iterations_per_step": BudgetAllocator(12, 6)},
-                    {"fp_solver": FixedPointSolver("anderson")}, {"guidance_schedule": "linear", "cfg_scale": 2.0}):
-        with pytest.raises(ValueError, match="CUDA graphs"):
+    for options, words in (({"tol": 0.1}, "an adaptive tolerance"),
+                           ({"iterations_per_step": BudgetAllocator(12, 6)}, "an online budget allocation"),
+                           ({"fp_solver": FixedPointSolver("anderson")}, "Anderson in the layer")):
+        with pytest.raises(ValueError, match=f"CUDA graphs .* not with {words}"):
             GuidedModel(model, graphs=graphs, **options)
+
+
+def test_a_capture_refuses_host_syncs_and_autocasts_weight_cache():
+    """The two rules of a real capture that code can break on the CPU too, kept by the emulation: no host sync in
+    the captured call (CUDA refuses it), and no autocast weight cache around it (torch.cuda.make_graphed_callables
+    refuses it: the warm-up's cast weights, read by the graph, are freed when autocast exits). sample_images with
+    --precision bf16 captures without the cache (the bf16 cases above), and a caller's own autocast is refused."""
+    from diffusion.solvers import relative_residual  # reads the residual's value: a host sync
+    calls = GraphedCalls(EmulatedGraphs())
+    with pytest.raises(RuntimeError, match="host syncs during a graph capture.*item"):
+        calls(lambda x: ((x * relative_residual(2 * x, x),), None), "sync", (torch.ones(3),))
+    (out,), _ = calls(lambda x: ((2 * x,), None), "no sync", (torch.ones(3),))
+    assert torch.equal(out, torch.full((3,), 2.0))
+    model = tiny(False)
+    diffusion = diffusion_for_sampling({"learn_sigma": True}, 3)
+    noise, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="cache_enabled=False"):
+        sample_images(model, diffusion, noise, labels, graphs=GraphedCalls(EmulatedGraphs()))
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        sample_images(model, diffusion, noise, labels, graphs=GraphedCalls(EmulatedGraphs()))
 
 
 def test_cuda_graphs_flag_refusals(monkeypatch):
@@ -95,7 +122,7 @@ def test_cuda_graphs_flag_refusals(monkeypatch):
     cli.check_cuda_graphs(make(), caps)  # sequential DDIM, fixed work: fine
     with pytest.raises(ValueError, match="sequential samplers"):
         cli.check_cuda_graphs(make(parallel="anderson"), cli.capabilities("ddim-parallel"))
-    for setting in ({"adaptive_tol": 0.1}, {"fp_allocation": "budget"}, {"fp_solver": "anderson"},
-                    {"guidance_schedule": "linear"}):
+    cli.check_cuda_graphs(make(guidance_schedule="linear"), caps)  # the scale is a graph input
+    for setting in ({"adaptive_tol": 0.1}, {"fp_allocation": "budget"}, {"fp_solver": "anderson"}):
         with pytest.raises(ValueError, match=f"--{next(iter(setting)).replace('_', '-')}"):
             cli.check_cuda_graphs(make(**setting), caps)
