@@ -25,6 +25,8 @@ section that runs over is recorded as timed out with what it measured so far, th
                   ratio, the largest sample difference, graphs captured. (Dry run: graphs emulated on the CPU.)
   parallel        DEQ-DDIM (Anderson, per image) vs sequential DDIM at T' = 50 with DiT-B/2, one image: wall-clock;
                   the parallel solve reading the device every 1, 2 (default) and 4 iterations.
+  two-axis        two-axis sampling (fpdm/two_axis.py, k = 1) vs sequential FPDM with reuse (k = 3), a contractive
+                  FPDM-B/2, one image, sample_steps steps: wall-clock, block evaluations, critical path.
   residual        FPDM-XL/2's fixed-point residual floor: the smallest relative residual ||f(z) - z|| / ||z|| reached
                   in 60 iterations in bf16 autocast and in fp32 (the state stays fp32 under autocast).
   diagnostics     train.py's FPDM diagnostics at XL/2: seconds per fp_diagnostics.contraction call (probe batch of
@@ -38,6 +40,8 @@ section that runs over is recorded as timed out with what it measured so far, th
                   EMA and optimizer as train.py resumes: seconds, and the peak RSS growth (all of it, and its anonymous
                   part: memory-mapped file pages count in the RSS but are page cache the kernel may drop).
 
+The sampling, latency, parallel and two-axis sections sample as sample.py does with --precision <--dtype> (bf16 by
+default): TF32 on, bf16 autocast around each network call, everything the samplers do between calls in float32.
 Random weights are perturbed (adaLN-Zero makes a fresh model output zero); the FPDM layer is scaled to contract so
 that the residual floor is one of precision, not of convergence.
 """
@@ -125,6 +129,13 @@ def set_tf32(enabled):
     the CPU ignores it."""
     import torch
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+
+
+def as_sample_py(args):
+    """The precision sample.py runs at with --precision <--dtype>: TF32 on (its default, --tf32) and bf16 autocast
+    per network call (GuidedModel's), everything between calls float32. Returns sample_images' `precision`."""
+    set_tf32(True)
+    return args.dtype
 
 
 def timed(device, fn, repeats):
@@ -245,7 +256,8 @@ def sampling_section(args, sizes):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(sizes["batch"], 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
     labels = torch.randint(0, sizes["num_classes"], (sizes["batch"],), generator=g).to(device)
-    out = {}
+    precision = as_sample_py(args)
+    out = {"precision": precision}
     dit = build(sizes["dit"], sizes, False, device).eval()
     budget = sizes["sample_steps"] * dit.block_evaluations()
     for variant, fixed_point in (("dit", False), ("fpdm", True)):
@@ -253,8 +265,8 @@ def sampling_section(args, sizes):
         iters = iterations_from_block_budget(model, budget, sizes["sample_steps"]) if fixed_point else None
 
         def run():
-            with autocast(device, args.dtype):
-                _, fn = sample_images(model, diffusion, noise, labels, iterations_per_step=iters, reuse=fixed_point)
+            _, fn = sample_images(model, diffusion, noise, labels, iterations_per_step=iters, reuse=fixed_point,
+                                  precision=precision)
             synchronize(device)
             return fn
         run()  # warm-up
@@ -329,13 +341,16 @@ def parallel_section(args, sizes):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
     labels = torch.zeros(1, dtype=torch.long, device=device)
-    out = {}
+    precision = as_sample_py(args)
+    out = {"precision": precision}
     for name, options in (("sequential", {"sampler": "ddim"}), ("parallel", {"sampler": "ddim-parallel"}),
                           ("parallel-sync1", {"sampler": "ddim-parallel", "sync_every": 1}),
                           ("parallel-sync4", {"sampler": "ddim-parallel", "sync_every": 4})):
-        seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, **options)
+        seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, precision=precision,
+                                              **options)
         out[name] = {"seconds": seconds, "info": info, "result": x}
-        keep_partial(args, {k: {f: v for f, v in r.items() if f != "result"} for k, r in out.items()})
+        keep_partial(args, {k: {f: v for f, v in r.items() if f != "result"} if isinstance(r, dict) else r
+                            for k, r in out.items()})
     for name in ("parallel", "parallel-sync1", "parallel-sync4"):
         out[name]["max_abs_difference"] = (out[name].pop("result") - out["sequential"]["result"]).abs().max().item()
         out[f"sequential/{name} time"] = out["sequential"]["seconds"] / out[name]["seconds"]
@@ -365,12 +380,13 @@ def latency_section(args, sizes):
             noise = torch.randn(batch, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
             labels = torch.randint(0, sizes["num_classes"], (batch,), generator=g).to(device)
             row, results = {}, {}
+            precision = as_sample_py(args)
             for mode in ("eager", "graphs"):
                 graphs = None if mode == "eager" else GraphedCalls(EmulatedGraphs() if device.type == "cpu" else None)
                 # as sample.py runs it: --precision bf16 is GuidedModel's own autocast, per call (no weight cache
                 # around graphed calls, see graphs.check_capturable)
                 seconds, x, fn, _ = timed_sampling(device, model, diffusion, noise, labels, graphs=graphs,
-                                                   precision=args.dtype, **options)
+                                                   precision=precision, **options)
                 row[f"{mode}_s"], results[mode] = seconds, x
                 if graphs is not None:
                     row["graphs_captured"] = graphs.captures
@@ -394,10 +410,12 @@ def two_axis_section(args, sizes):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
     labels = torch.zeros(1, dtype=torch.long, device=device)
-    out = {}
+    precision = as_sample_py(args)
+    out = {"precision": precision}
     for name, options in (("sequential", {"sampler": "ddim", "iterations_per_step": 3, "reuse": True}),
                           ("two-axis", {"sampler": "ddim-two-axis", "iterations_per_step": 1})):
-        seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, **options)
+        seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, precision=precision,
+                                              **options)
         out[name] = {"seconds": seconds, "block_evals": fn.compute()["block_evals"],
                      "critical_path_calls": info.get("critical_path_calls", fn.calls), "info": info, "result": x}
     out["max_abs_difference"] = (out["two-axis"].pop("result") - out["sequential"].pop("result")).abs().max().item()
