@@ -24,7 +24,8 @@ section that runs over is recorded as timed out with what it measured so far, th
                   network call replayed from a CUDA graph (sample.py --cuda-graphs, fpdm/graphs.py): seconds, the
                   ratio, the largest sample difference, graphs captured. (Dry run: graphs emulated on the CPU.)
   parallel        DEQ-DDIM (Anderson, per image) vs sequential DDIM at T' = 50 with DiT-B/2, one image: wall-clock;
-                  the parallel solve reading the device every 1, 2 (default) and 4 iterations.
+                  the parallel solve reading the device every 1, 2 (default) and 4 iterations; ParaDiGMS' window
+                  (all steps, τ = 0.1) reading it every 2 (default) and every iteration.
   two-axis        two-axis sampling (fpdm/two_axis.py, k = 1) vs sequential FPDM with reuse (k = 3), a contractive
                   FPDM-B/2, one image, sample_steps steps: wall-clock, block evaluations, critical path.
   residual        FPDM-XL/2's fixed-point residual floor: the smallest relative residual ||f(z) - z|| / ||z|| reached
@@ -345,13 +346,15 @@ def parallel_section(args, sizes):
     out = {"precision": precision}
     for name, options in (("sequential", {"sampler": "ddim"}), ("parallel", {"sampler": "ddim-parallel"}),
                           ("parallel-sync1", {"sampler": "ddim-parallel", "sync_every": 1}),
-                          ("parallel-sync4", {"sampler": "ddim-parallel", "sync_every": 4})):
+                          ("parallel-sync4", {"sampler": "ddim-parallel", "sync_every": 4}),
+                          ("window", {"sampler": "ddim-parallel", "solver": "window"}),
+                          ("window-sync1", {"sampler": "ddim-parallel", "solver": "window", "sync_every": 1})):
         seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, precision=precision,
                                               **options)
         out[name] = {"seconds": seconds, "info": info, "result": x}
         keep_partial(args, {k: {f: v for f, v in r.items() if f != "result"} if isinstance(r, dict) else r
                             for k, r in out.items()})
-    for name in ("parallel", "parallel-sync1", "parallel-sync4"):
+    for name in ("parallel", "parallel-sync1", "parallel-sync4", "window", "window-sync1"):
         out[name]["max_abs_difference"] = (out[name].pop("result") - out["sequential"]["result"]).abs().max().item()
         out[f"sequential/{name} time"] = out["sequential"]["seconds"] / out[name]["seconds"]
     out["sequential"].pop("result")
@@ -760,7 +763,8 @@ def summary(section, r):
         return (f"sequential {r['sequential']['seconds']:.2f} s, parallel {r['parallel']['seconds']:.2f} s "
                 f"(ratio {r['sequential/parallel time']:.2f}, max |diff| {r['parallel']['max_abs_difference']:.1e}; "
                 f"reading every 1 / 4 iterations: ratio {r['sequential/parallel-sync1 time']:.2f} / "
-                f"{r['sequential/parallel-sync4 time']:.2f})")
+                f"{r['sequential/parallel-sync4 time']:.2f}; ParaDiGMS window ratio {r['sequential/window time']:.2f}, "
+                f"reading every iteration {r['sequential/window-sync1 time']:.2f})")
     if section == "latency":
         return "; ".join(f"{k} eager/graphs {v['eager/graphs time']:.2f} (|diff| {v['max_abs_difference']:.1e})"
                          for k, v in r.items())

@@ -27,21 +27,23 @@ batch size are repeated per state to match. FPDM models must run a fixed iterati
 """
 
 import dataclasses
+import math
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .solvers import MIXINGS, SolverResult, relative_residual, solve, solve_batched
+from .solvers import MIXINGS, SYNC_EVERY_GPU, SolverResult, solve, solve_batched
 
 
-def _coefficients(diffusion, first, n, eta, like):
+def _coefficients(diffusion, first, n, eta, like, positions=None):
     """Per-step float64 coefficients for chain positions first..first+n−1 (diffusion index i = T'−1−position),
     shaped (n, 1, …) to broadcast over (n, B, C, H, W):
       sqrt_prev = √ᾱ_{i−1};  d = √(1 − ᾱ_{i−1} − σ_i²)/√ᾱ_{i−1};  c = d − √((1 − ᾱ_i)/ᾱ_i);  s = σ_i/√ᾱ_{i−1}
     with σ_i(η) as in `GaussianDiffusion.ddim_sample` [DDIM Eq. 16]. Computed for the whole chain once per
-    (diffusion, η, device) and kept on the device: iterations slice them without a host-to-device copy."""
+    (diffusion, η, device) and kept on the device: iterations slice them without a host-to-device copy. `positions`
+    (a device tensor of n chain positions) gathers them instead of first..first+n−1."""
     tables = diffusion.__dict__.setdefault("_chain_coefficients", {})
     key = (float(eta), like.device)
     if key not in tables:
@@ -54,13 +56,16 @@ def _coefficients(diffusion, first, n, eta, like):
         tables[key] = tuple(torch.from_numpy(v).to(device=like.device, dtype=torch.float64)
                             for v in (np.sqrt(a_prev), d, c, sigma / np.sqrt(a_prev)))
     shape = (n,) + (1,) * (like.dim() - 1)
+    if positions is not None:
+        return tuple(v[positions].view(shape) for v in tables[key])
     return tuple(v[first:first + n].view(shape) for v in tables[key])
 
 
-def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size, layer=None, idx=None):
-    """ε and x̂_0 for the states (n, B, …) entering chain positions first..first+n−1, from one network call per
-    chunk of at most `chunk_size` states (all B samples each). With `layer` (two-axis sampling's layer states of
-    images `idx`) each FPDM call starts its layer from the chunk's stored states and stores its solutions back."""
+def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size, layer=None, idx=None, positions=None):
+    """ε and x̂_0 for the states (n, B, …) entering chain positions first..first+n−1 (or `positions`, a device
+    tensor of n positions), from one network call per chunk of at most `chunk_size` states (all B samples each).
+    With `layer` (two-axis sampling's layer states of images `idx`) each FPDM call starts its layer from the chunk's
+    stored states and stores its solutions back."""
     n, batch = states.shape[:2]
     chunk = n if chunk_size is None else chunk_size
     if chunk < 1:
@@ -70,8 +75,9 @@ def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size, la
         part = states[start:start + chunk]
         k = len(part)
         x = part.transpose(0, 1).reshape(batch * k, *part.shape[2:])  # sample-major: b·k + j
-        positions = torch.arange(first + start, first + start + k, device=x.device)
-        t = (diffusion.num_timesteps - 1 - positions).repeat(batch)
+        at = (torch.arange(first + start, first + start + k, device=x.device) if positions is None
+              else positions[start:start + k])
+        t = (diffusion.num_timesteps - 1 - at).repeat(batch)
         kwargs = {key: value.repeat_interleave(k, dim=0) if torch.is_tensor(value) and value.dim() > 0
                   and len(value) == batch else value for key, value in (model_kwargs or {}).items()}
         if layer is not None:
@@ -85,11 +91,12 @@ def _model_outputs(model, diffusion, states, first, model_kwargs, chunk_size, la
     return torch.cat(eps), torch.cat(pred_xstart)
 
 
-def _chain_outputs(diffusion, eps, pred_xstart, first, eta=0.0, noise=None):
-    """Outputs of the consecutive steps at positions first.. given ε and x̂_0 at their inputs, by the cumulative
-    sum of [DEQ-DDIM Eq. 6] in float64. The first input is the anchor (x_T, or the state before a window); its term
-    x_anchor/√ᾱ + c ε is written as x̂_0 + d ε (equal by definition of x̂_0), which also holds at ᾱ_T = 0."""
-    sqrt_prev, d, c, s = _coefficients(diffusion, first, len(eps), eta, eps)
+def _chain_outputs(diffusion, eps, pred_xstart, first, eta=0.0, noise=None, positions=None):
+    """Outputs of the consecutive steps at positions first.. (or `positions`) given ε and x̂_0 at their inputs, by
+    the cumulative sum of [DEQ-DDIM Eq. 6] in float64. The first input is the anchor (x_T, or the state before a
+    window); its term x_anchor/√ᾱ + c ε is written as x̂_0 + d ε (equal by definition of x̂_0), which also holds at
+    ᾱ_T = 0."""
+    sqrt_prev, d, c, s = _coefficients(diffusion, first, len(eps), eta, eps, positions)
     eps64 = eps.double()
     terms = torch.cat([pred_xstart[:1].double() + d[:1] * eps64[:1], c[1:] * eps64[1:]])
     if eta > 0:
@@ -108,43 +115,92 @@ def ddim_chain_map(model, diffusion, x_T, X, eta=0.0, noise=None, model_kwargs=N
 
 
 def sliding_window_solve(model, diffusion, x_T, window=None, tol=0.1, eta=0.0, noise=None, model_kwargs=None,
-                         chunk_size=None, callback=None):
+                         chunk_size=None, callback=None, sync_every=None):
     """ParaDiGMS [Alg. 1]: Picard iteration over a window of `window` steps (default all), one batched call per
     iteration. After each iteration the window slides past the leading steps whose update satisfies
     ‖Δx‖² / (σ² D) < tol² (D = values per sample, the worst sample of the batch), σ² = 1 − ᾱ_t being the variance
     of the noise level of the state entering the step; it always slides at least one step, since the first step
     of a window starts from a finished state and is exact. Steps entering the window start from the newest state
     at its end. Terminates within T' iterations (max_iter does not apply); tol = 0 gives the exact trajectory.
-    Returns a SolverResult whose x is the whole trajectory and num_evaluations counts states evaluated."""
+
+    The slide is decided on the device: the host reads it (and the residuals) once every `sync_every` iterations
+    (default: every iteration on the CPU, solvers.SYNC_EVERY_GPU on a GPU). Between reads the window keeps the size
+    it had at the last read, min(window, steps left then); its positions past the chain's end, and whole
+    iterations once the chain is done, are evaluated but change nothing (`masked_evaluations`). Iterations, slides
+    and evaluations do not depend on sync_every, nor does the trajectory beyond rounding (the network's batch holds
+    the masked states too). Returns a SolverResult whose x is the whole trajectory and num_evaluations counts the
+    states evaluated within the chain, with `host_reads` and `masked_evaluations` set."""
     n_steps = diffusion.num_timesteps
     window = n_steps if window is None else int(window)
     if window < 1:
         raise ValueError("window must be >= 1")
-    X = x_T.expand(n_steps, *x_T.shape).clone()
-    variance = torch.from_numpy(1 - diffusion.alphas_cumprod[::-1].copy()).to(x_T.device)  # chain order
-    per_sample = x_T[0].numel()
-    result = SolverResult(x=X, converged=True)
-    start = 0
-    while start < n_steps:
-        end = min(start + window, n_steps)
-        anchor = x_T if start == 0 else X[start - 1]
-        states = torch.cat([anchor[None], X[start:end - 1]])
-        eps, pred_xstart = _model_outputs(model, diffusion, states, start, model_kwargs, chunk_size)
-        new = _chain_outputs(diffusion, eps, pred_xstart, start, eta, None if noise is None else noise[start:end])
-        error = ((new - X[start:end]).double() ** 2).flatten(2).sum(-1).amax(1) / (variance[start:end] * per_sample)
-        result.residuals.append(relative_residual(new, X[start:end]))
-        result.num_iterations += 1
-        result.num_evaluations += end - start
-        X[start:end] = new
-        above = (error >= tol ** 2).nonzero()
-        advance = max(1, int(above[0]) if len(above) else end - start)
-        next_end = min(start + advance + window, n_steps)
-        X[end:next_end] = X[end - 1]
-        start += advance
+    device = x_T.device
+    sync_every = (1 if device.type == "cpu" else SYNC_EVERY_GPU) if sync_every is None else int(sync_every)
+    if sync_every < 1:
+        raise ValueError("sync_every must be >= 1")
+    window = min(window, n_steps)
+    # E[i] is the state entering chain position i: E[0] = x_T and E[i + 1] = x at position i (the trajectory). The
+    # rows past the chain's end take the window's positions beyond it, so every index written is distinct.
+    E = x_T.expand(n_steps + 1 + window, *x_T.shape).clone()
+    variances = diffusion.__dict__.setdefault("_chain_variances", {})  # per device, as _coefficients' tables
+    if device not in variances:
+        variances[device] = torch.from_numpy(1 - diffusion.alphas_cumprod[::-1].copy()).to(device)  # chain order
+    variance = variances[device]
+    per_sample, limit = x_T[0].numel(), n_steps - 1
+    start = torch.zeros((), dtype=torch.long, device=device)
+    iterations, evaluations, masked = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+    result = SolverResult(x=None, converged=True)
+    result.host_reads, done, pending = 0, 0, []
+    while done < n_steps:
+        size = min(window, n_steps - done)  # fixed until the next read
+        offsets = torch.arange(size, device=device)
+        for _ in range(sync_every):
+            positions = start + offsets
+            valid = positions < n_steps
+            working = start < n_steps  # False once the chain is done: the iteration changes nothing
+            at = positions.clamp(max=limit)  # timesteps and coefficients for the positions past the end
+            eps, pred_xstart = _model_outputs(model, diffusion, E[positions], 0, model_kwargs, chunk_size,
+                                              positions=at)
+            new = _chain_outputs(diffusion, eps, pred_xstart, 0, eta, None if noise is None else noise[at],
+                                 positions=at)
+            old = E[positions + 1]
+            keep = valid & working
+            row = keep.view(-1, *(1,) * (new.dim() - 1))
+            change = torch.where(row, new - old, 0).double()
+            error = (change ** 2).flatten(2).sum(-1).amax(1) / (variance[at] * per_sample)
+            dtype = torch.promote_types(new.dtype, torch.float32)  # as solvers.relative_residual
+            pending.append(torch.where(row, new - old, 0).to(dtype).norm() /
+                           (torch.where(row, new, 0).to(dtype).norm() + 1e-5))
+            E[positions + 1] = torch.where(row, new, old)
+            # the first step at or above tol² (else all steps in the chain) is where the window starts next
+            above = (error >= tol ** 2) & keep
+            advance = torch.where(above.any(), above.int().argmax(), keep.sum()).clamp(min=1) * working
+            end = (start + size).clamp(max=n_steps)  # one past the window's last step in the chain
+            entering = end + 1 + offsets  # rows of E that the slide brings into the window, from its newest state
+            fill = (entering <= (start + advance + size).clamp(max=n_steps)).view(row.shape)
+            E[entering] = torch.where(fill, E[end], E[entering])
+            start = start + advance
+            iterations += working
+            evaluations += keep.sum()
+            masked += size - keep.sum()
+        done, its, result.num_evaluations, result.masked_evaluations, residuals = _read_window(
+            (start, iterations, evaluations, masked), pending)
+        result.host_reads += 1
+        result.residuals += residuals[:its - result.num_iterations]
+        result.num_iterations, pending = its, []
         if callback is not None:
-            callback({"i": result.num_iterations - 1, "done": start, "window": (start, next_end),
-                      "residual": result.residuals[-1]})
+            callback({"i": its - 1, "done": done, "residual": result.residuals[-1]})
+    result.x = E[1:n_steps + 1]
     return result
+
+
+def _read_window(counters, pending):
+    """The window solver's one read per sync_every iterations: its counters (steps done, iterations that did work,
+    states evaluated, masked) as ints, then the residuals of the pending iterations, a non-finite one as inf (as
+    solvers.relative_residual reads it)."""
+    values = torch.cat([torch.stack(counters).double(), torch.stack(pending).double()]).tolist()
+    n = len(counters)
+    return (*(int(v) for v in values[:n]), [v if math.isfinite(v) else math.inf for v in values[n:]])
 
 
 def check_model(model):
@@ -172,14 +228,15 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
     window, window_tol). mixing: "image" (default) or "state" solve every image's chain on its own
     (`solvers.solve_batched`: per-image residuals, stopping and Anderson coefficients, one set per image or per
     state; converged images leave the batch, so no image's result depends on the others); "global" is one solve
-    over the whole batch with one residual (DEQ-DDIM's stopping rule). `sync_every`: how often "image"/"state" read
-    the device (`solvers.solve_batched`; default 1 on the CPU, 2 on a GPU). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
+    over the whole batch with one residual (DEQ-DDIM's stopping rule). `sync_every`: how often "image"/"state" and
+    the window read the device (`solvers.solve_batched`, `sliding_window_solve`; default 1 on the CPU, 2 on a GPU). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
     is given it is drawn after x_T one step at a time, as `ddim_sample_loop` draws it, so both agree for one seed.
     stats: parallel_iterations, network_evaluations (states evaluated per sample, averaged over the batch;
     sequential DDIM needs T'), sequential_evaluations (T'), residual (relative, of the returned trajectory; per
     image: the largest; window: of its last update), converged, wall_time_s, and per image (mixing "image"/"state")
     network_evaluations_per_image and residuals_per_image, with host_reads and masked_chain_evaluations (chains
-    evaluated after they had converged, waiting for a read; not in network_evaluations).
+    evaluated after they had converged, waiting for a read; not in network_evaluations); the window: host_reads and
+    masked_chain_evaluations (states evaluated past the chain's end or after it was done).
     """
     check_model(model)
     if mixing not in MIXINGS:
@@ -200,7 +257,7 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
     with torch.no_grad():
         if solver == "window":
             result = sliding_window_solve(model, diffusion, x_T, window, window_tol, eta, noise_seq, model_kwargs,
-                                          chunk_size, callback=report)
+                                          chunk_size, callback=report, sync_every=sync_every)
         elif mixing == "global":
             f = lambda X: ddim_chain_map(model, diffusion, x_T, X, eta, noise_seq, model_kwargs, chunk_size)
             result = solve(f, x_T.expand(n_steps, *x_T.shape).clone(), solver, max_iter, tol, m, lam, beta,
@@ -222,6 +279,8 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
              "network_evaluations": result.num_evaluations, "sequential_evaluations": n_steps,
              "residual": min(result.residuals) if solver != "window" else result.residuals[-1],
              "converged": result.converged, "wall_time_s": time.perf_counter() - began}
+    if solver == "window":
+        stats.update(host_reads=result.host_reads, masked_chain_evaluations=result.masked_evaluations)
     if hasattr(result, "image_evaluations"):
         per_image = [e * n_steps for e in result.image_evaluations]
         stats.update(network_evaluations=sum(per_image) / len(per_image), network_evaluations_per_image=per_image,

@@ -59,8 +59,8 @@ def resolve_sampler(cfg):
     solver = p.parallel or "anderson"
     refuse_given(cfg, ["inner_iterations", "two_axis_outer"], "applies to --parallel two-axis")
     if solver == "window":
-        refuse_given(cfg, ["parallel_max_iter", "parallel_tol", "parallel_sync_every"], "applies to --parallel "
-                     "anderson, picard and two-axis (the window solver advances by its own error test)")
+        refuse_given(cfg, ["parallel_max_iter", "parallel_tol"], "applies to --parallel anderson, picard and "
+                     "two-axis (the window solver advances by its own error test)")
     else:
         refuse_given(cfg, ["parallel_window"], "applies to --parallel window")
     return name, {"eta": cfg.sampler.eta, "solver": solver, "solver_max_iter": p.parallel_max_iter,

@@ -175,6 +175,60 @@ def test_sliding_window_matches_sequential():
     assert (sample - sequential(model, diffusion, x)).abs().max() < 0.1
 
 
+def paradigms_on_the_host(model, diffusion, x_T, window, tol, model_kwargs):
+    """ParaDiGMS [Alg. 1] as a plain loop that reads the device at every iteration (the reference for the solver
+    that decides its slides on the device): (trajectory, iterations, states evaluated, residuals)."""
+    from diffusion.parallel import _chain_outputs, _model_outputs
+    from diffusion.solvers import relative_residual
+    n = diffusion.num_timesteps
+    window = n if window is None else window
+    X = x_T.expand(n, *x_T.shape).clone()
+    variance = torch.from_numpy(1 - diffusion.alphas_cumprod[::-1].copy())
+    start, iterations, evaluations, residuals = 0, 0, 0, []
+    while start < n:
+        end = min(start + window, n)
+        states = torch.cat([(x_T if start == 0 else X[start - 1])[None], X[start:end - 1]])
+        new = _chain_outputs(diffusion, *_model_outputs(model, diffusion, states, start, model_kwargs, None), start)
+        error = ((new - X[start:end]).double() ** 2).flatten(2).sum(-1).amax(1) / (variance[start:end] * x_T[0].numel())
+        residuals.append(relative_residual(new, X[start:end]))
+        X[start:end] = new
+        above = (error >= tol ** 2).nonzero()
+        advance = max(1, int(above[0]) if len(above) else end - start)
+        X[end:min(start + advance + window, n)] = X[end - 1]
+        start, iterations, evaluations = start + advance, iterations + 1, evaluations + end - start
+    return X, iterations, evaluations, residuals
+
+
+@pytest.mark.parametrize("window,tol", [(6, 1e-5), (4, 0.1), (None, 0.05), (1, 0.1)])
+def test_the_window_slides_on_the_device_as_paradigms_on_the_host(window, tol):
+    """The window solver decides its slides on the device and reads it once per sync_every iterations (one
+    .tolist(), nothing else waits for the device): with reads at every iteration it equals the host loop exactly
+    (trajectory, iterations, states evaluated, residuals); reading every 3 or 100 iterations, the same iterations and
+    evaluations, the trajectory within rounding (the masked states share the network's batch)."""
+    from diffusion import parallel
+    from fpdm.measure import SyncCounter
+    model = guided(tiny_model())
+    diffusion = create_diffusion("ddim20", predict_v=True)
+    x, kwargs = inputs()
+    with torch.no_grad():
+        X, iterations, evaluations, residuals = paradigms_on_the_host(model, diffusion, x, window, tol, kwargs)
+        parallel.sliding_window_solve(model, diffusion, x, window, tol, model_kwargs=kwargs)  # tables on the device
+        for k in (1, 3, 100):
+            with SyncCounter() as counter:
+                counter.watch(parallel, "sliding_window_solve")
+                result = parallel.sliding_window_solve(model, diffusion, x, window, tol, model_kwargs=kwargs,
+                                                       sync_every=k)
+            assert counter.calls == {("tolist", "parallel.py:_read_window"): result.host_reads}
+            assert result.host_reads == -(-iterations // k)
+            assert (result.num_iterations, result.num_evaluations) == (iterations, evaluations)
+            if k == 1:
+                assert torch.equal(result.x, X) and result.residuals == residuals and result.masked_evaluations == 0
+            else:
+                torch.testing.assert_close(result.x, X, rtol=0, atol=1e-6)
+                np.testing.assert_allclose(result.residuals, residuals, rtol=1e-4)
+                assert result.masked_evaluations > 0
+
+
 def test_chunk_size_gives_identical_results():
     model = guided(tiny_model(fixed_point=True), cfg_scale=4.0)
     diffusion = create_diffusion("ddim10", predict_v=True)
@@ -468,7 +522,7 @@ def test_batched_anderson_survives_singular_problems_and_blow_ups_per_image():
 
 def test_sync_every_through_the_samplers_and_sample_py(tmp_path):
     """parallel_ddim_sample, two-axis sampling and sample.py's --parallel-sync-every: the same samples, fewer host
-    reads; the window solver refuses the flag."""
+    reads; sequential sampling refuses the flag."""
     from fpdm import sample_config
     from fpdm.measure import SyncCounter
     import diffusion.parallel as parallel
@@ -496,8 +550,8 @@ def test_sync_every_through_the_samplers_and_sample_py(tmp_path):
     torch.testing.assert_close(two[1][0], two[0][0], rtol=0, atol=1e-6)
     assert two[1][2]["host_reads"] < two[0][2]["host_reads"]
     from fpdm import cli
-    for refused in ({"parallel": "window"}, {}):  # the window solver, and sequential sampling
-        with pytest.raises(ValueError, match="--parallel-sync-every"):
-            cli.resolve_sampler(sample_config.make("sample", ckpt="x.pt", parallel_sync_every=2, **refused))
-    cfg = sample_config.make("sample", ckpt="x.pt", parallel="anderson", parallel_sync_every=3)
-    assert cli.resolve_sampler(cfg)[1]["sync_every"] == 3
+    with pytest.raises(ValueError, match="--parallel-sync-every"):  # sequential sampling
+        cli.resolve_sampler(sample_config.make("sample", ckpt="x.pt", parallel_sync_every=2))
+    for solver in ("anderson", "window"):
+        cfg = sample_config.make("sample", ckpt="x.pt", parallel=solver, parallel_sync_every=3)
+        assert cli.resolve_sampler(cfg)[1]["sync_every"] == 3
