@@ -166,11 +166,10 @@ def sliding_window_solve(model, diffusion, x_T, window=None, tol=0.1, eta=0.0, n
             old = E[positions + 1]
             keep = valid & working
             row = keep.view(-1, *(1,) * (new.dim() - 1))
-            change = torch.where(row, new - old, 0).double()
-            error = (change ** 2).flatten(2).sum(-1).amax(1) / (variance[at] * per_sample)
+            change = torch.where(row, new - old, 0)
+            error = (change.double() ** 2).flatten(2).sum(-1).amax(1) / (variance[at] * per_sample)
             dtype = torch.promote_types(new.dtype, torch.float32)  # as solvers.relative_residual
-            pending.append(torch.where(row, new - old, 0).to(dtype).norm() /
-                           (torch.where(row, new, 0).to(dtype).norm() + 1e-5))
+            pending.append(change.to(dtype).norm() / (torch.where(row, new, 0).to(dtype).norm() + 1e-5))
             E[positions + 1] = torch.where(row, new, old)
             # the first step at or above tol² (else all steps in the chain) is where the window starts next
             above = (error >= tol ** 2) & keep
@@ -229,8 +228,9 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
     (`solvers.solve_batched`: per-image residuals, stopping and Anderson coefficients, one set per image or per
     state; converged images leave the batch, so no image's result depends on the others); "global" is one solve
     over the whole batch with one residual (DEQ-DDIM's stopping rule). `sync_every`: how often "image"/"state" and
-    the window read the device (`solvers.solve_batched`, `sliding_window_solve`; default 1 on the CPU, 2 on a GPU). η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none
-    is given it is drawn after x_T one step at a time, as `ddim_sample_loop` draws it, so both agree for one seed.
+    the window read the device (`solvers.solve_batched`, `sliding_window_solve`; default 1 on the CPU, 2 on a GPU).
+    η > 0 uses `noise_seq` (T', B, C, H, W) as the z of each step, in sampling order; if none is given it is drawn
+    after x_T one step at a time, as `ddim_sample_loop` draws it, so both agree for one seed.
     stats: parallel_iterations, network_evaluations (states evaluated per sample, averaged over the batch;
     sequential DDIM needs T'), sequential_evaluations (T'), residual (relative, of the returned trajectory; per
     image: the largest; window: of its last update), converged, wall_time_s, and per image (mixing "image"/"state")
