@@ -77,8 +77,9 @@ def check_cuda_graphs(cfg, caps):
         raise ValueError("--cuda-graphs applies to sequential samplers: the parallel solvers change their batch as "
                          "images converge")
     fp = cfg.fp
-    conflict = fixed_work_conflict(fp.adaptive_tol is not None, fp.fp_allocation in ("budget", "calibrated"),
-                                   fp.fp_solver == "anderson")
+    conflict = fixed_work_conflict(adaptive_tol=fp.adaptive_tol is not None,
+                                   fp_allocation=fp.fp_allocation in ("budget", "calibrated"),
+                                   fp_solver=fp.fp_solver == "anderson")
     if conflict:
         name = conflict[0]
         raise ValueError(f"--cuda-graphs replays calls whose work is fixed in advance; {flag(name)} "

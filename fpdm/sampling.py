@@ -184,9 +184,9 @@ class GuidedModel:
         self.num_train_timesteps = num_train_timesteps
         self.fp_solver = fp_solver  # FixedPointSolver for FPDM's layer (None: plain iteration)
         self.precision = precision
-        conflict = graphs is not None and fixed_work_conflict(tol is not None, isinstance(iterations_per_step,
-                                                                                         BudgetAllocator),
-                                                               fp_solver is not None)
+        conflict = graphs is not None and fixed_work_conflict(
+            adaptive_tol=tol is not None, fp_allocation=isinstance(iterations_per_step, BudgetAllocator),
+            fp_solver=fp_solver is not None)
         if conflict:
             raise ValueError(f"CUDA graphs replay calls whose work is fixed in advance: not with {conflict[1]}")
         self.graphs = graphs
