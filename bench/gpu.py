@@ -371,7 +371,7 @@ def latency_section(args, sizes):
     from fpdm.sampling import diffusion_for_sampling, iterations_from_block_budget
     device = torch.device(args.device)
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
-    out = {}
+    out, precision = {}, as_sample_py(args)
     dit = build(sizes["dit"], sizes, False, device).eval()
     budget = sizes["sample_steps"] * dit.block_evaluations()
     for variant, fixed_point in (("dit", False), ("fpdm", True)):
@@ -383,7 +383,6 @@ def latency_section(args, sizes):
             noise = torch.randn(batch, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
             labels = torch.randint(0, sizes["num_classes"], (batch,), generator=g).to(device)
             row, results = {}, {}
-            precision = as_sample_py(args)
             for mode in ("eager", "graphs"):
                 graphs = None if mode == "eager" else GraphedCalls(EmulatedGraphs() if device.type == "cpu" else None)
                 # as sample.py runs it: --precision bf16 is GuidedModel's own autocast, per call (no weight cache
