@@ -139,6 +139,14 @@ def as_sample_py(args):
     return args.dtype
 
 
+def one_image(sizes, device):
+    """The one-image sections' input: seeded noise (1, 4, input_size, input_size) and class 0."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
+    return noise, torch.zeros(1, dtype=torch.long, device=device)
+
+
 def timed(device, fn, repeats):
     """Seconds per call of fn(), the mean of `repeats` calls after one to warm up."""
     fn()
@@ -339,9 +347,7 @@ def parallel_section(args, sizes):
     device = torch.device(args.device)
     model = build(sizes["parallel_model"], sizes, False, device).eval()
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["parallel_steps"])
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
-    labels = torch.zeros(1, dtype=torch.long, device=device)
+    noise, labels = one_image(sizes, device)
     precision = as_sample_py(args)
     out = {"precision": precision}
     for name, options in (("sequential", {"sampler": "ddim"}), ("parallel", {"sampler": "ddim-parallel"}),
@@ -409,9 +415,7 @@ def two_axis_section(args, sizes):
     device = torch.device(args.device)
     model = build(sizes["parallel_model"], sizes, True, device, contract=True).eval()
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 4, sizes["input_size"], sizes["input_size"], generator=g).to(device)
-    labels = torch.zeros(1, dtype=torch.long, device=device)
+    noise, labels = one_image(sizes, device)
     precision = as_sample_py(args)
     out = {"precision": precision}
     for name, options in (("sequential", {"sampler": "ddim", "iterations_per_step": 3, "reuse": True}),
