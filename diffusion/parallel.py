@@ -177,7 +177,7 @@ def sliding_window_solve(model, diffusion, x_T, window=None, tol=0.1, eta=0.0, n
             end = (start + size).clamp(max=n_steps)  # one past the window's last step in the chain
             entering = end + 1 + offsets  # rows of E that the slide brings into the window, from its newest state
             fill = (entering <= (start + advance + size).clamp(max=n_steps)).view(row.shape)
-            E[entering] = torch.where(fill, E[end], E[entering])
+            E[entering] = torch.where(fill, E[end.view(1)], E[entering])  # a 1-d index: a 0-d one is read on the host
             start = start + advance
             iterations += working
             evaluations += keep.sum()

@@ -1,6 +1,7 @@
 """Shared by bench/ and experiments/: bytes autograd saves for backward, peak RSS, and random-weight models."""
 
 import os
+import re
 import resource
 import sys
 
@@ -111,3 +112,59 @@ class SyncCounter:
     @property
     def total(self):
         return sum(self.calls.values())
+
+
+# The aten ops that make the host wait for the device from inside torch, where SyncCounter (which sees this
+# repository's Python calls) cannot: a scalar read (an index given as a 0-d tensor, a tensor's value in a size or a
+# condition) and the ops whose output size depends on values (boolean-mask indexing, nonzero, masked_select, unique).
+DEVICE_WAIT_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+                   "aten::unique_dim", "aten::unique_consecutive")
+# Ops whose CPU kernel reads values on the host but whose CUDA kernel does not: torch.linalg.solve_ex "synchronizes
+# only when check_errors=True" on a CUDA device (its documentation; its LAPACK path on the CPU reads its pivots), and
+# torch._assert_async, which on a CUDA device asserts in a kernel (on the CPU it reads the condition).
+CPU_ONLY_WAITS = ("aten::_linalg_solve_ex", "aten::_assert_async")
+
+
+def device_waits(fn, frames=True):
+    """Run fn() under torch.profiler (CPU activity) and return {(op, where): count} for every DEVICE_WAIT_OPS op that
+    ran, at any depth, except inside CPU_ONLY_WAITS ops. `where` is the nearest enclosing aten op or record_function
+    (e.g. "aten::index" for a boolean mask), else, with `frames` (Python frames recorded: slow, for short runs), the
+    nearest frame of this repository's code as "file:function" (SyncCounter's key: an explicit .item(), or an index
+    given as a 0-d tensor, which Python reads before any op runs), else "top". Together with SyncCounter (this repository's own reads: .tolist() on the CPU is not an
+    op) it counts every wait for the device that a GPU run of the same code would have."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=frames) as prof:
+        fn()
+    waits = {}
+    for event in prof.events():
+        if event.name not in DEVICE_WAIT_OPS:
+            continue
+        parents, parent = [], event.cpu_parent
+        while parent is not None:
+            parents.append(parent.name)
+            parent = parent.cpu_parent
+        if any(name in CPU_ONLY_WAITS for name in parents):
+            continue
+        where = next(filter(None, map(_where, parents)), "top")
+        waits[(event.name, where)] = waits.get((event.name, where), 0) + 1
+    return waits
+
+
+_PYTHON_FRAME = re.compile(r"^(.*)\((\d+)\): (.*)$")  # a profiler event of a Python call: "path(LINE): function"
+
+
+def _where(name):
+    """device_waits' name for an enclosing profiler event, or None to look further out: an aten op or record_function
+    as it is, a Python frame of this repository's code (SyncCounter.ROOT, not its SKIP folders, not this module) as
+    "file:function"; other frames, built-in methods and the read itself are passed over."""
+    frame = _PYTHON_FRAME.match(name)
+    if frame is None:
+        return None if name.startswith("<built-in") or name in DEVICE_WAIT_OPS + ("aten::item",) else name
+    path, function = frame.group(1), frame.group(3)  # the path relative to the sys.path entry it came from
+    full = next((os.path.abspath(os.path.join(entry or os.getcwd(), path)) for entry in sys.path
+                 if os.path.isfile(os.path.join(entry or os.getcwd(), path))), path)
+    if (not full.startswith(SyncCounter.ROOT) or any(part in full for part in SyncCounter.SKIP)
+            or full == os.path.abspath(__file__)):  # device_waits' own call of fn()
+        return None
+    return f"{os.path.basename(path)}:{function}"

@@ -520,6 +520,32 @@ def test_batched_anderson_survives_singular_problems_and_blow_ups_per_image():
         solve_batched(f, x0, mixing="global")
 
 
+def test_no_wait_for_the_device_inside_torch_in_the_parallel_loops():
+    """Beside their own reads (SyncCounter, above and below), the parallel loops make torch wait for the device
+    nowhere: no 0-d tensor used as an index, no boolean mask, no value that decides a size (measure.device_waits,
+    from the profiler; it found the window's slide reading its end position at every iteration)."""
+    from diffusion import parallel
+    from fpdm.measure import device_waits
+    from fpdm.two_axis import two_axis_sample
+    diffusion = create_diffusion("ddim14", predict_v=True)
+    dit, fpdm = tiny_model(), tiny_model(fixed_point=True)
+    x, kwargs = inputs()
+    runs = {"anderson": lambda: parallel_ddim_sample(guided(dit), diffusion, x, model_kwargs=kwargs, tol=-1.0,
+                                                     max_iter=6, sync_every=3),
+            "state": lambda: parallel_ddim_sample(guided(dit), diffusion, x, model_kwargs=kwargs, tol=-1.0,
+                                                  max_iter=6, sync_every=3, mixing="state"),
+            "picard": lambda: parallel_ddim_sample(guided(dit), diffusion, x, "picard", model_kwargs=kwargs,
+                                                   tol=-1.0, max_iter=6, sync_every=3),
+            "window": lambda: parallel.sliding_window_solve(guided(dit), diffusion, x, 4, 0.0, model_kwargs=kwargs,
+                                                            sync_every=5),
+            "two-axis": lambda: two_axis_sample(guided(fpdm), diffusion, x, model_kwargs=kwargs, inner_iterations=1,
+                                                tol=-1.0, max_iter=6, sync_every=3)}
+    with torch.no_grad():
+        for name, run in runs.items():
+            run()  # the schedule tables on the device
+            assert device_waits(run) == {}, name
+
+
 def test_sync_every_through_the_samplers_and_sample_py(tmp_path):
     """parallel_ddim_sample, two-axis sampling and sample.py's --parallel-sync-every: the same samples, fewer host
     reads; sequential sampling refuses the flag."""
