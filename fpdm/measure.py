@@ -130,8 +130,10 @@ def device_waits(fn, frames=True):
     ran, at any depth, except inside CPU_ONLY_WAITS ops. `where` is the nearest enclosing aten op or record_function
     (e.g. "aten::index" for a boolean mask), else, with `frames` (Python frames recorded: slow, for short runs), the
     nearest frame of this repository's code as "file:function" (SyncCounter's key: an explicit .item(), or an index
-    given as a 0-d tensor, which Python reads before any op runs), else "top". Together with SyncCounter (this repository's own reads: .tolist() on the CPU is not an
-    op) it counts every wait for the device that a GPU run of the same code would have."""
+    given as a 0-d tensor, which Python reads before any op runs), else "top". With SyncCounter (this repository's
+    own reads: .tolist() on the CPU is not an op) it counts every wait for the device that a GPU run of the same code
+    would have, and more: on the CPU every tensor is on the host, so reads of tensors that a GPU run keeps on the host
+    too (diffusers' schedulers keep their timesteps and sigmas there) count here but make no GPU wait."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], with_stack=frames) as prof:

@@ -217,11 +217,15 @@ class GuidedModel:
             # reuse: the sampler decides, whatever the model was built with
             kwargs["policy"] = IterationPolicy(iters, self.tol, self.cache or False, self.fp_solver, stop)
         guided = self.cfg_scale != 1.0  # then the batch is doubled
-        if guided and (self.guidance_interval is not None or self.guidance_schedule != "constant"):
+        if guided and self.guidance_interval is not None:  # which branches run: decided on the host
             if t.numel() > 1 and not bool((t == t[0]).all()):
-                raise ValueError("a guidance interval or schedule needs one timestep per model call (a sequential "
-                                 "sampler, not parallel DDIM)")
+                raise ValueError("a guidance interval needs one timestep per model call (a sequential sampler, not "
+                                 "parallel DDIM)")
             scale = self.guidance_scale(float(t.flatten()[0]))
+        elif guided and self.guidance_schedule != "constant":
+            # each sample's scale from its own timestep, on the device (float64 as on the host, then the float32 the
+            # guidance mix rounds a Python scale to): no read of t, any timesteps in one call
+            scale = self.guidance_scale(t[:len(t) // 2].double()).float().view(-1, *(1,) * (x.dim() - 1))
         else:
             scale = self.cfg_scale
         # fp32 enters no context at all, so that a caller's own autocast (bench/) still applies.
@@ -273,9 +277,10 @@ class GuidedModel:
         layer's statistics are rebuilt from the replay (its residuals) and the capture (its iteration counts)."""
         iters = kwargs["policy"].num_iterations if "policy" in kwargs else None
         solution = () if self.cache is None or self.cache.solution is None else (self.cache.solution,)
-        # The guidance scale goes in as a tensor, so that one graph serves every scale (a guidance schedule); a
-        # fill, not a host-to-device copy.
-        scale_in = (torch.full((), scale, device=x.device),) if guided and scale is not None else ()
+        # The guidance scale goes in as a tensor, so that one graph serves every scale (a guidance interval's); a
+        # fill, not a host-to-device copy. A guidance schedule's per-sample scales are one already.
+        scale_in = () if not guided or scale is None else (scale,) if torch.is_tensor(scale) else (
+            torch.full((), scale, device=x.device),)
 
         def call(x, t, y, *rest):
             scale_arg, solution = (rest[0], rest[1:]) if scale_in else (scale, rest)

@@ -74,8 +74,9 @@ def test_sampling_syncs_once_per_sample_call():
         _, fn = run(model, diffusion, noise, labels, cfg_scale=2.0, iterations_per_step=3, reuse=True)
         assert counter.calls == {}, counter.calls
     # nor inside torch's ops (measure.device_waits: no 0-d index, no boolean mask, no value that decides a size)
-    assert device_waits(lambda: sample_images(model, diffusion, noise, labels, cfg_scale=2.0, iterations_per_step=3,
-                                              reuse=True)) == {}
+    for schedule in ("constant", "linear"):  # a linear guidance schedule's scales are computed on the device too
+        assert device_waits(lambda: sample_images(model, diffusion, noise, labels, cfg_scale=2.0, iterations_per_step=3,
+                                                  reuse=True, guidance_schedule=schedule)) == {}, schedule
     with SyncCounter() as counter:
         report = counter.counting(fn.compute)()
     assert counter.calls == {("tolist", "sampling.py:residuals"): 1}, counter.calls

@@ -83,6 +83,19 @@ def test_parallel_matches_sequential(steps, fixed_point, cfg_scale):
         assert torch.equal(picard[:2], picard[2:])
 
 
+def test_parallel_ddim_with_a_linear_guidance_schedule_matches_sequential():
+    """A linear guidance schedule scales each sample by its own timestep, on the device: parallel DDIM, whose calls
+    hold every state of the chain, converges to the sequential sample with the same schedule."""
+    net = tiny_model()
+    model = GuidedModel(net, 4.0, guidance_schedule="linear")
+    diffusion = create_diffusion("trailing10", predict_v=True)
+    x, kwargs = inputs(4.0)
+    reference = sequential(model, diffusion, x, kwargs)
+    anderson = parallel_ddim_sample(model, diffusion, x, "anderson", kwargs, max_iter=20, tol=1e-5)
+    assert (anderson - reference).abs().max() <= 1e-4
+    assert (reference - sequential(guided(net, 4.0), diffusion, x, kwargs)).abs().max() > 1e-2  # the schedule acts
+
+
 @pytest.mark.parametrize("case", ["epsilon_float64", "start_x", "zero_terminal_snr_v"])
 def test_other_parameterisations_match_sequential(case):
     net = tiny_model()
