@@ -477,22 +477,35 @@ def test_sync_every_reads_the_device_once_per_window_and_changes_no_result(metho
     assert set(runs[100][1]) == {4}  # never read before the end: all four images in every call
 
 
-def solve_loop_ops(method="anderson", mixing="image", iterations=10):
-    """Compute ops (aten ops that are not views or no-op casts, at the top of the call tree) of a whole
-    solve_batched call of `iterations` iterations with one read at the end, including f's (one multiply each)."""
+def compute_ops(run, outside=None):
+    """Compute ops (aten ops that are not views or no-op casts, at the top of the call tree) of run(), from
+    torch.profiler on the CPU (the same ops launch kernels on a GPU); with `outside`, not those within a
+    record_function of that name."""
     from torch.profiler import ProfilerActivity, profile
-
-    from diffusion.solvers import solve_batched
     views = {"select", "unsqueeze", "view", "flatten", "transpose", "numpy_T", "resolve_conj", "resolve_neg",
              "slice", "reshape", "expand", "as_strided", "t", "permute", "unflatten", "squeeze", "alias", "detach",
              "view_as", "_unsafe_view", "empty", "empty_like", "empty_strided", "lift_fresh"}
-    x0 = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    f = lambda x, idx: 0.5 * x
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        solve_batched(f, x0, method, max_iter=iterations, tol=-1.0, mixing=mixing, sync_every=iterations)
+        run()
+
+    def within(event):
+        parent = event.cpu_parent
+        while parent is not None and parent.name != outside:
+            parent = parent.cpu_parent
+        return parent is not None
     return len([e for e in prof.events() if e.name.startswith("aten::") and e.name[6:] not in views
                 and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
-                and not (e.name == "aten::to" and not e.cpu_children)])
+                and not (e.name == "aten::to" and not e.cpu_children) and not (outside and within(e))])
+
+
+def solve_loop_ops(method="anderson", mixing="image", iterations=10):
+    """Compute ops of a whole solve_batched call of `iterations` iterations with one read at the end, including f's
+    (one multiply each)."""
+    from diffusion.solvers import solve_batched
+    x0 = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    f = lambda x, idx: 0.5 * x
+    return compute_ops(lambda: solve_batched(f, x0, method, max_iter=iterations, tol=-1.0, mixing=mixing,
+                                             sync_every=iterations))
 
 
 def test_one_iteration_of_the_solve_loop_is_a_fixed_list_of_ops():
@@ -503,6 +516,41 @@ def test_one_iteration_of_the_solve_loop_is_a_fixed_list_of_ops():
     for method, mixing, most in (("anderson", "image", 52), ("anderson", "state", 53), ("picard", "image", 17)):
         per_iteration = (solve_loop_ops(method, mixing, 12) - solve_loop_ops(method, mixing, 6)) / 6
         assert per_iteration == int(per_iteration) and per_iteration <= most, (method, mixing, per_iteration)
+
+
+def test_the_ops_around_the_network_per_parallel_iteration_are_a_fixed_list():
+    """Compute ops per iteration outside the network calls (the solver, the DDIM chain map, p_mean_variance, the
+    guidance wrapper, two-axis sampling's layer states), each iteration the same list: DEQ-DDIM (Anderson per image)
+    97, two-axis sampling 99, ParaDiGMS' window 100 (2026-12-07), against a network call of hundreds."""
+    from torch.profiler import record_function
+
+    from diffusion import parallel
+    from fpdm.two_axis import two_axis_sample
+
+    def marked(net):
+        forward = net.forward
+
+        def call(*args, **kwargs):
+            with record_function("network"):
+                return forward(*args, **kwargs)
+        net.forward = call
+        return net
+    dit, fpdm = marked(tiny_model()), marked(tiny_model(fixed_point=True))
+    x, kwargs = inputs()
+    short, long = create_diffusion("ddim10", predict_v=True), create_diffusion("ddim16", predict_v=True)
+    runs = {  # (run with n iterations, at most this many ops per iteration)
+        "deq-ddim": (lambda n: parallel_ddim_sample(guided(dit), short, x, model_kwargs=kwargs, tol=-1.0, max_iter=n,
+                                                    sync_every=n), 97),
+        "two-axis": (lambda n: two_axis_sample(guided(fpdm), short, x, model_kwargs=kwargs, inner_iterations=1,
+                                               tol=-1.0, max_iter=n, sync_every=n), 99),
+        # tol = 0 slides one step per iteration: as many iterations as steps
+        "window": (lambda n: parallel.sliding_window_solve(guided(dit), {10: short, 16: long}[n], x, 4, 0.0,
+                                                           model_kwargs=kwargs, sync_every=n), 100)}
+    with torch.no_grad():
+        for name, (run, most) in runs.items():
+            run(10), run(16)  # tables on the device
+            per_iteration = (compute_ops(lambda: run(16), "network") - compute_ops(lambda: run(10), "network")) / 6
+            assert per_iteration == int(per_iteration) and per_iteration <= most, (name, per_iteration)
 
 
 def test_batched_anderson_survives_singular_problems_and_blow_ups_per_image():
