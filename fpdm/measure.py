@@ -1,4 +1,5 @@
-"""Shared by bench/ and experiments/: bytes autograd saves for backward, peak RSS, and random-weight models."""
+"""Shared by bench/, experiments/ and tests: bytes autograd saves for backward, peak RSS, random-weight models, and
+the waits for the device: this repository's reads (SyncCounter) and those inside torch's ops (device_waits)."""
 
 import os
 import re

@@ -277,8 +277,8 @@ class GuidedModel:
         layer's statistics are rebuilt from the replay (its residuals) and the capture (its iteration counts)."""
         iters = kwargs["policy"].num_iterations if "policy" in kwargs else None
         solution = () if self.cache is None or self.cache.solution is None else (self.cache.solution,)
-        # The guidance scale goes in as a tensor, so that one graph serves every scale (a guidance interval's); a
-        # fill, not a host-to-device copy. A guidance schedule's per-sample scales are one already.
+        # The guidance scale goes in as a tensor, so that one graph serves every scale (a schedule within a guidance
+        # interval); a fill, not a host-to-device copy. A schedule's per-sample scales are a device tensor already.
         scale_in = () if not guided or scale is None else (scale,) if torch.is_tensor(scale) else (
             torch.full((), scale, device=x.device),)
 
