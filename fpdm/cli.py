@@ -112,6 +112,9 @@ def check_settings(cfg, model, sampler):
     if g.cfg_scale == 1.0:
         refuse_given(cfg, ["guidance_interval", "guidance_schedule", "guidance_channels"],
                      "shapes classifier-free guidance: give --cfg-scale other than 1")
+    if caps.parallel:  # which branches run is decided per call, and a parallel call holds every timestep
+        refuse_given(cfg, ["guidance_interval"], "needs one timestep per model call: sample sequentially (a guidance "
+                     "schedule works with --parallel)")
     if is_pixel_model(model):
         refuse_given(cfg, ["vae"], "decodes latents; this model samples pixels")
     if not model.fixed_point:

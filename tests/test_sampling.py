@@ -333,6 +333,16 @@ def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="one FPDM iteration count"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "picard", "--reuse",
                                                "--out", str(tmp_path / "bad")]))
+    # A guidance schedule scales each state by its own timestep: parallel takes it; an interval is refused up front.
+    _, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2",
+        "--guidance-schedule", "linear", "--num-samples", "2", "--parallel", "anderson", "--parallel-tol", "1e-6",
+        "--parallel-max-iter", "30", "--compare-sequential", "--out", str(tmp_path / "linear"), "--device", "cpu"]))
+    assert report["sequential"]["max_abs_difference"] < 1e-3
+    with pytest.raises(ValueError, match="--guidance-interval needs one timestep per model call"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "anderson", "--cfg-scale", "2",
+                                               "--guidance-interval", "300", "700", "--out", str(tmp_path / "int")]))
+    assert not (tmp_path / "int").exists()
 
 
 def test_sample_cli_two_axis(checkpoint, tmp_path):
