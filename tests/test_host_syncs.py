@@ -9,11 +9,10 @@ fused AdamW)."""
 import numpy as np
 import pytest
 import torch
+from torch.profiler import record_function
 
 import train
 from fpdm import training
-from torch.profiler import record_function
-
 from fpdm.measure import SyncCounter, device_waits
 from test_train import TINY_ARGS
 
