@@ -20,14 +20,12 @@ as plain data.
 import copy
 import logging
 import os
-import random
 import signal
 import sys
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 
 from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -59,6 +57,8 @@ def main(cfg):
 
 
 def _train(cfg, cleanup, stop_signals):
+    from accelerate.utils import set_seed
+
     from diffusion import create_diffusion
     from fpdm import data
     o, r = cfg.optim, cfg.run
@@ -80,11 +80,12 @@ def _train(cfg, cleanup, stop_signals):
     threads = cpu_threads.configure(device, world)  # CPU runs: the free cores only (logged below)
     if device.type == "cuda":  # TensorFloat-32 matmuls and convolutions on Ampere and later (--no-tf32: full fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = o.tf32
-    for seed in (torch.manual_seed, random.seed, np.random.seed):
-        seed(o.seed * 1000 + rank)
-
+    # The initial weights from one seed on every process: DDP's prepare gives every model rank 0's weights, but not
+    # the EMA copied here, which each process keeps and samples its share of FID during training from.
+    set_seed(o.seed * 1000)
     model, init_report = build_model(cfg, dataset, ckpt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    set_seed(o.seed * 1000 + rank)  # everything after: per process
     diffusion = create_diffusion("", **asdict(cfg.diffusion), min_snr_gamma=o.min_snr_gamma).prepare(device)
     optimizer, scheduler = make_optimizer(cfg, model, device)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -114,8 +115,13 @@ def _train(cfg, cleanup, stop_signals):
     if saved_rng is not None:
         set_rng_state(saved_rng)  # last, so that nothing above consumes the restored stream (previews, evaluation)
 
+    # Due at the checkpoint this run resumes from, and not made there (a preempted run stops before them; a run that
+    # died in one continues after its checkpoint, which comes first):
+    if (r.sample_every and r.num_sample_images and step and step % r.sample_every == 0 and accelerator.is_main_process
+            and not os.path.exists(preview.path(step))):
+        logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
     if evaluator is not None and step and step % r.eval_every == 0 and not evaluator.has_row(step):
-        evaluator.run(step, background)  # due at the step a preempted run stopped at, and skipped there
+        evaluator.run(step, background)
     model.train()
     progress = tqdm(total=o.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
@@ -133,15 +139,19 @@ def _train(cfg, cleanup, stop_signals):
             residual_by_t = metrics.take_residual_by_t(accelerator)  # every process: a reduction
             if diagnostics is not None:  # the contraction estimate on the probe batch: here, never per step
                 log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker, background)
-        if stop:  # this step's checkpoint now (a scheduler's grace period is short): its preview and evaluation, if
+        # The checkpoint first: a preview or an evaluation that fails (memory, a bad reference) loses no training.
+        if stop or step % r.ckpt_every == 0 or step == o.max_steps:
             last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
-            break  # due, are made by the resumed run first (below)
-        if r.sample_every and r.num_sample_images and step % r.sample_every == 0 and accelerator.is_main_process:
-            logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
-        if evaluator is not None and step % r.eval_every == 0:
-            evaluator.run(step, background)
-        if step % r.ckpt_every == 0 or step == o.max_steps:
-            last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
+        if stop:  # now (a scheduler's grace period is short): its preview and evaluation, if due, are made by the
+            break  # resumed run first (above)
+        due_preview = r.sample_every and r.num_sample_images and step % r.sample_every == 0
+        due_eval = evaluator is not None and step % r.eval_every == 0
+        if due_preview or due_eval:
+            with metrics.apart():
+                if due_preview and accelerator.is_main_process:
+                    logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
+                if due_eval:
+                    evaluator.run(step, background)
     progress.close()
     if stop:  # before the last barrier: no process exits before the main one has recorded it
         preemption = preempted(run_dir, stop, step, last_good, accelerator)
@@ -186,7 +196,10 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
     # after the same one. (One small collective and one sync per step, as before; the flag is filled on the device.)
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    local = torch.stack([nonfinite + ~torch.isfinite(torch.as_tensor(grad_norm).to(device)),
+    # fp16's GradScaler: infinite gradients are its overflow signal, no error (it skips the step and lowers its
+    # scale); a non-finite loss still is.
+    bad_grad = ~torch.isfinite(torch.as_tensor(grad_norm).to(device)) if accelerator.scaler is None else 0
+    local = torch.stack([nonfinite + bad_grad,
                          torch.full((), float(getattr(stop_signals, "received", 0)), device=device)])
     bad, stop = accelerator.reduce(local, reduction="max").tolist()
     if bad:
@@ -196,7 +209,8 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
                                  f"check the data)")
     lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
     optimizer.step()
-    scheduler.step()
+    if accelerator.scaler is None or not optimizer.step_was_skipped:  # fp16: a skipped step leaves the rate too
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr, int(stop)
 

@@ -164,6 +164,8 @@ class RunConfig:
     eval_every: int = opt(0, "FID of the EMA model every N steps, into eval.csv and the tracker (0: off)")
     eval_samples: int = opt(1000, "samples per FID evaluation (fixed noise and labels, sharded over processes)")
     eval_steps: int = opt(20, "sampling steps of the FID evaluations (--sample-sampler, --sample-cfg-scale)")
+    eval_batch_size: int = opt(256, "images each process samples at once in FID evaluations (guidance doubles the "
+                               "network's batch); memory only, the samples do not depend on it")
     eval_reference: str = opt(None, "image data: the FID reference (an ADM batch, an evaluate.py stats file or "
                               "images); the bundled digits use FID-MNIST against the real digits", str)
     eval_inception: str = opt(None, "image data: the FID Inception weights file (default: evaluate.py's)", str)
@@ -186,8 +188,8 @@ class RunConfig:
         for name in ("sample_every", "num_sample_images", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.eval_samples < 1 or self.eval_steps < 1:
-            raise ValueError("--eval-samples and --eval-steps must be >= 1")
+        if self.eval_samples < 1 or self.eval_steps < 1 or self.eval_batch_size < 1:
+            raise ValueError("--eval-samples, --eval-steps and --eval-batch-size must be >= 1")
         if self.tracker not in ("auto", "wandb", "tensorboard", "none"):
             raise ValueError(f"unknown --tracker {self.tracker!r}: use auto, wandb, tensorboard or none")
         from fpdm.sampling import SAMPLERS
@@ -254,12 +256,11 @@ ARCHITECTURE = ("model", "hidden_size", "depth", "num_heads", "patch_size", "fix
 # Settings a resumed run may change freely: how long, how often it logs / checkpoints / previews, where it reads
 # and writes, and memory-for-speed switches that leave the numbers alone. Any other difference needs --override.
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "fp_diagnostics", "fp_diagnostics_every", "fp_power_iterations",
-                     "ckpt_every", "keep_last", "vae", "grad_accum_steps",
-                     "sample_every", "sample_steps",
+                     "ckpt_every", "keep_last", "vae", "grad_accum_steps", "sample_every", "sample_steps",
                      "sample_sampler", "sample_cfg_scale", "eval_every", "eval_samples", "eval_steps",
-                     "eval_reference", "eval_inception", "num_sample_images", "tracker", "num_workers", "resume", "results_dir",
-                     "run_name", "compile", "grad_ckpt", "grad_ckpt_iterations", "trust_checkpoint", "init_from",
-                     "override")
+                     "eval_batch_size", "eval_reference", "eval_inception", "num_sample_images", "tracker",
+                     "num_workers", "resume", "results_dir", "run_name", "compile", "grad_ckpt",
+                     "grad_ckpt_iterations", "trust_checkpoint", "init_from", "override")
 
 # ------------------------------------------------------------------------------------------------------------------
 # Presets: the README's and the paper's recipes, each a readable difference from the defaults above

@@ -11,6 +11,7 @@ statistics of all 5,000 real digits at each MNISTDigits size (7, 14, 28, 32 px):
 digits of their own size.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -355,6 +356,19 @@ def _sha256_file(path, digest=None):
     return digest
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """Matmuls and convolutions in full float32 on GPUs inside, whatever the process set: the Inception features
+    are the metrics' numbers, and TF32 (PyTorch's default for convolutions; train.py and sample.py turn it on for
+    matmuls too) would move them."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 class InceptionFeatures(nn.Module):
     """The FID Inception-v3: uint8 images (N, H, W, C) -> pool3 (2048-d) features, and in the same forward pass
     (`forward_all`, `all_features`) sFID's spatial features (2023-d) and the 1008-way logits of the Inception Score.
@@ -398,7 +412,8 @@ class InceptionFeatures(nn.Module):
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(x / 127.5 - 1)
+        with full_fp32():
+            return self.net(x / 127.5 - 1)
 
     @torch.no_grad()
     def forward_all(self, images):

@@ -4,6 +4,7 @@ resume and checkpoints, preemption (`PREEMPTED_EXIT_CODE`, `TrainingPreempted`),
 (`StepBatchSampler`), the metrics window, previews, FID during training (`Evaluator`) and fixed-point diagnostics
 rows."""
 
+import contextlib
 import csv
 import errno
 import json
@@ -23,8 +24,8 @@ from fpdm.checkpoints import (resume_checkpoint, rng_state, set_rng_state,
                               write_training_checkpoint)
 from fpdm.diagnostics import BUCKETS, timestep_buckets
 from fpdm.measure import peak_rss_bytes
-from fpdm.run_folders import (STOPPED_EXIT_CODE, RunLock, atomic_write, check_writable, remove_stale_temporaries,
-                               truncate_metrics)
+from fpdm.run_folders import (COLLECTIVE_TIMEOUT, STOPPED_EXIT_CODE, RunLock, atomic_write, check_writable,
+                               remove_stale_temporaries, truncate_metrics)
 
 logger = logging.getLogger("train")
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -162,14 +163,15 @@ def preempted(run_dir, signum, step, checkpoint, accelerator):
 
 def make_accelerator(cfg, run_dir):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
     # find_unused_parameters only when an S-JFB draw may have no with-grad iteration (see models.py).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.fp.fixed_point and
                                         cfg.fp.fixed_point_with_grad_min_iters == 0)
     tracker = choose_tracker(cfg.run.tracker)
     # mixed_precision None: the accelerate launch config (or its --mixed_precision) decides; "no" without one.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.optim.mixed_precision,
-                              kwargs_handlers=[ddp], log_with=tracker, project_dir=run_dir)
+                              kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                              log_with=tracker, project_dir=run_dir)
     return accelerator, tracker
 
 
@@ -220,11 +222,13 @@ def build_model(cfg, dataset, ckpt):
 
 
 def restore(ckpt, raw_model, ema, optimizer, scheduler, cfg, accelerator):
-    """Load a checkpoint's weights, EMA, optimizer and schedule; returns its step."""
+    """Load a checkpoint's weights, EMA, optimizer, schedule and fp16 loss scale; returns its step."""
     raw_model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["opt"])
     scheduler.load_state_dict(ckpt["sched"])
+    if accelerator.scaler is not None and ckpt.get("scaler"):  # fp16: the scale it had found, not 65536 again
+        accelerator.scaler.load_state_dict(ckpt["scaler"])
     # The optimizer state carries the old run's rates: apply this run's (equal unless --override changed them).
     lr, weight_decay = cfg.optim.lr, cfg.optim.weight_decay
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
@@ -374,7 +378,9 @@ def save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, ac
                 "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
                 "sched": scheduler.state_dict(), "config": cfg.flat(), "model_config": raw_model.config,
                 "world_size": accelerator.num_processes, "rng": states,
-                "mixed_precision_used": accelerator.mixed_precision}, cfg.run.keep_last)
+                "mixed_precision_used": accelerator.mixed_precision,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
+                cfg.run.keep_last)
         except OSError as e:  # disk full, quota, read-only: atomic writes leave the previous checkpoint whole
             raise CheckpointWriteError(checkpoint_write_failure(run_dir, name, e)) from None
         logger.info("saved %s", name)
@@ -489,6 +495,20 @@ class MetricsWindow:
     def reset(self):
         self.loss, self.steps, self.start = torch.zeros((), device=self.device), 0, time.time()
         self.micro, self.sjfb, self.residual = 0, [0, 0], 0.0
+        if self.device.type == "cuda":  # peak_mem_mb: this window's (a CPU run's is the process's peak RSS)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextlib.contextmanager
+    def apart(self):
+        """Work between steps (previews, evaluations) inside: its time and GPU memory stay out of the window's
+        images/s and peak_mem_mb."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.start += time.time() - start
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
 
     def take_residual_by_t(self, accelerator):
         """The mean final relative residual per timestep bucket since the last call, over all processes (NaN where
@@ -575,9 +595,23 @@ def log_images(accelerator, step, paths):
             tracker.log_images({name: [array] for name, array in images.items()}, step=step)
 
 
+@contextlib.contextmanager
+def seeded(seed):
+    """Inside, every RNG (torch, CUDA, NumPy, Python) starts from `seed`; afterwards each is as before. Previews and
+    evaluations draw inside (DDPM's step noise), so they do not depend on when they run, a resumed run gives the
+    same, and the training RNG, with exact resume, is untouched."""
+    from accelerate.utils import set_seed
+    saved = rng_state()
+    set_seed(seed % 2**32)  # NumPy's seeds are 32-bit
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
 class Preview:
-    """EMA sample grids on fixed noise and labels (their own generator: the training RNG is not disturbed); latent
-    samples decoded through the run's VAE."""
+    """EMA sample grids on fixed noise and labels (their own generator), any further draws (DDPM's) seeded by the
+    step (`seeded`); latent samples decoded through the run's VAE."""
 
     def __init__(self, cfg, dataset, ema, run_dir, device, decoder=None):
         from fpdm.sampling import diffusion_for_sampling
@@ -595,8 +629,9 @@ class Preview:
         """The grid of `step` (also to the trackers of `accelerator`); returns its path."""
         from fpdm.sampling import sample_images, save_grid
         cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
-        images, _ = sample_images(self.ema, self.diffusion, self.noise, self.labels, cfg_scale=cfg_scale,
-                                  sampler=self.cfg.run.sample_sampler)
+        with seeded(self.cfg.optim.seed * 1_000_003 + step):
+            images, _ = sample_images(self.ema, self.diffusion, self.noise, self.labels, cfg_scale=cfg_scale,
+                                      sampler=self.cfg.run.sample_sampler)
         images = to_pixels(images, self.decoder)
         classes = self.dataset.num_classes
         path = save_grid(images, self.path(step), nrow=classes if 1 < classes <= 16 else int(math.sqrt(len(images))))
@@ -606,11 +641,14 @@ class Preview:
 
 class Evaluator:
     """FID during training (--eval-every N, --eval-samples K): the EMA model samples K images on fixed noise and
-    labels (their own generator), sharded over the processes (process r takes samples r, r + world, ...; latents are
-    decoded there, through the run's VAE); the main process scores them — FID-MNIST and class accuracy on the
-    bundled digits, Inception FID against --eval-reference otherwise — and appends a row to eval.csv and the
-    tracker. Every RNG state is saved before and restored after, so the training RNG, and with it exact resume, is
-    untouched."""
+    labels (their own generator), sharded over the processes (process r takes samples r, r + world, ...), in chunks
+    of --eval-batch-size per process (latents decoded there, through the run's VAE, in the VAE's own chunks), with
+    the network calls in bf16 under a bf16 launch (as sample.py --precision bf16). On image data every process also
+    computes its samples' Inception features, and only those (2048 numbers per image) are gathered; the bundled
+    digits gather the samples themselves. The main process scores them — FID-MNIST and class accuracy on the digits,
+    Inception FID against --eval-reference otherwise — and appends a row to eval.csv and the tracker. The Inception
+    weights and the reference statistics load when the run starts, so a wrong path fails before step 1, not at the
+    first evaluation. Any draws of the sampler (DDPM's) are seeded by the step and the process (`seeded`)."""
 
     FIELDS = ["step", "metric", "value", "accuracy", "num_samples", "seconds"]
 
@@ -628,7 +666,22 @@ class Evaluator:
         self.noise, self.my_labels = noise[self.mine].to(accelerator.device), labels[self.mine].to(accelerator.device)
         self.per_process = -(-k // world)
         self.diffusion = diffusion_for_sampling(cfg.flat(), cfg.run.eval_steps)
+        self.precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
         self.mnist = cfg.data.data_path == "mnist"
+        if not self.mnist:
+            from fpdm import metrics
+            weights = os.path.expanduser(cfg.run.eval_inception or metrics.DEFAULT_INCEPTION)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"FID during training: no Inception weights at {weights}: pass --eval-inception "
+                                        f"PATH (pytorch-fid's FID Inception-v3, {metrics.INCEPTION_URL})")
+            self.inception = metrics.InceptionFeatures(weights=weights).to(accelerator.device)
+            self.reference = None
+            if accelerator.is_main_process:
+                try:
+                    self.reference = metrics.load_reference(cfg.run.eval_reference, self.inception,
+                                                            need_features=False)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"--eval-reference: {e}") from None
         if accelerator.is_main_process:
             truncate_metrics(self.path, step)  # rows after the checkpoint a resumed run continues from
             if not os.path.exists(self.path):
@@ -647,30 +700,43 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, step, background=None):
-        """Sample, gather and score; every RNG (torch, CUDA, NumPy, Python) is as before afterwards. eval.png is
+        """Sample, gather and score, any draws (DDPM's) seeded by the step and process (`seeded`). eval.png is
         redrawn on `background` (a BackgroundWork) if given."""
-        saved = rng_state()
-        try:
+        with seeded((self.cfg.optim.seed * 1_000_003 + step) * 1024 + self.accelerator.process_index + 1):
             return self._run(step, background)
-        finally:
-            set_rng_state(saved)
+
+    def _shares(self):
+        """This process's share, --eval-batch-size at a time: the digits as images in [-1, 1], image data as
+        Inception features (float64)."""
+        from fpdm.sampling import sample_images, to_uint8
+        cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
+        size = self.cfg.run.eval_batch_size
+        for i in range(0, len(self.noise), size):
+            samples, _ = sample_images(self.ema, self.diffusion, self.noise[i:i + size], self.my_labels[i:i + size],
+                                       cfg_scale=cfg_scale, sampler=self.cfg.run.sample_sampler,
+                                       precision=self.precision)
+            images = to_pixels(samples, self.decoder)
+            if self.mnist:
+                yield images.float()
+            else:
+                features = self.inception.features(to_uint8(images), progress=False)
+                yield torch.from_numpy(features).to(self.accelerator.device)
 
     def _run(self, step, background=None):
-        from fpdm.sampling import sample_images
         start = time.time()
-        cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
-        images, _ = sample_images(self.ema, self.diffusion, self.noise, self.my_labels, cfg_scale=cfg_scale,
-                                  sampler=self.cfg.run.sample_sampler)
-        images = to_pixels(images, self.decoder)
-        padded = torch.zeros(self.per_process, *images.shape[1:], device=images.device, dtype=images.dtype)
-        padded[:len(images)] = images
+        shares = list(self._shares())
+        shape = self.dataset.image_shape if self.mnist else (2048,)
+        padded = torch.zeros(self.per_process, *shape, device=self.accelerator.device,
+                             dtype=torch.float32 if self.mnist else torch.float64)
+        if shares:
+            padded[:len(self.noise)] = torch.cat(shares)
         gathered = self.accelerator.gather(padded.contiguous())  # rank-major: rank r's j-th is sample r + j·world
         if not self.accelerator.is_main_process:
             return None
         world, k = self.accelerator.num_processes, self.cfg.run.eval_samples
         order = torch.tensor([r * self.per_process + j for i in range(k) for r, j in [(i % world, i // world)]])
-        samples = gathered[order.to(gathered.device)].float().cpu()
-        metric, value, accuracy = self._score(samples)
+        gathered = gathered[order.to(gathered.device)].cpu()
+        metric, value, accuracy = self._score(gathered)
         row = {"step": step, "metric": metric, "value": value, "accuracy": accuracy, "num_samples": k,
                "seconds": time.time() - start}
         with open(self.path, "a", newline="") as f:
@@ -705,20 +771,14 @@ class Evaluator:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
         return path
 
-    def _score(self, samples):
+    def _score(self, gathered):
+        """(metric, value, accuracy) of all K samples: `gathered` holds the digits' images, or image data's
+        Inception features."""
         from fpdm import metrics
         if self.mnist:
-            result = metrics.evaluate_mnist(samples, self.labels)
+            result = metrics.evaluate_mnist(gathered, self.labels)
             return "fid_mnist", result["fid_mnist"], result["accuracy"]
-        if not hasattr(self, "inception"):
-            weights = self.cfg.run.eval_inception or metrics.DEFAULT_INCEPTION
-            self.inception = metrics.InceptionFeatures(weights=os.path.expanduser(weights)).to(self.accelerator.device)
-            self.reference = metrics.load_reference(self.cfg.run.eval_reference, self.inception, need_features=False)
-        pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        if pixels.shape[-1] == 1:
-            pixels = pixels.repeat(3, axis=-1)
-        features = self.inception.features(pixels, progress=False)
-        fid = metrics.frechet_distance(*metrics.feature_statistics(features), self.reference.mu,
+        fid = metrics.frechet_distance(*metrics.feature_statistics(gathered.numpy()), self.reference.mu,
                                        self.reference.sigma)
         return "fid", fid, None
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -226,6 +227,47 @@ def test_nan_loss_stops_without_saving(tmp_path, monkeypatch):
     assert json.load(open(run_dir / "latest.json"))["step"] == 3
 
 
+def test_fp16_loss_scale_overflows_skip_the_step_and_the_scale_survives_a_resume(tmp_path, monkeypatch):
+    """--mixed-precision fp16 (a GradScaler; on this CPU emulated by giving accelerate one): a scale so high that the
+    gradients overflow is the scaler's normal signal, no NaN error; it skips those steps (weights unchanged), lowers
+    its scale and trains on. The scale is in the checkpoint and a resumed run continues with it."""
+    from fpdm import training
+    real_make, real_step, steps = training.make_accelerator, torch.optim.AdamW.step, {"n": 0}
+
+    def fp16_accelerator(cfg, run_dir):
+        accelerator, tracker = real_make(cfg, run_dir)
+        accelerator.native_amp = True  # accelerate keeps the scaler to CUDA; its code path is the same
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 126, backoff_factor=2.0 ** -116,
+                                                  growth_interval=1000)
+        return accelerator, tracker
+
+    def counting_step(self, *args, **kwargs):
+        steps["n"] += 1
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(train, "make_accelerator", fp16_accelerator)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    run_dir = run(tmp_path, "--max-steps", "4", "--mixed-precision", "fp16", "--ckpt-every", "4", "--warmup-steps", "10")
+    rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
+    norms = [math.isfinite(float(r["grad_norm"])) for r in rows]
+    assert norms == [False, True, True, True] and steps["n"] == 3  # the overflow skipped, then trained
+    assert rows[0]["lr"] == rows[1]["lr"] != rows[2]["lr"]  # the warm-up waits for the first step taken
+    scale = torch.load(os.path.join(run_dir, "checkpoints", "step_0000004.pt"), weights_only=True)["scaler"]["scale"]
+    assert scale == 2.0 ** 10
+    reset_accelerate()
+    seen = {}
+    real_train_step = train.train_step
+
+    def recording_train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler, accelerator,
+                             *args, **kwargs):
+        seen.setdefault("scale", accelerator.scaler.get_scale())
+        return real_train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler, accelerator,
+                               *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording_train_step)
+    run(tmp_path, "--max-steps", "5", "--mixed-precision", "fp16", "--ckpt-every", "4", "--warmup-steps", "10",
+        "--resume", "auto")
+    assert seen["scale"] == pytest.approx(scale)
+
+
 def test_nan_in_any_micro_batch_never_reaches_the_optimizer(tmp_path, monkeypatch):
     """Gradient accumulation 4, a NaN loss in the FIRST micro-batch of step 2: the run stops before the optimizer
     steps, and the last checkpoint (step 1) is unchanged. The old guard checked only the last micro-batch."""
@@ -299,8 +341,8 @@ def test_two_process_cpu_run_through_accelerate(tmp_path):
     accumulation 2 × micro-batch 2, equals `python train.py` with 1 process × batch 8 — random S-JFB counts, label
     dropout 0.1, no harness: the same losses and weights after 4 steps. A run resumed from the 2-process run's step-2
     checkpoint on 1 process continues the same run. One checkpoint per rank's RNG."""
-    flags = [*TINY_ARGS, "--results-dir", str(tmp_path), "--max-steps", "4",
-             "--ckpt-every", "2", "--eval-every", "2", "--eval-samples", "9", "--eval-steps", "3"]
+    flags = [*TINY_ARGS, "--results-dir", str(tmp_path), "--max-steps", "4", "--ckpt-every", "2", "--eval-every",
+             "2", "--eval-samples", "9", "--eval-steps", "3", "--ema-decay", "0.5"]  # an EMA far from the init
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
            os.path.join(ROOT, "aconfs", "cpu_2proc.yaml"), "--main_process_port", "29517",
            os.path.join(ROOT, "train.py"), *flags, "--run-name", "ddp", "--grad-accum-steps", "2"]
@@ -325,7 +367,8 @@ def test_two_process_cpu_run_through_accelerate(tmp_path):
     for x, y in zip(final_weights(resumed, 4), final_weights(single, 4)):
         for key in x:
             torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-4, msg=key)
-    # FID during training, sharded (5 + 4 samples) and gathered: the same samples, so the same FID-MNIST.
+    # FID during training, sharded (5 + 4 samples) and gathered: the same samples, so the same FID-MNIST (each
+    # process samples from its own EMA, which must start from the same weights as rank 0's).
     sharded, alone = eval_rows(tmp_path / "ddp"), eval_rows(single)
     assert [r["step"] for r in sharded] == [r["step"] for r in alone] == ["2", "4"]
     assert [float(r["value"]) for r in sharded] == pytest.approx([float(r["value"]) for r in alone], rel=1e-3)
@@ -361,7 +404,8 @@ def free_port():
 def test_sjfb_draws_are_the_same_on_every_rank_machine_and_world_size(tmp_path, monkeypatch):
     """Two "machines" of one process each (the multi-node recipe over loopback) run the same random S-JFB counts on
     both ranks at every micro-batch, the same sequence as one process and as `training.sjfb_counts`, and a run resumed
-    on them ends bit-exactly where an uninterrupted one does."""
+    on them ends bit-exactly where an uninterrupted one does. Both ranks hold the same EMA at every step (each samples
+    its share of FID during training from its own), as one process does."""
     flags = [*TINY_ARGS, "--results-dir", str(tmp_path), "--grad-accum-steps", "2", "--ckpt-every", "2",
              "--num-sample-images", "0"]
     launch_two_machines(tmp_path, [*flags, "--run-name", "straight", "--max-steps", "5"], free_port(),
@@ -376,6 +420,8 @@ def test_sjfb_draws_are_the_same_on_every_rank_machine_and_world_size(tmp_path, 
     for name in ("straight", "split"):
         for rank in (0, 1):
             assert sjfb_recording_train.read_draws(tmp_path / f"{name}.{rank}") == expected, (name, rank)
+        emas = [(tmp_path / f"{name}.ema.{rank}").read_text().split() for rank in (0, 1)]
+        assert len(emas[0]) == 5 and emas[0] == emas[1], name  # split: 2 steps, then 3 resumed
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     for a, b in zip(final_weights(tmp_path / "split", 5), final_weights(tmp_path / "straight", 5)):
         for key in a:
@@ -383,8 +429,12 @@ def test_sjfb_draws_are_the_same_on_every_rank_machine_and_world_size(tmp_path, 
 
     from models import FPDM
     monkeypatch.setattr(FPDM, "solve", sjfb_recording_train.recording_solve(FPDM.solve, tmp_path / "single_draws"))
+    monkeypatch.setattr(train, "update_ema", sjfb_recording_train.recording_update_ema(training.update_ema,
+                                                                                      tmp_path / "single_ema"))
     train.main(train.parse_args([*flags, "--run-name", "single", "--max-steps", "5"]))
     assert sjfb_recording_train.read_draws(tmp_path / "single_draws") == expected
+    ema = [float(x) for x in (tmp_path / "single_ema").read_text().split()]
+    assert ema == pytest.approx([float(x) for x in (tmp_path / "straight.ema.0").read_text().split()], rel=1e-5)
 
 
 def test_init_fpdm_from_a_trained_dit(tmp_path):
@@ -612,3 +662,18 @@ def test_fid_during_training_on_image_data_needs_a_reference(tmp_path):
     cfg = configs.parse_args(["--data-path", str(tmp_path), "--eval-every", "100"])
     with pytest.raises(ValueError, match="--eval-every on image data needs --eval-reference"):
         cfg.validate()
+
+
+def test_previews_and_evaluations_stay_out_of_the_metrics_window(tmp_path, monkeypatch):
+    """Time spent inside `MetricsWindow.apart()` (train.py's previews and FID evaluations) is not counted in the
+    window's steps/s and images/s."""
+    from types import SimpleNamespace
+    clock = {"t": 0.0}
+    monkeypatch.setattr(training.time, "time", lambda: clock["t"])
+    cfg = train.parse_args([*TINY_ARGS, "--results-dir", str(tmp_path)])
+    window = training.MetricsWindow(str(tmp_path / "metrics.csv"), cfg, SimpleNamespace(
+        is_main_process=False, device=torch.device("cpu")), None)
+    clock["t"] = 10.0  # 10 s of training
+    with window.apart():
+        clock["t"] = 1010.0  # a 1,000 s evaluation
+    assert clock["t"] - window.start == 10.0

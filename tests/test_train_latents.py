@@ -58,8 +58,8 @@ def latent_run_inputs(tmp_path_factory):
 
 
 def test_previews_and_fid_decode_latents_through_the_vae(latent_run_inputs, tmp_path, monkeypatch):
-    """The images Inception scores equal vae.decode(latents / scaling_factor) mapped to uint8, and the preview grid
-    shows the decoded images: not the first 3 latent channels."""
+    """The images Inception scores equal vae.decode(latents / scaling_factor) mapped to uint8, sampled in chunks of
+    --eval-batch-size, and the preview grid shows the decoded images: not the first 3 latent channels."""
     from diffusers import AutoencoderKL
 
     from fpdm import metrics, sampling
@@ -81,17 +81,18 @@ def test_previews_and_fid_decode_latents_through_the_vae(latent_run_inputs, tmp_
         *LATENT_ARGS, "--data-path", str(root / "latents"), "--results-dir", str(tmp_path), "--run-name", "latent",
         "--max-steps", "2", "--ckpt-every", "2", "--num-sample-images", "4", "--eval-every", "2", "--eval-samples",
         "4", "--eval-steps", "2", "--eval-reference", str(root / "ref.npz"), "--eval-inception",
-        str(root / "inception.pth")]))
-    assert len(sampled) == 2 and len(scored) == 1  # the evaluation at step 2, then the final preview
+        str(root / "inception.pth"), "--eval-batch-size", "3"]))
+    assert [len(x) for x in sampled] == [3, 1, 4] and len(scored) == 2  # the evaluation at step 2, then the preview
     vae = AutoencoderKL.from_pretrained(root / "vae").eval()
     with torch.no_grad():
         decoded = [vae.decode(latents / vae.config.scaling_factor).sample for latents in sampled]
-    expected = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert scored[0].shape == (4, 16, 16, 3) and np.array_equal(scored[0], expected)
+    for images, latents in zip(scored, decoded):
+        expected = ((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert images.shape == (len(latents), 16, 16, 3) and np.array_equal(images, expected)
     with open(os.path.join(run_dir, "eval.csv")) as f:
         assert f.read().splitlines()[1].split(",")[1] == "fid"
     from fpdm.sampling import save_grid
-    save_grid(decoded[1], str(tmp_path / "expected.png"), nrow=2)
+    save_grid(decoded[2], str(tmp_path / "expected.png"), nrow=2)
     grid = np.asarray(Image.open(os.path.join(run_dir, "samples", "step_0000002.png")))
     assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "expected.png")))
 
@@ -119,11 +120,21 @@ def test_a_latent_run_without_a_vae_stops_in_one_line(latent_run_inputs, tmp_pat
 def test_the_launch_config_decides_the_precision_and_a_resume_keeps_it(tmp_path, monkeypatch):
     """A bf16 launch config (accelerate launch passes it on as ACCELERATE_MIXED_PRECISION; the README's recipe test
     goes through the real launcher) and no --mixed-precision: the run trains in bf16 (logged, in config.json and the
-    checkpoint); resuming it under an fp32 launch is refused in one line unless --override says so."""
+    checkpoint), and its FID evaluations sample in bf16 too (as sample.py --precision bf16); resuming it under an
+    fp32 launch is refused in one line unless --override says so."""
+    from fpdm import sampling
     flags = ["--data-path", "mnist", "--image-size", "14", *LATENT_ARGS, "--results-dir", str(tmp_path),
-             "--run-name", "bf16", "--num-sample-images", "0"]
+             "--run-name", "bf16", "--num-sample-images", "0", "--eval-every", "1", "--eval-samples", "2",
+             "--eval-steps", "1"]
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    real_sample, precisions = sampling.sample_images, []
+
+    def recording_sample(*args, **kwargs):
+        precisions.append(kwargs.get("precision"))
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(sampling, "sample_images", recording_sample)
     run_dir = train.main(train.parse_args([*flags, "--max-steps", "1"]))
+    assert precisions == ["bf16"]
     assert json.loads(open(os.path.join(run_dir, "config.json")).read())["mixed_precision_used"] == "bf16"
     assert "mixed precision bf16" in open(os.path.join(run_dir, "log.txt")).read()
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "step_0000001.pt"), weights_only=True)
@@ -220,3 +231,37 @@ def test_example_draws_give_each_example_the_same_numbers_for_any_split(tmp_path
     x = torch.stack([ds[0][0]] * 8)
     flipped = ds.augment(x, whole["augment"])
     assert all(torch.equal(flipped[i], x[i].flip(-1) if whole["augment"][i] < 0.5 else x[i]) for i in range(8))
+
+
+def test_fid_inputs_fail_before_step_1_and_a_failing_evaluation_loses_no_training(latent_run_inputs, tmp_path,
+                                                                                  monkeypatch):
+    """A wrong --eval-reference or --eval-inception path stops the run when it starts, in one line naming the flag,
+    before any step (not at the first evaluation, 50k steps in). An evaluation that fails (out of memory, say) comes
+    after its step's checkpoint: the resumed run continues from that step and makes the evaluation first."""
+    root = latent_run_inputs
+    base = [*LATENT_ARGS, "--data-path", str(root / "latents"), "--results-dir", str(tmp_path), "--num-sample-images",
+            "0", "--eval-every", "2", "--eval-samples", "4", "--eval-steps", "2", "--ckpt-every", "2", "--max-steps", "3"]
+    good = ["--eval-reference", str(root / "ref.npz"), "--eval-inception", str(root / "inception.pth")]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *base]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for name, bad, message in (("typo-ref", ["--eval-reference", str(root / "ref.nz"), *good[2:]], "--eval-reference"),
+                               ("typo-inc", [*good[:2], "--eval-inception", str(root / "inc.pth")], "--eval-inception")):
+        proc = subprocess.run([*cmd, "--run-name", name, *bad], capture_output=True, text=True, timeout=300, env=env)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and message in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not os.listdir(tmp_path / name / "checkpoints")
+        with open(tmp_path / name / "metrics.csv") as f:
+            assert len(f.read().splitlines()) <= 1  # the header at most: no step ran
+
+    def out_of_memory(self, step, background=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(training.Evaluator, "run", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train.main(train.parse_args([*base, *good, "--run-name", "oom"]))
+    assert os.listdir(tmp_path / "oom" / "checkpoints") == ["step_0000002.pt"]
+    monkeypatch.undo()
+    reset_accelerate()
+    train.main(train.parse_args([*base, *good, "--run-name", "oom", "--resume", "auto"]))
+    with open(tmp_path / "oom" / "eval.csv") as f:
+        assert [row.split(",")[0] for row in f.read().splitlines()[1:]] == ["2"]  # made first by the resumed run
+    assert sorted(os.listdir(tmp_path / "oom" / "checkpoints")) == ["step_0000002.pt", "step_0000003.pt"]
