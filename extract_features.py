@@ -29,7 +29,6 @@ import glob
 import hashlib
 import json
 import os
-from datetime import timedelta
 
 from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
 import torch
@@ -37,13 +36,9 @@ from tqdm import tqdm
 
 from fpdm import vae as vae_io
 from fpdm.data import LATENT_FORMAT, ImageFolderDataset
-from fpdm.run_folders import atomic_write, check_writable
+from fpdm.run_folders import COLLECTIVE_TIMEOUT, atomic_write, check_writable
 
 SETUP_FILE = "extraction.json"
-# Processes wait for each other at the start (process 0 lists the images and clears an old extraction) and at the
-# end, where a resumed process may have many shards left when another has none: far past NCCL's default 10 minutes.
-# A process that fails stops the others through the launcher (accelerate launch, torchrun), not through this timeout.
-PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
 
 
 def _save_shard(path, tensors):
@@ -238,7 +233,7 @@ def main(args):
 
     # cpu=True is what makes several CPU processes cooperate (gloo); without it each would encode everything.
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     threads = cpu_threads.configure(accelerator.device, accelerator.num_processes)  # CPU: the free cores, shared
     if threads and accelerator.is_main_process:
         print(threads)

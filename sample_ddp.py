@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fpdm import cli, sample_config
-from fpdm.run_folders import STOPPED_EXIT_CODE, StopSignals, atomic_write, remove_stale_temporaries
+from fpdm.run_folders import COLLECTIVE_TIMEOUT, STOPPED_EXIT_CODE, StopSignals, atomic_write, remove_stale_temporaries
 from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
 
 
@@ -99,7 +99,7 @@ def wait(futures):
 def main(cfg):
     from accelerate import PartialState
     device = resolve_device(cfg.output.device)  # as sample.py: a GPU this machine lacks is an error, not a CPU run
-    state = PartialState(cpu=device.type == "cpu")
+    state = PartialState(cpu=device.type == "cpu", timeout=COLLECTIVE_TIMEOUT)
     rank, world = state.process_index, state.num_processes
     if world > 1:  # each process on its own GPU, as accelerate assigns them (one process keeps --device's index)
         device = state.device

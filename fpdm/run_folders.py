@@ -8,6 +8,7 @@ No torch import: these are small file operations, tested on their own.
 
 import csv
 import ctypes
+import datetime
 import fcntl
 import os
 import re
@@ -175,6 +176,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # requeued on it continues with the same command. (Not 124, timeout's code, nor 1, an error; 128 + n would read as
 # "killed by signal n".)
 STOPPED_EXIT_CODE = 3
+# How long a collective (barrier, all-reduce) waits for processes that are busy on their own (NCCL's default: 10
+# minutes), in train.py, sample_ddp.py and extract_features.py. At ImageNet scale that is far exceeded: process 0
+# lists the images or clears an old extraction, computes FID's reference statistics, assembles a 50k-image
+# samples.npz; after a resume one process may have many shards or batches left when another has none. A process that
+# fails stops the others through the launcher (accelerate launch, torchrun), not through this timeout.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
 
 
 class StopSignals:
