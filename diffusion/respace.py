@@ -58,9 +58,13 @@ def timestep_spacing(num_steps, num_timesteps=1000, spacing="trailing"):
     - "trailing": round(T - i·T/N) - 1 for i = 0..N-1: starts at T - 1 and every step, the last one to x_0
       included, spans T/N training steps. The default: the only spacing that both starts at pure noise (t = T - 1,
       zero SNR with zero-terminal-SNR schedules) and spends no step on t ~ 0 (recommended by Lin et al. 2024).
-    - "linspace": N points evenly from T - 1 down to 0 (rounded): the FPDM release's and IDDPM's str(N) spacing.
-    - "leading": i·(T // N), noisiest first: IDDPM's "ddimN" and the DDIM paper's; starts at T - T//N, so at few
-      steps the model denoises pure noise as if it were partly clean. Kept for comparisons with DiT/ADM numbers.
+    - "linspace": N points evenly from T - 1 down to 0 (rounded, as diffusers): IDDPM's str(N) spacing (the FPDM
+      release's, DiT's DDPM-250) for N = 250 and the other usual counts; at 278 of the N <= 1000 (21, 23, 31, ...)
+      one point sits on a .5 tie that IDDPM's accumulated float rounds the other way (space_timesteps(T, [N]) is
+      exact there).
+    - "leading": i·(T // N), noisiest first, as diffusers: IDDPM's "ddimN" and the DDIM paper's when N divides T
+      (ddimN otherwise picks the stride that gives N steps: N = 30 starts at 986, not 957); starts at T - T//N, so
+      at few steps the model denoises pure noise as if it were partly clean. Kept for comparisons with DiT/ADM.
     """
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(TIMESTEP_SPACINGS)}")

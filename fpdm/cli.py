@@ -25,10 +25,13 @@ def flag(name):
 
 def refuse_given(cfg, names, why):
     """One line for the first of the settings `names` that was given (differs from its default): `why` it has no
-    effect here."""
-    given = [name for name in names if cfg.given(name)]
-    if given:
-        raise ValueError(f"{flag(given[0])} {why}")
+    effect here. A setting only --preset gave is dropped instead, with a note (`--preset dit-fid50k --cfg-scale 1`:
+    unguided, without the preset's guidance channels)."""
+    for name in names:
+        if cfg.given(name) and name in cfg.from_preset:
+            cfg.drop_preset_setting(name)
+        elif cfg.given(name):
+            raise ValueError(f"{flag(name)} {why}")
 
 
 def resolve_sampler(cfg):
@@ -104,14 +107,14 @@ def check_settings(cfg, model, sampler):
         refuse_given(cfg, ["eta"], f"applies to DDIM samplers; --sampler {sampler} takes none")
     if fp.adaptive_tol is not None and not fp.adaptive_tol > 0:
         raise ValueError(f"--adaptive-tol must be > 0, got {fp.adaptive_tol}")
+    if g.cfg_scale == 1.0:
+        refuse_given(cfg, ["guidance_interval", "guidance_schedule", "guidance_channels"],
+                     "shapes classifier-free guidance: give --cfg-scale other than 1")
     if g.guidance_channels is not None and not 1 <= g.guidance_channels <= model.in_channels:
         raise ValueError(f"--guidance-channels must lie in [1, {model.in_channels}] for this "
                          f"{model.in_channels}-channel model, got {g.guidance_channels}")
     if g.cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("--cfg-scale needs a model trained with label dropout (class_dropout_prob > 0)")
-    if g.cfg_scale == 1.0:
-        refuse_given(cfg, ["guidance_interval", "guidance_schedule", "guidance_channels"],
-                     "shapes classifier-free guidance: give --cfg-scale other than 1")
     if caps.parallel:  # which branches run is decided per call, and a parallel call holds every timestep
         refuse_given(cfg, ["guidance_interval"], "needs one timestep per model call: sample sequentially (a guidance "
                      "schedule works with --parallel)")
@@ -141,7 +144,9 @@ def check_settings(cfg, model, sampler):
                          "does not apply to --parallel: it evaluates all timesteps at once with one FPDM iteration "
                          "count")
     if fp.budget_block_evals is not None and fp.iterations is not None:
-        raise ValueError("give either --iterations or --budget-block-evals, not both")
+        if "budget_block_evals" not in cfg.from_preset:
+            raise ValueError("give either --iterations or --budget-block-evals, not both")
+        cfg.drop_preset_setting("budget_block_evals")  # --iterations replaces the preset's budget
     if fp.fp_allocation in ("budget", "calibrated"):
         if fp.budget_block_evals is None:
             raise ValueError(f"--fp-allocation {fp.fp_allocation} spends a budget: give --budget-block-evals")

@@ -84,7 +84,8 @@ class SamplerOptions:
     num_sampling_steps: int = opt(50, "sampling steps")
     timestep_spacing: str = opt(TIMESTEP_SPACINGS[0], "which timesteps the sampler visits (diffusers' names): "
                                 "trailing starts at T-1 with equal steps; linspace is the FPDM release's and DiT's "
-                                "DDPM-250; leading (starts at T - T/N) matches DiT/ADM's ddimN", str,
+                                "DDPM-250 (IDDPM's str(N) at the usual N, see docs/sampling.md); leading (starts at "
+                                "T - T/N) is DiT/ADM's ddimN when N divides T", str,
                                 choices=list(TIMESTEP_SPACINGS))
     eta: float = opt(0.0, "DDIM eta (DDIM samplers only)")
     clip_denoised: str = opt("auto", "clip predicted x0 to [-1, 1]: auto = only for pixel-space models (never for "
@@ -219,6 +220,7 @@ class SampleConfig:
     parallel: ParallelOptions = None
     fid: FidOptions = None
     preset: str = None
+    from_preset: tuple = ()  # the settings the preset set and no flag overrode (cli.refuse_given drops them)
 
     def groups(self):
         return {name: getattr(self, name) for name in ALL_GROUPS if getattr(self, name) is not None}
@@ -232,6 +234,13 @@ class SampleConfig:
         group, f = FIELDS[name]
         value = getattr(getattr(self, group), name)
         return value != f.default
+
+    def drop_preset_setting(self, name):
+        """Back to its default: a setting only the preset gave, which the flags given make inapplicable."""
+        group, f = FIELDS[name]
+        setattr(getattr(self, group), name, f.default)
+        print(f"note: preset {self.preset}: {name}={PRESETS[self.preset][name]} left out (it does not apply with "
+              f"the flags given)")
 
     def parallel_sampler(self):
         """The parallel sampler the flags choose, or None (sample_ddp.py has no parallel group)."""
@@ -303,4 +312,6 @@ def make(script="sample", preset=None, **settings):
     if values.get("guidance_interval") is not None:
         values["guidance_interval"] = list(values["guidance_interval"])
     made = {group: kind(**{k: v for k, v in values.items() if FIELDS[k][0] == group}) for group, kind in groups.items()}
-    return SampleConfig(**made, preset=preset)
+    from_preset = tuple(k for k in PRESETS.get(preset, {}) if k in values and k not in settings)
+    return SampleConfig(**made, preset=preset, from_preset=from_preset)
+

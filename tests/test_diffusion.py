@@ -188,6 +188,27 @@ def test_iddpm_section_rounding_is_iddpms_for_every_count():
                                                  + [667 + t for t in iddpm_section(333, 20)])
 
 
+def test_linspace_and_leading_are_iddpms_spacings_at_the_usual_counts_only():
+    """docs/sampling.md: `linspace` is IDDPM's str(N) and `leading` its ddimN for the usual counts; linspace differs
+    at the 278 tie counts, leading wherever N does not divide T (ddimN's own stride, or no such stride at all)."""
+    usual = (5, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000)
+    linspace_differs, leading_differs = [], []
+    for n in range(1, 1001):
+        if sorted(timestep_spacing(n, 1000, "linspace")) != space_timesteps(1000, str(n)):
+            linspace_differs.append(n)
+        try:
+            ddim = space_timesteps(1000, f"ddim{n}")
+        except ValueError:  # no stride gives exactly n steps
+            ddim = None
+        if sorted(timestep_spacing(n, 1000, "leading")) != ddim:
+            leading_differs.append(n)
+    assert len(linspace_differs) == 278 and {21, 23, 31} <= set(linspace_differs)
+    assert set(leading_differs) == {n for n in range(1, 1001) if 1000 % n}
+    assert not set(usual) & (set(linspace_differs) | set(leading_differs))
+    assert timestep_spacing(30, 1000, "leading")[0] == 957 and max(space_timesteps(1000, "ddim30")) == 986
+    assert 500 in timestep_spacing(21, 1000, "linspace") and 499 in space_timesteps(1000, "21")
+
+
 @pytest.mark.parametrize("T", [1000, 500])
 def test_default_spacing_starts_at_the_last_training_timestep(T):
     for n in (1, 3, 5, 7, 8, 10, 13, 20, 50, 250, 1000):

@@ -152,6 +152,27 @@ def test_presets_set_their_fields_and_flags_override_them(capsys):
         assert set(values) <= set(FIELDS), name
 
 
+def test_a_preset_setting_the_flags_make_inapplicable_is_dropped_with_a_note(capsys):
+    """`--preset dit-fid50k --cfg-scale 1` (DiT's unguided FID) drops the preset's guidance channels, and
+    `--preset fpdm-fid50k-560 --iterations 6` its block budget, each with a note; the same settings given as flags
+    are still refused."""
+    def parse(*flags):
+        return sample_config.parse_args(["--ckpt", "x", *flags], script="sample_ddp")
+    cfg = parse("--preset", "dit-fid50k", "--cfg-scale", "1")
+    cli.check_settings(cfg, tiny(False), "ddpm")
+    assert cfg.guidance.guidance_channels is None and cfg.sampler.num_sampling_steps == 250
+    assert "preset dit-fid50k: guidance_channels=3 left out" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--guidance-channels shapes classifier-free guidance"):
+        cli.check_settings(parse("--preset", "dit-fid50k", "--cfg-scale", "1", "--guidance-channels", "1"), tiny(False),
+                           "ddpm")
+    cfg = parse("--preset", "fpdm-fid50k-560", "--iterations", "6")
+    cli.check_settings(cfg, tiny(True), "ddim")
+    assert (cfg.fp.budget_block_evals, cfg.fp.iterations, cfg.fp.schedule) == (None, 6, "more-noisy")
+    assert "budget_block_evals=560 left out" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="give either --iterations or --budget-block-evals"):
+        cli.check_settings(parse("--iterations", "6", "--budget-block-evals", "560"), tiny(True), "ddim")
+
+
 def test_dit_fid_preset_visits_dits_ddpm_250_timesteps():
     """The preset's linspace spacing is the even IDDPM spacing DiT's sample_ddp.py uses (respacing "250")."""
     from diffusion import space_timesteps, timestep_spacing
