@@ -228,7 +228,7 @@ def test_sample_cli_bad_flags(checkpoint, tmp_path):
     with pytest.raises(SystemExit):  # argparse names the valid choices
         sample_cli.parse_args(["--ckpt", checkpoint, "--schedule", "increasing"])
     for flags, message in ((("--eta", "-0.5"), "--eta must be >= 0"), (("--adaptive-tol", "0"), "--adaptive-tol must"),
-                           (("--guidance-channels", "2"), r"--guidance-channels must lie in \[1, 1\]")):
+                           (("--guidance-channels", "2", "--cfg-scale", "2"), r"--guidance-channels must lie in \[1, 1\]")):
         with pytest.raises(ValueError, match=message):
             run(*flags)
     assert not (tmp_path / "x").exists()  # refused before anything is written
