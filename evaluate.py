@@ -181,6 +181,8 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
     every.add_argument("--is-split-size", type=int, default=5000,
                        help="samples per Inception Score part, mean over parts (ADM: 5000, so 50k samples give 10)")
+    parser.epilog = "\n".join(f"--- evaluate.py {name} ---\n{sub.format_help()}"  # every flag on one page
+                               for name, sub in commands.choices.items())
     args = parser.parse_args(argv)
     try:
         return {"all": run_all, "fid": run_fid, "stats": run_stats, "fid-mnist": run_fid_mnist,

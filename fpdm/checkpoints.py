@@ -498,16 +498,17 @@ def read_training_checkpoint(path):
     return ckpt
 
 
-def write_training_checkpoint(run_dir, step, state, keep_last):
+def write_training_checkpoint(run_dir, step, state, keep_last, keep_every=0):
     """Write `state` (plus format and step) as checkpoints/step_NNNNNNN.pt atomically, point latest.json at it, then
-    keep the `keep_last` newest by step (never the one just written). Returns the checkpoint's relative path."""
+    keep the `keep_last` newest by step (never the one just written) and those at multiples of `keep_every`. Returns
+    the checkpoint's relative path."""
     from fpdm.run_folders import atomic_write, prune_checkpoints
     name = f"checkpoints/step_{step:07d}.pt"
     # CPU tensors: a checkpoint written on a GPU loads anywhere with plain torch.load.
     ckpt = {"format": TRAIN_FORMAT, "step": step, **to_cpu(state)}
     atomic_torch_save(ckpt, os.path.join(run_dir, name))
     atomic_write(os.path.join(run_dir, "latest.json"), lambda f: json.dump({"step": step, "path": name}, f))
-    prune_checkpoints(os.path.join(run_dir, "checkpoints"), step, keep_last)
+    prune_checkpoints(os.path.join(run_dir, "checkpoints"), step, keep_last, keep_every)
     return name
 
 

@@ -148,6 +148,8 @@ class RunConfig:
     log_every: int = opt(50, "log metrics every N steps")
     ckpt_every: int = opt(5000, "checkpoint every N steps (and at the end)")
     keep_last: int = opt(3, "checkpoints to keep")
+    keep_every: int = opt(0, "also keep every checkpoint whose step is a multiple of N (milestones for FID and "
+                          "sampling; not counted in --keep-last; 0: none)")
     sample_every: int = opt(0, "write an EMA sample grid every N steps (0: only at the end)")
     sample_steps: int = opt(50, "sampling steps for sample grids")
     sample_sampler: str = opt("ddim", "sampler for sample grids (sampling.SAMPLERS, e.g. ddim, dpmpp-2m, unipc)")
@@ -185,7 +187,7 @@ class RunConfig:
             raise ValueError(f"--fp-diagnostics-every must be >= 1, got {self.fp_diagnostics_every}")
         if self.fp_power_iterations < 2:
             raise ValueError(f"--fp-power-iterations must be >= 2, got {self.fp_power_iterations}")
-        for name in ("sample_every", "num_sample_images", "eval_every"):
+        for name in ("sample_every", "num_sample_images", "eval_every", "keep_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.eval_samples < 1 or self.eval_steps < 1 or self.eval_batch_size < 1:
@@ -216,9 +218,18 @@ class TrainConfig:
         if o.global_batch_size % (world * o.grad_accum_steps):
             raise ValueError(f"--global-batch-size {o.global_batch_size} is not divisible by processes ({world}) x "
                              f"--grad-accum-steps ({o.grad_accum_steps}): use a multiple of {world * o.grad_accum_steps}")
-        if self.run.eval_every and self.data.data_path != "mnist" and not self.run.eval_reference:
-            raise ValueError("--eval-every on image data needs --eval-reference (an ADM reference batch, an evaluate.py "
-                             "stats file or images) and the Inception weights (--eval-inception)")
+        if self.run.eval_every and self.data.data_path != "mnist":
+            if not self.run.eval_reference:
+                raise ValueError("--eval-every on image data needs --eval-reference (an ADM reference batch, an "
+                                 "evaluate.py stats file or images) and the Inception weights (--eval-inception)")
+            from fpdm.metrics import DEFAULT_INCEPTION  # paths checked here, before the run folder exists
+            reference = os.path.expanduser(self.run.eval_reference)
+            inception = os.path.expanduser(self.run.eval_inception or DEFAULT_INCEPTION)
+            if not os.path.exists(reference):
+                raise FileNotFoundError(f"--eval-reference {reference}: no such file or folder")
+            if not os.path.isfile(inception):
+                raise FileNotFoundError(f"--eval-inception {inception}: no such file (pytorch-fid's FID Inception-v3 "
+                                        f"weights, pt_inception-2015-12-05-6726825d.pth)")
         return self
 
     def flat(self):
@@ -256,8 +267,8 @@ ARCHITECTURE = ("model", "hidden_size", "depth", "num_heads", "patch_size", "fix
 # Settings a resumed run may change freely: how long, how often it logs / checkpoints / previews, where it reads
 # and writes, and memory-for-speed switches that leave the numbers alone. Any other difference needs --override.
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "fp_diagnostics", "fp_diagnostics_every", "fp_power_iterations",
-                     "ckpt_every", "keep_last", "vae", "grad_accum_steps", "sample_every", "sample_steps",
-                     "sample_sampler", "sample_cfg_scale", "eval_every", "eval_samples", "eval_steps",
+                     "ckpt_every", "keep_last", "keep_every", "vae", "grad_accum_steps", "sample_every",
+                     "sample_steps", "sample_sampler", "sample_cfg_scale", "eval_every", "eval_samples", "eval_steps",
                      "eval_batch_size", "eval_reference", "eval_inception", "num_sample_images", "tracker",
                      "num_workers", "resume", "results_dir", "run_name", "compile", "grad_ckpt",
                      "grad_ckpt_iterations", "trust_checkpoint", "init_from", "override")
@@ -284,14 +295,14 @@ PRESETS = {
                            num_sample_images=40, tracker="none", max_steps=1500),
     # DiT's ImageNet-256 recipe on extract_features.py latents: XL/2, AdamW 1e-4, batch 256, EMA 0.9999, 400k steps.
     "dit-xl2-in256": dict(model="DiT-XL/2", image_size=256, global_batch_size=256, lr=1e-4, max_steps=400_000,
-                          ckpt_every=50_000, log_every=100, mixed_precision="bf16", num_workers=4),
+                          ckpt_every=5_000, keep_every=50_000, log_every=100, mixed_precision="bf16", num_workers=4),
     # The FPDM release's: XL/2 with 1 pre + 1 post block, S-JFB n ~ U{0..10}, m ~ U{1..12}, batch 512, bf16,
     # gradient checkpointing of DiT blocks and pre/post blocks (spec section 3).
     "fpdm-xl2-in256": dict(model="DiT-XL/2", image_size=256, fixed_point=True, fixed_point_pre_depth=1,
                            fixed_point_post_depth=1, fixed_point_no_grad_min_iters=0, fixed_point_no_grad_max_iters=10,
                            fixed_point_with_grad_min_iters=1, fixed_point_with_grad_max_iters=12,
-                           global_batch_size=512, lr=1e-4, max_steps=400_000, ckpt_every=50_000, log_every=100,
-                           mixed_precision="bf16", grad_ckpt=True, num_workers=4),
+                           global_batch_size=512, lr=1e-4, max_steps=400_000, ckpt_every=5_000, keep_every=50_000,
+                           log_every=100, mixed_precision="bf16", grad_ckpt=True, num_workers=4),
 }
 
 

@@ -226,12 +226,13 @@ def checkpoint_steps(ckpt_dir):
     return found
 
 
-def prune_checkpoints(ckpt_dir, current_step, keep_last):
+def prune_checkpoints(ckpt_dir, current_step, keep_last, keep_every=0):
     """After writing step `current_step`: keep it and the `keep_last − 1` newest checkpoints of earlier steps; delete
-    older ones. Checkpoints of later steps (left by a run that was resumed from an earlier checkpoint) are not
-    touched: this run overwrites them when it gets there. Returns the deleted file names."""
+    older ones, except those at multiples of `keep_every` (milestones, never deleted; 0: none). Checkpoints of later
+    steps (left by a run that was resumed from an earlier checkpoint) are not touched: this run overwrites them when
+    it gets there. Returns the deleted file names."""
     names = checkpoint_steps(ckpt_dir)
-    earlier = sorted(step for step in names if step < current_step)
+    earlier = sorted(step for step in names if step < current_step and not (keep_every and step % keep_every == 0))
     doomed = earlier[:max(0, len(earlier) - (keep_last - 1))]
     for step in doomed:
         os.remove(os.path.join(ckpt_dir, names[step]))

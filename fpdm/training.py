@@ -380,7 +380,7 @@ def save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, ac
                 "world_size": accelerator.num_processes, "rng": states,
                 "mixed_precision_used": accelerator.mixed_precision,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
-                cfg.run.keep_last)
+                cfg.run.keep_last, cfg.run.keep_every)
         except OSError as e:  # disk full, quota, read-only: atomic writes leave the previous checkpoint whole
             raise CheckpointWriteError(checkpoint_write_failure(run_dir, name, e)) from None
         logger.info("saved %s", name)
@@ -647,8 +647,8 @@ class Evaluator:
     computes its samples' Inception features, and only those (2048 numbers per image) are gathered; the bundled
     digits gather the samples themselves. The main process scores them — FID-MNIST and class accuracy on the digits,
     Inception FID against --eval-reference otherwise — and appends a row to eval.csv and the tracker. The Inception
-    weights and the reference statistics load when the run starts, so a wrong path fails before step 1, not at the
-    first evaluation. Any draws of the sampler (DDPM's) are seeded by the step and the process (`seeded`)."""
+    weights and the reference statistics load when the run starts (and their paths are checked before the run folder
+    is made), so a wrong one fails before step 1, not at the first evaluation. Any draws of the sampler (DDPM's) are seeded by the step and the process (`seeded`)."""
 
     FIELDS = ["step", "metric", "value", "accuracy", "num_samples", "seconds"]
 
@@ -671,9 +671,6 @@ class Evaluator:
         if not self.mnist:
             from fpdm import metrics
             weights = os.path.expanduser(cfg.run.eval_inception or metrics.DEFAULT_INCEPTION)
-            if not os.path.isfile(weights):
-                raise FileNotFoundError(f"FID during training: no Inception weights at {weights}: pass --eval-inception "
-                                        f"PATH (pytorch-fid's FID Inception-v3, {metrics.INCEPTION_URL})")
             self.inception = metrics.InceptionFeatures(weights=weights).to(accelerator.device)
             self.reference = None
             if accelerator.is_main_process:

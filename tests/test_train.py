@@ -475,6 +475,12 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     run(tmp_path, "--max-steps", "6", "--ckpt-every", "1", "--keep-last", "2", "--resume", "auto")
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_0000005.pt", "step_0000006.pt"]
     assert [step for step in losses(run_dir)] == [1, 2, 3, 4, 5, 6]  # each step once, in order
+    # --keep-every: milestones survive pruning and do not count in --keep-last (the XL presets: 5k and 50k steps).
+    run(tmp_path, "--max-steps", "11", "--ckpt-every", "1", "--keep-last", "2", "--keep-every", "4", "--resume",
+        "auto")
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
+        "step_0000008.pt", "step_0000010.pt", "step_0000011.pt"]  # 4 was pruned before the flag was given
+    assert configs.preset("fpdm-xl2-in256").run.keep_every == 50_000
 
 
 def test_start_removes_the_temporaries_a_killed_run_left(tmp_path):
