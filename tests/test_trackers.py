@@ -3,7 +3,6 @@ tensorboard write under the run folder, and sample grids, evaluation and diagnos
 
 import glob
 import os
-import sys
 
 import pytest
 
