@@ -1,6 +1,6 @@
 """Export DiT/FPDM checkpoints: a diffusers DiTPipeline folder (DiT only) or safetensors + JSON config (any model).
 
-    python export.py --ckpt results/run/checkpoints/0100000.pt --format safetensors --out exports/run
+    python export.py --ckpt results/run/checkpoints/step_0100000.pt --format safetensors --out exports/run
     python export.py --ckpt DiT-XL-2-256x256.pt --format diffusers --vae sd-vae-ft-ema --out exports/dit-xl-2
     python export.py --ckpt dit-train.pt --trust-checkpoint --no-use-ema --format safetensors --out exports/raw
 
@@ -138,14 +138,18 @@ def main(argv=None):
         if not args.overwrite:
             raise FileExistsError(f"--out {args.out} holds an export: choose another folder, or pass --overwrite to "
                                   f"replace it")
-    # Written beside --out first, moved in once whole: a failed or killed export leaves the previous one intact.
+    # Written beside --out first, then swapped in by renaming whole folders: a failed or killed export leaves the
+    # previous one intact (under --out, or under --out.old-PID if killed between the two renames).
     final, args.out = args.out, f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
+    old = f"{os.path.normpath(final)}.old-{os.getpid()}"
     try:
         write(args)
-        remove_outputs(final, OUTPUTS)
-        os.makedirs(final, exist_ok=True)
-        for name in os.listdir(args.out):
-            os.replace(os.path.join(args.out, name), os.path.join(final, name))
+        if os.path.isdir(final):  # holds only an export's files (checked above)
+            os.replace(final, old)
+        os.replace(args.out, final)
+        if os.path.isdir(old):
+            remove_outputs(old, OUTPUTS)  # checks again that nothing else is there
+            os.rmdir(old)
     finally:
         shutil.rmtree(args.out, ignore_errors=True)
     print(f"{args.ckpt} -> {final} ({args.format})")

@@ -15,8 +15,9 @@ float16 mean and std: 42 GB), not on a network file system.
 
 Resuming: extraction.json, written before the first shard, records the setup (image list with file sizes, image
 size, VAE weights, flips, shard size, number of processes, --skip-bad-images). A rerun with the same setup keeps
-every finished shard and encodes the rest (the batch size may change); with another setup it removes the old
-extraction's files (shards, meta.json, extraction.json, nothing else) and starts over.
+every finished shard and encodes the rest (the batch size may change); another setup is refused in one line naming
+what differs, and with --overwrite the old extraction's files (shards, meta.json, extraction.json, nothing else) are
+removed and it starts over.
 
 Each process checks its own images in its loader workers as it encodes them, so none waits for a scan of the
 whole folder: an unreadable file stops the run with its path, or with --skip-bad-images is left out and listed in
@@ -68,10 +69,11 @@ def _setup(dataset, vae, image_size, flip, shard_size, world, skip_bad_images):
             "flip": flip, "shard_size": shard_size, "num_processes": world, "skip_bad_images": skip_bad_images}
 
 
-def _prepare(output, setup):
+def _prepare(output, setup, overwrite=False):
     """On process 0, before any shard: keep an earlier extraction with the same setup (a run with --skip-bad-images
-    also continues one without: its shards skipped nothing), else remove its files; return whether it resumes.
-    Either way meta.json goes (it marks a finished run) and extraction.json records `setup`."""
+    also continues one without: its shards skipped nothing); one of another setup is refused in one line naming what
+    differs, unless `overwrite` (then its files are removed); return whether it resumes. Either way meta.json goes
+    (it marks a finished run) and extraction.json records `setup`."""
     path = os.path.join(output, SETUP_FILE)
     try:
         with open(path) as f:
@@ -85,9 +87,16 @@ def _prepare(output, setup):
         shards = glob.glob(os.path.join(output, "shard-r*.safetensors"))
         if isinstance(old, dict):
             changed = ", ".join(k for k in {**setup, **old} if old.get(k) != setup.get(k))
-            print(f"{output}: the extraction there has another {changed}: starting over")
-        elif shards:
-            print(f"{output}: shards without a readable {SETUP_FILE} (an older extraction?): starting over")
+            what = f"the extraction there has another {changed}"
+        else:
+            what = f"shards without a readable {SETUP_FILE} (an older extraction?)"
+        if shards and not overwrite:  # hours of encoding at ImageNet scale: never removed unasked
+            hint = ("rerun with --skip-bad-images to continue it, or " if old == {**setup, "skip_bad_images": True}
+                    else "rerun with its settings to continue it, or ")
+            raise FileExistsError(f"{output}: {what} ({len(shards)} shards): {hint}pass --overwrite to start over "
+                                  f"(removing them)")
+        if isinstance(old, dict) or shards:
+            print(f"{output}: {what}: starting over")
         stale += shards
     for p in stale:
         if os.path.exists(p):
@@ -133,7 +142,7 @@ class _CheckedImages(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=4096, flip=True,
-            accelerator=None, device=None, num_workers=0, skip_bad_images=False):
+            accelerator=None, device=None, num_workers=0, skip_bad_images=False, overwrite=False):
     """Encode `data_path` into shards in `output`; return the meta dict (also written to output/meta.json).
 
     `vae` is a path / hub id or an AutoencoderKL. Without `accelerator` this runs as a single process on
@@ -159,7 +168,7 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
     vae = vae.to(device)
     if accelerator:
         accelerator.wait_for_everyone()  # every process has checked meta.json before process 0 removes it
-    if is_main and _prepare(output, setup):
+    if is_main and _prepare(output, setup, overwrite):
         print(f"{output}: same setup as the extraction there: its finished shards are kept")
     if accelerator:
         accelerator.wait_for_everyone()
@@ -181,8 +190,9 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
         bad = [i for i, reason in enumerate(reasons) if reason]
         if bad and not skip_bad_images:
             path, reason = dataset.files[index[bad[0]]], reasons[bad[0]]
-            raise ValueError(f"{path} cannot be read ({reason}): fix or remove it and rerun (a changed image list "
-                             f"starts over), or rerun with --skip-bad-images to go on without it from here")
+            raise ValueError(f"{path} cannot be read ({reason}): fix or remove it and rerun with --overwrite (a "
+                             f"changed image list starts over), or rerun with --skip-bad-images to go on without it "
+                             f"from here")
         if bad:
             keep = torch.tensor([not reason for reason in reasons])
             x, y, index = x[keep], y[keep], index[keep]
@@ -239,7 +249,7 @@ def main(args):
         print(threads)
     meta = extract(args.data_path, args.output, args.vae, args.image_size, args.batch_size, args.shard_size,
                    flip=not args.no_flip, accelerator=accelerator, num_workers=args.num_workers,
-                   skip_bad_images=args.skip_bad_images)
+                   skip_bad_images=args.skip_bad_images, overwrite=args.overwrite)
     if accelerator.is_main_process:
         skipped = f", {meta['skipped_files']} unreadable files skipped (meta.json lists them)" \
             if meta.get("skipped_files") else ""
@@ -262,6 +272,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave unreadable files out (meta.json lists them) instead of stopping at the first one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over when --output holds an extraction of another setup (removing its shards)")
     try:
         main(parser.parse_args())
     except (ValueError, FileNotFoundError, FileExistsError) as e:

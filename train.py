@@ -72,7 +72,8 @@ def _train(cfg, cleanup, stop_signals):
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     check_ranks_agree(cfg, ckpt_path, ckpt, accelerator)
     check_resume_precision(cfg, ckpt, accelerator)
-    decoder = load_latent_decoder(vae_path, device, accelerator.is_main_process or bool(cfg.run.eval_every))
+    decoder = load_latent_decoder(vae_path, device, accelerator.is_main_process or bool(cfg.run.eval_every),
+                                  dataset.meta.get("scaling_factor") if dataset.kind == "latents" else None)
     if hasattr(dataset, "scan"):  # image folders: every file decoded once before step 1 (one scan per node, cached)
         with accelerator.local_main_process_first():
             dataset.scan()

@@ -112,8 +112,13 @@ def _read(path, info, model_name, use_ema, trust, overrides, infer=True):
         info["path"] = latest
         return _read(latest, info, model_name, use_ema, trust, overrides, infer)
     if os.path.isdir(path) or path.endswith(".safetensors"):
+        named = None if os.path.isdir(path) else os.path.basename(path)  # a file is read with its folder's config
+        if named not in (None, "model.safetensors", *DIFFUSERS_WEIGHTS):
+            raise ValueError(f"{path}: a .safetensors file is read with the config.json beside it, as export.py "
+                             f"(model.safetensors) or diffusers ({DIFFUSERS_WEIGHTS[0]}) write them; {named} is "
+                             f"neither: pass such a file or its folder")
         folder = transformer_folder(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-        if any(os.path.isfile(os.path.join(folder, f)) for f in DIFFUSERS_WEIGHTS):
+        if named != "model.safetensors" and any(os.path.isfile(os.path.join(folder, f)) for f in DIFFUSERS_WEIGHTS):
             info["format"] = "diffusers"
             config, state_dict, notes = read_diffusers(folder)
             info["notes"] += notes
@@ -145,7 +150,7 @@ def _read(path, info, model_name, use_ema, trust, overrides, infer=True):
         fixed_point = _is_fpdm(state_dict)
         info["format"] = "fpdm-release" if fixed_point else "dit-train"
         args = ckpt.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        args = _release_args(vars(args) if isinstance(args, argparse.Namespace) else dict(args or {}), path)
         info.update(training_config=args or None, step=ckpt.get("train_steps"))
         return state_dict, (_infer(state_dict, info, model_name, overrides, args) if infer else {})
     if _looks_like_state_dict(ckpt):
@@ -154,6 +159,23 @@ def _read(path, info, model_name, use_ema, trust, overrides, infer=True):
         return state_dict, (_infer(state_dict, info, model_name, overrides, {}) if infer else {})
     raise ValueError(f"{path}: unknown checkpoint format (top-level keys {sorted(map(str, ckpt))[:8]}); "
                      f"expected {_KNOWN}")
+
+
+# The FPDM release's train.py arguments (its `Args`, saved as checkpoint["args"]) under another name than ours.
+RELEASE_ARG_NAMES = {"use_zero_terminal_snr": "zero_terminal_snr"}
+
+
+def _release_args(args, path):
+    """A DiT / FPDM-release checkpoint's training args under this code's names (so that its diffusion settings, e.g.
+    zero-terminal SNR, are read); its flow-matching and DINO-conditioned models are refused: they are not diffusion
+    models with class labels."""
+    if args.get("flow"):
+        raise ValueError(f"{path}: a flow-matching model of the FPDM release (args flow=True); this code samples its "
+                         f"diffusion models only")
+    if args.get("dino_supervised"):
+        raise ValueError(f"{path}: an FPDM release model conditioned on DINO features (args dino_supervised=True); "
+                         f"this code conditions on class labels only")
+    return {RELEASE_ARG_NAMES.get(k, k): v for k, v in args.items()}
 
 
 def _torch_load(path, trust):

@@ -283,8 +283,8 @@ class LatentDataset(Dataset):
     """Posterior (mean, std) of VAE latents, read lazily from the safetensors shards of extract_features.py.
 
     Items are cat([mean, std]) of shape (2C, h, w), already times the VAE scaling factor; `augment` draws the
-    latent mean + std * noise (the "normal" draw), so each epoch sees a fresh sample of the posterior (as in the FPDM
-    release).
+    latent mean + std * noise (the "normal" draw), so each epoch sees a fresh sample of the posterior (as original
+    DiT's training does; the FPDM release trains on one sample per image, drawn at extraction).
     With flips extracted, items N..2N-1 are the latents of the mirrored images. Order follows the image index,
     so the dataset is the same whatever the number of processes that extracted it.
     """

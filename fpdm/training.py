@@ -285,13 +285,18 @@ def latent_decoder_path(cfg, dataset):
     return os.path.expanduser(path)
 
 
-def load_latent_decoder(path, device, needed):
+def load_latent_decoder(path, device, needed, scaling_factor=None):
     """The VAE (in eval mode on `device`) on the processes that decode (`needed`), loaded once per process; a path
-    that does not load stops the run in one line before anything is written (vae.load)."""
+    that does not load stops the run in one line (vae.load), and so does a VAE whose scaling factor is not the
+    latents' (`scaling_factor`, from their meta.json): its decoded previews and FID would be off."""
     if path is None or not needed:
         return None
     from fpdm import vae as vae_io
-    return vae_io.load(path).to(device).eval().requires_grad_(False)
+    vae = vae_io.load(path)
+    if scaling_factor is not None and abs(vae_io.scaling_factor(vae) - scaling_factor) > 1e-6:
+        raise ValueError(f"--vae {path} has scaling factor {vae_io.scaling_factor(vae)}, the latents were extracted "
+                         f"with {scaling_factor}: pass the VAE they were extracted with (or one of its family)")
+    return vae.to(device).eval().requires_grad_(False)
 
 
 class BackgroundWork:

@@ -170,6 +170,22 @@ def test_fpdm_release_settings_read_from_args_or_defaulted(tmp_path):
     assert info["sources"]["fixed_point_post_depth"] == "weights" and loaded.default_num_iterations == 25
 
 
+def test_fpdm_release_diffusion_args_are_read_under_their_names(tmp_path):
+    """The release's train.py names zero-terminal SNR `use_zero_terminal_snr`: read as ours (it was dropped, and the
+    model sampled with the wrong schedule); its flow-matching and DINO-conditioned models are refused in one line."""
+    from fpdm.checkpoints import diffusion_settings
+    model = tiny(**dict(TINY_FPDM, hidden_size=384, num_heads=6, depth=12))
+    release_args = {"model": "DiT-S/2", "fixed_point": True, "predict_v": True, "use_zero_terminal_snr": True,
+                    "flow": False, "dino_supervised": False}
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": release_args}, tmp_path / "zsnr.pt")
+    _, info = load_model(tmp_path / "zsnr.pt")
+    assert diffusion_settings(info["training_config"]) == {"predict_v": True, "zero_terminal_snr": True}
+    for key, message in (("flow", "flow-matching model"), ("dino_supervised", "DINO features")):
+        torch.save({"model": model.state_dict(), "args": {**release_args, key: True}}, tmp_path / f"{key}.pt")
+        with pytest.raises(ValueError, match=message):
+            load_model(tmp_path / f"{key}.pt")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Round trips
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,6 +241,10 @@ def test_safetensors_round_trip_and_cli(kwargs, tmp_path):
     export_main(["--ckpt", str(tmp_path / "ckpt.pt"), "--format", "safetensors", "--out", str(tmp_path / "raw"),
                  "--no-use-ema"])
     assert_same_weights(load_model(tmp_path / "raw" / "model.safetensors")[0], model)
+    import shutil  # a file of another name is refused, not swapped for its folder's model.safetensors
+    shutil.copy(tmp_path / "raw" / "model.safetensors", tmp_path / "raw" / "other.safetensors")
+    with pytest.raises(ValueError, match="other.safetensors is neither"):
+        load_model(tmp_path / "raw" / "other.safetensors")
 
 
 def test_fpdm_has_no_diffusers_export(tmp_path):
@@ -422,6 +442,41 @@ def test_export_refuses_a_run_folder(tmp_path):
             export_main(["--ckpt", str(tmp_path / "run.pt"), "--format", "safetensors", "--out", str(run_dir),
                          *overwrite])
     assert (run_dir / "config.json").read_text() == '{"train": {}}'
+
+
+def test_export_overwrite_never_loses_the_previous_export(tmp_path, monkeypatch):
+    """--overwrite swaps whole folders: a failure while writing leaves the old export in --out; an interruption
+    between the two renames leaves it whole in --out.old-PID; a completed one leaves neither temporary behind."""
+    import export
+    first, second = tiny(seed=3), tiny(seed=4)
+    torch.save(train_checkpoint(first, first), tmp_path / "a.pt")
+    torch.save(train_checkpoint(second, second), tmp_path / "b.pt")
+    out = tmp_path / "out"
+    export_main(["--ckpt", str(tmp_path / "a.pt"), "--format", "safetensors", "--out", str(out)])
+    args = ["--ckpt", str(tmp_path / "b.pt"), "--format", "safetensors", "--out", str(out), "--overwrite"]
+    real_replace, calls = os.replace, []
+
+    def interrupted_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # after moving the old export aside, before moving the new one in
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(export.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_main(args)
+    monkeypatch.undo()
+    aside = tmp_path / f"out.old-{os.getpid()}"
+    assert_same_weights(load_model(aside)[0], first)
+    assert not out.exists()
+    real_replace(aside, out)
+    monkeypatch.setattr(export, "write", lambda args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        export_main(args)
+    monkeypatch.undo()
+    assert_same_weights(load_model(out)[0], first)
+    export_main(args)
+    assert_same_weights(load_model(out)[0], second)
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt", "out"]
 
 
 def test_a_run_folder_loads_its_latest_checkpoint(tmp_path):

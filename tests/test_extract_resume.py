@@ -102,7 +102,7 @@ def test_killed_extraction_resumes_where_it_stopped(tmp_path, vae_dir, counted, 
     assert_same_dataset(out, clean)
 
 
-def test_another_setup_starts_over(tmp_path, vae_dir, counted, capsys):
+def test_another_setup_is_refused_and_overwrite_starts_over(tmp_path, vae_dir, counted, capsys):
     root = image_folder(tmp_path / "images")
     out = str(tmp_path / "out")
     counted["kill_after"] = 2
@@ -111,7 +111,11 @@ def test_another_setup_starts_over(tmp_path, vae_dir, counted, capsys):
     with open(os.path.join(out, "notes.txt"), "w") as f:
         f.write("mine")  # not an extraction file: never removed
     counted.update(images=0, shards=0, kill_after=None)
-    meta = extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu")
+    with pytest.raises(FileExistsError, match=r"another image_size \(2 shards\): rerun with its settings to continue "
+                                              r"it, or pass --overwrite"):
+        extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu")
+    assert counted["images"] == 0 and len([n for n in os.listdir(out) if n.startswith("shard-")]) == 2
+    meta = extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu", overwrite=True)
     assert "the extraction there has another image_size: starting over" in capsys.readouterr().out
     assert counted["images"] == 26 and meta["latent_shape"] == [4, 12, 12]
     assert sorted(os.listdir(out)) == ["extraction.json", "meta.json", "notes.txt"] + [
@@ -121,7 +125,7 @@ def test_another_setup_starts_over(tmp_path, vae_dir, counted, capsys):
     assert len(LatentDataset(out)) == 52
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(root, "class0", "new.png"))  # another image list
     counted["images"] = 0
-    extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu")
+    extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu", overwrite=True)
     assert "another num_files, files_sha256: starting over" in capsys.readouterr().out
     assert counted["images"] == 27 and len(LatentDataset(out)) == 54
 
@@ -144,9 +148,12 @@ def test_bad_image_stops_with_its_path_and_skip_goes_on(tmp_path, vae_dir, count
     assert torch.equal(ds.labels, ImageFolderDataset(root, 8, skip_bad_images=True).labels)
     extract(root, clean, vae_dir, skip_bad_images=True, **settings)
     assert_same_dataset(out, clean)
-    counted["images"] = 0  # without --skip-bad-images again: shards that skipped a file do not count as done
+    counted["images"] = 0  # without --skip-bad-images again: its shards skipped a file, so they are not continued,
+    with pytest.raises(FileExistsError, match="rerun with --skip-bad-images to continue it, or pass --overwrite"):
+        extract(root, out, vae_dir, **settings)  # nor removed unasked (hours of encoding at ImageNet scale)
+    assert counted["images"] == 0 and len(LatentDataset(out)) == 2 * 26
     with pytest.raises(ValueError, match="13_broken.png cannot be read"):
-        extract(root, out, vae_dir, **settings)
+        extract(root, out, vae_dir, overwrite=True, **settings)
     assert counted["images"] == 20
 
 

@@ -99,8 +99,12 @@ def test_previews_and_fid_decode_latents_through_the_vae(latent_run_inputs, tmp_
 
 def test_a_latent_run_without_a_vae_stops_in_one_line(latent_run_inputs, tmp_path):
     """meta.json names no VAE and --vae is not given: refused before anything is written; a --vae that does not
-    load is refused the same way; --num-sample-images 0 without --eval-every needs none."""
+    load is refused the same way, and so is one whose scaling factor is not the latents'; --num-sample-images 0
+    without --eval-every needs none."""
     import shutil
+
+    from diffusers import AutoencoderKL
+    AutoencoderKL.from_pretrained(latent_run_inputs / "vae", scaling_factor=0.5).save_pretrained(tmp_path / "vae05")
     latents = tmp_path / "latents"
     shutil.copytree(latent_run_inputs / "latents", latents)
     meta = json.loads((latents / "meta.json").read_text())
@@ -109,7 +113,9 @@ def test_a_latent_run_without_a_vae_stops_in_one_line(latent_run_inputs, tmp_pat
             "--results-dir", str(tmp_path / "runs"), "--max-steps", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for extra, message in ((["--num-sample-images", "4"], "previews (--num-sample-images) on latents need the VAE"),
-                           (["--vae", str(tmp_path / "missing")], "cannot load VAE")):
+                           (["--vae", str(tmp_path / "missing")], "cannot load VAE"),
+                           (["--vae", str(tmp_path / "vae05"), "--num-sample-images", "4"],
+                            "has scaling factor 0.5, the latents were extracted with 0.18215")):
         proc = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, env=env)
         assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
         assert not os.path.exists(tmp_path / "runs" / "DiT-S-2-fpdm-latents" / "config.json")
