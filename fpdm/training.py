@@ -653,7 +653,8 @@ class Evaluator:
     digits gather the samples themselves. The main process scores them — FID-MNIST and class accuracy on the digits,
     Inception FID against --eval-reference otherwise — and appends a row to eval.csv and the tracker. The Inception
     weights and the reference statistics load when the run starts (and their paths are checked before the run folder
-    is made), so a wrong one fails before step 1, not at the first evaluation. Any draws of the sampler (DDPM's) are seeded by the step and the process (`seeded`)."""
+    is made), so a wrong one fails before step 1, not at the first evaluation. Any draws of the sampler (DDPM's) are
+    seeded by the step and the process (`seeded`)."""
 
     FIELDS = ["step", "metric", "value", "accuracy", "num_samples", "seconds"]
 
