@@ -228,8 +228,11 @@ def test_extract_without_flips_over_an_old_extraction(latents, vae_dir, tmp_path
 
     root, out, _ = latents
     again = str(tmp_path / "again")
-    shutil.copytree(out, again)  # stale shards of the run with flips must not survive
-    meta = extract(root, again, vae_dir, image_size=16, batch_size=4, shard_size=6, flip=False, device="cpu")
+    shutil.copytree(out, again)  # shards of the run with flips: kept unless --overwrite, then none survives
+    with pytest.raises(FileExistsError, match="another flip, shard_size"):
+        extract(root, again, vae_dir, image_size=16, batch_size=4, shard_size=6, flip=False, device="cpu")
+    meta = extract(root, again, vae_dir, image_size=16, batch_size=4, shard_size=6, flip=False, device="cpu",
+                   overwrite=True)
     assert sorted(os.listdir(again)) == ["extraction.json", "meta.json", "shard-r000-00000.safetensors"]
     assert meta["flip"] is False
     plain, flipped = LatentDataset(again), LatentDataset(out)
