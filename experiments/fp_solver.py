@@ -26,16 +26,19 @@ def main():
 
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     solvers = {"iterate": None, "anderson": FixedPointSolver("anderson", history=args.history)}
+    done = common.finished_rows(args.name, vars(args), ("block_evals", "reuse", "solver"))  # a rerun continues
     rows, paired = [], []
     for budget in (int(b) for b in args.budgets.split(",")):
         iterations = iterations_from_block_budget(model, budget, args.steps, "flat")
         for reuse in (False, True):
             pair = {}
             for name, solver in solvers.items():
-                row = common.quality_over_seeds(model, train_config, args.steps, iterations, reuse, seeds,
-                                                args.num_per_class, args.cfg_scale, args.timestep_spacing,
-                                                fp_solver=solver)
-                row.update(solver=name)
+                row = done.get((budget, reuse, name))
+                if row is None:
+                    row = common.quality_over_seeds(model, train_config, args.steps, iterations, reuse, seeds,
+                                                    args.num_per_class, args.cfg_scale, args.timestep_spacing,
+                                                    fp_solver=solver)
+                    row.update(solver=name)
                 rows.append(row)
                 pair[name] = row
                 print(f"budget {row['block_evals']:>4} reuse {'on ' if reuse else 'off'} {name:<8}: FID-MNIST "
