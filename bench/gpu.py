@@ -7,14 +7,19 @@
 Needs what the GPU machine has (torch, numpy, timm, accelerate, tqdm, pyyaml, matplotlib) and, for the vae section
 alone, diffusers: a pure-Python wheel to carry there (with huggingface-hub's if the machine's is older than diffusers
 asks); without it that section is recorded as skipped, not failed. No dataset, no download: the inputs are random
-32×32×4 latents (256 px images through the VAE) and 1,000 classes. Sections, each in its own process under its cap (a
-section that runs over is recorded as timed out with what it measured so far, the others still run):
+32×32×4 latents (256 px images through the VAE) and 1,000 classes. Sections, each in its own process group under its
+cap (a section that runs over is killed with its children and recorded as timed out with what it measured so far, the
+others still run, within --deadline); the report is rewritten after every section, so a run cut off from outside keeps
+the sections it finished. On a lease whose machine returns only one folder, write the report there:
+`python bench/gpu.py --out $OUT/gpu.json`.
 
   train-eager     DiT-XL/2 vs FPDM-XL/2 training steps at batch 32, bf16 autocast, fused AdamW: images/s, peak CUDA
                   memory, and MFU (model FLOPs from torch's FLOP counter over the GPU's peak bf16 FLOP/s). FPDM draws
                   its S-JFB counts with training.sjfb_counts from the fpdm-xl2-in256 preset (n in 0..10, m in 1..12),
                   the same sequence in every variant; its FLOPs per step follow exactly from (n, m).
-  train-compiled  the same with model.compile_regions() (compile time reported apart, steps after warm-up).
+  train-compiled  the same with model.compile_regions() (compile time reported apart, steps after warm-up; FPDM's
+                  is warm: its blocks reuse the DiT block code TorchDynamo compiled for DiT). Skipped, with the
+                  reason, where torch.compile cannot build here (Triton needs a C compiler and Python's headers).
   sampling        20 DDIM steps at batch 32, DiT-XL/2 vs FPDM-XL/2 at equal block evaluations (with reuse):
                   images/s.
   precision       DiT-XL/2 sampling as sample.py runs it (sampling.sample_images, DDPM, guidance: the batch of 32
@@ -23,6 +28,8 @@ section that runs over is recorded as timed out with what it measured so far, th
   latency         sequential DDIM (sample_steps) at batch 1 and 4 with DiT-XL/2 and FPDM-XL/2 (reuse): eager vs each
                   network call replayed from a CUDA graph (sample.py --cuda-graphs, fpdm/graphs.py): seconds, the
                   ratio, the largest sample difference, graphs captured. (Dry run: graphs emulated on the CPU.)
+                  Graphed calls run autocast without its weight cache (graphs.check_capturable), so in bf16 each
+                  replay casts the weights again where eager casts them once per call: what --cuda-graphs does.
   parallel        DEQ-DDIM (Anderson, per image) vs sequential DDIM at T' = 50 with DiT-B/2, one image: wall-clock;
                   the parallel solve reading the device every 1, 2 (default) and 4 iterations; ParaDiGMS' window
                   (all steps, τ = 0.1) reading it every 2 (default) and every iteration.
@@ -63,13 +70,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # section -> (cap in seconds, expected seconds on an H100/H200 at full size); the caps add up to 8 min 45 s, under a
-# 9-minute lease slot with the driver's own few seconds. Each child spends ~5 s importing torch and starting CUDA. The
-# expected times are estimates (FLOPs at the GPU's rates, a local NVMe disk for the checkpoint), none measured yet.
+# 9-minute lease slot with the driver's own few seconds (DEADLINE_S bounds the whole run). Each child spends ~10 s
+# importing torch and the models and starting CUDA; the models are built on the GPU. The expected times are estimates
+# (FLOPs at the GPU's rates, a local NVMe disk for the checkpoint), none measured yet.
 SECTIONS = {"train-eager": (75, 45), "train-compiled": (130, 100), "sampling": (35, 25), "precision": (40, 25),
             "latency": (30, 15), "parallel": (30, 15), "two-axis": (30, 15), "residual": (20, 10),
             "diagnostics": (30, 15), "vae": (30, 15), "checkpoint": (75, 45)}
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
+DEADLINE_S = 540  # the whole run; what --deadline defaults to at full size
+MIN_SECTION_S = 10  # no section starts with less time than this left
+KILL_WAIT_S = 15  # how long the driver waits for a killed section's processes to exit
+# Dense (no sparsity) bf16 tensor-core peaks by a part of the device name; the longest part that matches wins, so
+# "NVIDIA H200 NVL" is an NVL card, not an SXM H200. torch names the H100 SXM "NVIDIA H100 80GB HBM3".
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H200 NVL": 835.5, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.5,
+                    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
 
 FULL = {"input_size": 32, "batch": 32, "dit": "DiT-XL/2", "fpdm": "DiT-XL/2", "parallel_model": "DiT-B/2",
         "train_steps": 20, "warmup": 3, "sample_steps": 20, "parallel_steps": 50, "num_classes": 1000, "size": {},
@@ -86,11 +99,15 @@ PRECISIONS = (("fp32", False, "fp32"), ("tf32", True, "fp32"), ("bf16+tf32", Tru
 FID_SAMPLES, FID_STEPS, FID_GPUS = 50_000, 250, 8  # DiT's FID-50K: DDPM-250 with guidance, here spread on 8 GPUs
 
 
+def peak_key(device_name):
+    """The PEAK_BF16_TFLOPS entry of a device name (the longest that matches), or None."""
+    matches = [key for key in PEAK_BF16_TFLOPS if key.lower() in device_name.lower()]
+    return max(matches, key=len) if matches else None
+
+
 def peak_tflops(device_name):
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key.lower() in device_name.lower():
-            return value
-    return None
+    key = peak_key(device_name)
+    return PEAK_BF16_TFLOPS[key] if key else None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -98,15 +115,17 @@ def peak_tflops(device_name):
 # ------------------------------------------------------------------------------------------------------------------
 
 def build(name, sizes, fixed_point=False, device="cpu", contract=False):
+    """A DiT or FPDM, initialised and perturbed on `device` (at XL/2 a CPU takes ~20 s of a section's short cap)."""
     import torch
 
     from fpdm.measure import perturb_parameters_
     from models import DiT_models
     torch.manual_seed(0)
     fp = dict(fixed_point=True, fixed_point_pre_depth=1, fixed_point_post_depth=1) if fixed_point else {}
-    model = DiT_models[name](input_size=sizes["input_size"], in_channels=4, num_classes=sizes["num_classes"],
-                             learn_sigma=True, **sizes["size"], **fp)
-    perturb_parameters_(model)
+    with torch.device(device):
+        model = DiT_models[name](input_size=sizes["input_size"], in_channels=4, num_classes=sizes["num_classes"],
+                                 learn_sigma=True, **sizes["size"], **fp)
+        perturb_parameters_(model)
     if contract:  # shrink the projection MLP: the layer becomes a clear contraction
         with torch.no_grad():
             model.block_fixed_point_projection_fc1.weight.mul_(0.3)
@@ -160,9 +179,29 @@ def timed(device, fn, repeats):
 
 def keep_partial(args, result):
     """Write what a section has measured so far, atomically: the driver keeps it if the section then overruns its
-    cap."""
+    cap. Tensors (samples kept for a comparison still to come) are written as a note, not their values."""
+    import torch
+
     from fpdm.run_folders import atomic_write
-    atomic_write(args.section_out, lambda f: json.dump(result, f))
+
+    def tensor_note(value):
+        if isinstance(value, torch.Tensor):
+            return "(a tensor, kept for a comparison)"
+        raise TypeError(f"{type(value).__name__} in a section's result")
+    atomic_write(args.section_out, lambda f: json.dump(result, f, default=tensor_note))
+
+
+def compiler_problem(device):
+    """None where torch.compile builds and runs a one-line function on `device`, else why not, in one line: its
+    first compile needs a C compiler (and on CUDA, for Triton's launcher, Python's headers), which a machine may lack."""
+    import torch
+    try:
+        torch.compile(lambda v: v * 2 + 1)(torch.ones(8, device=device))
+        synchronize(device)
+    except Exception as e:  # noqa: BLE001 -- any failure to build means the section cannot measure
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"torch.compile does not build here ({type(e).__name__}: {first})"
+    return None
 
 
 def scratch(args, name):
@@ -192,6 +231,10 @@ def train_section(args, sizes, compiled):
     t = torch.randint(0, 1000, (steps, sizes["batch"]), generator=g).to(device)
     peak = peak_tflops(args.device_name) if device.type == "cuda" else None
     out = {}
+    if compiled:
+        problem = compiler_problem(device)
+        if problem:
+            return {"skipped": problem}
     for variant, fixed_point in (("dit", False), ("fpdm", True)):
         model = build(sizes["fpdm" if fixed_point else "dit"], sizes, fixed_point, device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -246,6 +289,7 @@ def train_section(args, sizes, compiled):
                         "mfu": timed_flops / elapsed / 1e12 / peak if peak else None,
                         "compile_s": compile_s if compiled else None,
                         "sjfb_draws": draws[sizes["warmup"]:] if fixed_point else None}
+        keep_partial(args, out)
         del model, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -283,6 +327,7 @@ def sampling_section(args, sizes):
         fn = run()
         elapsed = time.perf_counter() - start
         out[variant] = {"images_per_s": sizes["batch"] / elapsed, "block_evals": fn.compute()["block_evals"]}
+        keep_partial(args, out)
     out["fpdm/dit images_per_s"] = out["fpdm"]["images_per_s"] / out["dit"]["images_per_s"]
     return out
 
@@ -334,6 +379,7 @@ def precision_section(args, sizes):
                      "cfg_passes": fn.compute()["cfg_passes"], "tf32": tf32,
                      "max_abs_diff_to_fp32": (x.float() - reference.float()).abs().max().item(),
                      "fid50k_hours_8gpus": FID_SAMPLES * FID_STEPS * image_step_s / FID_GPUS / 3600}
+        keep_partial(args, out)
     for name, _, _ in PRECISIONS[1:]:
         out[f"{name}/fp32 images_per_s"] = out[name]["images_per_s"] / out["fp32"]["images_per_s"]
     return out
@@ -358,8 +404,7 @@ def parallel_section(args, sizes):
         seconds, x, fn, info = timed_sampling(device, model, diffusion, noise, labels, precision=precision,
                                               **options)
         out[name] = {"seconds": seconds, "info": info, "result": x}
-        keep_partial(args, {k: {f: v for f, v in r.items() if f != "result"} if isinstance(r, dict) else r
-                            for k, r in out.items()})
+        keep_partial(args, out)
     for name in ("parallel", "parallel-sync1", "parallel-sync4", "window", "window-sync1"):
         out[name]["max_abs_difference"] = (out[name].pop("result") - out["sequential"]["result"]).abs().max().item()
         out[f"sequential/{name} time"] = out["sequential"]["seconds"] / out[name]["seconds"]
@@ -424,6 +469,7 @@ def two_axis_section(args, sizes):
                                               **options)
         out[name] = {"seconds": seconds, "block_evals": fn.compute()["block_evals"],
                      "critical_path_calls": info.get("critical_path_calls", fn.calls), "info": info, "result": x}
+        keep_partial(args, out)
     out["max_abs_difference"] = (out["two-axis"].pop("result") - out["sequential"].pop("result")).abs().max().item()
     out["sequential/two-axis time"] = out["sequential"]["seconds"] / out["two-axis"]["seconds"]
     return out
@@ -445,6 +491,7 @@ def residual_section(args, sizes):
             model(x, t, y, num_iterations=60)
         residuals = model.last_stats.residual_values()
         out[dtype] = {"floor": min(residuals), "final": residuals[-1], "iterations": len(residuals)}
+        keep_partial(args, out)
     return out
 
 
@@ -509,7 +556,7 @@ def vae_section(args, sizes):
     import torch
     try:
         from diffusers import AutoencoderKL
-    except ImportError as e:
+    except (ImportError, RuntimeError) as e:  # diffusers' lazy imports raise RuntimeError for a broken dependency
         return {"skipped": f"no diffusers here ({e}): carry its wheel to run this section"}
 
     from fpdm import vae
@@ -531,6 +578,7 @@ def vae_section(args, sizes):
             encode_s = timed(device, lambda: vae.encode_moments(model, pixels), sizes["vae_repeats"])
             decode_s = timed(device, lambda: vae.decode(latents, model), sizes["vae_repeats"])
         out[name] = {"encode_images_per_s": batch / encode_s, "decode_images_per_s": batch / decode_s}
+        keep_partial(args, out)
     for name, _, _ in PRECISIONS[1:]:
         out[f"{name}/fp32 decode images_per_s"] = (out[name]["decode_images_per_s"] /
                                                    out["fp32"]["decode_images_per_s"])
@@ -678,6 +726,10 @@ def main():
     parser.add_argument("--out", default=None, help="default: bench/results/gpu-<device name>.json")
     parser.add_argument("--scratch", default=None, help="folder for the sections' temporary files, the checkpoint "
                                                         "section's 10.8 GB among them (default: the system's)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help=f"seconds for the whole run: a section gets the smaller of its cap and what is left, "
+                             f"and none starts with under {MIN_SECTION_S} s left (default: {DEADLINE_S}; a dry run: "
+                             f"its tripled caps)")
     parser.add_argument("--section", help=argparse.SUPPRESS)  # child mode: run one section, write --section-out
     parser.add_argument("--section-out", help=argparse.SUPPRESS)
     parser.add_argument("--device-name", help=argparse.SUPPRESS)
@@ -689,15 +741,16 @@ def main():
 
     import torch
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device")
-    if args.device == "cpu" and not args.tiny:
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but torch sees no CUDA device")
+    if not cuda and not args.tiny:
         parser.error("full sizes (XL/2) need a GPU: pass --device cuda on a GPU machine, or --tiny for a dry run")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
         parser.error(f"--sections {','.join(unknown) or '(empty)'}: choose from {', '.join(SECTIONS)}")
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     out = args.out or os.path.join(HERE, "results", f"gpu-{slug}.json")
     caps = {s: SECTIONS[s][0] for s in sections}
@@ -709,32 +762,36 @@ def main():
     if args.tiny:  # a dry run on CPU cores others may share: the caps are the lease's, so they get room here
         caps = {s: 3 * c for s, c in caps.items()}
         print("dry run: each cap tripled", flush=True)
+    deadline = args.deadline or (sum(caps.values()) + 60 if args.tiny else DEADLINE_S)
 
     report = {"device": name, "torch": torch.__version__, "python": platform.python_version(), "dtype": args.dtype,
               "tiny": args.tiny, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "peak_bf16_tflops": peak_tflops(name) if args.device == "cuda" else None, "sections": {}, "wall_s": {}}
+              "peak_key": peak_key(name) if cuda else None, "peak_bf16_tflops": peak_tflops(name) if cuda else None,
+              "deadline_s": deadline, "sections": {}, "wall_s": {}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    sys.path.insert(0, ROOT)
+    from fpdm.run_folders import atomic_write
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         for section in sections:
             part = os.path.join(tmp, f"{section}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--section", section, "--section-out", part,
                    "--device", args.device, "--dtype", args.dtype, "--device-name", name, *(["--tiny"] * args.tiny)]
             start = time.perf_counter()
-            try:
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=caps[section]).returncode
-                error = f"exit {rc}" if rc else None
-            except subprocess.TimeoutExpired:
-                error = f"timed out after its cap of {caps[section]} s"
+            left = deadline - (start - began)
+            if left < MIN_SECTION_S:
+                error = f"not run: {left:.0f} s of the --deadline of {deadline:.0f} s left"
+            else:
+                error = run_capped(cmd, min(caps[section], left), env)
             result = json.load(open(part)) if os.path.exists(part) else {}  # with an error: what it kept so far
             if error:
                 result["error"] = error
             report["wall_s"][section] = round(time.perf_counter() - start, 1)
             report["sections"][section] = result
+            report["scale_table"] = scale_table(report["sections"])
+            atomic_write(out, lambda f: json.dump(report, f, indent=2))  # a run cut off keeps the sections done
             print(f"{section}: {report['wall_s'][section]:.0f} s  {summary(section, result)}", flush=True)
-    report["scale_table"] = scale_table(report["sections"])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
     if report["scale_table"]:
         width = max(len(what) for what, _ in report["scale_table"])
         print(f"\n{'the ImageNet path at scale (issue 27)':<{width}}  measured")
@@ -744,6 +801,29 @@ def main():
     failed = [s for s, r in report["sections"].items() if "error" in r]
     if failed:
         sys.exit(f"error: section(s) {', '.join(failed)} did not finish; the others are in {out}")
+
+
+def run_capped(cmd, cap, env):
+    """Run a section's process in a process group of its own; at `cap` seconds kill the whole group (torch.compile's
+    workers too) and wait at most KILL_WAIT_S for it (a process stuck in the driver may never exit: it is left
+    behind). Returns None, or the error to record."""
+    import signal
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=cap)
+        return f"exit {rc}" if rc else None
+    except subprocess.TimeoutExpired:
+        return f"timed out after its cap of {cap:.0f} s"
+    finally:
+        if proc.poll() is None:  # over its cap, or the driver interrupted: the group goes too
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def summary(section, r):
@@ -822,7 +902,9 @@ def scale_table(sections):
                      f"{checkpoint['filesystem']})"))
     if "restore_s" in checkpoint:
         anonymous = checkpoint["anonymous_peak_growth_gb"]
-        cache = "from disk" if checkpoint["page_cache_dropped"] else "from the page cache"
+        in_memory = checkpoint["filesystem"] in ("tmpfs", "ramfs")  # posix_fadvise drops nothing there
+        cache = ("from memory (tmpfs)" if in_memory else "from disk" if checkpoint["page_cache_dropped"]
+                 else "from the page cache")
         rows.append(("  read (memory-mapped) into model, EMA and AdamW",
                      f"{checkpoint['restore_s']:.1f} s {cache} (torch.load {checkpoint['read_s']:.2f} s), peak RSS "
                      f"+{checkpoint['rss_peak_growth_gb']:.2f} GB"

@@ -190,3 +190,43 @@ def test_gpu_benchmark_dry_run(tmp_path):
     refused = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu"],
                              capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "need a GPU" in refused.stderr
+
+
+def test_gpu_benchmark_kills_a_section_with_its_children_and_keeps_a_report_when_time_runs_out(tmp_path):
+    """A lease is short and ends from outside: a section over its cap is killed with every process it started
+    (torch.compile's workers), the report is written after every section, and sections that no longer fit in
+    --deadline are recorded as not run instead of overrunning the lease."""
+    gpu = bench_script("gpu")
+    pid_file = tmp_path / "grandchild.pid"
+    spawn = ("import subprocess, sys, time; "
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    error = gpu.run_capped([sys.executable, "-c", spawn], 3, dict(os.environ))
+    assert error == "timed out after its cap of 3 s"
+    grandchild = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # gone, not orphaned (and not a zombie either: init reaps it)
+        for _ in range(50):
+            os.kill(grandchild, 0)
+            import time
+            time.sleep(0.1)
+    assert gpu.run_capped([sys.executable, "-c", "raise SystemExit(3)"], 30, dict(os.environ)) == "exit 3"
+
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--tiny",
+                           "--sections", "residual,vae", "--deadline", "5", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and "residual, vae did not finish" in proc.stderr
+    report = json.load(open(out))
+    assert report["deadline_s"] == 5
+    for section in ("residual", "vae"):
+        assert report["sections"][section]["error"].startswith("not run: ")
+
+
+def test_gpu_peak_flops_by_device_name():
+    """MFU's denominator: the longest matching part of torch's device name, so NVL and PCIe cards are not taken for
+    SXM ones."""
+    gpu = bench_script("gpu")
+    assert gpu.peak_key("NVIDIA H100 80GB HBM3") == "H100" and gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.peak_tflops("NVIDIA H100 NVL") == gpu.peak_tflops("NVIDIA H200 NVL") == 835.5
+    assert gpu.peak_tflops("NVIDIA H200") == 989.4 and gpu.peak_tflops("Quadro K600") is None
