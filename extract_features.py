@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from fpdm import vae as vae_io
 from fpdm.data import LATENT_FORMAT, ImageFolderDataset
-from fpdm.run_folders import COLLECTIVE_TIMEOUT, atomic_write, check_writable
+from fpdm.run_folders import COLLECTIVE_TIMEOUT, RunLock, atomic_write, check_writable
 
 SETUP_FILE = "extraction.json"
 
@@ -155,6 +155,18 @@ def extract(data_path, output, vae, image_size=256, batch_size=32, shard_size=40
     dataset = ImageFolderDataset(data_path, image_size, scan=False)  # checked while encoding, see _CheckedImages
     check_writable(output, "--output")  # before the VAE is loaded
     os.makedirs(output, exist_ok=True)
+    # One extraction per folder: a second job on it would remove this one's temporaries and shards.
+    lock = RunLock(output).acquire() if is_main else None
+    try:
+        return _extract(data_path, output, vae, image_size, batch_size, shard_size, flip, accelerator, device,
+                        num_workers, skip_bad_images, overwrite, dataset, rank, world, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _extract(data_path, output, vae, image_size, batch_size, shard_size, flip, accelerator, device, num_workers,
+             skip_bad_images, overwrite, dataset, rank, world, is_main):
     device = accelerator.device if accelerator else torch.device(device or ("cuda" if torch.cuda.is_available()
                                                                              else "cpu"))
     vae_name = vae if isinstance(vae, str) else getattr(vae.config, "_name_or_path", "") or type(vae).__name__

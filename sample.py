@@ -48,12 +48,12 @@ def main(cfg):
     settings = cli.sample_settings(cfg, setup, labels)
     out = claim_output_folder(cli.output_folder(cfg, settings), settings, cfg.output.overwrite)
 
-    torch.manual_seed(cfg.sampler.seed)
     g = torch.Generator().manual_seed(cfg.sampler.seed)
     noise = torch.randn(len(labels), model.in_channels, *model.input_hw, generator=g).to(device)
     y = torch.tensor(labels, device=device)
 
-    def timed(sampler=None):
+    def timed(sampler=None):  # every run draws its sampler noise (eta > 0, DDPM) from the same seed
+        torch.manual_seed(cfg.sampler.seed)
         start = time.perf_counter()
         samples, fn = setup.sample(cfg, noise, y, sampler=sampler, progress=True)
         if device.type == "cuda":

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from fpdm import cli, sample_config
-from fpdm.run_folders import COLLECTIVE_TIMEOUT, STOPPED_EXIT_CODE, StopSignals, atomic_write, remove_stale_temporaries
+from fpdm.run_folders import (COLLECTIVE_TIMEOUT, STOPPED_EXIT_CODE, RunLock, StopSignals, atomic_write, check_writable,
+                               remove_stale_temporaries)
 from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
 
 
@@ -116,67 +117,79 @@ def main(cfg):
     # the others wait: checking concurrently, they could see its half-written args.json and refuse. If it refuses,
     # its exit stops the others (accelerate launch ends the whole group).
     batch_dir, image_dir = os.path.join(out, "batches"), os.path.join(out, "images")
-    if state.is_main_process:
-        claim_output_folder(out, settings, cfg.output.overwrite)
-        for folder in (out, batch_dir, image_dir):
-            remove_stale_temporaries(folder)
-    state.wait_for_everyone()
-    os.makedirs(batch_dir, exist_ok=True)
-    os.makedirs(image_dir, exist_ok=True)
+    lock = None
+    try:
+        if state.is_main_process:
+            # One job per folder (a second one, e.g. a duplicate array task, would sample every batch again and remove
+            # this one's temporaries; --overwrite would remove its batches): an existing folder is locked before it is
+            # judged, a new one once claimed.
+            check_writable(out, "--out")
+            lock = RunLock(out).acquire() if os.path.isdir(out) else None
+            claim_output_folder(out, settings, cfg.output.overwrite)
+            lock = lock or RunLock(out).acquire()
+            for folder in (out, batch_dir, image_dir):
+                remove_stale_temporaries(folder)
+        state.wait_for_everyone()
+        os.makedirs(batch_dir, exist_ok=True)
+        os.makedirs(image_dir, exist_ok=True)
 
-    shape = (model.in_channels, *model.input_hw)
-    num_batches = -(-fid.num_fid_samples // fid.batch_size)
-    mine = [b for b in range(num_batches) if b % world == rank]
-    stats, wall, done, pending = [], 0.0, 0, []
-    from tqdm.auto import tqdm
-    with ThreadPoolExecutor(PNG_THREADS) as pool, StopSignals() as stop:
-        for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
-            if stop.received:  # preemption: the batch in flight was committed; a rerun samples from the next one
-                break
-            indices = range(b * fid.batch_size, min((b + 1) * fid.batch_size, fid.num_fid_samples))
-            if os.path.exists(batch_path(batch_dir, b)):
-                done += 1
-                continue
-            pairs = [sample_noise_and_label(seed, i, shape, model.num_classes, given_labels) for i in indices]
-            noise = torch.stack([n for n, _ in pairs]).to(device)
-            labels = torch.tensor([label for _, label in pairs], device=device)
-            torch.manual_seed(seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
-            start = time.perf_counter()
-            samples, fn = setup.sample(cfg, noise, labels)
-            images = to_uint8(cli.decode(samples, setup.vae))
-            wall += time.perf_counter() - start
-            stats.append(fn.compute())
-            pending = wait(pending)  # the last batch's PNGs, written while this one sampled (one batch in memory)
-            commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
-            if fid.png:
-                pending = write_pngs(pool, image_dir, images, indices)
-        wait(pending)
-        signum = stop.received
-    if signum:  # each process stops on its own (batches are independent): no collective that a stopped one would miss
-        name = signal.Signals(signum).name
-        raise SamplingStopped(f"stopped by {name} on rank {rank} after {done + len(stats)} of {len(mine)} batches (all "
-                              f"committed): rerun the same command to continue (exit code {STOPPED_EXIT_CODE})")
+        shape = (model.in_channels, *model.input_hw)
+        num_batches = -(-fid.num_fid_samples // fid.batch_size)
+        mine = [b for b in range(num_batches) if b % world == rank]
+        stats, wall, done, pending = [], 0.0, 0, []
+        from tqdm.auto import tqdm
+        with ThreadPoolExecutor(PNG_THREADS) as pool, StopSignals() as stop:
+            for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
+                if stop.received:  # preemption: the batch in flight was committed; a rerun samples from the next one
+                    break
+                indices = range(b * fid.batch_size, min((b + 1) * fid.batch_size, fid.num_fid_samples))
+                if os.path.exists(batch_path(batch_dir, b)):
+                    done += 1
+                    continue
+                pairs = [sample_noise_and_label(seed, i, shape, model.num_classes, given_labels) for i in indices]
+                noise = torch.stack([n for n, _ in pairs]).to(device)
+                labels = torch.tensor([label for _, label in pairs], device=device)
+                torch.manual_seed(seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
+                start = time.perf_counter()
+                samples, fn = setup.sample(cfg, noise, labels)
+                images = to_uint8(cli.decode(samples, setup.vae))
+                wall += time.perf_counter() - start
+                stats.append(fn.compute())
+                pending = wait(pending)  # the last batch's PNGs, written while this one sampled (one batch in memory)
+                commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
+                if fid.png:
+                    pending = write_pngs(pool, image_dir, images, indices)
+            wait(pending)
+            signum = stop.received
+        if signum:  # each process stops on its own (batches are independent): no collective a stopped one would miss
+            name = signal.Signals(signum).name
+            raise SamplingStopped(f"stopped by {name} on rank {rank} after {done + len(stats)} of {len(mine)} batches "
+                                  f"(all committed): rerun the same command to continue (exit code "
+                                  f"{STOPPED_EXIT_CODE})")
 
-    state.wait_for_everyone()
-    if state.is_main_process:
-        arrays = np.zeros((fid.num_fid_samples, *images_shape(batch_dir)), dtype=np.uint8)
-        labels = np.zeros(fid.num_fid_samples, dtype=np.int64)
-        for b in range(num_batches):
-            with np.load(batch_path(batch_dir, b)) as batch:
-                arrays[batch["indices"]], labels[batch["indices"]] = batch["images"], batch["labels"]
-        if fid.png:  # those of batches a killed run (or --no-png) left without (rows of `arrays`: no copies)
-            with ThreadPoolExecutor(PNG_THREADS) as pool:
-                wait(write_pngs(pool, image_dir, arrays, range(len(arrays)), only_missing=True))
-        atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=arrays, labels=labels), "wb")
-        report = {"args": cfg.flat(), "settings": settings, "precision": settings["resolved"]["precision"],
-                  "num_images": fid.num_fid_samples, "processes": world,
-                  "batches_skipped_as_done_on_rank0": done, "wall_time_rank0_s": wall}
-        if stats:
-            report.update({k: stats[0][k] for k in ("cfg_passes", "block_evals", "flops_per_image",
-                                                     "iterations_per_step")})
-        atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
-        print(f"wrote {arrays.shape[0]} samples to {os.path.join(out, 'samples.npz')}")
-    state.wait_for_everyone()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            arrays = np.zeros((fid.num_fid_samples, *images_shape(batch_dir)), dtype=np.uint8)
+            labels = np.zeros(fid.num_fid_samples, dtype=np.int64)
+            for b in range(num_batches):
+                with np.load(batch_path(batch_dir, b)) as batch:
+                    arrays[batch["indices"]], labels[batch["indices"]] = batch["images"], batch["labels"]
+            if fid.png:  # those of batches a killed run (or --no-png) left without (rows of `arrays`: no copies)
+                with ThreadPoolExecutor(PNG_THREADS) as pool:
+                    wait(write_pngs(pool, image_dir, arrays, range(len(arrays)), only_missing=True))
+            atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=arrays, labels=labels), "wb")
+            report = {"args": cfg.flat(), "settings": settings, "precision": settings["resolved"]["precision"],
+                      "num_images": fid.num_fid_samples, "processes": world,
+                      "batches_skipped_as_done_on_rank0": done, "wall_time_rank0_s": wall}
+            if stats:
+                report.update({k: stats[0][k] for k in ("cfg_passes", "block_evals", "flops_per_image",
+                                                         "iterations_per_step")})
+            atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
+            print(f"wrote {arrays.shape[0]} samples to {os.path.join(out, 'samples.npz')}")
+        state.wait_for_everyone()
+    finally:
+        if lock is not None:
+            lock.release()
     return out
 
 

@@ -33,11 +33,11 @@ from fpdm.checkpoints import set_rng_state
 from fpdm.config import parse_args
 from fpdm.diagnostics import TrainingDiagnostics
 from fpdm.run_folders import STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent
-from fpdm.training import (BackgroundWork, CheckpointWriteError, Evaluator, ExampleDraws, Preview,
+from fpdm.training import (BackgroundWork, CheckpointWriteError, EvaluationStopped, Evaluator, ExampleDraws, Preview,
                            TrainingPreempted, build_model, check_ranks_agree, check_resume_precision,
                            latent_decoder_path, load_latent_decoder, local_batch_size, log_layer_diagnostics,
                            make_accelerator, make_loader, make_optimizer, open_run, preempted, restore,
-                           save_checkpoint, sjfb_counts, start_run_folder, update_ema)
+                           save_checkpoint, signal_name, sjfb_counts, start_run_folder, update_ema)
 
 logger = logging.getLogger("train")
 
@@ -107,7 +107,8 @@ def _train(cfg, cleanup, stop_signals):
     draws = ExampleDraws(cfg, dataset, diffusion.num_timesteps, raw_model.y_embedder.dropout_prob, device)
     loader = make_loader(cfg, dataset, local_batch, accelerator, step, cleanup)
     preview = Preview(cfg, dataset, ema, run_dir, device, decoder)
-    evaluator = Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder) if r.eval_every else None
+    evaluator = (Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder, stop_signals)
+                 if r.eval_every else None)
     background = BackgroundWork()  # plots drawn off the training path
     cleanup.callback(background.close)
     diagnostics = None
@@ -121,13 +122,14 @@ def _train(cfg, cleanup, stop_signals):
     if (r.sample_every and r.num_sample_images and step and step % r.sample_every == 0 and accelerator.is_main_process
             and not os.path.exists(preview.path(step))):
         logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
+    stop = 0
     if evaluator is not None and step and step % r.eval_every == 0 and not evaluator.has_row(step):
-        evaluator.run(step, background)
+        stop = evaluate(evaluator, step, background)  # a stop signal during it: this run ends at its checkpoint
     model.train()
     progress = tqdm(total=o.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
-    last_good, stop = ckpt_path, 0
-    while step < o.max_steps:
+    last_good = ckpt_path
+    while step < o.max_steps and not stop:
         grad_norm, lr, stop = train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler,
                                          accelerator, metrics, step, last_good, draws, stop_signals)
         step += 1
@@ -152,7 +154,11 @@ def _train(cfg, cleanup, stop_signals):
                 if due_preview and accelerator.is_main_process:
                     logger.info("samples: %s", preview.write(step, accelerator if tracker else None))
                 if due_eval:
-                    evaluator.run(step, background)
+                    stop = evaluate(evaluator, step, background)
+            if stop:  # during the evaluation (it outlasts a grace period at scale): dropped, made by the resumed run
+                if step % r.ckpt_every and step != o.max_steps:
+                    last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
+                break
     progress.close()
     if stop:  # before the last barrier: no process exits before the main one has recorded it
         preemption = preempted(run_dir, stop, step, last_good, accelerator)
@@ -164,6 +170,17 @@ def _train(cfg, cleanup, stop_signals):
     if stop:
         raise preemption
     return run_dir
+
+
+def evaluate(evaluator, step, background):
+    """evaluator.run(step); returns 0, or the stop signal that ended it between two chunks (on every process)."""
+    try:
+        evaluator.run(step, background)
+        return 0
+    except EvaluationStopped as e:
+        logger.info("the evaluation of step %d stopped by %s: the resumed run makes it", step,
+                    signal_name(e.signum))
+        return e.signum
 
 
 def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler, accelerator, metrics, step,

@@ -10,7 +10,9 @@ sequential DDIM trajectory, and Picard iteration reaches it after T' evaluations
 evaluations the first k states are exact); Anderson acceleration usually gets within tolerance much sooner.
 `parallel_ddim_sample` solves it with Anderson, Picard, or ParaDiGMS' sliding window of Picard iterations.
 
-    x0 = parallel_ddim_sample(GuidedModel(model, cfg_scale=4.0), diffusion, noise, model_kwargs={"y": y})
+    x, y2 = guided_batch(noise, y, 4.0, model.num_classes)  # guidance: the batch doubled, null class second
+    x0 = parallel_ddim_sample(GuidedModel(model, cfg_scale=4.0), diffusion, x, model_kwargs={"y": y2})[:len(noise)]
+    # (or all of it in one call: sampling.sample_images(model, diffusion, noise, y, sampler="ddim-parallel", ...))
 
 Costs: memory ≈ T' × a sequential step (all states are live; `chunk_size` bounds the states per network call);
 FLOPs are (iterations × T') network evaluations instead of T'. Wall-clock drops only when the hardware runs a batch

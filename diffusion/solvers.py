@@ -269,7 +269,10 @@ class _BatchState:
         self.valid[:, slot] = True
         self.valid &= self.per_group(finite)[:, None]
         alpha, ok = _anderson_weights(self.gram, self.valid, slot, self.ridge, self.eye)
-        new = torch.bmm(alpha[:, None, :].to(self.hist_y.dtype), self.hist_y.flatten(2))[:, 0]
+        # in the iterates' dtype also where the solver runs inside an autocast network call (FPDM's layer under
+        # --precision bf16): a bf16 mix would floor the residual near 1e-3
+        with torch.autocast(x.device.type, enabled=False):
+            new = torch.bmm(alpha[:, None, :].to(self.hist_y.dtype), self.hist_y.flatten(2))[:, 0]
         new = self.ungrouped(new.view(self.hist_y[:, 0].shape))
         trailing = (1,) * (x.dim() - 2)
         use = ok.view(1 if self.mixing == "image" else self.states, -1, *trailing) & finite.view(1, -1, *trailing)

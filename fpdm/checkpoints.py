@@ -220,20 +220,24 @@ def diffusion_settings(training_config):
 
 
 def _read_safetensors(folder, info):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
     file = os.path.join(folder, "model.safetensors")
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
-    with safe_open(file, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(file)
+    except SafetensorError as e:  # cut off (a copy that did not finish), or not a safetensors file
+        raise ValueError(f"{file} cannot be read ({e}): copy or export it again") from None
     info["weights"] = meta.get("weights", "weights")
     if meta.get("source_format"):
         info["notes"].append(f"exported from a {meta['source_format']} checkpoint ({meta.get('source', '?')})")
     info["sources"] = dict.fromkeys(config, "checkpoint")
     if meta.get("diffusion"):
         info["training_config"] = json.loads(meta["diffusion"])
-    return load_file(file), config
+    return weights, config
 
 
 def _pick_weights(ckpt, use_ema, info):

@@ -17,6 +17,9 @@ from fpdm.sampling import DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_w
     iterations_from_block_budget, model_calls, resolve_device, settings_hash
 
 SETTINGS_FORMAT = 2  # args.json's layout: 2 = generated from sample_config's fields (earlier folders: no "format")
+# --parallel two-axis --compare-sequential: the reference, sequential DDIM whose layer is solved to this relative
+# residual at every step (with reuse), at most this many iterations a step
+REFERENCE_LAYER_TOL, REFERENCE_LAYER_ITERATIONS = 1e-5, 100
 
 
 def flag(name):
@@ -140,9 +143,9 @@ def check_settings(cfg, model, sampler):
             if (cfg.parallel.inner_iterations or 1) < 1:
                 raise ValueError(f"--inner-iterations must be >= 1, got {cfg.parallel.inner_iterations}")
         else:
-            refuse_given(cfg, ["reuse", "adaptive_tol", "schedule", "fp_allocation"],
+            refuse_given(cfg, ["reuse", "adaptive_tol", "schedule", "fp_allocation", "budget_block_evals"],
                          "does not apply to --parallel: it evaluates all timesteps at once with one FPDM iteration "
-                         "count")
+                         "count, as many times as the solver iterates (give --iterations)")
     if fp.budget_block_evals is not None and fp.iterations is not None:
         if "budget_block_evals" not in cfg.from_preset:
             raise ValueError("give either --iterations or --budget-block-evals, not both")
@@ -376,11 +379,15 @@ class Setup:
         name = sampler or self.sampler
         options = self.options if sampler is None else (
             {"eta": cfg.sampler.eta} if capabilities(sampler).takes_eta else {})
-        iterations = self.iterations
+        iterations, reuse, tol = self.iterations, cfg.fp.reuse, cfg.fp.adaptive_tol
         if capabilities(name).parallel and iterations:
             iterations = iterations[0]  # one count for all timesteps (checked in check_settings)
+        elif sampler is not None and capabilities(self.sampler).sets_layer_iterations:
+            # the sequential reference of two-axis sampling is its fixed point: DDIM with a converged layer
+            iterations = [REFERENCE_LAYER_ITERATIONS] * self.diffusion.num_timesteps
+            reuse, tol = True, REFERENCE_LAYER_TOL
         return sample_images(self.model, self.diffusion, noise, labels, sampler=name, iterations_per_step=iterations,
-                             reuse=cfg.fp.reuse, tol=cfg.fp.adaptive_tol, clip_denoised=self.clip, progress=progress,
+                             reuse=reuse, tol=tol, clip_denoised=self.clip, progress=progress,
                              fp_solver=self.fp_solver, graphs=self.graphs if sampler is None else None,
                              **self.guidance(cfg), **options)
 

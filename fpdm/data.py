@@ -14,6 +14,7 @@ None, "uniform" (B,) for flips, "normal" like the model input for sampling a lat
 
 import json
 import os
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -166,8 +167,12 @@ def scan_images(files, cache_path=None, workers=None, progress=True):
             result.update(zip(todo, checked))
         if cache_path:
             index = {path: [stats[path].st_size, stats[path].st_mtime_ns, result[path]] for path in files}
-            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-            atomic_write(cache_path, lambda f: json.dump(index, f))
+            try:
+                os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+                atomic_write(cache_path, lambda f: json.dump(index, f))
+            except OSError as e:  # a read-only or full home: the scan is still used, only not kept
+                print(f"could not cache the image scan in {cache_path} ({e}); the next run checks the images again "
+                      f"(set FPDM_CACHE to a writable folder)", file=sys.stderr)
     return {path: reason for path, reason in result.items() if reason}
 
 

@@ -46,15 +46,16 @@ def _process_alive(pid):
 
 
 def remove_stale_temporaries(folder):
-    """Delete `atomic_write` temporaries (`*.tmp-PID`) that a killed process left in `folder`; those of processes still
-    running on this machine are kept. Their names end in the PID, so no image reader counts them as images. Returns
-    {name: size in bytes} of the deleted files."""
+    """Delete `atomic_write` temporaries (`*.tmp-PID`) that a killed process left in `folder`, when a run starts (it
+    has written nothing yet: a temporary of its own PID is a killed one's, which a container's fresh PID namespace
+    hands out again); those of other processes still running on this machine are kept. Their names end in the PID,
+    so no image reader counts them as images. Returns {name: size in bytes} of the deleted files."""
     removed = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         stem, sep, pid = name.rpartition(".tmp-")
         if not (sep and pid.isdigit()):
             continue
-        if _process_alive(int(pid)):
+        if int(pid) != os.getpid() and _process_alive(int(pid)):
             continue  # another writer's file in progress
         path = os.path.join(folder, name)
         size = os.path.getsize(path)
@@ -63,14 +64,22 @@ def remove_stale_temporaries(folder):
     return removed
 
 
+LOCK_FILE = ".lock"  # RunLock's file in the folder it locks
+
+
 class RunLock:
     """An exclusive lock on a run folder for the lifetime of the run (`flock` on `<run>/.lock`, which names the owner's
-    host and PID). The kernel releases it when the owner dies, so a lock left by a killed run is taken over (and
-    `previous_owner` says whose it was); a live owner makes `acquire` fail with one line naming it."""
+    host and PID): train.py's run folders, sample_ddp.py's sample folders, extract_features.py's latent folders. The
+    kernel releases it when the owner dies, so a lock left by a killed run is taken over (and `previous_owner` says
+    whose it was); a live owner makes `acquire` fail with one line naming it. Where flock does not reach across
+    machines (Lustre's localflock, BeeGFS, NFS with local_lock) or does not exist (Lustre's noflock: `unlocked`, with a
+    warning), two runs on different machines can both start: `check_held` before every checkpoint write stops the one
+    whose name is no longer in the file."""
 
     def __init__(self, run_dir):
-        self.path = os.path.join(run_dir, ".lock")
+        self.path = os.path.join(run_dir, LOCK_FILE)
         self.previous_owner = None
+        self.unlocked = None  # why this file system gave no lock (the owner is still written and checked)
         self._file = None
 
     @staticmethod
@@ -86,8 +95,11 @@ class RunLock:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise FileExistsError(f"{os.path.dirname(self.path)} is in use by a running training ({owner}): wait for "
-                                  f"it to finish or stop it, or choose another --run-name") from None
+            raise FileExistsError(f"{os.path.dirname(self.path)} is in use by another run ({owner}): wait for it to "
+                                  f"finish or stop it, or choose another name (if that machine is down, delete "
+                                  f"{self.path} to take over now)") from None
+        except OSError as e:  # ENOSYS, ENOLCK, EOPNOTSUPP: no flock on this file system
+            self.unlocked = f"{os.strerror(e.errno)} (errno {e.errno})"
         handle.seek(0)
         self.previous_owner = handle.read().strip() or None  # written by a run that did not exit cleanly
         handle.seek(0)
@@ -96,6 +108,21 @@ class RunLock:
         handle.flush()
         self._file = handle
         return self
+
+    @classmethod
+    def check_held(cls, run_dir):
+        """Raise FileExistsError (one line) if `<run_dir>/.lock` names another owner than this process: another run
+        took the folder over (see the class). Called before each checkpoint write, so that two runs never write
+        their checkpoints into one folder. Without a lock file there is nothing to check."""
+        try:
+            with open(os.path.join(run_dir, LOCK_FILE)) as f:
+                owner = f.read().strip()
+        except FileNotFoundError:
+            return
+        if owner != cls.owner():
+            raise FileExistsError(f"{run_dir} was taken over by {owner or 'another run'} while this run "
+                                  f"({cls.owner()}) held it (a file system whose locks do not reach across machines): "
+                                  f"this run stops without writing; give each job its own --run-name")
 
     def release(self):
         if self._file is not None:
@@ -180,7 +207,9 @@ STOPPED_EXIT_CODE = 3
 # minutes), in train.py, sample_ddp.py and extract_features.py. At ImageNet scale that is far exceeded: process 0
 # lists the images or clears an old extraction, computes FID's reference statistics, assembles a 50k-image
 # samples.npz; after a resume one process may have many shards or batches left when another has none. A process that
-# fails stops the others through the launcher (accelerate launch, torchrun), not through this timeout.
+# fails stops the others of its machine through the launcher (accelerate launch, torchrun), not through this timeout;
+# on several machines each launcher watches only its own processes, so the others are stopped by the job's launcher
+# (Slurm: `srun --kill-on-bad-exit=1`, docs/training.md), or wait in their next collective until this timeout.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
 
 
@@ -239,18 +268,45 @@ def prune_checkpoints(ckpt_dir, current_step, keep_last, keep_every=0):
     return [names[step] for step in doomed]
 
 
+def sync_files(paths):
+    """fsync the files of `paths` that exist: rows appended before a checkpoint reach the disk before it does, so that
+    a machine that crashes after the checkpoint loses none of the rows it covers."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def truncate_metrics(path, last_step):
-    """Drop the rows of `metrics.csv` after `last_step` (logged by a run after its last checkpoint, and about to be
-    logged again by the resumed run), atomically. Returns how many rows were dropped."""
+    """Before a run continues from the checkpoint of `last_step`: keep the complete rows of a run's CSV (metrics.csv,
+    eval.csv, fp_diagnostics.csv) up to that step, atomically. Rows after it (logged after the last checkpoint) are
+    logged again by the resumed run; a row a crash cut off — no line end, the NUL bytes some file systems leave where
+    a write was lost, another number of fields than the header, a step that is not a number — is dropped, so that no
+    torn value is read as a result and the next row starts on a line of its own. A file whose header itself is
+    incomplete is removed (its writer starts it again). Returns how many rows were dropped."""
     if not os.path.isfile(path):
         return 0
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return 0
-    header, body = rows[0], rows[1:]
-    kept = [row for row in body if row and int(float(row[0])) <= last_step]
-    if len(kept) == len(body):
+        lines = f.read().split("\n")  # the last item is what follows the last line end: "" unless cut off
+    complete = [line for line in lines[:-1] if "\x00" not in line]
+    torn = (len(lines) - 1 - len(complete)) + (lines[-1] != "")  # lines cut off or holding NULs
+    if not complete or "\x00" in lines[0] or len(lines) == 1:  # no complete header
+        os.remove(path)
+        return max(0, len(lines) - 2)
+    header, *body = list(csv.reader(complete))
+
+    def keep(row):
+        try:
+            return len(row) == len(header) and int(float(row[0])) <= last_step
+        except ValueError:
+            return False
+    kept = [row for row in body if keep(row)]
+    if len(kept) == len(body) and not torn:
         return 0
     atomic_write(path, lambda f: csv.writer(f).writerows([header, *kept]))
-    return len(body) - len(kept)
+    return len(body) - len(kept) + torn

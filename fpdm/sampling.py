@@ -22,7 +22,7 @@ from diffusion import DIFFUSION_DEFAULTS, TIMESTEP_SPACINGS, create_diffusion, t
 from diffusion.solvers import solve_batched
 from fpdm.allocation import TINY, BudgetAllocator
 from fpdm.graphs import fixed_work_conflict
-from fpdm.run_folders import atomic_write, check_writable
+from fpdm.run_folders import LOCK_FILE, atomic_write, check_writable
 from models import FixedPointStats, IterationPolicy, SolutionCache
 
 
@@ -217,6 +217,9 @@ class GuidedModel:
             # reuse: the sampler decides, whatever the model was built with
             kwargs["policy"] = IterationPolicy(iters, self.tol, self.cache or False, self.fp_solver, stop)
         guided = self.cfg_scale != 1.0  # then the batch is doubled
+        if guided and len(x) % 2:
+            raise ValueError(f"a guided call takes a doubled batch (the images, then the same images with the null "
+                             f"class: sampling.guided_batch), got {len(x)} rows")
         if guided and self.guidance_interval is not None:  # which branches run: decided on the host
             if t.numel() > 1 and not bool((t == t[0]).all()):
                 raise ValueError("a guidance interval needs one timestep per model call (a sequential sampler, not "
@@ -432,8 +435,26 @@ def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
         raise ValueError("parallel DDIM solves the chain without x0 clipping: sample with clip_denoised=False")
     out, _, stats = parallel_ddim_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
                                          max_iter=solver_max_iter, tol=solver_tol, window=window, chunk_size=chunk_size,
-                                         mixing=mixing, sync_every=sync_every, progress=progress, return_result=True)
+                                         mixing=mixing, sync_every=sync_every, progress=progress, return_result=True,
+                                         noise_seq=twin_noise(model, diffusion, x, eta))
+    if model.block_evals:  # per image: every state evaluated costs one call's blocks
+        stats["block_evals"] = stats["network_evaluations"] * model.block_evals[0]
     return out, stats
+
+
+def twin_noise(model, diffusion, x, eta):
+    """The η > 0 noise of a parallel sampler with guidance: every step's drawn as ddim_sample_loop draws it (for the
+    doubled batch, so that both agree for one seed), then each image's unguided twin (second half) given its image's
+    noise. A twin's state feeds no output (the guided call evaluates both branches on the image's state), but with
+    noise of its own it would follow another chain and converge at another iteration; per-image solving would then
+    drop it from the batch apart from its image, and the halves of the guided call would pair the wrong rows.
+    None where nothing is drawn (η = 0) or the batch is not doubled."""
+    if not eta or model.cfg_scale == 1.0:
+        return None
+    noise_seq = torch.stack([torch.randn_like(x) for _ in range(diffusion.num_timesteps)])
+    half = len(x) // 2
+    noise_seq[:, half:] = noise_seq[:, :half]
+    return noise_seq
 
 
 @register_sampler("ddim-two-axis", parallel=True, needs_fpdm=True, sets_layer_iterations=True,
@@ -450,7 +471,8 @@ def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
                          "clip_denoised=False")
     out, _, stats = two_axis_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
                                     max_iter=solver_max_iter, tol=solver_tol, chunk_size=chunk_size,
-                                    sync_every=sync_every, progress=progress, return_result=True)
+                                    sync_every=sync_every, progress=progress, return_result=True,
+                                    noise_seq=twin_noise(model, diffusion, x, eta))
     return out, stats
 
 
@@ -677,6 +699,12 @@ def _leaves(settings, prefix=""):
     return flat
 
 
+def folder_entries(out):
+    """The entries of folder `out` a command may judge, sorted: all but the lock of the job that holds it
+    (run_folders.RunLock, sample_ddp.py's), which is never removed."""
+    return sorted(name for name in os.listdir(out) if name != LOCK_FILE) if os.path.isdir(out) else []
+
+
 def check_only_ours(out, entries, outputs, overwrite):
     """One line when folder `out` holds `entries` that are not among a command's `outputs`: --overwrite never
     removes what the command did not write (a training run, an export, a user's files)."""
@@ -690,7 +718,7 @@ def check_only_ours(out, entries, outputs, overwrite):
 def remove_outputs(out, outputs):
     """Remove from folder `out` what a command writes (`outputs`, names or patterns), after checking that it holds
     nothing else (check_only_ours)."""
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    entries = folder_entries(out)
     check_only_ours(out, entries, outputs, True)
     for name in entries:
         target = os.path.join(out, name)
@@ -705,7 +733,7 @@ def claim_output_folder(out, settings, overwrite=False, outputs=SAMPLE_OUTPUTS):
     process claims a folder (under accelerate: the main one, before the others start writing)."""
     check_writable(out, "--out")  # a file, or a folder that cannot be written: one line
     path = os.path.join(out, SETTINGS_FILE)
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    entries = folder_entries(out)
     if entries:
         previous = None
         if os.path.isfile(path):
@@ -728,11 +756,6 @@ def claim_output_folder(out, settings, overwrite=False, outputs=SAMPLE_OUTPUTS):
             raise FileExistsError(f"{out} holds samples of other settings ({details}){older}: choose another "
                                   f"--out, or pass --overwrite to start over")
         remove_outputs(out, outputs)
-    os.makedirs(out, exist_ok=True)
-    atomic_write(path, lambda f: json.dump(settings, f, indent=2, sort_keys=True))
-    return out
-    if overwrite and os.path.isdir(out):
-        shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     atomic_write(path, lambda f: json.dump(settings, f, indent=2, sort_keys=True))
     return out

@@ -25,7 +25,7 @@ from fpdm.checkpoints import (resume_checkpoint, rng_state, set_rng_state,
 from fpdm.diagnostics import BUCKETS, timestep_buckets
 from fpdm.measure import peak_rss_bytes
 from fpdm.run_folders import (COLLECTIVE_TIMEOUT, STOPPED_EXIT_CODE, RunLock, atomic_write, check_writable,
-                               remove_stale_temporaries, truncate_metrics)
+                               remove_stale_temporaries, sync_files, truncate_metrics)
 
 logger = logging.getLogger("train")
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -128,6 +128,16 @@ def open_run(cfg):
 # where it stopped.
 PREEMPTED_EXIT_CODE = STOPPED_EXIT_CODE
 PREEMPTED_FILE = "preempted.json"  # in the run folder; removed when the run starts again
+RUN_CSVS = ("metrics.csv", "eval.csv", "fp_diagnostics.csv")  # appended rows, synced before each checkpoint
+
+
+class EvaluationStopped(Exception):
+    """A stop signal ended an evaluation (Evaluator) between two chunks, on every process; `signum` is its number.
+    The step's checkpoint comes first, so the resumed run makes the evaluation again."""
+
+    def __init__(self, signum):
+        super().__init__(f"evaluation stopped by {signal_name(signum)}")
+        self.signum = signum
 
 
 class TrainingPreempted(Exception):
@@ -354,6 +364,8 @@ def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, ste
                 accelerator.mixed_precision, dataset.describe())
     for condition, message in ((lock.previous_owner, f"took over the lock of {lock.previous_owner}, which did not "
                                                      f"exit cleanly"),
+                               (lock.unlocked, f"this file system gives no lock ({lock.unlocked}): a second run on the "
+                                               f"folder is stopped at its next checkpoint instead of at its start"),
                                (dropped, f"dropped {dropped} metrics.csv rows after step {step} (they are logged "
                                          f"again)"),
                                (stale, f"removed {len(stale)} temporary file(s) a killed run left "
@@ -378,6 +390,8 @@ def save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, ac
     states = gather_object([rng_state()])  # every process's RNG state, in rank order
     name = f"checkpoints/step_{step:07d}.pt"
     if accelerator.is_main_process:
+        RunLock.check_held(run_dir)
+        sync_files([os.path.join(run_dir, csv_name) for csv_name in RUN_CSVS])
         try:
             write_training_checkpoint(run_dir, step, {
                 "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
@@ -658,10 +672,11 @@ class Evaluator:
 
     FIELDS = ["step", "metric", "value", "accuracy", "num_samples", "seconds"]
 
-    def __init__(self, cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder=None):
+    def __init__(self, cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder=None, stop_signals=None):
         from fpdm.sampling import diffusion_for_sampling
         self.cfg, self.dataset, self.ema, self.accelerator, self.tracker = cfg, dataset, ema, accelerator, tracker
         self.decoder = decoder
+        self.stop_signals = stop_signals  # a run_folders.StopSignals: a stop signal ends an evaluation between chunks
         self.path = os.path.join(run_dir, "eval.csv")
         k, world, rank = cfg.run.eval_samples, accelerator.num_processes, accelerator.process_index
         g = torch.Generator().manual_seed(cfg.optim.seed + 1)
@@ -714,7 +729,12 @@ class Evaluator:
         from fpdm.sampling import sample_images, to_uint8
         cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
         size = self.cfg.run.eval_batch_size
-        for i in range(0, len(self.noise), size):
+        for i in range(0, self.per_process, size):  # as many chunks on every process (the largest share's)
+            signum = self._stop_received()
+            if signum:
+                raise EvaluationStopped(signum)
+            if i >= len(self.noise):
+                continue
             samples, _ = sample_images(self.ema, self.diffusion, self.noise[i:i + size], self.my_labels[i:i + size],
                                        cfg_scale=cfg_scale, sampler=self.cfg.run.sample_sampler,
                                        precision=self.precision)
@@ -724,6 +744,15 @@ class Evaluator:
             else:
                 features = self.inception.features(to_uint8(images), progress=False)
                 yield torch.from_numpy(features).to(self.accelerator.device)
+
+    def _stop_received(self):
+        """The largest stop signal any process has received (a collective, made as often on every process), 0 if
+        none: an evaluation at ImageNet scale outlasts a scheduler's grace period, so it gives way at a chunk's
+        end."""
+        if self.stop_signals is None:
+            return 0
+        flag = torch.full((), float(self.stop_signals.received), device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, reduction="max").item())
 
     def _run(self, step, background=None):
         start = time.time()

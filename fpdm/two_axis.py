@@ -16,8 +16,9 @@ outer iteration; chunks of one iteration are independent) and `critical_path_blo
 (outer iterations × (pre + k + post)). Sequential FPDM sampling has T' calls and all its block evaluations on the
 critical path.
 
-    x0, result, stats = two_axis_sample(GuidedModel(fpdm, cfg_scale=2.0, iterations_per_step=1), diffusion, noise,
-                                        model_kwargs={"y": y}, return_result=True)
+    x, y2 = guided_batch(noise, y, 2.0, fpdm.num_classes)  # guidance: the batch doubled, null class second
+    x0, result, stats = two_axis_sample(GuidedModel(fpdm, cfg_scale=2.0, iterations_per_step=1), diffusion, x,
+                                        model_kwargs={"y": y2}, return_result=True)  # x0[:len(noise)]: the images
 """
 
 import time

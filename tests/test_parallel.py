@@ -7,6 +7,7 @@ is checked in float64). Convergence-speed tests also use the exact denoiser for 
 those of a real model.
 """
 
+import contextlib
 import json
 
 import numpy as np
@@ -17,9 +18,9 @@ import torch.nn.functional as F
 import invert
 from diffusion import create_diffusion, get_named_beta_schedule
 from diffusion.parallel import ddim_chain_map, parallel_ddim_sample
-from diffusion.solvers import solve
+from diffusion.solvers import solve, solve_batched
 from fpdm.checkpoints import TRAIN_FORMAT
-from fpdm.sampling import GuidedModel
+from fpdm.sampling import GuidedModel, sample_images
 from models import DiT
 
 
@@ -151,6 +152,38 @@ def test_stochastic_matches_sequential_with_same_noise(eta):
     assert (reference - sequential(model, diffusion, x, kwargs)).abs().max() > 1e-2  # the noise matters
 
 
+@pytest.mark.parametrize("sampler", ["ddim-parallel", "ddim-two-axis"])
+def test_guided_stochastic_parallel_sampling_matches_sequential_image_by_image(sampler):
+    """Guidance with η > 0, per-image solving (sample.py --parallel ... --cfg-scale 4 --eta 1): each image equals
+    sequential DDIM with the same seed and converges. The unguided twin of each image (the second half of the
+    doubled batch) gets its image's noise: with noise of its own it followed another chain, left the batch at
+    another iteration than its image, and the guided call then paired the wrong rows (errors of 0.07 on some seeds,
+    chains run to the cap)."""
+    net = tiny_model(fixed_point=sampler == "ddim-two-axis")
+    diffusion = create_diffusion("trailing10", predict_v=True)
+    layer = {"iterations_per_step": 40, "tol": 1e-7} if net.fixed_point else {}  # two-axis: a converged layer
+    parallel = {"iterations_per_step": 1} if net.fixed_point else {}
+    for seed in (2, 7):
+        g = torch.Generator().manual_seed(seed)
+        noise, labels = torch.randn(3, 4, 8, 8, generator=g), torch.arange(3) + 1
+        torch.manual_seed(5)
+        reference, _ = sample_images(net, diffusion, noise, labels, sampler="ddim", cfg_scale=4.0, eta=1.0, **layer)
+        torch.manual_seed(5)
+        out, fn = sample_images(net, diffusion, noise, labels, sampler=sampler, cfg_scale=4.0, eta=1.0,
+                                solver_max_iter=60, solver_tol=1e-5, **parallel)
+        evaluations = fn.info["network_evaluations_per_image"]
+        assert fn.info["converged"] and evaluations[:3] == evaluations[3:]  # each twin leaves with its image
+        assert (out - reference).abs().max() < 2e-3, seed
+
+
+def test_a_guided_call_refuses_a_batch_that_is_not_doubled():
+    """GuidedModel with guidance takes the doubled batch (sampling.guided_batch); an odd one is refused instead of
+    pairing rows of different images (the module docstrings' examples passed the images alone)."""
+    net = tiny_model()
+    with pytest.raises(ValueError, match="doubled batch"):
+        guided(net, 4.0)(torch.randn(3, 4, 8, 8), torch.full((3,), 500), torch.tensor([1, 2, 10]))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Solvers
 # ------------------------------------------------------------------------------------------------------------------
@@ -254,6 +287,26 @@ def test_chunk_size_gives_identical_results():
     # Anderson amplifies the last-bit differences of other batch sizes a little: compare whole samples at 1e-4.
     whole = parallel_ddim_sample(model, diffusion, x, model_kwargs=kwargs)
     assert (whole - parallel_ddim_sample(model, diffusion, x, model_kwargs=kwargs, chunk_size=3)).abs().max() <= 1e-4
+
+
+def test_batched_anderson_mixes_in_the_iterates_dtype_under_autocast():
+    """FPDM's layer under --precision bf16 runs its Anderson solve inside the network call's autocast; the mix of
+    the history must not be a bf16 matmul (its residual floored near 1e-3 where float32 reaches 1e-6)."""
+    g = torch.Generator().manual_seed(0)
+    size = 64
+    q = torch.linalg.qr(torch.randn(size, size, generator=g))[0]
+    w = q @ torch.diag(torch.linspace(0, 0.95, size)) @ q.T
+    u = torch.randn(1, 4, size, generator=g)
+
+    def f(x, idx):  # a float32 contraction whatever the autocast: only the solver's own ops could round
+        with torch.autocast("cpu", enabled=False):
+            return x @ w.T + u[:, idx]
+    floors = {}
+    for name, context in (("fp32", contextlib.nullcontext()), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
+        with context:
+            result = solve_batched(f, torch.zeros(1, 4, size), "anderson", max_iter=40, tol=1e-7, m=5, lam=1e-4)
+        floors[name] = max(min(history) for history in result.image_residuals)
+    assert floors["fp32"] < 1e-5 and floors["bf16"] == floors["fp32"]
 
 
 def test_anderson_survives_singular_problems():

@@ -39,6 +39,37 @@ def assert_same_weights(a_dir, b_dir, step, **tolerance):
             torch.testing.assert_close(a[key], b[key], msg=key, **(tolerance or {"atol": 0, "rtol": 0}))
 
 
+def test_a_stop_signal_during_an_evaluation_ends_it_at_a_chunk_and_the_resumed_run_makes_it(tmp_path, monkeypatch):
+    """FID during training at ImageNet scale (10k samples) outlasts a scheduler's grace period: a SIGUSR1 while the
+    evaluation of step 2 samples its first chunk ends it there (on every process: the flag is reduced per chunk),
+    the step is checkpointed (--ckpt-every 4 would not have) and the run exits preempted; the resumed run makes that
+    evaluation first and ends with the eval.csv of a run never stopped."""
+    import fpdm.sampling
+    flags = ["--max-steps", "4", "--ckpt-every", "4", "--eval-every", "2", "--eval-samples", "12",
+             "--eval-batch-size", "4", "--eval-steps", "3", "--num-sample-images", "0"]
+    run(tmp_path, *flags, name="never-stopped")
+    reset_accelerate()
+    real, calls = fpdm.sampling.sample_images, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fpdm.sampling, "sample_images", signalled)
+    with pytest.raises(training.TrainingPreempted) as stopped:
+        run(tmp_path, *flags, name="stopped")
+    assert (stopped.value.signal_name, stopped.value.step) == ("SIGUSR1", 2) and len(calls) == 1  # one chunk of 3 sampled
+    run_dir = tmp_path / "stopped"
+    assert os.listdir(run_dir / "checkpoints") == ["step_0000002.pt"] and not (run_dir / "eval.csv").read_text().count("\n2,")
+    assert "the evaluation of step 2 stopped by SIGUSR1: the resumed run makes it" in open(run_dir / "log.txt").read()
+    monkeypatch.undo()
+    reset_accelerate()
+    run(tmp_path, *flags, "--resume", "auto", name="stopped")
+    rows = lambda name: [r.split(",")[:3] for r in open(tmp_path / name / "eval.csv").read().splitlines()]  # noqa: E731
+    assert rows("stopped") == rows("never-stopped") and len(rows("stopped")) == 3  # header, steps 2 and 4
+
+
 def test_stop_signal_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path, monkeypatch):
     """A real SIGUSR1 to this process during step 3 (then a SIGTERM during the stop, which changes nothing): the run
     finishes step 3 and stops, with step 3's checkpoint (not a periodic one: --ckpt-every 100), latest.json on it,

@@ -333,6 +333,18 @@ def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="one FPDM iteration count"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "picard", "--reuse",
                                                "--out", str(tmp_path / "bad")]))
+    # A block budget is spent per image by sequential sampling; parallel sampling spends iterations × T' states.
+    with pytest.raises(ValueError, match="--budget-block-evals does not apply to --parallel"):
+        sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "anderson",
+                                               "--budget-block-evals", "50", "--out", str(tmp_path / "bad")]))
+    assert report["block_evals"] == report["network_evaluations"] * (1 + 3 + 1)  # pre + k + post per state
+    # η > 0: both runs draw their noise from the seed, so the reference is the same chain (it drew other noise after
+    # the parallel run had used the RNG: a difference of 3.0 reported for an exact solve).
+    _, report = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2", "--eta", "1",
+        "--num-samples", "2", "--parallel", "anderson", "--parallel-tol", "1e-6", "--parallel-max-iter", "30",
+        "--compare-sequential", "--out", str(tmp_path / "eta"), "--device", "cpu"]))
+    assert report["converged"] and report["sequential"]["max_abs_difference"] < 1e-3
     # A guidance schedule scales each state by its own timestep: parallel takes it; an interval is refused up front.
     _, report = sample_cli.main(sample_cli.parse_args([
         "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2",
@@ -361,6 +373,12 @@ def test_sample_cli_two_axis(checkpoint, tmp_path):
     grid = lambda folder: np.asarray(Image.open(folder / "grid.png"), dtype=float)  # noqa: E731
     assert np.abs(grid(tmp_path / "two") - grid(tmp_path / "seq")).max() <= 1  # uint8 rounding
     assert reference["block_evals"] == 6 * (40 + 2)
+    # --compare-sequential: the reference is two-axis's fixed point, sequential DDIM with the layer converged
+    _, compared = sample_cli.main(sample_cli.parse_args([
+        "--ckpt", checkpoint, "--num-sampling-steps", "6", "--cfg-scale", "2", "--num-samples", "4",
+        "--parallel", "two-axis", "--inner-iterations", "1", "--parallel-tol", "1e-6", "--parallel-max-iter", "100",
+        "--compare-sequential", "--out", str(tmp_path / "two-compared"), "--device", "cpu"]))
+    assert compared["sequential"]["max_abs_difference"] < 1e-3 and (tmp_path / "two-compared" / "grid_sequential.png").exists()
     with pytest.raises(ValueError, match="--inner-iterations"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", checkpoint, "--parallel", "two-axis", "--iterations", "3",
                                                "--out", str(tmp_path / "bad")]))
