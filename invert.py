@@ -17,6 +17,7 @@ DDIM-inversion start, phantom result, sequential result). Pixel-space models onl
 import argparse
 import json
 import os
+import sys
 import time
 
 from fpdm import cpu_threads  # before torch: OpenMP reads its wait policy (OMP_WAIT_POLICY) when torch loads
@@ -192,12 +193,23 @@ def main(args):
     threads = cpu_threads.configure(args.device)  # CPU: the free cores only
     if threads:
         print(threads)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in ("phantom", "sequential")]
+    if unknown or not methods:
+        raise ValueError(f"--methods {args.methods}: choose from phantom, sequential (comma-separated)")
+    if "phantom" not in methods:  # every flag given is used or refused
+        refused = [flag for flag in ("--tau", "--max-iter", "--tol", "--chunk-size") if flag in args.given]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} set(s) the phantom gradient's solve: not used by --methods "
+                             f"{args.methods}")
     torch.manual_seed(args.seed)
     net, model, diffusion = build(args)
+    if not net.fixed_point and "--num-iterations" in args.given:
+        raise ValueError(f"--num-iterations sets an FPDM's iterations; {args.ckpt} is a DiT")
     if not 0 <= args.class_label < net.num_classes:  # num_classes itself would be the null class of guidance
         raise ValueError(f"--class-label must lie in [0, {net.num_classes - 1}] for this model")
     # The folder holds one configuration: args.json first, a rerun with other settings refused.
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "device", "overwrite")},
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "device", "overwrite", "given")},
                 "checkpoint_sha256": file_fingerprint(args.ckpt), "images_sha256": file_fingerprint(args.images)}
     claim_output_folder(args.out, settings, args.overwrite, outputs=OUTPUTS)
     target = load_targets(args.images, net.input_hw, net.in_channels, args.num_images).to(args.device)
@@ -206,10 +218,10 @@ def main(args):
     start = diffusion.ddim_reverse_sample_loop(model, target, clip_denoised=False, model_kwargs=kwargs)
     with torch.no_grad():
         start_sample = sequential_ddim(model, diffusion, start, kwargs)
-    report = {"config": vars(args), "initial_mse": F.mse_loss(start_sample, target).item(), "methods": {}}
+    report = {"config": {k: v for k, v in vars(args).items() if k != "given"}, "initial_mse": F.mse_loss(start_sample, target).item(), "methods": {}}
     print(f"DDIM-inversion start: MSE {report['initial_mse']:.5f}")
     rows, histories = [target, start_sample], {}
-    for method in args.methods.split(","):
+    for method in methods:
         x_T, history = invert(model, diffusion, target, start, method, args.steps, args.lr, args.tau, kwargs,
                               args.max_iter, args.tol, args.chunk_size)
         with torch.no_grad():
@@ -254,7 +266,11 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="start over in an --out of other settings")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    tokens = sys.argv[1:] if argv is None else argv
+    args.given = {option for action in parser._actions for option in action.option_strings
+                  if any(t == option or t.startswith(option + "=") for t in tokens)}  # the flags given, not defaulted
+    return args
 
 
 if __name__ == "__main__":

@@ -353,13 +353,15 @@ def to_uint8(images):
 
 
 def save_grid(images, path, nrow=8):
-    """Save images in [-1, 1] as one PNG grid; tiny images (MNIST at 14 px) are enlarged so the grid is readable."""
+    """Save images in [-1, 1] as one PNG grid (atomically); tiny images (MNIST at 14 px) are enlarged so the grid is
+    readable."""
     from torchvision.utils import save_image
     images = images.float().clamp(-1, 1) * 0.5 + 0.5
     scale = max(1, -(-64 // images.shape[-1]))
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+    # atomically: a kill mid-write must not leave a cut-off PNG that a resumed run takes for a finished preview
+    atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=2, pad_value=1.0), "wb")
     return path
 
 

@@ -176,7 +176,9 @@ def test_extract_meta_and_shards(latents, vae_dir):
     assert meta["dtype"] == "float16"
     assert meta["shards"] == [{"file": "shard-r000-00000.safetensors", "count": 4},
                               {"file": "shard-r000-00001.safetensors", "count": 2}]
-    assert sorted(os.listdir(out)) == ["extraction.json", "meta.json"] + [s["file"] for s in meta["shards"]]
+    # the lock (released: it names no owner), the setup, meta.json and the shards
+    assert sorted(os.listdir(out)) == [".lock", "extraction.json", "meta.json"] + [s["file"] for s in meta["shards"]]
+    assert open(os.path.join(out, ".lock")).read() == ""
 
 
 def test_latent_dataset_matches_vae_encoding(latents, vae_dir):
@@ -233,7 +235,7 @@ def test_extract_without_flips_over_an_old_extraction(latents, vae_dir, tmp_path
         extract(root, again, vae_dir, image_size=16, batch_size=4, shard_size=6, flip=False, device="cpu")
     meta = extract(root, again, vae_dir, image_size=16, batch_size=4, shard_size=6, flip=False, device="cpu",
                    overwrite=True)
-    assert sorted(os.listdir(again)) == ["extraction.json", "meta.json", "shard-r000-00000.safetensors"]
+    assert sorted(os.listdir(again)) == [".lock", "extraction.json", "meta.json", "shard-r000-00000.safetensors"]
     assert meta["flip"] is False
     plain, flipped = LatentDataset(again), LatentDataset(out)
     assert len(plain) == 6 and plain.describe().endswith("flips off): 6 items, latents 4x8x8, 2 classes")

@@ -84,7 +84,7 @@ def test_killed_extraction_resumes_where_it_stopped(tmp_path, vae_dir, counted, 
     counted.update(images=0, shards=0, kill_after=3)
     with pytest.raises(Killed):
         extract(root, out, vae_dir, **settings)
-    assert sorted(os.listdir(out)) == ["extraction.json"] + [f"shard-r000-{k:05d}.safetensors" for k in range(3)]
+    assert sorted(os.listdir(out)) == [".lock", "extraction.json"] + [f"shard-r000-{k:05d}.safetensors" for k in range(3)]
     with open(os.path.join(out, "shard-r000-00003.safetensors.tmp-99999"), "wb") as f:
         f.write(b"half a shard")  # what a kill during atomic_write leaves
     kept = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out) if name.startswith("shard")
@@ -118,7 +118,7 @@ def test_another_setup_is_refused_and_overwrite_starts_over(tmp_path, vae_dir, c
     meta = extract(root, out, vae_dir, image_size=12, batch_size=4, shard_size=4, device="cpu", overwrite=True)
     assert "the extraction there has another image_size: starting over" in capsys.readouterr().out
     assert counted["images"] == 26 and meta["latent_shape"] == [4, 12, 12]
-    assert sorted(os.listdir(out)) == ["extraction.json", "meta.json", "notes.txt"] + [
+    assert sorted(os.listdir(out)) == [".lock", "extraction.json", "meta.json", "notes.txt"] + [
         f"shard-r000-{k:05d}.safetensors" for k in range(7)]
     with open(os.path.join(out, "extraction.json")) as f:
         assert json.load(f)["image_size"] == 12

@@ -415,6 +415,15 @@ def test_invert_script_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="pixel space"):
         invert.build(invert.parse_args(["--ckpt", str(tmp_path / "lat.pt"), "--images", "x", "--out", "y",
                                         "--device", "cpu"]))
+    # Every flag given is used or refused, before any folder is made.
+    base = ["--ckpt", str(tmp_path / "ckpt.pt"), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "no"),
+            "--device", "cpu"]
+    for extra, message in ((["--methods", "sequential", "--tau", "0.2"], "--tau set.* not used by --methods sequential"),
+                           (["--methods", "phantom,newton"], "--methods phantom,newton: choose from"),
+                           (["--num-iterations", "4"], "--num-iterations sets an FPDM's iterations; .* is a DiT")):
+        with pytest.raises(ValueError, match=message):
+            invert.main(invert.parse_args(base + extra))
+    assert not (tmp_path / "no").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------
