@@ -1,6 +1,6 @@
 """Stochastic Jacobian-Free Backprop vs JFB vs full unrolled backprop: quality, time and memory of training.
 
-    python experiments/sjfb_variants.py      # ~15 minutes on 2 cores
+    python experiments/sjfb_variants.py      # ~40 minutes on 2 quiet cores (37 on 2026-12-07)
 
 Three FPDMs with the demo recipe (MNIST 14 px, width 128, 1 pre + FP block + 1 post) and the same expected number
 of fixed-point iterations per training step (5), differing only in how gradients flow:
