@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from fpdm import cli, sample_config
-from fpdm.run_folders import (COLLECTIVE_TIMEOUT, STOPPED_EXIT_CODE, RunLock, StopSignals, atomic_write, check_writable,
-                               remove_stale_temporaries)
+from fpdm.run_folders import (COLLECTIVE_TIMEOUT, LOCK_FILE, STOPPED_EXIT_CODE, RunLock, StopSignals, atomic_write,
+                               check_writable, remove_stale_temporaries)
 from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
 
 
@@ -124,8 +124,17 @@ def main(cfg):
             # this one's temporaries; --overwrite would remove its batches): an existing folder is locked before it is
             # judged, a new one once claimed.
             check_writable(out, "--out")
+            had_lock = os.path.exists(os.path.join(out, LOCK_FILE))
             lock = RunLock(out).acquire() if os.path.isdir(out) else None
-            claim_output_folder(out, settings, cfg.output.overwrite)
+            try:
+                claim_output_folder(out, settings, cfg.output.overwrite)
+            except BaseException:  # a folder that is not ours (a training run, a user's): left as it was found
+                if lock is not None:
+                    lock.release()
+                    lock = None
+                    if not had_lock:
+                        os.remove(os.path.join(out, LOCK_FILE))
+                raise
             lock = lock or RunLock(out).acquire()
             for folder in (out, batch_dir, image_dir):
                 remove_stale_temporaries(folder)
