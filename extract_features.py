@@ -5,17 +5,18 @@
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         extract_features.py --device cpu ...                                # several CPU processes (gloo)
 
-Output (format "fpdm-latents-v1", read by data.LatentDataset): process r encodes images i = r (mod world) and
-writes its own `shard-r{r:03d}-{k:05d}.safetensors`, each holding float16 "mean" and "std" of the posterior
-(times the VAE scaling factor), int64 "labels" and "index" (position in the image folder), and with flips also
-"mean_flip", "std_flip" of the mirrored image. Process 0 then writes meta.json, the mark of a finished
+Output (format "fpdm-latents-v1", read by data.LatentDataset): shard k, `shard-{k:05d}.safetensors`, holds the
+images at positions k·S .. (k+1)·S - 1 of the image folder (S = --shard-size, less unreadable files skipped): float16
+"mean" and "std" of the posterior (times the VAE scaling factor), int64 "labels" and "index" (position in the image
+folder), and with flips also "mean_flip", "std_flip" of the mirrored image. The shards still missing are dealt to
+the processes in turn, so the layout does not depend on the number of processes. Process 0 then writes meta.json, the mark of a finished
 extraction. Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
 Training reads latents at random, so they should sit on local disk or in the page cache (ImageNet with flips as
 float16 mean and std: 42 GB), not on a network file system.
 
 Resuming: extraction.json, written before the first shard, records the setup (image list with file sizes, image
-size, VAE weights, flips, shard size, number of processes, --skip-bad-images). A rerun with the same setup keeps
-every finished shard and encodes the rest (the batch size may change); another setup is refused in one line naming
+size, VAE weights, flips, shard size, --skip-bad-images). A rerun with the same setup keeps every finished shard
+and encodes the rest, on any number of processes (the batch size may change too); another setup is refused in one line naming
 what differs, and with --overwrite the old extraction's files (shards, meta.json, extraction.json, nothing else) are
 removed and it starts over.
 
@@ -40,6 +41,7 @@ from fpdm.data import LATENT_FORMAT, ImageFolderDataset
 from fpdm.run_folders import COLLECTIVE_TIMEOUT, RunLock, atomic_write, check_writable
 
 SETUP_FILE = "extraction.json"
+SHARD_LAYOUT = "folder-blocks"  # shard k: image positions k·S .. (k+1)·S - 1 (before: per-process shards)
 
 
 def _save_shard(path, tensors):
@@ -51,11 +53,11 @@ def _save_shard(path, tensors):
     return {"file": os.path.basename(path), "count": len(tensors["index"])}
 
 
-def _shard_path(output, rank, k):
-    return os.path.join(output, f"shard-r{rank:03d}-{k:05d}.safetensors")
+def _shard_path(output, k):
+    return os.path.join(output, f"shard-{k:05d}.safetensors")
 
 
-def _setup(dataset, vae, image_size, flip, shard_size, world, skip_bad_images):
+def _setup(dataset, vae, image_size, flip, shard_size, skip_bad_images):
     """What decides the contents of the shards: a rerun with the same setup may keep those of an earlier run."""
     files = hashlib.sha256()
     for path in dataset.files:  # names (hence labels) and sizes: a copy resized under the same names differs
@@ -66,7 +68,7 @@ def _setup(dataset, vae, image_size, flip, shard_size, world, skip_bad_images):
         weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return {"format": LATENT_FORMAT, "num_files": len(dataset.files), "files_sha256": files.hexdigest(),
             "image_size": image_size, "vae_sha256": weights.hexdigest(), "scaling_factor": vae_io.scaling_factor(vae),
-            "flip": flip, "shard_size": shard_size, "num_processes": world, "skip_bad_images": skip_bad_images}
+            "flip": flip, "shard_size": shard_size, "shard_layout": SHARD_LAYOUT, "skip_bad_images": skip_bad_images}
 
 
 def _prepare(output, setup, overwrite=False):
@@ -82,9 +84,9 @@ def _prepare(output, setup, overwrite=False):
         old = None
     resume = old in (setup, {**setup, "skip_bad_images": False})
     stale = [os.path.join(output, "meta.json")] + glob.glob(os.path.join(output, "*.tmp-*"))  # tmp: a killed write
-    stale = [p for p in stale if os.path.basename(p).startswith(("shard-r", "meta.json", SETUP_FILE))]
+    stale = [p for p in stale if os.path.basename(p).startswith(("shard-", "meta.json", SETUP_FILE))]
     if not resume:
-        shards = glob.glob(os.path.join(output, "shard-r*.safetensors"))
+        shards = glob.glob(os.path.join(output, "shard-*.safetensors"))
         if isinstance(old, dict):
             changed = ", ".join(k for k in {**setup, **old} if old.get(k) != setup.get(k))
             what = f"the extraction there has another {changed}"
@@ -105,20 +107,16 @@ def _prepare(output, setup, overwrite=False):
     return resume
 
 
-def _finished_shards(output, rank):
-    """[(info, index)] of this process's shards 0, 1, ... left by an earlier run, up to the first missing or unreadable
-    one (shards are written in order, each under its final name only when complete)."""
+def _shard_index(path):
+    """The "index" tensor of a finished shard, or None where it is missing or unreadable (then it is encoded again;
+    a shard is written under its final name only when complete)."""
     from safetensors import safe_open
 
-    done = []
-    while os.path.isfile(path := _shard_path(output, rank, len(done))):
-        try:
-            with safe_open(path, framework="pt") as f:
-                index = f.get_tensor("index")
-        except Exception:  # noqa: BLE001 (whatever is wrong with it, it is encoded again)
-            break
-        done.append(({"file": os.path.basename(path), "count": len(index)}, index))
-    return done
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor("index")
+    except Exception:  # noqa: BLE001 (whatever is wrong with it, it is encoded again)
+        return None
 
 
 class _CheckedImages(torch.utils.data.Dataset):
@@ -176,7 +174,7 @@ def _extract(data_path, output, vae, image_size, batch_size, shard_size, flip, a
         with open(os.path.join(output, "meta.json")) as f:
             if json.load(f).get("format") != LATENT_FORMAT:
                 raise ValueError(f"{output} holds a foreign meta.json; choose an empty output folder")
-    setup = _setup(dataset, vae, image_size, flip, shard_size, world, skip_bad_images) if is_main else None
+    setup = _setup(dataset, vae, image_size, flip, shard_size, skip_bad_images) if is_main else None
     vae = vae.to(device)
     if accelerator:
         accelerator.wait_for_everyone()  # every process has checked meta.json before process 0 removes it
@@ -185,18 +183,20 @@ def _extract(data_path, output, vae, image_size, batch_size, shard_size, flip, a
     if accelerator:
         accelerator.wait_for_everyone()
 
-    # Shards hold consecutive images of `mine` (less skipped ones): go on after the last one of the last kept shard.
-    mine = range(rank, len(dataset), world)
-    done = _finished_shards(output, rank)
-    start = (int(done[-1][1][-1]) - rank) // world + 1 if done else 0
-    loader = torch.utils.data.DataLoader(_CheckedImages(dataset, mine[start:]), batch_size=batch_size,
+    # Every process lists the finished shards before any writes a new one, so all deal the missing ones alike.
+    num_shards = -(-len(dataset) // shard_size)
+    missing = [k for k in range(num_shards) if _shard_index(_shard_path(output, k)) is None]
+    if accelerator:
+        accelerator.wait_for_everyone()
+    mine = [i for k in missing[rank::world] for i in range(k * shard_size, min((k + 1) * shard_size, len(dataset)))]
+    loader = torch.utils.data.DataLoader(_CheckedImages(dataset, mine), batch_size=batch_size,
                                          num_workers=num_workers)
-    shards, indices = [info for info, _ in done], [index for _, index in done]
-    pending = []  # encoded batches not yet in a shard (concatenated once per shard)
+    pending, current = [], None  # encoded rows of shard `current` (concatenated when it is complete)
 
-    def write_shard(part):
-        shards.append(_save_shard(_shard_path(output, rank, len(shards)), part))
-        indices.append(part["index"])
+    def write_shard():
+        if pending:
+            _save_shard(_shard_path(output, current), {k: torch.cat([b[k] for b in pending]) for k in pending[0]})
+            pending.clear()
 
     for x, y, index, reasons in tqdm(loader, desc="encoding", disable=not is_main, unit="batch"):
         bad = [i for i, reason in enumerate(reasons) if reason]
@@ -205,34 +205,38 @@ def _extract(data_path, output, vae, image_size, batch_size, shard_size, flip, a
             raise ValueError(f"{path} cannot be read ({reason}): fix or remove it and rerun with --overwrite (a "
                              f"changed image list starts over), or rerun with --skip-bad-images to go on without it "
                              f"from here")
+        last = int(index[-1])  # the batch's last position, read or not
         if bad:
             keep = torch.tensor([not reason for reason in reasons])
             x, y, index = x[keep], y[keep], index[keep]
-            if not len(x):
-                continue
-        n = len(x)
-        x = x.to(device)
-        if flip:  # one VAE call for both views
-            x = torch.cat([x, x.flip(-1)])
-        mean, std = (m.half().cpu() for m in vae_io.encode_moments(vae, x))
-        batch = {"mean": mean[:n], "std": std[:n], "labels": y.long(), "index": index.long()}
-        if flip:
-            batch.update(mean_flip=mean[n:], std_flip=std[n:])
-        pending.append(batch)
-        while sum(len(b["index"]) for b in pending) >= shard_size:  # a shard may end mid-batch
-            merged = {k: torch.cat([b[k] for b in pending]) for k in batch}
-            write_shard({k: v[:shard_size] for k, v in merged.items()})
-            pending = [{k: v[shard_size:] for k, v in merged.items()}]
-    if sum(len(b["index"]) for b in pending):
-        write_shard({k: torch.cat([b[k] for b in pending]) for k in pending[0]})
-    skipped = sorted(set(mine) - set(torch.cat(indices).tolist() if indices else []))
+        if len(x):
+            n = len(x)
+            x = x.to(device)
+            if flip:  # one VAE call for both views
+                x = torch.cat([x, x.flip(-1)])
+            mean, std = (m.half().cpu() for m in vae_io.encode_moments(vae, x))
+            batch = {"mean": mean[:n], "std": std[:n], "labels": y.long(), "index": index.long()}
+            if flip:
+                batch.update(mean_flip=mean[n:], std_flip=std[n:])
+            shard = index // shard_size  # a batch may span the end of a shard
+            for k in shard.unique().tolist():
+                if k != current:  # rows come in folder order: shard `current` is complete
+                    write_shard()
+                    current = k
+                pending.append({name: v[shard == k] for name, v in batch.items()})
+        if (last + 1) % shard_size == 0 or last + 1 == len(dataset):  # the batch ends a shard
+            write_shard()
 
     if accelerator:
-        from accelerate.utils import gather_object
         accelerator.wait_for_everyone()
-        gathered = gather_object([(shards, skipped)])  # one pair per process, in rank order
-        shards = [s for per_rank, _ in gathered for s in per_rank]
-        skipped = sorted(i for _, per_rank in gathered for i in per_rank)
+    # What the shards hold, whoever wrote them in whichever run, is the dataset (read back: only their "index").
+    shards, held = [], set()
+    for k in range(num_shards):
+        index = _shard_index(_shard_path(output, k))
+        if index is not None:
+            shards.append({"file": os.path.basename(_shard_path(output, k)), "count": len(index)})
+            held.update(index.tolist())
+    skipped = sorted(set(range(len(dataset))) - held)
     latent_channels = vae.config.latent_channels
     latent_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
     meta = {
@@ -240,7 +244,7 @@ def _extract(data_path, output, vae, image_size, batch_size, shard_size, flip, a
         "latent_shape": [latent_channels, latent_size, latent_size],
         "num_classes": len(dataset.classes), "classes": dataset.classes,
         "scaling_factor": scaling_factor, "vae": vae_name, "image_size": image_size, "flip": flip,
-        "shards": sorted(shards, key=lambda s: s["file"]), "dtype": "float16",
+        "shards": shards, "dtype": "float16",
         "skipped_files": len(skipped), "skipped": [os.path.relpath(dataset.files[i], data_path) for i in skipped],
     }
     if is_main:

@@ -174,8 +174,8 @@ def test_extract_meta_and_shards(latents, vae_dir):
     assert meta["num_classes"] == 2 and meta["classes"] == ["class0", "class1"] and meta["flip"] is True
     assert meta["scaling_factor"] == 0.18215 and meta["vae"] == vae_dir and meta["image_size"] == 16
     assert meta["dtype"] == "float16"
-    assert meta["shards"] == [{"file": "shard-r000-00000.safetensors", "count": 4},
-                              {"file": "shard-r000-00001.safetensors", "count": 2}]
+    assert meta["shards"] == [{"file": "shard-00000.safetensors", "count": 4},
+                              {"file": "shard-00001.safetensors", "count": 2}]
     # the lock (released: it names no owner), the setup, meta.json and the shards
     assert sorted(os.listdir(out)) == [".lock", "extraction.json", "meta.json"] + [s["file"] for s in meta["shards"]]
     assert open(os.path.join(out, ".lock")).read() == ""
@@ -235,7 +235,7 @@ def test_extract_without_flips_over_an_old_extraction(latents, vae_dir, tmp_path
         extract(root, again, vae_dir, image_size=16, batch_size=4, shard_size=6, flip=False, device="cpu")
     meta = extract(root, again, vae_dir, image_size=16, batch_size=4, shard_size=6, flip=False, device="cpu",
                    overwrite=True)
-    assert sorted(os.listdir(again)) == [".lock", "extraction.json", "meta.json", "shard-r000-00000.safetensors"]
+    assert sorted(os.listdir(again)) == [".lock", "extraction.json", "meta.json", "shard-00000.safetensors"]
     assert meta["flip"] is False
     plain, flipped = LatentDataset(again), LatentDataset(out)
     assert len(plain) == 6 and plain.describe().endswith("flips off): 6 items, latents 4x8x8, 2 classes")
@@ -244,7 +244,8 @@ def test_extract_without_flips_over_an_old_extraction(latents, vae_dir, tmp_path
 
 
 def test_extract_two_processes_equals_one(latents, vae_dir, tmp_path):
-    """accelerate launch with 2 CPU processes (gloo): per-rank shards, same dataset as one process."""
+    """accelerate launch with 2 CPU processes (gloo): the shards of one process (the missing ones dealt in turn), the
+    same dataset."""
     root, out1, _ = latents
     out2 = str(tmp_path / "latents2")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -256,8 +257,7 @@ def test_extract_two_processes_equals_one(latents, vae_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(2 processes)" in result.stdout
     one, two = LatentDataset(out1), LatentDataset(out2)
-    assert [s["file"] for s in two.meta["shards"]] == [f"shard-r{r:03d}-{k:05d}.safetensors"
-                                                       for r in (0, 1) for k in (0, 1)]
+    assert [s["file"] for s in two.meta["shards"]] == [f"shard-{k:05d}.safetensors" for k in range(3)]
     assert {k: v for k, v in one.meta.items() if k != "shards"} == {k: v for k, v in two.meta.items()
                                                                     if k != "shards"}
     assert torch.equal(one.labels, two.labels)
@@ -297,12 +297,12 @@ def test_errors_are_one_clear_line(tmp_path, folder, latents):
     os.remove(os.path.join(bad, "meta.json"))
     raises(FileNotFoundError, "meta.json is missing", build_dataset, bad)
     bad = broken_copy("bad_shard")
-    with open(os.path.join(bad, "shard-r000-00001.safetensors"), "r+b") as f:
+    with open(os.path.join(bad, "shard-00001.safetensors"), "r+b") as f:
         f.truncate(100)
-    raises(ValueError, "shard-r000-00001.safetensors: latent shard is missing or corrupt", build_dataset, bad)
+    raises(ValueError, "shard-00001.safetensors: latent shard is missing or corrupt", build_dataset, bad)
     bad = broken_copy("lost_shard")
-    os.remove(os.path.join(bad, "shard-r000-00000.safetensors"))
-    raises(ValueError, "shard-r000-00000.safetensors: latent shard is missing", build_dataset, bad)
+    os.remove(os.path.join(bad, "shard-00000.safetensors"))
+    raises(ValueError, "shard-00000.safetensors: latent shard is missing", build_dataset, bad)
 
     from fpdm import vae
     raises(ValueError, "cannot load VAE .*pass a local folder", vae.load, str(tmp_path / "empty"))

@@ -3,6 +3,7 @@ uninterrupted run; another setup starts over; unreadable images are found by the
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -84,8 +85,8 @@ def test_killed_extraction_resumes_where_it_stopped(tmp_path, vae_dir, counted, 
     counted.update(images=0, shards=0, kill_after=3)
     with pytest.raises(Killed):
         extract(root, out, vae_dir, **settings)
-    assert sorted(os.listdir(out)) == [".lock", "extraction.json"] + [f"shard-r000-{k:05d}.safetensors" for k in range(3)]
-    with open(os.path.join(out, "shard-r000-00003.safetensors.tmp-99999"), "wb") as f:
+    assert sorted(os.listdir(out)) == [".lock", "extraction.json"] + [f"shard-{k:05d}.safetensors" for k in range(3)]
+    with open(os.path.join(out, "shard-00003.safetensors.tmp-99999"), "wb") as f:
         f.write(b"half a shard")  # what a kill during atomic_write leaves
     kept = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out) if name.startswith("shard")
             and name.endswith(".safetensors")}
@@ -119,7 +120,7 @@ def test_another_setup_is_refused_and_overwrite_starts_over(tmp_path, vae_dir, c
     assert "the extraction there has another image_size: starting over" in capsys.readouterr().out
     assert counted["images"] == 26 and meta["latent_shape"] == [4, 12, 12]
     assert sorted(os.listdir(out)) == [".lock", "extraction.json", "meta.json", "notes.txt"] + [
-        f"shard-r000-{k:05d}.safetensors" for k in range(7)]
+        f"shard-{k:05d}.safetensors" for k in range(7)]
     with open(os.path.join(out, "extraction.json")) as f:
         assert json.load(f)["image_size"] == 12
     assert len(LatentDataset(out)) == 52
@@ -169,22 +170,27 @@ def run_two_processes(root, out, vae_dir, *flags):
     return result.stdout
 
 
-def test_two_processes_skip_bad_images_and_resume(tmp_path, vae_dir):
-    """2 CPU processes (gloo), each checking its own images: the same dataset as one process, and a resume."""
+def test_two_processes_skip_bad_images_and_resume_on_another_count(tmp_path, vae_dir):
+    """2 CPU processes (gloo), each checking its own images, continue an extraction killed on one process and give
+    its dataset; one killed on two processes continues on one."""
     root = image_folder(tmp_path / "images", n=14, bad="05_broken.png")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    extract(root, one, vae_dir, image_size=8, batch_size=2, shard_size=3, device="cpu", skip_bad_images=True)
-    assert "1 unreadable files skipped" in run_two_processes(root, two, vae_dir, "--skip-bad-images")
+    settings = dict(image_size=8, batch_size=2, shard_size=3, device="cpu", skip_bad_images=True)
+    extract(root, one, vae_dir, **settings)
+    shards = sorted(n for n in os.listdir(one) if n.startswith("shard"))
+    assert shards == [f"shard-{k:05d}.safetensors" for k in range(5)]  # 15 files in blocks of 3, one unreadable
+    shutil.copytree(one, two)
+    for name in ("meta.json", shards[1], shards[3], shards[4]):  # killed with shards 0 and 2 written
+        os.remove(os.path.join(two, name))
+    kept = {n: os.stat(os.path.join(two, n)).st_mtime_ns for n in (shards[0], shards[2])}
+    printed = run_two_processes(root, two, vae_dir, "--skip-bad-images")  # shards 1 and 4 on process 0, 3 on 1
+    assert "its finished shards are kept" in printed and "1 unreadable files skipped" in printed
+    assert {n: os.stat(os.path.join(two, n)).st_mtime_ns for n in kept} == kept
     a, b = LatentDataset(one), LatentDataset(two)
-    assert {k: v for k, v in a.meta.items() if k != "shards"} == {k: v for k, v in b.meta.items() if k != "shards"}
-    assert a.meta["skipped"] == ["class1/05_broken.png"] and torch.equal(a.labels, b.labels)
+    assert a.meta == b.meta and a.meta["skipped"] == ["class1/05_broken.png"] and torch.equal(a.labels, b.labels)
     for i in range(len(a)):  # other batch compositions may move a float16 value by one unit in the last place
         assert torch.allclose(a[i][0], b[i][0], atol=2e-3, rtol=2e-3)
-    shards = sorted(n for n in os.listdir(two) if n.startswith("shard"))
-    assert shards == [f"shard-r{r:03d}-{k:05d}.safetensors" for r in (0, 1) for k in range(3)]
-    mtimes = {n: os.stat(os.path.join(two, n)).st_mtime_ns for n in shards}
-    os.remove(os.path.join(two, "meta.json"))  # killed: process 1 had written one shard less
-    os.remove(os.path.join(two, shards[-1]))
-    assert "its finished shards are kept" in run_two_processes(root, two, vae_dir, "--skip-bad-images")
-    assert {n: os.stat(os.path.join(two, n)).st_mtime_ns for n in shards[:-1]} == {n: mtimes[n] for n in shards[:-1]}
-    assert LatentDataset(two).meta == b.meta and torch.equal(LatentDataset(two)[len(b) - 1][0], b[len(b) - 1][0])
+    os.remove(os.path.join(two, "meta.json"))  # killed on 2 processes, continued on 1
+    os.remove(os.path.join(two, shards[3]))
+    assert extract(root, two, vae_dir, **settings) == a.meta
+    assert torch.allclose(LatentDataset(two)[len(a) - 1][0], a[len(a) - 1][0], atol=2e-3, rtol=2e-3)
