@@ -8,7 +8,7 @@ fixed blocks of consecutive indices whose RNG is seeded by (seed, batch), so the
 processes. The folder holds one configuration: `args.json` (every setting that changes the samples, N and the batch
 size included) is written first and a rerun with other settings is refused (sample.py's rules). Each finished batch is
 committed as one file, `batches/{b:06d}.npz` (images and labels together, written atomically); a killed run,
-restarted, skips exactly the committed batches; on SIGTERM or SIGUSR1 (a scheduler's preemption) each process
+restarted on any number of processes, deals the batches still missing to them in turn; on SIGTERM or SIGUSR1 (a scheduler's preemption) each process
 finishes and commits the batch in flight, then exits with code 3. Background threads write each image as
 `images/{i:06d}.png` for viewing while the next batch samples (--no-png: none; the batch files are the record). At the end the main process
 writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N)
@@ -40,13 +40,23 @@ def parse_args(argv=None):
     return sample_config.parse_args(argv, "sample_ddp", __doc__)
 
 
+SEED_BLOCK = 1_000_003  # seeds per --seed: sample i's noise counts up from the block's start, batch b's steps down
+
+
 def sample_noise_and_label(seed, index, shape, num_classes, labels=None):
     """Noise and label of global sample `index`: a function of (seed, index) only. The label is drawn at random, or
     with `labels` (--class-labels) the (index mod their count)-th of them; the noise is the same either way."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    g = torch.Generator().manual_seed(seed * SEED_BLOCK + index)
     noise = torch.randn(*shape, generator=g)
     label = int(torch.randint(0, num_classes, (), generator=g)) if labels is None else labels[index % len(labels)]
     return noise, label
+
+
+def step_noise_seed(seed, b):
+    """The seed of batch `b`'s DDPM step noise: counted down from the end of the block whose start sample 0's
+    noise uses, so that no step noise repeats a sample's starting noise (up to a million samples and batches
+    together; torch's CPU generator keeps only 32 bits of a seed, so an offset above them would change nothing)."""
+    return seed * SEED_BLOCK + SEED_BLOCK - 1 - b
 
 
 def batch_path(batch_dir, b):
@@ -144,21 +154,22 @@ def main(cfg):
 
         shape = (model.in_channels, *model.input_hw)
         num_batches = -(-fid.num_fid_samples // fid.batch_size)
-        mine = [b for b in range(num_batches) if b % world == rank]
-        stats, wall, done, pending = [], 0.0, 0, []
+        # The batches still missing (a rerun: those a stopped run left, however unevenly) are dealt to the processes
+        # in turn; every process lists them before any writes one.
+        missing = [b for b in range(num_batches) if not os.path.exists(batch_path(batch_dir, b))]
+        state.wait_for_everyone()
+        mine, done = missing[rank::world], num_batches - len(missing)
+        stats, wall, pending = [], 0.0, []
         from tqdm.auto import tqdm
         with ThreadPoolExecutor(PNG_THREADS) as pool, StopSignals() as stop:
             for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
                 if stop.received:  # preemption: the batch in flight was committed; a rerun samples from the next one
                     break
                 indices = range(b * fid.batch_size, min((b + 1) * fid.batch_size, fid.num_fid_samples))
-                if os.path.exists(batch_path(batch_dir, b)):
-                    done += 1
-                    continue
                 pairs = [sample_noise_and_label(seed, i, shape, model.num_classes, given_labels) for i in indices]
                 noise = torch.stack([n for n, _ in pairs]).to(device)
                 labels = torch.tensor([label for _, label in pairs], device=device)
-                torch.manual_seed(seed * 1_000_003 + b)  # DDPM's per-step noise: fixed per batch, not per process
+                torch.manual_seed(step_noise_seed(seed, b))  # DDPM's per-step noise: fixed per batch, not per process
                 start = time.perf_counter()
                 samples, fn = setup.sample(cfg, noise, labels)
                 images = to_uint8(cli.decode(samples, setup.vae))
@@ -172,7 +183,7 @@ def main(cfg):
             signum = stop.received
         if signum:  # each process stops on its own (batches are independent): no collective a stopped one would miss
             name = signal.Signals(signum).name
-            raise SamplingStopped(f"stopped by {name} on rank {rank} after {done + len(stats)} of {len(mine)} batches "
+            raise SamplingStopped(f"stopped by {name} on rank {rank} after {len(stats)} of its {len(mine)} batches "
                                   f"(all committed): rerun the same command to continue (exit code "
                                   f"{STOPPED_EXIT_CODE})")
 
@@ -189,7 +200,7 @@ def main(cfg):
             atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=arrays, labels=labels), "wb")
             report = {"args": cfg.flat(), "settings": settings, "precision": settings["resolved"]["precision"],
                       "num_images": fid.num_fid_samples, "processes": world,
-                      "batches_skipped_as_done_on_rank0": done, "wall_time_rank0_s": wall}
+                      "batches_kept_from_earlier_runs": done, "wall_time_rank0_s": wall}
             if stats:
                 report.update({k: stats[0][k] for k in ("cfg_passes", "block_evals", "flops_per_image",
                                                          "iterations_per_step")})

@@ -97,6 +97,15 @@ def _build(config, device):
     return model.to_empty(device=device)
 
 
+def latest_checkpoint(path):
+    """The checkpoint file that a train.py run folder's latest.json names; any other `path` as it is."""
+    pointer = os.path.join(path, "latest.json")
+    if not (os.path.isdir(path) and os.path.isfile(pointer)):
+        return path
+    with open(pointer) as f:
+        return os.path.join(path, json.load(f)["path"])
+
+
 def detect_format(path, trust_checkpoint=False):
     """The format name `load_model` would report for `path` (reads the file)."""
     info = {"notes": [], "sources": {}}
@@ -106,9 +115,7 @@ def detect_format(path, trust_checkpoint=False):
 
 def _read(path, info, model_name, use_ema, trust, overrides, infer=True):
     """Fill `info` and return (state_dict, DiT config) for any supported format."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest.json")):  # a train.py run folder
-        with open(os.path.join(path, "latest.json")) as f:
-            latest = os.path.join(path, json.load(f)["path"])
+    if (latest := latest_checkpoint(path)) != path:  # a train.py run folder
         info["notes"].append(f"{path} is a run folder: loading its latest checkpoint {latest}")
         info["path"] = latest
         return _read(latest, info, model_name, use_ema, trust, overrides, infer)

@@ -8,7 +8,7 @@ import torch
 
 from fpdm import vae as vae_io
 from fpdm.allocation import BudgetAllocator
-from fpdm.checkpoints import diffusion_settings, load_model_for_sampling
+from fpdm.checkpoints import diffusion_settings, latest_checkpoint, load_model_for_sampling
 from fpdm.graphs import GraphedCalls, fixed_work_conflict
 from fpdm.run_folders import exit_with_error
 from fpdm.sample_config import DEFAULT_NUM_SAMPLES, FIELDS, identity
@@ -326,6 +326,10 @@ class Setup:
         out = cfg.output
         if device.type == "cuda":  # as train.py: both or neither (torch's default has cuDNN's TF32 on alone)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = out.tf32
+        ckpt = latest_checkpoint(cfg.checkpoint.ckpt)
+        if ckpt != cfg.checkpoint.ckpt:  # the file, read once: its content is the folder's identity, not the run's
+            print(f"note: {cfg.checkpoint.ckpt} is a run folder: sampling its latest checkpoint {ckpt}")
+            cfg.checkpoint.ckpt = ckpt
         self.model, self.train_config = load_model_for_sampling(
             cfg.checkpoint.ckpt, use_ema=cfg.checkpoint.ema, device=device,
             trust_checkpoint=cfg.checkpoint.trust_checkpoint, model_name=cfg.checkpoint.model)

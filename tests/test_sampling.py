@@ -16,8 +16,8 @@ import sample as sample_cli
 import sample_ddp
 from fpdm import cli
 from fpdm.metrics import load_images
-from fpdm.sampling import (GuidedModel, diffusion_for_sampling, iteration_schedule, iterations_from_block_budget,
-                           sample_images)
+from fpdm.sampling import (GuidedModel, diffusion_for_sampling, file_fingerprint, iteration_schedule,
+                           iterations_from_block_budget, sample_images)
 from models import DiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,6 +270,26 @@ def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
     # Noise and labels are functions of (seed, index) alone.
     n5, l5 = sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)
     assert torch.equal(n5, sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)[0]) and one["labels"][5] == l5
+    # Stopped with batches 0 and 2 (both process 0's in a fresh run) missing: the rerun deals one to each process.
+    for name in ("samples.npz", "batches/000000.npz", "batches/000002.npz"):
+        os.remove(tmp_path / "p2" / name)
+    proc = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "p2"), 2), cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batches (rank 0): 100%" in proc.stderr and " 1/1 " in proc.stderr and " 2/2 " not in proc.stderr
+    assert json.load(open(tmp_path / "p2" / "compute.json"))["batches_kept_from_earlier_runs"] == 2
+    assert np.array_equal(np.load(tmp_path / "p2" / "samples.npz")["arr_0"], one["arr_0"])
+
+
+def test_ddpm_step_noise_never_repeats_a_starting_noise():
+    """sample_ddp.py seeds batch b's DDPM step noise apart from the samples' starting noise (with seed * SEED_BLOCK + b
+    for both, the first step's noise of batch b's first sample was sample b's starting noise)."""
+    shape = (1, 8, 8)
+    starts = {tuple(sample_ddp.sample_noise_and_label(0, i, shape, 10)[0].flatten()[:4].tolist()) for i in range(64)}
+    for b in range(8):
+        torch.manual_seed(sample_ddp.step_noise_seed(0, b))
+        first_step = torch.randn(8, *shape)  # a batch of 8
+        assert not any(tuple(row.flatten()[:4].tolist()) in starts for row in first_step)
 
 
 def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp_path):
@@ -477,6 +497,29 @@ def test_checkpoint_identity_is_its_content(tmp_path, monkeypatch):
     save_checkpoint(random_dit(1, class_dropout_prob=0.0), a)  # new weights at the same path
     with pytest.raises(FileExistsError, match="checkpoint_file.sha256"):
         sample_cli.main(sample_cli.parse_args(["--ckpt", a, *flags, "--out", "fixed"]))
+
+
+def test_a_run_folder_samples_its_latest_checkpoint_file(tmp_path, capsys):
+    """--ckpt RUN_FOLDER samples the checkpoint latest.json names, and that file is the folder's identity: training
+    writing on (a metrics row, a newer checkpoint) neither changes the samples' identity nor refuses the rerun (the
+    whole run folder was hashed before)."""
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(random_dit(1), run / "checkpoints" / "step_0000001.pt")
+    (run / "latest.json").write_text('{"step": 1, "path": "checkpoints/step_0000001.pt"}')
+    (run / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    flags = ["--ckpt", str(run), "--num-sampling-steps", "2", "--num-samples", "2", "--device", "cpu",
+             "--out", str(tmp_path / "s")]
+    sample_cli.main(sample_cli.parse_args(flags))
+    assert f"sampling its latest checkpoint {ckpt}" in capsys.readouterr().out
+    recorded = json.load(open(tmp_path / "s" / "args.json"))["checkpoint_file"]
+    assert recorded == {"path": ckpt, "sha256": file_fingerprint(ckpt)}
+    with open(run / "metrics.csv", "a") as f:
+        f.write("2,0.4\n")
+    save_checkpoint(random_dit(1, class_dropout_prob=0.0), run / "checkpoints" / "step_0000002.pt")
+    sample_cli.main(sample_cli.parse_args(flags))  # the same samples: reused
+    (run / "latest.json").write_text('{"step": 2, "path": "checkpoints/step_0000002.pt"}')
+    with pytest.raises(FileExistsError, match="step_0000001.pt.*step_0000002.pt"):  # now another checkpoint
+        sample_cli.main(sample_cli.parse_args(flags))
 
 
 def ddp_args(checkpoint, out, *extra):
