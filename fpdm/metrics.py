@@ -345,7 +345,8 @@ def load_inception_weights(net, path):
 # as ADM reshapes them, so that our mu_s / sigma_s line up with those stored in ADM's reference batches: 2023 dims.
 SPATIAL_LAYER = "Mixed_6d.branch1x1"
 SPATIAL_CHANNELS = 7
-INCEPTION_FEATURES_VERSION = 1  # bump when the features change: reference caches of other versions are not reused
+INCEPTION_FEATURES_VERSION = 2  # bump when the features change: reference caches of other versions are not reused
+# (2: TF 1.x's resize and scaling, as in ADM's evaluator; 1: pytorch-fid's)
 
 
 def _sha256_file(path, digest=None):
@@ -373,7 +374,11 @@ class InceptionFeatures(nn.Module):
     """The FID Inception-v3: uint8 images (N, H, W, C) -> pool3 (2048-d) features, and in the same forward pass
     (`forward_all`, `all_features`) sFID's spatial features (2023-d) and the 1008-way logits of the Inception Score.
 
-    Images are resized to 299x299 (bilinear, as pytorch-fid) and scaled to [-1, 1]; grayscale is repeated to RGB.
+    Images enter as ADM's evaluator feeds them to TF's Inception graph (pixel values 0..255 at `ExpandDims:0`), and
+    go through what that graph does before its first convolution: TF 1.x's bilinear resize to 299x299 (corners not
+    aligned, no half-pixel centres: torch-fidelity's exact port) and (x - 128) / 128. Features are thus those behind
+    the statistics stored in ADM's reference batches, not pytorch-fid's (half-pixel resize, x / 127.5 - 1), whose
+    FIDs against those statistics mix two preprocessings. Grayscale is repeated to RGB.
     `weights`: a local copy of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (default: DEFAULT_INCEPTION).
     `random_init=True` builds seeded random weights for testing the pipeline: its FIDs mean nothing.
     The logits are pool3 @ W of the 1008-way softmax layer without its bias, as ADM's evaluator and improved-gan
@@ -410,10 +415,12 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
         x = images.permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         with full_fp32():
-            return self.net(x / 127.5 - 1)
+            x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+            return self.net((x - 128) / 128)
 
     @torch.no_grad()
     def forward_all(self, images):

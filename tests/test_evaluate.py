@@ -280,21 +280,44 @@ def test_inception_pipeline_end_to_end_random_weights(rgb_samples, random_incept
     assert np.allclose(mu, from_npz.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(from_npz, rowvar=False))
 
 
-def test_inception_features_equal_pytorch_fid(rgb_samples, random_inception, monkeypatch):
-    """pytorch-fid's own FID Inception (its FIDInceptionA/C/E blocks, resize and input scaling), given the same random
-    weights through its weight loader, gives the same pool3 features: the network and preprocessing are pytorch-fid's.
-    Non-square 24x40 inputs exercise the resize."""
+def tf1_resize_bilinear(x, size):
+    """TF 1.x's ResizeBilinear (align_corners=False, no half-pixel centres), written out from its kernel
+    (tensorflow/core/kernels/resize_bilinear_op.cc): output pixel i reads input position i * in / out, clamped at the
+    last pixel. (N, C, H, W) float64 numpy."""
+    def weights(n_in, n_out):  # (n_out, n_in) interpolation matrix
+        w = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            src = i * n_in / n_out
+            lo = int(np.floor(src))
+            hi, frac = min(lo + 1, n_in - 1), src - lo
+            w[i, lo] += 1 - frac
+            w[i, hi] += frac
+        return w
+    return np.einsum("yh,nchw,xw->ncyx", weights(x.shape[2], size), x, weights(x.shape[3], size))
+
+
+def test_inception_features_are_adms_tf_graph_on_pytorch_fids_network(rgb_samples, random_inception, monkeypatch):
+    """Our pool3 features are pytorch-fid's FID Inception network (its FIDInceptionA/C/E blocks, given the same random
+    weights through its weight loader) applied to the input ADM's TF graph makes of the images: TF 1.x's bilinear
+    resize to 299 (written out here from TF's kernel) and (x - 128) / 128 — not pytorch-fid's own preprocessing
+    (half-pixel resize, x / 127.5 - 1), which moves the features. Non-square 24x40 inputs exercise the resize."""
     import pytorch_fid.inception as pytorch_fid_inception  # test-only dependency (requirements.txt)
     state = {**random_inception.net.state_dict(), "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
     monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
-    reference = pytorch_fid_inception.InceptionV3([pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    network = pytorch_fid_inception.InceptionV3([pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
+                                                resize_input=False, normalize_input=False).eval()
+    own_preprocessing = pytorch_fid_inception.InceptionV3(
+        [pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     images = np.ascontiguousarray(rgb_samples[0][:2, 4:28])
     images = np.concatenate([images, images[:, :, :8]], axis=2)  # (2, 24, 40, 3)
+    tf_input = (tf1_resize_bilinear(images.transpose(0, 3, 1, 2).astype(np.float64), 299) - 128) / 128
     with torch.no_grad():
-        expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)[0].flatten(1).double()
+        expected = network(torch.from_numpy(tf_input).float())[0].flatten(1).double().numpy()
+        pytorch_fids = own_preprocessing(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)[0]
     ours = random_inception.features(images, progress=False)
-    assert expected.abs().mean() > 1e-2
-    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(expected).mean() > 1e-2
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(ours - pytorch_fids.flatten(1).double().numpy()).max() > 1e-2  # the preprocessing matters
 
 
 def test_inception_weights_errors(tmp_path, capsys):
