@@ -557,11 +557,15 @@ class MetricsWindow:
 
     def log(self, step, grad_norm, lr, accelerator, progress):
         elapsed, steps, micro = time.time() - self.start, max(self.steps, 1), max(self.micro, 1)
-        row = {"step": step, "loss": accelerator.reduce(self.loss, reduction="mean").item() / steps,
+        # Loss and fixed-point residual averaged over all processes in one all-reduce, read in one sync.
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+                            for v in (self.loss, self.residual)])
+        loss, residual = accelerator.reduce(sums, reduction="mean").tolist()
+        row = {"step": step, "loss": loss / steps,
                "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": steps / elapsed,
                "images_per_s": steps * self.cfg.optim.global_batch_size / elapsed,
                "peak_mem_mb": peak_memory_bytes(self.device) / 2**20, "sjfb_no_grad": self.sjfb[0] / micro,
-               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": float(self.residual) / micro}
+               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": residual / micro}
         if self.is_main:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerow([row[k] for k in self.FIELDS])

@@ -20,8 +20,8 @@ from test_train import TINY_ARGS
 def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path):
     """10 FPDM steps with random S-JFB counts, logged every 5 steps: one sync per optimizer step (the NaN guard, which
     every process must agree on before the optimizer runs, read with the preemption flag that every process must agree
-    on too: one max all-reduce of the two, one tolist), 3 per log row (loss, gradient norm, fixed-point
-    residual) and one per diagnostics row (a tolist of the per-timestep-bucket residual sums and counts of
+    on too: one max all-reduce of the two, one tolist), 2 per log row (loss and fixed-point residual, averaged over the
+    processes in one all-reduce; gradient norm) and one per diagnostics row (a tolist of the per-timestep-bucket residual sums and counts of
     --fp-diagnostics, on by default for FPDM; every --fp-diagnostics-every steps and at the last), nothing else:
     schedule tables are built on the device once, losses, counts and residuals (per-example ones bucketed by t too)
     are summed on the device, the EMA is one fused op. (The contraction estimate runs after that row, outside the
@@ -48,10 +48,10 @@ def test_training_syncs_once_per_step_plus_the_log_rows(tmp_path):
     assert {where for _, where in waits} <= {"Optimizer.step#AdamW.step", "top"}, waits
     # ("tolist", _index): the data order, a CPU permutation listed once per epoch (not a device sync).
     expected = {("tolist", "training.py:_index"): 1, ("tolist", "train.py:train_step"): 10,
-                ("item", "training.py:log"): 2, ("__float__", "training.py:log"): 4,
+                ("tolist", "training.py:log"): 2, ("__float__", "training.py:log"): 2,
                 ("tolist", "training.py:take_residual_by_t"): 1}
     assert counter.calls == expected, counter.calls
-    assert counter.total == 1 + 10 * 1 + 2 * 3 + 1
+    assert counter.total == 1 + 10 * 1 + 2 * 2 + 1
 
 
 def test_sampling_syncs_once_per_sample_call():
