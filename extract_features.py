@@ -87,13 +87,16 @@ def _prepare(output, setup, overwrite=False):
     stale = [p for p in stale if os.path.basename(p).startswith(("shard-", "meta.json", SETUP_FILE))]
     if not resume:
         shards = glob.glob(os.path.join(output, "shard-*.safetensors"))
-        if isinstance(old, dict):
+        if isinstance(old, dict) and "shard_layout" not in old:
+            what = "the extraction there has per-process shards (an older extract_features.py)"
+        elif isinstance(old, dict):
             changed = ", ".join(k for k in {**setup, **old} if old.get(k) != setup.get(k))
             what = f"the extraction there has another {changed}"
         else:
             what = f"shards without a readable {SETUP_FILE} (an older extraction?)"
         if shards and not overwrite:  # hours of encoding at ImageNet scale: never removed unasked
             hint = ("rerun with --skip-bad-images to continue it, or " if old == {**setup, "skip_bad_images": True}
+                    else "finish it with that version, or " if "per-process" in what
                     else "rerun with its settings to continue it, or ")
             raise FileExistsError(f"{output}: {what} ({len(shards)} shards): {hint}pass --overwrite to start over "
                                   f"(removing them)")

@@ -131,6 +131,23 @@ def test_another_setup_is_refused_and_overwrite_starts_over(tmp_path, vae_dir, c
     assert counted["images"] == 27 and len(LatentDataset(out)) == 54
 
 
+def test_an_extraction_of_per_process_shards_is_named_and_kept(tmp_path, vae_dir, counted):
+    """An extraction killed under the older layout (per-process `shard-r…` files, the process count in its setup)
+    cannot be continued: refused in one line that says so, its shards kept; --overwrite starts over."""
+    root, out = image_folder(tmp_path / "images"), tmp_path / "out"
+    out.mkdir()
+    (out / "extraction.json").write_text(json.dumps({"format": "fpdm-latents-v1", "num_processes": 8}))
+    (out / "shard-r000-00000.safetensors").write_bytes(b"encoded")
+    with pytest.raises(FileExistsError, match=r"per-process shards \(an older extract_features.py\) \(1 shards\): "
+                                              r"finish it with that version, or pass --overwrite") as error:
+        extract(root, str(out), vae_dir, image_size=8, device="cpu")
+    assert "\n" not in str(error.value) and counted["images"] == 0
+    assert (out / "shard-r000-00000.safetensors").read_bytes() == b"encoded"
+    meta = extract(root, str(out), vae_dir, image_size=8, shard_size=13, device="cpu", overwrite=True)
+    assert [s["file"] for s in meta["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not (out / "shard-r000-00000.safetensors").exists()
+
+
 def test_bad_image_stops_with_its_path_and_skip_goes_on(tmp_path, vae_dir, counted):
     root = image_folder(tmp_path / "images", bad="13_broken.png")  # between class1/13.png and class1/15.png
     out, clean = str(tmp_path / "out"), str(tmp_path / "clean")
