@@ -9,16 +9,16 @@ Output (format "fpdm-latents-v1", read by data.LatentDataset): shard k, `shard-{
 images at positions k·S .. (k+1)·S - 1 of the image folder (S = --shard-size, less unreadable files skipped): float16
 "mean" and "std" of the posterior (times the VAE scaling factor), int64 "labels" and "index" (position in the image
 folder), and with flips also "mean_flip", "std_flip" of the mirrored image. The shards still missing are dealt to
-the processes in turn, so the layout does not depend on the number of processes. Process 0 then writes meta.json, the mark of a finished
-extraction. Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
+the processes in turn, so the layout does not depend on the number of processes. Process 0 then writes meta.json,
+the mark of a finished extraction. Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
 Training reads latents at random, so they should sit on local disk or in the page cache (ImageNet with flips as
 float16 mean and std: 42 GB), not on a network file system.
 
 Resuming: extraction.json, written before the first shard, records the setup (image list with file sizes, image
 size, VAE weights, flips, shard size, --skip-bad-images). A rerun with the same setup keeps every finished shard
-and encodes the rest, on any number of processes (the batch size may change too); another setup is refused in one line naming
-what differs, and with --overwrite the old extraction's files (shards, meta.json, extraction.json, nothing else) are
-removed and it starts over.
+and encodes the rest, on any number of processes (the batch size may change too); another setup is refused in one
+line naming what differs, and with --overwrite the old extraction's files (shards, meta.json, extraction.json,
+nothing else) are removed and it starts over.
 
 Each process checks its own images in its loader workers as it encodes them, so none waits for a scan of the
 whole folder: an unreadable file stops the run with its path, or with --skip-bad-images is left out and listed in
@@ -50,7 +50,6 @@ def _save_shard(path, tensors):
     # Slices of one batch (and chunks of the VAE output): give each its own packed storage.
     tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     atomic_write(path, lambda f: f.write(save(tensors)), "wb")
-    return {"file": os.path.basename(path), "count": len(tensors["index"])}
 
 
 def _shard_path(output, k):
