@@ -10,8 +10,8 @@ images at positions k·S .. (k+1)·S - 1 of the image folder (S = --shard-size, 
 "mean" and "std" of the posterior (times the VAE scaling factor), int64 "labels" and "index" (position in the image
 folder), and with flips also "mean_flip", "std_flip" of the mirrored image. The shards still missing are dealt to
 the processes in turn, so the layout does not depend on the number of processes. Process 0 then writes meta.json,
-the mark of a finished extraction. Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
-Training reads latents at random, so they should sit on local disk or in the page cache (ImageNet with flips as
+the mark of a finished extraction. Files are written to a temporary name and renamed, so a crash never leaves a
+half-written file. Training reads latents at random, so they should sit on local disk or in the page cache (ImageNet with flips as
 float16 mean and std: 42 GB), not on a network file system.
 
 Resuming: extraction.json, written before the first shard, records the setup (image list with file sizes, image
