@@ -5,13 +5,13 @@
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         extract_features.py --device cpu ...                                # several CPU processes (gloo)
 
-Output (format "fpdm-latents-v1", read by data.LatentDataset): shard k, `shard-{k:05d}.safetensors`, holds the
-images at positions k·S .. (k+1)·S - 1 of the image folder (S = --shard-size, less unreadable files skipped): float16
-"mean" and "std" of the posterior (times the VAE scaling factor), int64 "labels" and "index" (position in the image
-folder), and with flips also "mean_flip", "std_flip" of the mirrored image. The shards still missing are dealt to
-the processes in turn, so the layout does not depend on the number of processes. Process 0 then writes meta.json,
-the mark of a finished extraction. Files are written to a temporary name and renamed, so a crash never leaves a
-half-written file. Training reads latents at random, so they should sit on local disk or in the page cache (ImageNet with flips as
+Output (format "fpdm-latents-v1", read by data.LatentDataset): shard k, `shard-{k:05d}.safetensors`, holds the images
+at positions k·S .. (k+1)·S - 1 of the image folder (S = --shard-size, less unreadable files skipped): float16 "mean"
+and "std" of the posterior (times the VAE scaling factor), int64 "labels" and "index" (position in the image folder),
+and with flips also "mean_flip", "std_flip" of the mirrored image. The shards still missing are dealt to the processes
+in turn, so the layout does not depend on the number of processes. Process 0 then writes meta.json, the mark of a
+finished extraction. Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
+Training reads latents at random, so they should sit on local disk or in the page cache (ImageNet with flips as
 float16 mean and std: 42 GB), not on a network file system.
 
 Resuming: extraction.json, written before the first shard, records the setup (image list with file sizes, image

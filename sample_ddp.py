@@ -7,12 +7,13 @@ Sample i's noise and label derive from (seed, i) alone (--class-labels: label i 
 fixed blocks of consecutive indices whose RNG is seeded by (seed, batch), so the images do not depend on the number of
 processes. The folder holds one configuration: `args.json` (every setting that changes the samples, N and the batch
 size included) is written first and a rerun with other settings is refused (sample.py's rules). Each finished batch is
-committed as one file, `batches/{b:06d}.npz` (images and labels together, written atomically); a killed run,
-restarted on any number of processes, deals the batches still missing to them in turn; on SIGTERM or SIGUSR1 (a scheduler's preemption) each process
-finishes and commits the batch in flight, then exits with code 3. Background threads write each image as
-`images/{i:06d}.png` for viewing while the next batch samples (--no-png: none; the batch files are the record). At the end the main process
-writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N)
-and `compute.json`. All sampling flags are sample.py's (--precision, --tf32 included).
+committed as one file, `batches/{b:06d}.npz` (images and labels together, written atomically); a killed run, restarted
+on any number of processes, deals the batches still missing to them in turn; on SIGTERM or SIGUSR1 (a scheduler's
+preemption) each process finishes and commits the batch in flight, then exits with code 3. Background threads write
+each image as `images/{i:06d}.png` for viewing while the next batch samples (--no-png: none; the batch files are the
+record). At the end the main process writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz`
+(`arr_0`: uint8 N×H×W×3, `labels`: N) and `compute.json`. All sampling flags are sample.py's (--precision, --tf32
+included).
 """
 
 import json
