@@ -690,6 +690,11 @@ def _ours(name, outputs):
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in outputs)
 
 
+# Settings recorded in args.json but not compared: where the checkpoint lay (its content, checkpoint_file.sha256, is
+# compared). A job requeued with the checkpoint staged elsewhere (node-local scratch) continues its folder.
+NOT_COMPARED = ("checkpoint_file.path",)
+
+
 def _leaves(settings, prefix=""):
     """Nested settings as {"group.name": value} (what a refusal names)."""
     flat = {}
@@ -743,13 +748,17 @@ def claim_output_folder(out, settings, overwrite=False, outputs=SAMPLE_OUTPUTS):
                 previous = json.load(f)
             if previous == settings:
                 return out
+            before, after = _leaves(previous), _leaves(settings)
+            differing = sorted(k for k in set(before) | set(after)
+                               if before.get(k) != after.get(k) and k not in NOT_COMPARED)
+            if not differing:  # the same samples; args.json records where the checkpoint now lies
+                atomic_write(path, lambda f: json.dump(settings, f, indent=2, sort_keys=True))
+                return out
         if not overwrite:
             if previous is None:
                 check_only_ours(out, entries, outputs, overwrite)
                 raise FileExistsError(f"{out} holds outputs but no {SETTINGS_FILE}: choose another --out, or pass "
                                       f"--overwrite to start over")
-            before, after = _leaves(previous), _leaves(settings)
-            differing = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             details = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in differing)
             older = ("; it was written by an older version of this command (before settings format "
                      f"{settings['format']}): finish it with that version, or start over") if (
