@@ -60,6 +60,25 @@ def step_noise_seed(seed, b):
     return seed * SEED_BLOCK + SEED_BLOCK - 1 - b
 
 
+def mean_compute(stats):
+    """Compute per image over the batches this run sampled, all processes' ([(images, GuidedModel.compute())]):
+    block evaluations and FLOPs per image and the iterations of each step, averaged over images (with --adaptive-tol
+    each batch stops on its own), the most guided passes; `compute_images` says how many images they cover (those of
+    batches an earlier run committed are not measured again)."""
+    if not stats:
+        return {"compute_images": 0}
+    n = sum(count for count, _ in stats)
+
+    def mean(values):
+        values = list(values)
+        return values[0] if len(set(values)) == 1 else sum(c * v for (c, _), v in zip(stats, values)) / n
+    steps = len(stats[0][1]["iterations_per_step"])
+    return {"compute_images": n, "cfg_passes": max(s["cfg_passes"] for _, s in stats),
+            "block_evals": mean(s["block_evals"] for _, s in stats),
+            "flops_per_image": mean(s["flops_per_image"] for _, s in stats),
+            "iterations_per_step": [mean(s["iterations_per_step"][i] for _, s in stats) for i in range(steps)]}
+
+
 def batch_path(batch_dir, b):
     return os.path.join(batch_dir, f"{b:06d}.npz")
 
@@ -175,7 +194,7 @@ def main(cfg):
                 samples, fn = setup.sample(cfg, noise, labels)
                 images = to_uint8(cli.decode(samples, setup.vae))
                 wall += time.perf_counter() - start
-                stats.append(fn.compute())
+                stats.append((len(indices), fn.compute()))
                 pending = wait(pending)  # the last batch's PNGs, written while this one sampled (one batch in memory)
                 commit_batch(batch_dir, b, images, np.array(indices), labels.cpu().numpy())
                 if fid.png:
@@ -188,6 +207,9 @@ def main(cfg):
                                   f"(all committed): rerun the same command to continue (exit code "
                                   f"{STOPPED_EXIT_CODE})")
 
+        if world > 1:  # every process's batches (a few numbers each), for the compute report
+            from accelerate.utils import gather_object
+            stats = [s for per_process in gather_object([stats]) for s in per_process]
         state.wait_for_everyone()
         if state.is_main_process:
             arrays = np.zeros((fid.num_fid_samples, *images_shape(batch_dir)), dtype=np.uint8)
@@ -201,10 +223,7 @@ def main(cfg):
             atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=arrays, labels=labels), "wb")
             report = {"args": cfg.flat(), "settings": settings, "precision": settings["resolved"]["precision"],
                       "num_images": fid.num_fid_samples, "processes": world,
-                      "batches_kept_from_earlier_runs": done, "wall_time_rank0_s": wall}
-            if stats:
-                report.update({k: stats[0][k] for k in ("cfg_passes", "block_evals", "flops_per_image",
-                                                         "iterations_per_step")})
+                      "batches_kept_from_earlier_runs": done, "wall_time_rank0_s": wall, **mean_compute(stats)}
             atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
             print(f"wrote {arrays.shape[0]} samples to {os.path.join(out, 'samples.npz')}")
         state.wait_for_everyone()

@@ -267,7 +267,9 @@ def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
     one, two = np.load(tmp_path / "p1" / "samples.npz"), np.load(tmp_path / "p2" / "samples.npz")
     assert one["arr_0"].shape == (10, 8, 8, 3) and one["arr_0"].dtype == np.uint8
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
-    assert json.load(open(tmp_path / "p2" / "compute.json"))["processes"] == 2
+    report = json.load(open(tmp_path / "p2" / "compute.json"))
+    assert report["processes"] == 2 and report["compute_images"] == 10  # both processes' batches
+    assert report["block_evals"] == 20 and len(report["iterations_per_step"]) == 5
     # Noise and labels are functions of (seed, index) alone.
     n5, l5 = sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)
     assert torch.equal(n5, sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)[0]) and one["labels"][5] == l5
@@ -278,7 +280,8 @@ def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batches (rank 0): 100%" in proc.stderr and " 1/1 " in proc.stderr and " 2/2 " not in proc.stderr
-    assert json.load(open(tmp_path / "p2" / "compute.json"))["batches_kept_from_earlier_runs"] == 2
+    report = json.load(open(tmp_path / "p2" / "compute.json"))
+    assert report["batches_kept_from_earlier_runs"] == 2 and report["compute_images"] == 6  # batches 0 and 2
     assert np.array_equal(np.load(tmp_path / "p2" / "samples.npz")["arr_0"], one["arr_0"])
 
 
