@@ -87,12 +87,12 @@ def test_parallel_rows(quick):
 
 def test_hotpath_figures(quick):
     """Rank-synchronous S-JFB draws remove the straggler slowdown (≈ 1.6x on 8 ranks with per-rank draws); host syncs
-    are exactly the NaN guard per step plus 3 reads per log row (10 steps, 2 rows: loss, gradient norm, residual), 1
-    per diagnostics row (the per-timestep residual table, at the last step) and 1 listing of the data order, and none
-    while sampling."""
+    are exactly the NaN guard per step plus 2 reads per log row (10 steps, 2 rows: loss and residual in one
+    all-reduce, gradient norm), 1 per diagnostics row (the per-timestep residual table, at the last step) and 1
+    listing of the data order, and none while sampling."""
     result = quick[0]["results"]["hotpath"]
     assert 1.4 < result["straggler"]["before"]["ratio"] < 1.8 and result["straggler"]["after"]["ratio"] == 1.0
-    assert result["train_syncs"]["total"] == 10 + 2 * 3 + 1 + 1 and result["train_syncs"]["per_step"] == 1.8
+    assert result["train_syncs"]["total"] == 10 + 2 * 2 + 1 + 1 and result["train_syncs"]["per_step"] == 1.6
     assert result["sample_syncs"]["during_sampling"] == 0 and result["sample_syncs"]["reading_the_report"] == 1
 
 
