@@ -29,7 +29,7 @@ import torch
 
 from fpdm import cli, sample_config
 from fpdm.run_folders import (COLLECTIVE_TIMEOUT, LOCK_FILE, STOPPED_EXIT_CODE, RunLock, StopSignals, atomic_write,
-                               check_writable, remove_stale_temporaries)
+                               check_writable, from_main_process, remove_stale_temporaries)
 from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
 
 
@@ -138,10 +138,13 @@ def main(cfg):
     threads = cpu_threads.configure(device, world)  # CPU: the free cores, shared by the processes
     if threads and rank == 0:
         print(threads)
+    # What --ckpt names and the folder's identity (the checkpoint's sha256: 10.8 GB read at XL/2) come from the main
+    # process: a live run folder's latest.json may move between two processes' reads, and one hash is enough.
+    cfg.checkpoint.ckpt = from_main_process(state, lambda: cli.resolve_checkpoint(cfg.checkpoint.ckpt))
     setup = cli.Setup(cfg, device)
     model, fid, seed = setup.model, cfg.fid, cfg.sampler.seed
     given_labels = cli.class_labels(cfg, model.num_classes)
-    settings = cli.sample_settings(cfg, setup, given_labels)
+    settings = from_main_process(state, lambda: cli.sample_settings(cfg, setup, given_labels))
     out = cli.output_folder(cfg, settings, suffix=f"-n{fid.num_fid_samples}")
     # The main process claims the folder (checks it, writes args.json) and clears a killed run's temporaries while
     # the others wait: checking concurrently, they could see its half-written args.json and refuse. If it refuses,

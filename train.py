@@ -91,8 +91,9 @@ def _train(cfg, cleanup, stop_signals):
     optimizer, scheduler = make_optimizer(cfg, model, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    if o.compile:  # after prepare (DDP keeps its overlap), block by block (any S-JFB counts reuse the graphs)
-        raw_model.compile_regions()
+    if o.compile:  # after prepare (DDP keeps its overlap), block by block (any S-JFB counts reuse the graphs); the
+        raw_model.compile_regions()  # EMA too: previews and FID during training sample with it
+        ema.compile_regions()
     ema.to(device)
     step, saved_rng = 0, None
     if ckpt is not None:

@@ -478,12 +478,10 @@ def find_training_checkpoint(resume, run_dir):
     folder = run_dir if resume == "auto" else resume
     if os.path.isfile(folder):
         return folder
-    pointer = os.path.join(folder, "latest.json")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(folder, json.load(f)["path"])
+    if (path := latest_checkpoint(folder)) != folder:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{pointer} names {path}, which is missing; {_others(folder, path)}")
+            raise FileNotFoundError(f"{os.path.join(folder, 'latest.json')} names {path}, which is missing; "
+                                    f"{_others(folder, path)}")
         return path
     if resume == "auto":
         return None

@@ -318,6 +318,15 @@ def clipping(cfg, model, sampler):
     return clip
 
 
+def resolve_checkpoint(path):
+    """--ckpt as the file to read: a train.py run folder's latest checkpoint (with a note), read once (the file's
+    content is a sample folder's identity, not the run's); any other path as it is."""
+    ckpt = latest_checkpoint(path)
+    if ckpt != path:
+        print(f"note: {path} is a run folder: sampling its latest checkpoint {ckpt}")
+    return ckpt
+
+
 class Setup:
     """What sample.py and sample_ddp.py build from the configuration: model, training config, FPDM iterations per
     step, the diffusion (settings and object), x0 clipping, VAE, and the sampler with its options."""
@@ -326,10 +335,7 @@ class Setup:
         out = cfg.output
         if device.type == "cuda":  # as train.py: both or neither (torch's default has cuDNN's TF32 on alone)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = out.tf32
-        ckpt = latest_checkpoint(cfg.checkpoint.ckpt)
-        if ckpt != cfg.checkpoint.ckpt:  # the file, read once: its content is the folder's identity, not the run's
-            print(f"note: {cfg.checkpoint.ckpt} is a run folder: sampling its latest checkpoint {ckpt}")
-            cfg.checkpoint.ckpt = ckpt
+        cfg.checkpoint.ckpt = resolve_checkpoint(cfg.checkpoint.ckpt)  # a file from here on
         self.model, self.train_config = load_model_for_sampling(
             cfg.checkpoint.ckpt, use_ema=cfg.checkpoint.ema, device=device,
             trust_checkpoint=cfg.checkpoint.trust_checkpoint, model_name=cfg.checkpoint.model)

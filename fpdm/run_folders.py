@@ -213,6 +213,17 @@ STOPPED_EXIT_CODE = 3
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
 
 
+def from_main_process(state, compute):
+    """`compute()` run by the main process alone, its value (any picklable object) sent to every process: one reading
+    of what may change between two reads (a live run's latest.json, a CSV being written) and one pass of what is
+    costly to repeat (hashing a 10.8 GB checkpoint). `state`: accelerate's PartialState or Accelerator."""
+    box = [compute() if state.is_main_process else None]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(box)
+    return box[0]
+
+
 class StopSignals:
     """While in the `with` block, SIGTERM and SIGUSR1 ask the training loop to stop at its next step boundary instead
     of ending the process: the handler only records the first signal's number (`received`; no I/O, nothing that could

@@ -25,7 +25,7 @@ from fpdm.checkpoints import (resume_checkpoint, rng_state, set_rng_state,
 from fpdm.diagnostics import BUCKETS, timestep_buckets
 from fpdm.measure import peak_rss_bytes
 from fpdm.run_folders import (COLLECTIVE_TIMEOUT, STOPPED_EXIT_CODE, RunLock, atomic_write, check_writable,
-                               remove_stale_temporaries, sync_files, truncate_metrics)
+                               from_main_process, remove_stale_temporaries, sync_files, truncate_metrics)
 
 logger = logging.getLogger("train")
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -716,12 +716,10 @@ class Evaluator:
     def has_row(self, step):
         """Whether eval.csv holds a row of `step` (read by the main process, the answer shared with every process,
         which all take part in an evaluation)."""
-        from accelerate.utils import broadcast_object_list
-        found = [None]
-        if self.accelerator.is_main_process:
+        def read():
             with open(self.path, newline="") as f:
-                found[0] = any(int(row["step"]) == step for row in csv.DictReader(f))
-        return broadcast_object_list(found)[0]
+                return any(int(row["step"]) == step for row in csv.DictReader(f))
+        return from_main_process(self.accelerator, read)
 
     @torch.no_grad()
     def run(self, step, background=None):

@@ -20,6 +20,7 @@ from fpdm.metrics import load_images
 from fpdm.sampling import (GuidedModel, diffusion_for_sampling, file_fingerprint, iteration_schedule,
                            iterations_from_block_budget, sample_images)
 from models import DiT
+from recording_sample_ddp import read_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = {"noise_schedule": "cosine", "learn_sigma": False, "predict_v": True, "zero_terminal_snr": False,
@@ -274,11 +275,21 @@ def test_sample_ddp_same_npz_for_one_and_two_processes(checkpoint, tmp_path):
     n5, l5 = sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)
     assert torch.equal(n5, sample_ddp.sample_noise_and_label(0, 5, (1, 8, 8), 10)[0]) and one["labels"][5] == l5
     # Stopped with batches 0 and 2 (both process 0's in a fresh run) missing: the rerun deals one to each process.
+    # It is given a run folder whose latest.json names the checkpoint, and records what each process reads.
     for name in ("samples.npz", "batches/000000.npz", "batches/000002.npz"):
         os.remove(tmp_path / "p2" / name)
-    proc = subprocess.run(ddp_cmd(checkpoint, str(tmp_path / "p2"), 2), cwd=ROOT, capture_output=True,
-                          text=True, env=env, timeout=300)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest.json").write_text(json.dumps({"step": 1, "path": os.path.abspath(checkpoint)}))
+    cmd = ddp_cmd(str(run), str(tmp_path / "p2"), 2)
+    cmd[cmd.index("sample_ddp.py")] = os.path.join("tests", "recording_sample_ddp.py")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "RECORD_LOG": str(tmp_path / "reads")})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Process 0 alone read latest.json (a live run could move it between two reads) and hashed the checkpoint.
+    main, other = (read_calls(tmp_path / f"reads.{rank}") for rank in (0, 1))
+    assert ("latest", str(run)) in main and ("hash", os.path.abspath(checkpoint)) in main
+    assert [c for c in other if c[0] == "hash" or c == ("latest", str(run))] == []
     assert "batches (rank 0): 100%" in proc.stderr and " 1/1 " in proc.stderr and " 2/2 " not in proc.stderr
     report = json.load(open(tmp_path / "p2" / "compute.json"))
     assert report["batches_kept_from_earlier_runs"] == 2 and report["compute_images"] == 6  # batches 0 and 2

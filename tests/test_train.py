@@ -65,6 +65,25 @@ def test_run_writes_checkpoints_logs_and_samples(tmp_path):
     assert 0 < (ema6[key] - ema3[key]).abs().max() < 0.01 * (model6[key] - model3[key]).abs().max()
 
 
+def test_compile_compiles_the_trained_model_and_the_ema_it_samples_with(tmp_path, monkeypatch):
+    """--compile: the blocks of the model and of its EMA (previews, FID during training) are compiled, and a run with
+    a preview goes through both."""
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler (none found)")
+    import torch._dynamo
+    from models import DiT
+    compiled, real = [], DiT.compile_regions
+    monkeypatch.setattr(DiT, "compile_regions", lambda self, **kw: compiled.append(self) or real(self, **kw))
+    torch._dynamo.reset()
+    run_dir = run(tmp_path, "--compile", "--max-steps", "2", "--sample-every", "2")
+    torch._dynamo.reset()
+    assert len({id(m) for m in compiled}) == 2
+    assert [any(p.requires_grad for p in m.parameters()) for m in compiled] == [True, False]  # model, then EMA
+    assert all(b._compiled_call_impl is not None for m in compiled for b in m.transformer_blocks())
+    assert os.listdir(os.path.join(run_dir, "samples")) == ["step_0000002.png"]
+
+
 @pytest.mark.parametrize("flags,decays", [(["--ema-decay", "0.5"], [0.5, 0.5]),
                                           (["--ema-warmup"], [3 / 12, 4 / 13])])  # min(0.9999, (1 + k)/(10 + k))
 def test_ema_follows_its_formula_at_every_step(tmp_path, flags, decays):
