@@ -28,6 +28,7 @@ batch size are repeated per state to match. FPDM models must run a fixed iterati
 (a batch mixes all timesteps).
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -217,6 +218,22 @@ def check_model(model):
         raise ValueError("a per-step iteration schedule follows the sequential sampler's call order; use one int")
 
 
+def images_of_guided_batch(model, x_T, model_kwargs, noise_seq):
+    """(x_T, model_kwargs, noise_seq, doubled) for the chains a parallel sampler solves: for a guided model's doubled
+    batch (images, then their null-class twins on the same states: sampling.guided_batch) the images alone, whose
+    calls the model's `images_only()` evaluates with their twins; anything else as given (doubled False). η > 0
+    noise drawn for the doubled batch keeps its images' part: what the sequential sampler gives the images."""
+    if not getattr(model, "doubles_batch", False):
+        return x_T, model_kwargs, noise_seq, False
+    n = len(x_T) // 2
+    if len(x_T) % 2 or not torch.equal(x_T[:n], x_T[n:]):
+        raise ValueError("a guided batch holds each image's state twice (the images, then their null-class twins: "
+                         "sampling.guided_batch)")
+    kwargs = {k: v[:n] if torch.is_tensor(v) and v.dim() > 0 and len(v) == len(x_T) else v
+              for k, v in (model_kwargs or {}).items()}
+    return x_T[:n], kwargs, None if noise_seq is None else noise_seq[:, :n], True
+
+
 def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwargs=None, eta=0.0, noise_seq=None,
                          max_iter=15, tol=1e-3, m=5, lam=1e-3, beta=1.0, window=None, window_tol=0.1,
                          chunk_size=None, progress=False, return_result=False, device=None, mixing="image",
@@ -249,6 +266,7 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
         noise_seq = torch.stack([torch.randn_like(x_T) for _ in range(n_steps)])
     if noise_seq is not None and tuple(noise_seq.shape) != (n_steps, *x_T.shape):
         raise ValueError(f"noise_seq must have shape {(n_steps, *x_T.shape)}, got {tuple(noise_seq.shape)}")
+    x_T, model_kwargs, noise_seq, doubled = images_of_guided_batch(model, x_T, model_kwargs, noise_seq)
     bar = tqdm(total=n_steps if solver == "window" else max_iter, disable=not progress)
 
     def report(info):
@@ -256,7 +274,7 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
         bar.update(info["done"] - bar.n if "done" in info else 1)
 
     began = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), model.images_only() if doubled else contextlib.nullcontext():
         if solver == "window":
             result = sliding_window_solve(model, diffusion, x_T, window, window_tol, eta, noise_seq, model_kwargs,
                                           chunk_size, callback=report, sync_every=sync_every)
@@ -289,4 +307,5 @@ def parallel_ddim_sample(model, diffusion, noise, solver="anderson", model_kwarg
                      host_reads=result.host_reads, masked_chain_evaluations=result.masked_evaluations,
                      residual=max(min(r) for r in result.image_residuals),
                      residuals_per_image=result.image_residuals)
-    return (result.x[-1], result, stats) if return_result else result.x[-1]
+    x_0 = torch.cat([result.x[-1]] * (1 + doubled))  # a doubled batch back as it came (each twin: its image)
+    return (x_0, result, stats) if return_result else x_0

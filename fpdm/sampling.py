@@ -194,6 +194,26 @@ class GuidedModel:
         self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
         self._residuals = []  # per call, that call's residual tensors: on the device until read (no sync per call)
         self.info = {}  # what the sampler reports about itself (sample_images fills it)
+        self._images_only = False
+
+    @property
+    def doubles_batch(self):
+        """Whether a call takes a doubled batch: the images, then their twins with the null class (guidance)."""
+        return self.cfg_scale != 1.0
+
+    @contextlib.contextmanager
+    def images_only(self):
+        """Within: calls take the images alone (N rows) and evaluate them with their null-class twins (2N rows, each
+        twin on its image's state, as every guided call does), returning the images' rows. The parallel samplers
+        solve the N images' chains this way: a twin's state feeds no output, and solved as a chain of its own it
+        follows another trajectory wherever its output differs from its image's (the unguided channels of
+        --guidance-channels 3), stops at another iteration, and per-image stopping then pairs the halves of a call
+        wrongly."""
+        self._images_only = True
+        try:
+            yield self
+        finally:
+            self._images_only = False
 
     def guidance_scale(self, t):
         """The guidance scale at timestep t, or None where this call runs unguided (outside the interval)."""
@@ -204,6 +224,12 @@ class GuidedModel:
         return self.cfg_scale
 
     def __call__(self, x, t, y):
+        if self._images_only and self.doubles_batch:
+            null = torch.full_like(y, self.model.num_classes)
+            return self._call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[:len(x)]
+        return self._call(x, t, y)
+
+    def _call(self, x, t, y):
         kwargs = {}
         if self.model.fixed_point:
             iters, stop = self.iterations_per_step, None
@@ -437,26 +463,10 @@ def sample_ddim_parallel(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
         raise ValueError("parallel DDIM solves the chain without x0 clipping: sample with clip_denoised=False")
     out, _, stats = parallel_ddim_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
                                          max_iter=solver_max_iter, tol=solver_tol, window=window, chunk_size=chunk_size,
-                                         mixing=mixing, sync_every=sync_every, progress=progress, return_result=True,
-                                         noise_seq=twin_noise(model, diffusion, x, eta))
+                                         mixing=mixing, sync_every=sync_every, progress=progress, return_result=True)
     if model.block_evals:  # per image: every state evaluated costs one call's blocks
         stats["block_evals"] = stats["network_evaluations"] * model.block_evals[0]
     return out, stats
-
-
-def twin_noise(model, diffusion, x, eta):
-    """The η > 0 noise of a parallel sampler with guidance: every step's drawn as ddim_sample_loop draws it (for the
-    doubled batch, so that both agree for one seed), then each image's unguided twin (second half) given its image's
-    noise. A twin's state feeds no output (the guided call evaluates both branches on the image's state), but with
-    noise of its own it would follow another chain and converge at another iteration; per-image solving would then
-    drop it from the batch apart from its image, and the halves of the guided call would pair the wrong rows.
-    None where nothing is drawn (η = 0) or the batch is not doubled."""
-    if not eta or model.cfg_scale == 1.0:
-        return None
-    noise_seq = torch.stack([torch.randn_like(x) for _ in range(diffusion.num_timesteps)])
-    half = len(x) // 2
-    noise_seq[:, half:] = noise_seq[:, :half]
-    return noise_seq
 
 
 @register_sampler("ddim-two-axis", parallel=True, needs_fpdm=True, sets_layer_iterations=True,
@@ -473,8 +483,7 @@ def sample_ddim_two_axis(model, diffusion, x, *, model_kwargs, clip_denoised=Fal
                          "clip_denoised=False")
     out, _, stats = two_axis_sample(model, diffusion, x, solver=solver, model_kwargs=model_kwargs, eta=eta,
                                     max_iter=solver_max_iter, tol=solver_tol, chunk_size=chunk_size,
-                                    sync_every=sync_every, progress=progress, return_result=True,
-                                    noise_seq=twin_noise(model, diffusion, x, eta))
+                                    sync_every=sync_every, progress=progress, return_result=True)
     return out, stats
 
 

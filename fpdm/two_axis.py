@@ -21,33 +21,37 @@ critical path.
                                         model_kwargs={"y": y2}, return_result=True)  # x0[:len(noise)]: the images
 """
 
+import contextlib
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.parallel import _chain_outputs, _model_outputs, check_model
+from diffusion.parallel import _chain_outputs, _model_outputs, check_model, images_of_guided_batch
 from diffusion.solvers import solve_batched
 from models import StateCache
 
 class _LayerStates:
-    """Z: every image's layer state at every chain position, (B, T', tokens, hidden), filled by the first outer
-    iteration; `cache` (a models.StateCache) hands a chunk's rows to the FPDM and takes its solutions back."""
+    """Z: every image's layer state at every chain position, (halves, B, T', tokens, hidden), filled by the first
+    outer iteration; `cache` (a models.StateCache) hands a chunk's rows to the FPDM and takes its solutions back.
+    halves = 2 where each call also evaluates the images' null-class twins (guidance): the network's rows are the
+    images' then the twins'."""
 
-    def __init__(self, cache, batch, n_steps):
-        self.cache, self.batch, self.n_steps, self.z = cache, batch, n_steps, None
+    def __init__(self, cache, batch, n_steps, halves=1):
+        self.cache, self.batch, self.n_steps, self.halves, self.z = cache, batch, n_steps, halves, None
 
     def start(self, idx, first, k):
-        """Rows (len(idx)·k, tokens, hidden), sample-major, for positions first..first+k−1 of images idx."""
+        """Rows (halves·len(idx)·k, tokens, hidden), sample-major in each half, for positions first..first+k−1 of
+        images idx."""
         if self.z is None:
             return None
-        return self.z[idx, first:first + k].reshape(-1, *self.z.shape[2:])
+        return self.z[:, idx, first:first + k].reshape(-1, *self.z.shape[3:])
 
     def store(self, idx, first, k, rows):
-        rows = rows.reshape(len(idx), k, *rows.shape[1:])
+        rows = rows.reshape(self.halves, len(idx), k, *rows.shape[1:])
         if self.z is None:
-            self.z = rows.new_zeros(self.batch, self.n_steps, *rows.shape[2:])
-        self.z[idx, first:first + k] = rows
+            self.z = rows.new_zeros(self.halves, self.batch, self.n_steps, *rows.shape[3:])
+        self.z[:, idx, first:first + k] = rows
 
 
 def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="anderson", model_kwargs=None, eta=0.0,
@@ -88,7 +92,8 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
         noise_seq = torch.stack([torch.randn_like(x_T) for _ in range(n_steps)])
     if noise_seq is not None and tuple(noise_seq.shape) != (n_steps, *x_T.shape):
         raise ValueError(f"noise_seq must have shape {(n_steps, *x_T.shape)}, got {tuple(noise_seq.shape)}")
-    layer = _LayerStates(cache, len(x_T), n_steps)
+    x_T, kwargs, noise_seq, doubled = images_of_guided_batch(model, x_T, kwargs, noise_seq)
+    layer = _LayerStates(cache, len(x_T), n_steps, 1 + doubled)
     bar = tqdm(total=max_iter, disable=not progress, desc="two-axis")
 
     def report(info):
@@ -103,7 +108,7 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
         return _chain_outputs(diffusion, eps, pred_xstart, 0, eta, None if noise_seq is None else noise_seq[:, idx])
 
     began = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), model.images_only() if doubled else contextlib.nullcontext():
         result = solve_batched(f, x_T.expand(n_steps, *x_T.shape).clone(), solver, max_iter, tol, m, lam, beta,
                                "image", callback=report, sync_every=sync_every)
     if x_T.is_cuda:
@@ -121,4 +126,5 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
              "wall_time_s": time.perf_counter() - began, "network_evaluations_per_image": per_image,
              "host_reads": result.host_reads, "masked_chain_evaluations": result.masked_evaluations,
              "residuals_per_image": result.image_residuals}
-    return (result.x[-1], result, stats) if return_result else result.x[-1]
+    x_0 = torch.cat([result.x[-1]] * (1 + doubled))  # a doubled batch back as it came (each twin: its image)
+    return (x_0, result, stats) if return_result else x_0

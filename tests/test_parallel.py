@@ -153,11 +153,13 @@ def test_stochastic_matches_sequential_with_same_noise(eta):
 
 
 @pytest.mark.parametrize("sampler", ["ddim-parallel", "ddim-two-axis"])
-def test_guided_stochastic_parallel_sampling_matches_sequential_image_by_image(sampler):
-    """Guidance with η > 0, per-image solving (sample.py --parallel ... --cfg-scale 4 --eta 1): each image equals
-    sequential DDIM with the same seed and converges. The unguided twin of each image (the second half of the
-    doubled batch) gets its image's noise: with noise of its own it followed another chain, left the batch at
-    another iteration than its image, and the guided call then paired the wrong rows (errors of 0.07 on some seeds,
+@pytest.mark.parametrize("eta,channels", [(1.0, None), (0.0, 3)])
+def test_guided_parallel_sampling_matches_sequential_image_by_image(sampler, eta, channels):
+    """Guidance, per-image solving (sample.py --parallel ... --cfg-scale 4, with --eta 1 or DiT's --guidance-channels
+    3): each image equals sequential DDIM with the same seed and converges. The parallel samplers solve the images'
+    chains alone, each call evaluating the null-class twins on their images' states. Solved as chains of their own,
+    twins followed other trajectories (noise of their own; the unguided channel from the unconditional branch), left
+    the batch at other iterations than their images, and the guided call then paired the wrong rows (errors of 0.07,
     chains run to the cap)."""
     net = tiny_model(fixed_point=sampler == "ddim-two-axis")
     diffusion = create_diffusion("trailing10", predict_v=True)
@@ -166,13 +168,14 @@ def test_guided_stochastic_parallel_sampling_matches_sequential_image_by_image(s
     for seed in (2, 7):
         g = torch.Generator().manual_seed(seed)
         noise, labels = torch.randn(3, 4, 8, 8, generator=g), torch.arange(3) + 1
+        options = dict(cfg_scale=4.0, eta=eta, guidance_channels=channels)
         torch.manual_seed(5)
-        reference, _ = sample_images(net, diffusion, noise, labels, sampler="ddim", cfg_scale=4.0, eta=1.0, **layer)
+        reference, _ = sample_images(net, diffusion, noise, labels, sampler="ddim", **options, **layer)
         torch.manual_seed(5)
-        out, fn = sample_images(net, diffusion, noise, labels, sampler=sampler, cfg_scale=4.0, eta=1.0,
-                                solver_max_iter=60, solver_tol=1e-5, **parallel)
+        out, fn = sample_images(net, diffusion, noise, labels, sampler=sampler, solver_max_iter=60,
+                                solver_tol=1e-5, **options, **parallel)
         evaluations = fn.info["network_evaluations_per_image"]
-        assert fn.info["converged"] and evaluations[:3] == evaluations[3:]  # each twin leaves with its image
+        assert fn.info["converged"] and len(evaluations) == 3  # the images' chains, not their twins'
         assert (out - reference).abs().max() < 2e-3, seed
 
 
@@ -432,14 +435,14 @@ def test_invert_script_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("mixing", ["image", "state"])
 def test_each_image_gets_the_result_it_gets_alone(mixing):
-    """A batch of 4 (with guidance, so 8 chains) gives every image what sampling it alone gives, to solver
+    """A batch of 4 (with guidance: 4 chains, each call evaluating their 4 twins too) gives every image what sampling it alone gives, to solver
     tolerance; the per-image residual histories and evaluation counts are reported."""
     net = tiny_model()
     diffusion = create_diffusion("trailing12")
     x, kwargs = inputs(cfg_scale=3.0, batch=4)
     out, result, stats = parallel_ddim_sample(guided(net, 3.0), diffusion, x, model_kwargs=kwargs, mixing=mixing,
                                               tol=1e-4, max_iter=30, return_result=True)
-    assert len(stats["residuals_per_image"]) == 8
+    assert len(stats["residuals_per_image"]) == 4
     if mixing == "image":  # (per-state coefficients oscillate on this chain: see the README's measurement)
         assert all(r[-1] < 1e-4 for r in stats["residuals_per_image"])
     for b in range(4):
