@@ -137,9 +137,10 @@ class FixedPointSolver:
         stats = FixedPointStats(sjfb=(0, iterations))
         if iterations < 1:
             return z, stats
+        # Without a tolerance nothing stops early: the device is read once, after the last iteration.
         result = solve_batched(lambda x, idx: f(x[0], injection[idx], c[idx])[None], z[None], "anderson",
                                max_iter=iterations, tol=-1.0 if tol is None else tol, m=self.history,
-                               lam=self.ridge, beta=self.damping)
+                               lam=self.ridge, beta=self.damping, sync_every=iterations if tol is None else None)
         stats.iterations = max(result.image_evaluations)
         stats.image_iterations = result.image_evaluations
         stats.residuals = [torch.tensor(r) for r in result.residuals]

@@ -83,6 +83,23 @@ def test_sampling_syncs_once_per_sample_call():
     assert report["block_evals"] == 20 * (3 + len(model.blocks_pre) + len(model.blocks_post))
 
 
+def test_anderson_layer_solves_read_the_device_once_per_call_without_a_tolerance():
+    """--fp-solver anderson at a fixed iteration count: nothing can stop early, so each FPDM call reads the device
+    once, after its last iteration (it read after every iteration on the CPU, every 2nd on a GPU)."""
+    from fpdm.sampling import FixedPointSolver, diffusion_for_sampling, sample_images
+    from test_sampling import TRAIN_CONFIG, tiny_fpdm
+
+    model = tiny_fpdm(class_dropout_prob=0.1)
+    diffusion = diffusion_for_sampling(TRAIN_CONFIG, 20)
+    noise, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    with SyncCounter() as counter:
+        _, fn = counter.counting(sample_images)(model, diffusion, noise, labels, cfg_scale=2.0, iterations_per_step=4,
+                                                fp_solver=FixedPointSolver("anderson"))
+    counter.calls.pop(("from_numpy", "gaussian_diffusion.py:_on_device"))  # the schedule tables, once
+    assert counter.calls == {("tolist", "solvers.py:_read"): 20}, counter.calls
+    assert fn.iterations == [4] * 20
+
+
 def test_device_waits_counts_the_reads_inside_torch():
     """measure.device_waits: a 0-d tensor as an index and a boolean mask wait for the device; an int index, a 1-d
     index and torch.linalg.solve_ex do not (its CPU kernel reads its pivots, which the profiler shows, but the
