@@ -9,7 +9,8 @@ processes. The folder holds one configuration: `args.json` (every setting that c
 size included) is written first and a rerun with other settings is refused (sample.py's rules). Each finished batch is
 committed as one file, `batches/{b:06d}.npz` (images and labels together, written atomically); a killed run, restarted
 on any number of processes, deals the batches still missing to them in turn; on SIGTERM or SIGUSR1 (a scheduler's
-preemption) each process finishes and commits the batch in flight, then exits with code 3. Background threads write
+preemption) each process finishes and commits the batch in flight, writes `preempted.json` and exits with code 3
+(`accelerate launch` itself exits 1: a requeue script checks the file; docs/sampling.md). Background threads write
 each image as `images/{i:06d}.png` for viewing while the next batch samples (--no-png: none; the batch files are the
 record). At the end the main process writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz`
 (`arr_0`: uint8 N×H×W×3, `labels`: N) and `compute.json`. All sampling flags are sample.py's (--precision, --tf32
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     return sample_config.parse_args(argv, "sample_ddp", __doc__)
 
 
+PREEMPTED_FILE = "preempted.json"  # written by a process stopped by a signal, removed when a run continues the folder
 SEED_BLOCK = 1_000_003  # seeds per --seed: sample i's noise counts up from the block's start, batch b's steps down
 
 
@@ -171,6 +173,8 @@ def main(cfg):
             lock = lock or RunLock(out).acquire()
             for folder in (out, batch_dir, image_dir):
                 remove_stale_temporaries(folder)
+            if os.path.exists(os.path.join(out, PREEMPTED_FILE)):  # a stopped run's record: this run continues it
+                os.remove(os.path.join(out, PREEMPTED_FILE))
         state.wait_for_everyone()
         os.makedirs(batch_dir, exist_ok=True)
         os.makedirs(image_dir, exist_ok=True)
@@ -206,6 +210,9 @@ def main(cfg):
             signum = stop.received
         if signum:  # each process stops on its own (batches are independent): no collective a stopped one would miss
             name = signal.Signals(signum).name
+            # what a requeue script reads (`accelerate launch` itself exits 1 when a worker exits 3)
+            atomic_write(os.path.join(out, PREEMPTED_FILE),
+                         lambda f: json.dump({"signal": name, "exit_code": STOPPED_EXIT_CODE}, f))
             raise SamplingStopped(f"stopped by {name} on rank {rank} after {len(stats)} of its {len(mine)} batches "
                                   f"(all committed): rerun the same command to continue (exit code "
                                   f"{STOPPED_EXIT_CODE})")

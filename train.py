@@ -143,13 +143,14 @@ def _train(cfg, cleanup, stop_signals):
             residual_by_t = metrics.take_residual_by_t(accelerator)  # every process: a reduction
             if diagnostics is not None:  # the contraction estimate on the probe batch: here, never per step
                 log_layer_diagnostics(diagnostics, step, raw_model, residual_by_t, accelerator, tracker, background)
-        # The checkpoint first: a preview or an evaluation that fails (memory, a bad reference) loses no training.
-        if stop or step % r.ckpt_every == 0 or step == o.max_steps:
+        due_preview = r.sample_every and r.num_sample_images and step % r.sample_every == 0
+        due_eval = evaluator is not None and step % r.eval_every == 0
+        # The checkpoint first, at every evaluation's step too: an evaluation that fails (memory, a bad reference)
+        # loses no training, and the resumed run makes it first.
+        if stop or step % r.ckpt_every == 0 or step == o.max_steps or due_eval:
             last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
         if stop:  # now (a scheduler's grace period is short): its preview and evaluation, if due, are made by the
             break  # resumed run first (above)
-        due_preview = r.sample_every and r.num_sample_images and step % r.sample_every == 0
-        due_eval = evaluator is not None and step % r.eval_every == 0
         if due_preview or due_eval:
             with metrics.apart():
                 if due_preview and accelerator.is_main_process:
@@ -157,9 +158,7 @@ def _train(cfg, cleanup, stop_signals):
                 if due_eval:
                     stop = evaluate(evaluator, step, background)
             if stop:  # during the evaluation (it outlasts a grace period at scale): dropped, made by the resumed run
-                if step % r.ckpt_every and step != o.max_steps:
-                    last_good = save_checkpoint(cfg, run_dir, step, raw_model, ema, optimizer, scheduler, accelerator)
-                break
+                break  # from this step's checkpoint
     progress.close()
     if stop:  # before the last barrier: no process exits before the main one has recorded it
         preemption = preempted(run_dir, stop, step, last_good, accelerator)

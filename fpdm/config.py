@@ -146,7 +146,7 @@ class RunConfig:
     run_name: str = opt(None, "run folder name (default: from model and data)", str)
     resume: str = opt(None, "'auto' (latest checkpoint of the run, if any), a checkpoint file, or a run folder", str)
     log_every: int = opt(50, "log metrics every N steps")
-    ckpt_every: int = opt(5000, "checkpoint every N steps (and at the end)")
+    ckpt_every: int = opt(5000, "checkpoint every N steps (and before each evaluation, and at the end)")
     keep_last: int = opt(3, "checkpoints to keep")
     keep_every: int = opt(0, "also keep every checkpoint whose step is a multiple of N (milestones for FID and "
                           "sampling; not counted in --keep-last; 0: none)")

@@ -691,7 +691,7 @@ SETTINGS_FILE = "args.json"
 # What sample.py and sample_ddp.py write into a folder (evaluate.py adds its tables beside samples.npz): all that
 # --overwrite may remove.
 SAMPLE_OUTPUTS = (SETTINGS_FILE, "grid.png", "grid_sequential.png", "compute.json", "batches", "images",
-                  "samples.npz", "samples.*.json")
+                  "samples.npz", "samples.*.json", "preempted.json")
 
 
 def _ours(name, outputs):

@@ -42,12 +42,14 @@ def assert_same_weights(a_dir, b_dir, step, **tolerance):
 def test_a_stop_signal_during_an_evaluation_ends_it_at_a_chunk_and_the_resumed_run_makes_it(tmp_path, monkeypatch):
     """FID during training at ImageNet scale (10k samples) outlasts a scheduler's grace period: a SIGUSR1 while the
     evaluation of step 2 samples its first chunk ends it there (on every process: the flag is reduced per chunk),
-    the step is checkpointed (--ckpt-every 4 would not have) and the run exits preempted; the resumed run makes that
+    the step was checkpointed before it (as every evaluation's) and the run exits preempted; the resumed run makes that
     evaluation first and ends with the eval.csv of a run never stopped."""
     import fpdm.sampling
     flags = ["--max-steps", "4", "--ckpt-every", "4", "--eval-every", "2", "--eval-samples", "12",
              "--eval-batch-size", "4", "--eval-steps", "3", "--num-sample-images", "0"]
     run(tmp_path, *flags, name="never-stopped")
+    # every evaluation's step checkpointed first (--ckpt-every 4 would not have made step 2's)
+    assert sorted(os.listdir(tmp_path / "never-stopped" / "checkpoints")) == ["step_0000002.pt", "step_0000004.pt"]
     reset_accelerate()
     real, calls = fpdm.sampling.sample_images, []
 

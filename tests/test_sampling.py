@@ -347,8 +347,9 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_3(checkpoint, tmp_path):
     committed = sorted(os.listdir(out / "batches"))
     assert 1 <= len(committed) < 4 and not [f for f in committed if ".tmp-" in f]
     assert not (out / "samples.npz").exists()
+    assert json.load(open(out / "preempted.json")) == {"signal": "SIGTERM", "exit_code": 3}  # for a requeue script
     sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
-    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
 
 
 def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
