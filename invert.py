@@ -132,18 +132,6 @@ def load_targets(path, image_size, channels, num_images=None):
     return images.mean(dim=1, keepdim=True) if channels == 1 else images
 
 
-class HalfBatchCFG:
-    """`model(x, t, y)` on an ordinary batch for a doubled-batch CFG wrapper (e.g. sampling.GuidedModel): doubles
-    the batch with null labels and returns the guided first half."""
-
-    def __init__(self, guided, null_class):
-        self.guided, self.null_class, self.model = guided, null_class, guided.model
-
-    def __call__(self, x, t, y):
-        out = self.guided(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_class)]))
-        return out[: len(x)]
-
-
 def build(args):
     """Network (EMA weights), model callable and diffusion from a checkpoint (any format load_model reads)."""
     from fpdm.checkpoints import load_model_for_sampling
@@ -154,8 +142,7 @@ def build(args):
                          f"works in pixel space only (inverting through the VAE decoder is not implemented)")
     net.requires_grad_(False)  # gradients flow to x_T only
     iterations = args.num_iterations if net.fixed_point else None
-    guided = GuidedModel(net, args.cfg_scale, iterations_per_step=iterations)
-    model = HalfBatchCFG(guided, net.num_classes) if args.cfg_scale != 1.0 else guided
+    model = GuidedModel(net, args.cfg_scale, iterations_per_step=iterations, images_only=True)  # no doubled batch
     return net, model, diffusion_for_sampling(train_config, args.num_sampling_steps, args.timestep_spacing)
 
 

@@ -167,7 +167,7 @@ class GuidedModel:
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
                  tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000,
-                 fp_solver=None, precision="fp32", graphs=None):
+                 fp_solver=None, precision="fp32", graphs=None, images_only=False):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -195,26 +195,26 @@ class GuidedModel:
         self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
         self._residuals = []  # per call, that call's residual tensors: on the device until read (no sync per call)
         self.info = {}  # what the sampler reports about itself (sample_images fills it)
-        self._images_only = False
+        self._images_only = images_only
 
     @property
     def doubles_batch(self):
         """Whether a call takes a doubled batch: the images, then their twins with the null class (guidance)."""
-        return self.cfg_scale != 1.0
+        return self.cfg_scale != 1.0 and not self._images_only
 
     @contextlib.contextmanager
     def images_only(self):
-        """Within: calls take the images alone (N rows) and evaluate them with their null-class twins (2N rows, each
-        twin on its image's state, as every guided call does), returning the images' rows. The parallel samplers
-        solve the N images' chains this way: a twin's state feeds no output, and solved as a chain of its own it
-        follows another trajectory wherever its output differs from its image's (the unguided channels of
-        --guidance-channels 3), stops at another iteration, and per-image stopping then pairs the halves of a call
-        wrongly."""
-        self._images_only = True
+        """Within (or throughout, built with images_only=True): calls take the images alone (N rows) and evaluate
+        them with their null-class twins (2N rows, each twin on its image's state, as every guided call does),
+        returning the images' rows. The parallel samplers solve the N images' chains this way: a twin's state feeds
+        no output, and solved as a chain of its own it follows another trajectory wherever its output differs from
+        its image's (the unguided channels of --guidance-channels 3), stops at another iteration, and per-image
+        stopping then pairs the halves of a call wrongly. invert.py differentiates through such calls."""
+        before, self._images_only = self._images_only, True
         try:
             yield self
         finally:
-            self._images_only = False
+            self._images_only = before
 
     def guidance_scale(self, t):
         """The guidance scale at timestep t, or None where this call runs unguided (outside the interval)."""
@@ -225,7 +225,7 @@ class GuidedModel:
         return self.cfg_scale
 
     def __call__(self, x, t, y):
-        if self._images_only and self.doubles_batch:
+        if self._images_only and self.cfg_scale != 1.0:
             null = torch.full_like(y, self.model.num_classes)
             return self._call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[:len(x)]
         return self._call(x, t, y)
