@@ -47,6 +47,7 @@ def main(cfg):
     labels = labels or [i % model.num_classes for i in range(cfg.grid.num_samples)]
     settings = cli.sample_settings(cfg, setup, labels)
     out = claim_output_folder(cli.output_folder(cfg, settings), settings, cfg.output.overwrite)
+    setup.calibrate(cfg, device, out)
 
     g = torch.Generator().manual_seed(cfg.sampler.seed)
     noise = torch.randn(len(labels), model.in_channels, *model.input_hw, generator=g).to(device)

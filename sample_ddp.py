@@ -176,6 +176,7 @@ def main(cfg):
             if os.path.exists(os.path.join(out, PREEMPTED_FILE)):  # a stopped run's record: this run continues it
                 os.remove(os.path.join(out, PREEMPTED_FILE))
         state.wait_for_everyone()
+        setup.calibrate(cfg, device, out, state)  # --fp-allocation calibrated: measured once, on the main process
         os.makedirs(batch_dir, exist_ok=True)
         os.makedirs(image_dir, exist_ok=True)
 

@@ -2,6 +2,7 @@
 (fpdm/sample_config.py) the checks that every flag given is used or refused, FPDM's compute dials, the diffusion to
 sample with, the settings that identify a sample folder and its default name, the VAE, and one-line errors."""
 
+import json
 import os
 
 import torch
@@ -10,9 +11,9 @@ from fpdm import vae as vae_io
 from fpdm.allocation import BudgetAllocator
 from fpdm.checkpoints import diffusion_settings, latest_checkpoint, load_model_for_sampling
 from fpdm.graphs import GraphedCalls, fixed_work_conflict
-from fpdm.run_folders import exit_with_error
+from fpdm.run_folders import atomic_write, exit_with_error, from_main_process
 from fpdm.sample_config import DEFAULT_NUM_SAMPLES, FIELDS, identity
-from fpdm.sampling import DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_weights, capabilities, \
+from fpdm.sampling import CALIBRATION_FILE, DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_weights, capabilities, \
     clip_denoised_for, diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, \
     iterations_from_block_budget, model_calls, resolve_device, settings_hash
 
@@ -355,8 +356,8 @@ class Setup:
                 raise ValueError(f"--parallel evaluates all timesteps at once with one FPDM iteration count: "
                                  f"{fp_budget_hint(self.iterations)}")
         self.clip = clipping(cfg, self.model, self.sampler)
-        if cfg.fp.fp_allocation == "calibrated" and self.model.fixed_point:
-            self.iterations = self.calibrated(cfg, device)
+        # --fp-allocation calibrated: the step weights are measured by `calibrate`, once the output folder is claimed
+        self.needs_calibration = cfg.fp.fp_allocation == "calibrated" and self.model.fixed_point
         self.fp_solver = None
         if self.model.fixed_point and cfg.fp.fp_solver != "iterate":
             self.fp_solver = FixedPointSolver(cfg.fp.fp_solver, cfg.fp.fp_history, damping=cfg.fp.fp_damping)
@@ -369,18 +370,39 @@ class Setup:
                     guidance_interval=g.guidance_interval, guidance_schedule=g.guidance_schedule,
                     precision=cfg.output.precision)
 
-    def calibrated(self, cfg, device):
-        """The budget allocator with step weights measured on a calibration batch of its own noise (seed + 1) and
-        labels, from the flat split of the same budget, with the run's guidance, reuse and sampler."""
+    def calibrate(self, cfg, device, folder, state=None):
+        """--fp-allocation calibrated: the budget allocator takes step weights measured on a calibration batch, or
+        those `folder` (a claimed output folder) recorded in CALIBRATION_FILE when an earlier run of its settings
+        measured them (a rerun, a resume: the same split of the budget, not a second measurement). With `state`
+        (accelerate's) the main process measures or reads them and every process gets its weights. No-op for other
+        allocations."""
+        if not self.needs_calibration:
+            return
+        path = os.path.join(folder, CALIBRATION_FILE)
+
+        def weights():
+            if os.path.exists(path):
+                with open(path) as f:
+                    return json.load(f)["weights"]
+            measured = self.step_weights(cfg, device)
+            atomic_write(path, lambda f: json.dump({"weights": measured}, f))
+            return measured
+        measured = weights() if state is None else from_main_process(state, weights)
+        budget = self.iterations
+        self.iterations = BudgetAllocator(budget.total_iterations, budget.num_steps, weights=measured)
+        self.needs_calibration = False
+
+    def step_weights(self, cfg, device):
+        """Step weights measured on a calibration batch of its own noise (seed + 1) and labels, from the flat split
+        of the budget, with the run's guidance, reuse and sampler."""
         model, budget, n = self.model, self.iterations, cfg.fp.calibration_samples
         g = torch.Generator().manual_seed(cfg.sampler.seed + 1)
         noise = torch.randn(n, model.in_channels, *model.input_hw, generator=g).to(device)
         labels = torch.randint(model.num_classes, (n,), generator=g).to(device)
         flat = iteration_schedule(budget.total_iterations, budget.num_steps, "flat")
-        weights = calibrate_step_weights(model, self.diffusion, noise, labels, flat, reuse=cfg.fp.reuse,
-                                         sampler=self.sampler, progress=True, clip_denoised=self.clip,
-                                         **self.guidance(cfg), **self.options)
-        return BudgetAllocator(budget.total_iterations, budget.num_steps, weights=weights)
+        return calibrate_step_weights(model, self.diffusion, noise, labels, flat, reuse=cfg.fp.reuse,
+                                      sampler=self.sampler, progress=True, clip_denoised=self.clip,
+                                      **self.guidance(cfg), **self.options)
 
     def sample(self, cfg, noise, labels, sampler=None, progress=False):
         """sampling.sample_images with every setting applied; `sampler` overrides the chosen one (options then its

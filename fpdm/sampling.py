@@ -690,8 +690,9 @@ SETTINGS_FILE = "args.json"
 
 # What sample.py and sample_ddp.py write into a folder (evaluate.py adds its tables beside samples.npz): all that
 # --overwrite may remove.
+CALIBRATION_FILE = "calibration.json"  # --fp-allocation calibrated: the measured step weights, reused by a rerun
 SAMPLE_OUTPUTS = (SETTINGS_FILE, "grid.png", "grid_sequential.png", "compute.json", "batches", "images",
-                  "samples.npz", "samples.*.json", "preempted.json")
+                  "samples.npz", "samples.*.json", "preempted.json", CALIBRATION_FILE)
 
 
 def _ours(name, outputs):

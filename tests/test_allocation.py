@@ -228,10 +228,11 @@ def test_calibrated_weights_on_a_real_fpdm(reuse, cfg):
     assert sum(fn.compute()["iterations_per_step"]) == 17
 
 
-def test_sample_cli_calibrated_allocation(tmp_path):
+def test_sample_cli_calibrated_allocation(tmp_path, monkeypatch):
     """`--fp-allocation calibrated` through sample.py, with DDIM noise (eta 1): the budget is spent exactly, the
-    folder's identity records the calibration batch (not the measured weights), the compute report the weights, and a
-    rerun with the same flags measures the same weights and is accepted."""
+    folder's identity records the calibration batch (not the measured weights), the compute report and
+    calibration.json the weights; a rerun with the same flags takes them from calibration.json (no second
+    measurement), and one with other settings is refused before measuring anything."""
     model = tiny_fpdm(class_dropout_prob=0.1)
     path = str(tmp_path / "tiny.pt")
     torch.save({"format": "fpdm-train-v1", "model_config": model.config, "model": model.state_dict(),
@@ -247,7 +248,16 @@ def test_sample_cli_calibrated_allocation(tmp_path):
     identity = json.load(open(os.path.join(out, "args.json")))["resolved"]["iterations_per_step"]
     assert identity == {"allocator": "budget", "total_iterations": 20, "num_steps": 5, "window": 5,
                         "calibration": {"samples": 3, "seed": 1}}
-    sample_cli.main(sample_cli.parse_args(flags))  # same flags: resumes (nothing to do)
+    assert json.load(open(os.path.join(out, "calibration.json"))) == {"weights": weights}
+    from fpdm import cli
+
+    def measured(*args, **kwargs):
+        raise AssertionError("calibrated again")
+    monkeypatch.setattr(cli, "calibrate_step_weights", measured)
+    sample_cli.main(sample_cli.parse_args(flags))  # same flags: resumes, with the recorded weights
     assert json.load(open(os.path.join(out, "compute.json")))["allocation"]["weights"] == weights
+    with pytest.raises(FileExistsError, match="other settings"):  # refused before a calibration
+        sample_cli.main(sample_cli.parse_args(flags + ["--calibration-samples", "2"]))
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="--calibration-samples must be >= 1"):
         sample_cli.main(sample_cli.parse_args(flags[:-2] + ["--device", "cpu", "--calibration-samples", "0"]))
