@@ -291,6 +291,17 @@ class DiT(nn.Module):
         """Every DiTBlock, in order of use (an FPDM's fixed-point block once)."""
         return list(self.blocks)
 
+    def cast_matmul_weights(self, dtype=torch.bfloat16):
+        """For inference under torch.autocast to `dtype` only: the weights and biases of every linear and
+        convolution layer cast to `dtype` once, the values autocast would cast them to at every call (so the outputs
+        are bit-identical), without re-reading the float32 weights per call (2.7 GB at DiT-XL/2: about 1 ms of an
+        H100's memory bandwidth per call, inside every CUDA-graph replay too) and in half their memory. Everything
+        else (embedding tables, positional embedding) stays float32. Returns the model."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.to(dtype)
+        return self
+
     def compile_regions(self, **options):
         """torch.compile each transformer block in place ("regional compilation"): the repeated unit is compiled
         once per shape and grad mode and reused by every block and every fixed-point iteration, whatever the

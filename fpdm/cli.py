@@ -340,6 +340,8 @@ class Setup:
         self.model, self.train_config = load_model_for_sampling(
             cfg.checkpoint.ckpt, use_ema=cfg.checkpoint.ema, device=device,
             trust_checkpoint=cfg.checkpoint.trust_checkpoint, model_name=cfg.checkpoint.model)
+        if out.precision == "bf16":  # every network call runs under bf16 autocast: its weight casts made once
+            self.model.cast_matmul_weights(torch.bfloat16)
         if out.compile:
             self.model.compile_regions()
         self.sampler, self.options = resolve_sampler(cfg)

@@ -141,3 +141,48 @@ def test_png_writer_failure_surfaces_before_the_next_commit(checkpoint, tmp_path
     sample_ddp.write_png(str(tmp_path / "one.png"), array)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), array)
     assert sorted(os.listdir(tmp_path)) == ["one.png", "s"]
+
+
+class WeightCasts:
+    """A TorchDispatchMode counting the casts (aten._to_copy) whose input is one of `params`' storages."""
+
+    def __new__(cls, params):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.pointers, self.count = {p.data_ptr() for p in params}, 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.pointers:
+                    self.count += 1
+                return func(*args, **(kwargs or {}))
+        return Mode()
+
+
+@pytest.mark.parametrize("flags", [["--iterations", "3"], ["--iterations", "3", "--parallel", "anderson"],
+                                   ["--parallel", "two-axis"]], ids=["ddim", "parallel", "two-axis"])
+def test_bf16_weights_cast_once_give_autocasts_samples_bit_for_bit(checkpoint, flags, monkeypatch):
+    """--precision bf16 casts the linear and convolution weights to bf16 once (cli.Setup, DiT.cast_matmul_weights):
+    the samples equal, bit for bit, those of autocast casting the float32 weights at every call, and the calls make
+    no weight casts (counted: aten._to_copy of a parameter; every call cast each weight before)."""
+    from models import DiT
+
+    def run():
+        args = sample_cli.parse_args(["--ckpt", checkpoint, "--num-sampling-steps", "6", "--cfg-scale", "2",
+                                      "--device", "cpu", *flags, "--precision", "bf16"])
+        setup = cli.Setup(args, torch.device("cpu"))
+        noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        with WeightCasts(list(setup.model.parameters())) as casts:
+            samples, fn = setup.sample(args, noise, torch.tensor([1, 2, 3, 4]))
+        return samples, fn, casts.count
+    cast, fn, cast_count = run()
+    weights = [n for n, p in fn.model.named_parameters() if p.dtype == torch.bfloat16]
+    assert weights and {n.split(".")[-1] for n in weights} == {"weight", "bias"} and cast_count == 0
+    assert fn.model.y_embedder.embedding_table.weight.dtype == torch.float32
+    monkeypatch.setattr(DiT, "cast_matmul_weights", lambda self, dtype: self)  # autocast casts them at each call
+    autocast, fn32, count = run()
+    assert {p.dtype for p in fn32.model.parameters()} == {torch.float32} and count == fn32.calls * len(weights)
+    assert torch.equal(cast, autocast)
