@@ -24,12 +24,12 @@ the sections it finished. On a lease whose machine returns only one folder, writ
                   images/s.
   precision       DiT-XL/2 sampling as sample.py runs it (sampling.sample_images, DDPM, guidance: the batch of 32
                   doubled) in fp32 (TF32 off), TF32, and bf16 autocast with TF32 (--precision bf16): images/s, ratios
-                  to fp32, and the hours 50,000 DDPM-250 samples with guidance take on 8 GPUs at that rate.
+                  to fp32, and the hours 50,000 DDPM-250 samples with guidance take on 8 GPUs at that rate; bf16 also
+                  with autocast casting the float32 weights at every call (before DiT.cast_matmul_weights).
   latency         sequential DDIM (sample_steps) at batch 1 and 4 with DiT-XL/2 and FPDM-XL/2 (reuse): eager vs each
                   network call replayed from a CUDA graph (sample.py --cuda-graphs, fpdm/graphs.py): seconds, the
                   ratio, the largest sample difference, graphs captured. (Dry run: graphs emulated on the CPU.)
-                  Graphed calls run autocast without its weight cache (graphs.check_capturable), so in bf16 each
-                  replay casts the weights again where eager casts them once per call: what --cuda-graphs does.
+                  In bf16 the weights are cast once, as sample.py holds them (DiT.cast_matmul_weights).
   parallel        DEQ-DDIM (Anderson, per image) vs sequential DDIM at T' = 50 with DiT-B/2, one image: wall-clock;
                   the parallel solve reading the device every 1, 2 (default) and 4 iterations; ParaDiGMS' window
                   (all steps, τ = 0.1) reading it every 2 (default) and every iteration.
@@ -49,7 +49,8 @@ the sections it finished. On a lease whose machine returns only one folder, writ
                   part: memory-mapped file pages count in the RSS but are page cache the kernel may drop).
 
 The sampling, latency, parallel and two-axis sections sample as sample.py does with --precision <--dtype> (bf16 by
-default): TF32 on, bf16 autocast around each network call, everything the samplers do between calls in float32.
+default): TF32 on, bf16 autocast around each network call on weights cast to bf16 once, everything the samplers do
+between calls in float32.
 Random weights are perturbed (adaLN-Zero makes a fresh model output zero); the FPDM layer is scaled to contract so
 that the residual floor is one of precision, not of convergence.
 """
@@ -156,6 +157,13 @@ def as_sample_py(args):
     per network call (GuidedModel's), everything between calls float32. Returns sample_images' `precision`."""
     set_tf32(True)
     return args.dtype
+
+
+def for_sampling(model, precision):
+    """`model` as sample.py holds it at `precision`: under bf16 its linear and convolution weights cast once
+    (cli.Setup: DiT.cast_matmul_weights)."""
+    import torch
+    return model.cast_matmul_weights(torch.bfloat16) if precision == "bf16" else model
 
 
 def one_image(sizes, device):
@@ -311,10 +319,10 @@ def sampling_section(args, sizes):
     labels = torch.randint(0, sizes["num_classes"], (sizes["batch"],), generator=g).to(device)
     precision = as_sample_py(args)
     out = {"precision": precision}
-    dit = build(sizes["dit"], sizes, False, device).eval()
+    dit = for_sampling(build(sizes["dit"], sizes, False, device).eval(), precision)
     budget = sizes["sample_steps"] * dit.block_evaluations()
     for variant, fixed_point in (("dit", False), ("fpdm", True)):
-        model = dit if not fixed_point else build(sizes["fpdm"], sizes, True, device).eval()
+        model = dit if not fixed_point else for_sampling(build(sizes["fpdm"], sizes, True, device).eval(), precision)
         iters = iterations_from_block_budget(model, budget, sizes["sample_steps"]) if fixed_point else None
 
         def run():
@@ -369,8 +377,11 @@ def precision_section(args, sizes):
     labels = torch.randint(0, sizes["num_classes"], (sizes["batch"],), generator=g).to(device)
     out = {"model": sizes["dit"], "batch": sizes["batch"], "steps": steps, "sampler": "ddpm", "cfg_scale": 1.5}
     reference = None
-    for name, tf32, precision in PRECISIONS:
+    # bf16 first as autocast alone runs it (the float32 weights cast at every call), then as sample.py does
+    for name, tf32, precision in (*PRECISIONS[:-1], ("bf16+tf32 per-call casts", True, "bf16"), PRECISIONS[-1]):
         set_tf32(tf32)
+        if name == PRECISIONS[-1][0]:
+            for_sampling(model, precision)
         seconds, x, fn, _ = timed_sampling(device, model, diffusion, noise, labels, seed=0, sampler="ddpm",
                                            cfg_scale=1.5, precision=precision)
         reference = x if reference is None else reference
@@ -382,6 +393,8 @@ def precision_section(args, sizes):
         keep_partial(args, out)
     for name, _, _ in PRECISIONS[1:]:
         out[f"{name}/fp32 images_per_s"] = out[name]["images_per_s"] / out["fp32"]["images_per_s"]
+    out["bf16 weights cast once/per call images_per_s"] = (out[PRECISIONS[-1][0]]["images_per_s"] /
+                                                           out["bf16+tf32 per-call casts"]["images_per_s"])
     return out
 
 
@@ -391,10 +404,10 @@ def parallel_section(args, sizes):
 
     from fpdm.sampling import diffusion_for_sampling
     device = torch.device(args.device)
-    model = build(sizes["parallel_model"], sizes, False, device).eval()
+    precision = as_sample_py(args)
+    model = for_sampling(build(sizes["parallel_model"], sizes, False, device).eval(), precision)
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["parallel_steps"])
     noise, labels = one_image(sizes, device)
-    precision = as_sample_py(args)
     out = {"precision": precision}
     for name, options in (("sequential", {"sampler": "ddim"}), ("parallel", {"sampler": "ddim-parallel"}),
                           ("parallel-sync1", {"sampler": "ddim-parallel", "sync_every": 1}),
@@ -423,10 +436,10 @@ def latency_section(args, sizes):
     device = torch.device(args.device)
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
     out, precision = {}, as_sample_py(args)
-    dit = build(sizes["dit"], sizes, False, device).eval()
+    dit = for_sampling(build(sizes["dit"], sizes, False, device).eval(), precision)
     budget = sizes["sample_steps"] * dit.block_evaluations()
     for variant, fixed_point in (("dit", False), ("fpdm", True)):
-        model = dit if not fixed_point else build(sizes["fpdm"], sizes, True, device).eval()
+        model = dit if not fixed_point else for_sampling(build(sizes["fpdm"], sizes, True, device).eval(), precision)
         options = {"iterations_per_step": iterations_from_block_budget(model, budget, sizes["sample_steps"]),
                    "reuse": True} if fixed_point else {}
         for batch in (1, 4):
@@ -436,8 +449,8 @@ def latency_section(args, sizes):
             row, results = {}, {}
             for mode in ("eager", "graphs"):
                 graphs = None if mode == "eager" else GraphedCalls(EmulatedGraphs() if device.type == "cpu" else None)
-                # as sample.py runs it: --precision bf16 is GuidedModel's own autocast, per call (no weight cache
-                # around graphed calls, see graphs.check_capturable)
+                # as sample.py runs it: --precision bf16 is GuidedModel's own autocast, per call, on weights cast
+                # to bf16 once (a replay casts activations only)
                 seconds, x, fn, _ = timed_sampling(device, model, diffusion, noise, labels, graphs=graphs,
                                                    precision=precision, **options)
                 row[f"{mode}_s"], results[mode] = seconds, x
@@ -458,10 +471,10 @@ def two_axis_section(args, sizes):
 
     from fpdm.sampling import diffusion_for_sampling
     device = torch.device(args.device)
-    model = build(sizes["parallel_model"], sizes, True, device, contract=True).eval()
+    precision = as_sample_py(args)
+    model = for_sampling(build(sizes["parallel_model"], sizes, True, device, contract=True).eval(), precision)
     diffusion = diffusion_for_sampling({"learn_sigma": True}, sizes["sample_steps"])
     noise, labels = one_image(sizes, device)
-    precision = as_sample_py(args)
     out = {"precision": precision}
     for name, options in (("sequential", {"sampler": "ddim", "iterations_per_step": 3, "reuse": True}),
                           ("two-axis", {"sampler": "ddim-two-axis", "iterations_per_step": 1})):

@@ -170,6 +170,10 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert precision["tf32"]["max_abs_diff_to_fp32"] == 0  # the CPU ignores TF32; the same DDPM draws in every run
     assert 0 < precision["bf16+tf32"]["max_abs_diff_to_fp32"] < 10
     assert precision["bf16+tf32/fp32 images_per_s"] > 0 and precision["tf32/fp32 images_per_s"] > 0
+    # bf16 weights cast once (as sample.py holds them) give autocast's per-call casts' samples
+    per_call = precision["bf16+tf32 per-call casts"]
+    assert per_call["max_abs_diff_to_fp32"] == precision["bf16+tf32"]["max_abs_diff_to_fp32"] > 0
+    assert precision["bf16 weights cast once/per call images_per_s"] > 0
     diagnostics = report["sections"]["diagnostics"]
     assert diagnostics["contraction_s"] > 0 and diagnostics["rho"] > 0 and diagnostics["probe_batch"] == 10
     assert diagnostics["settle_iterations"] == 2 * (10 + 12) and diagnostics["power_iterations"] == 20
