@@ -75,6 +75,18 @@ def resolve_sampler(cfg):
                   "sync_every": p.parallel_sync_every}
 
 
+# The most network rows (states x images, doubled by guidance) one call of a parallel sampler evaluates without
+# --parallel-chunk-size: about 10 GB of activations at DiT-XL/2. Without a bound, sample.py's default 40 guided images
+# over T' = 50 steps were one call of 4,000 rows, beyond an H100's memory.
+PARALLEL_ROWS_PER_CALL = 1024
+
+
+def parallel_chunk_size(images, guided):
+    """--parallel-chunk-size's default: as many timesteps per call as keep it within PARALLEL_ROWS_PER_CALL rows (all
+    T' states of one image in one call)."""
+    return max(1, PARALLEL_ROWS_PER_CALL // (images * (2 if guided else 1)))
+
+
 def check_cuda_graphs(cfg, caps):
     """--cuda-graphs needs a CUDA device and calls whose work is fixed in advance (GuidedModel replays them)."""
     if resolve_device(cfg.output.device).type != "cuda":
@@ -414,6 +426,8 @@ class Setup:
         options = self.options if sampler is None else (
             {"eta": cfg.sampler.eta} if capabilities(sampler).takes_eta else {})
         iterations, reuse, tol = self.iterations, cfg.fp.reuse, cfg.fp.adaptive_tol
+        if capabilities(name).parallel and options.get("chunk_size") is None:
+            options = {**options, "chunk_size": parallel_chunk_size(len(noise), cfg.guidance.cfg_scale != 1.0)}
         if capabilities(name).parallel and iterations:
             iterations = iterations[0]  # one count for all timesteps (checked in check_settings)
         elif sampler is not None and capabilities(self.sampler).sets_layer_iterations:

@@ -140,7 +140,8 @@ class ParallelOptions:
     parallel_max_iter: int = opt(15, "anderson, picard, two-axis: at most this many parallel iterations")
     parallel_tol: float = opt(1e-3, "anderson, picard, two-axis: relative residual tolerance (release: 1e-3)")
     parallel_window: int = opt(None, "window: sliding-window size (default: all steps)", int)
-    parallel_chunk_size: int = opt(None, "at most this many timesteps per network call (bounds memory)", int)
+    parallel_chunk_size: int = opt(None, "at most this many timesteps per network call (bounds memory; default: "
+                                   "as many as keep a call within 1,024 rows, images doubled by guidance)", int)
     parallel_sync_every: int = opt(None, "read the device (stop, report, drop converged images, slide the window) "
                                    "every k iterations (default: 1 on CPU, 2 on GPU; same samples)", int)
     compare_sequential: bool = opt(False, "also run sequential DDIM on the same noise and report both")

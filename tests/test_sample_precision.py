@@ -186,3 +186,18 @@ def test_bf16_weights_cast_once_give_autocasts_samples_bit_for_bit(checkpoint, f
     autocast, fn32, count = run()
     assert {p.dtype for p in fn32.model.parameters()} == {torch.float32} and count == fn32.calls * len(weights)
     assert torch.equal(cast, autocast)
+
+
+def test_parallel_calls_hold_at_most_the_default_rows(checkpoint, monkeypatch):
+    """Without --parallel-chunk-size a parallel sampler's network call holds at most cli.PARALLEL_ROWS_PER_CALL rows:
+    4 guided images are 8 rows per timestep, so a bound of 16 makes 2 timesteps per call (3 calls per iteration over
+    6 steps), with the samples and calls of --parallel-chunk-size 2; with the real bound, one call per iteration."""
+    flags = ["--iterations", "3", "--parallel", "anderson", "--parallel-tol", "1e-6"]
+    whole, fn = sample_with_flags(checkpoint, *flags)
+    assert fn.calls == fn.info["parallel_iterations"] and cli.parallel_chunk_size(4, True) == 128
+    monkeypatch.setattr(cli, "PARALLEL_ROWS_PER_CALL", 16)
+    bounded, fn = sample_with_flags(checkpoint, *flags)
+    assert fn.calls == 3 * fn.info["parallel_iterations"]
+    explicit, fn_explicit = sample_with_flags(checkpoint, *flags, "--parallel-chunk-size", "2")
+    assert torch.equal(bounded, explicit) and fn_explicit.calls == fn.calls
+    assert (bounded - whole).abs().max() < 1e-5
