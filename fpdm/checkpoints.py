@@ -550,9 +550,17 @@ def write_training_checkpoint(run_dir, step, state, keep_last, keep_every=0):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save through run_folders.atomic_write: a crash mid-write leaves the old file intact."""
+    """torch.save through run_folders.atomic_write: a crash mid-write leaves the old file intact. A write the file
+    system refuses (disk full, quota, file too large) is raised as its OSError: torch.save's zip writer reports one
+    that strikes while it writes tensor data as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos",
+    with the OSError only as its context."""
     from fpdm.run_folders import atomic_write
-    atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from e
+        raise
 
 
 def to_cpu(obj):

@@ -416,7 +416,8 @@ class CheckpointWriteError(OSError):
 
 def checkpoint_write_failure(run_dir, name, error):
     """The line for a failed checkpoint write: the reason, the checkpoint latest.json still names, the remedy."""
-    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}.get(
+    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+              errno.EFBIG: "file too large for the file system or `ulimit -f`"}.get(
         error.errno, error.strerror or type(error).__name__)
     latest = os.path.join(run_dir, "latest.json")
     if os.path.isfile(latest):

@@ -111,6 +111,30 @@ def test_disk_full_while_checkpointing_says_what_survived(run_copy, monkeypatch)
     assert json.loads((run_copy / "latest.json").read_text())["step"] == 6
 
 
+def test_a_write_the_file_system_refuses_inside_torch_save_is_one_line(run_copy):
+    """A real refusal while torch.save writes tensor data (a file-size limit, `ulimit -f`: EFBIG, as a full disk
+    gives ENOSPC; train.py in a subprocess): one line naming the reason and what survived, not torch's "RuntimeError:
+    [enforce fail at inline_container.cc] unexpected pos" traceback; the partial file removed."""
+    import re
+    import subprocess
+    import sys
+
+    from test_train import ROOT, TINY_ARGS
+    limit = (run_copy / "checkpoints" / "step_0000004.pt").stat().st_size // 2
+    code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.argv[0] = 'train.py'; "
+            "runpy.run_path('train.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, *TINY_ARGS, "--results-dir", str(run_copy.parent), "--run-name",
+                           run_copy.name, "--max-steps", "6", "--ckpt-every", "2", "--sample-every", "0", "--resume",
+                           "auto"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.search(r"error: cannot write \S*step_0000006.pt \(file too large for the file system or `ulimit -f`\); "
+                     r"\S*step_0000004.pt and latest.json are intact", proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "inline_container" not in proc.stderr
+    assert sorted(os.listdir(run_copy / "checkpoints")) == ["step_0000002.pt", "step_0000004.pt"]
+
+
 def test_results_dir_that_is_a_file_or_unwritable_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match=r"--results-dir .*afile is a file: choose a folder"):
