@@ -28,12 +28,17 @@ from fpdm.metrics import (DEFAULT_INCEPTION, INCEPTION_URL, STATISTICS, Inceptio
 
 
 def _write_report(samples, command, result):
-    """Write `<samples without .npz>.<command>.json` next to the samples; return its path."""
+    """Write `<samples without .npz>.<command>.json` next to the samples (atomically); returns what to print after
+    the numbers: "-> PATH", or why it was not written (a read-only or full samples folder: the numbers, computed at
+    length, are printed all the same)."""
+    from fpdm.run_folders import atomic_write
     base = os.path.expanduser(str(samples)).rstrip("/\\")
     path = f"{base[:-4] if base.endswith('.npz') else base}.{command}.json"
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    return path
+    try:
+        atomic_write(path, lambda f: json.dump(result, f, indent=2))
+    except OSError as e:
+        return f"(report not written to {path}: {e.strerror or e})"
+    return f"-> {path}"
 
 
 # (row name, result key, key of its std over splits/subsets, format): one table for `all` and `all-mnist`
@@ -75,7 +80,7 @@ def run_fid(args):
     fid = frechet_distance(mu, sigma, *load_statistics(args.ref, model, args.batch_size))
     result = {"fid": fid, "num_samples": len(images), "image_shape": list(images.shape[1:]), "samples": args.samples,
               "reference": args.ref, "inception": model.weights, "size_note": size_note}
-    print(f"FID {fid:.4f} ({len(images)} samples vs {args.ref}) -> {_write_report(args.samples, 'fid', result)}")
+    print(f"FID {fid:.4f} ({len(images)} samples vs {args.ref}) {_write_report(args.samples, 'fid', result)}")
     return result
 
 
@@ -99,9 +104,9 @@ def run_all(args):
         print(f"note: {result['size_note']}")
     if result["reference_note"]:
         print(result["reference_note"])
-    path = _write_report(args.samples, "all", result)
+    report = _write_report(args.samples, "all", result)
     print(format_table(result, f"{result['num_samples']} samples vs {args.ref} (Inception-v3 features)"))
-    print(f"-> {path}")
+    print(report)
     return result
 
 
@@ -126,7 +131,7 @@ def run_fid_mnist(args):
     result.update(samples=args.samples, classifier=model.path, classifier_metrics=model.metrics)
     accuracy = "n/a (no labels)" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
     print(f"FID-MNIST {result['fid_mnist']:.4f}, classifier accuracy {accuracy} ({result['num_samples']} samples, "
-          f"{result['image_size']} px) -> {_write_report(args.samples, 'fid-mnist', result)}")
+          f"{result['image_size']} px) {_write_report(args.samples, 'fid-mnist', result)}")
     return result
 
 
@@ -137,10 +142,10 @@ def run_all_mnist(args):
     result = mnist_metrics(images, labels, model, _device(args.device), args.k, args.kid_subsets, args.kid_subset_size,
                            args.seed)
     result.update(samples=args.samples, classifier=model.path, classifier_metrics=model.metrics)
-    path = _write_report(args.samples, "all-mnist", result)
+    report = _write_report(args.samples, "all-mnist", result)
     print(format_table(result, f"{result['num_samples']} samples vs {result['num_reference']} real digits at "
                                f"{result['image_size']} px (MNIST classifier features)"))
-    print(f"-> {path}")
+    print(report)
     return result
 
 

@@ -628,3 +628,9 @@ def test_mnist_metrics_real_digits_vs_themselves(classifier, tmp_path, capsys):
     report = json.loads((tmp_path / "samples.all-mnist.json").read_text())
     assert report["fid"] == pytest.approx(fid_mnist(x[keep], classifier), rel=1e-3) and report["accuracy"] >= 0.95
     assert report["precision"] > 0.9 and 0 < report["recall"] < 1 and report["kid_subset_size"] == 300
+    # A report that cannot be written (a read-only or full samples folder; here a folder in its place): the numbers
+    # are printed all the same, with one line saying why no report was written.
+    (tmp_path / "samples.fid-mnist.json").mkdir()
+    main(["fid-mnist", str(tmp_path / "samples.npz"), "--classifier", classifier.path, "--device", "cpu"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"FID-MNIST {report['fid']:.4f}") and "(report not written to " in line
