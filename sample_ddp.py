@@ -10,7 +10,8 @@ size included) is written first and a rerun with other settings is refused (samp
 committed as one file, `batches/{b:06d}.npz` (images and labels together, written atomically); a killed run, restarted
 on any number of processes, deals the batches still missing to them in turn; on SIGTERM or SIGUSR1 (a scheduler's
 preemption) each process finishes and commits the batch in flight, writes `preempted.json` and exits with code 3
-(`accelerate launch` itself exits 1: a requeue script checks the file; docs/sampling.md). Background threads write
+(`accelerate launch` itself exits 1: a requeue script checks the file, and `failed.json`, which a process that failed
+writes; docs/sampling.md). Background threads write
 each image as `images/{i:06d}.png` for viewing while the next batch samples (--no-png: none; the batch files are the
 record). At the end the main process writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz`
 (`arr_0`: uint8 N×H×W×3, `labels`: N) and `compute.json`. All sampling flags are sample.py's (--precision, --tf32
@@ -42,7 +43,9 @@ def parse_args(argv=None):
     return sample_config.parse_args(argv, "sample_ddp", __doc__)
 
 
-PREEMPTED_FILE = "preempted.json"  # written by a process stopped by a signal, removed when a run continues the folder
+# What a run's end leaves for a requeue script, removed when a run continues the folder: a process stopped by a
+# signal (its batches committed) writes PREEMPTED_FILE; a process that failed writes FAILED_FILE.
+PREEMPTED_FILE, FAILED_FILE = "preempted.json", "failed.json"
 SEED_BLOCK = 1_000_003  # seeds per --seed: sample i's noise counts up from the block's start, batch b's steps down
 
 
@@ -152,7 +155,7 @@ def main(cfg):
     # the others wait: checking concurrently, they could see its half-written args.json and refuse. If it refuses,
     # its exit stops the others (accelerate launch ends the whole group).
     batch_dir, image_dir = os.path.join(out, "batches"), os.path.join(out, "images")
-    lock = None
+    lock, claimed = None, False
     try:
         if state.is_main_process:
             # One job per folder (a second one, e.g. a duplicate array task, would sample every batch again and remove
@@ -173,9 +176,11 @@ def main(cfg):
             lock = lock or RunLock(out).acquire()
             for folder in (out, batch_dir, image_dir):
                 remove_stale_temporaries(folder)
-            if os.path.exists(os.path.join(out, PREEMPTED_FILE)):  # a stopped run's record: this run continues it
-                os.remove(os.path.join(out, PREEMPTED_FILE))
+            for record in (PREEMPTED_FILE, FAILED_FILE):  # an earlier run's ending: this run continues it
+                if os.path.exists(os.path.join(out, record)):
+                    os.remove(os.path.join(out, record))
         state.wait_for_everyone()
+        claimed = True
         setup.calibrate(cfg, device, out, state)  # --fp-allocation calibrated: measured once, on the main process
         os.makedirs(batch_dir, exist_ok=True)
         os.makedirs(image_dir, exist_ok=True)
@@ -238,6 +243,13 @@ def main(cfg):
             atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
             print(f"wrote {arrays.shape[0]} samples to {os.path.join(out, 'samples.npz')}")
         state.wait_for_everyone()
+    except BaseException as e:
+        # A process that fails records it: under accelerate launch the others then get SIGTERM and may stop as if
+        # preempted (preempted.json), and a requeue on that alone would repeat a failure that recurs (a bad GPU).
+        if claimed and not isinstance(e, SamplingStopped):
+            failure = {"rank": rank, "error": f"{type(e).__name__}: {e}"}
+            atomic_write(os.path.join(out, FAILED_FILE), lambda f: json.dump(failure, f))
+        raise
     finally:
         if lock is not None:
             lock.release()

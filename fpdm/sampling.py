@@ -692,7 +692,7 @@ SETTINGS_FILE = "args.json"
 # --overwrite may remove.
 CALIBRATION_FILE = "calibration.json"  # --fp-allocation calibrated: the measured step weights, reused by a rerun
 SAMPLE_OUTPUTS = (SETTINGS_FILE, "grid.png", "grid_sequential.png", "compute.json", "batches", "images",
-                  "samples.npz", "samples.*.json", "preempted.json", CALIBRATION_FILE)
+                  "samples.npz", "samples.*.json", "preempted.json", "failed.json", CALIBRATION_FILE)
 
 
 def _ours(name, outputs):

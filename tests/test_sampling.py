@@ -352,6 +352,28 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_3(checkpoint, tmp_path):
     assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
 
 
+def test_a_failed_sample_ddp_run_leaves_failed_json_for_the_requeue_script(checkpoint, tmp_path, monkeypatch):
+    """A process that fails mid-run (here its second batch's commit) records it in failed.json (under accelerate
+    launch the others then stop on the launcher's SIGTERM and write preempted.json: the requeue script must not
+    requeue on that alone); the rerun removes it and finishes."""
+    out = tmp_path / "failing"
+    cmd = ddp_cmd(checkpoint, str(out), 1)
+    real, commits = sample_ddp.commit_batch, []
+
+    def failing(*args):
+        commits.append(1)
+        if len(commits) == 2:
+            raise OSError(5, "Input/output error")
+        return real(*args)
+    monkeypatch.setattr(sample_ddp, "commit_batch", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
+    assert json.load(open(out / "failed.json")) == {"rank": 0, "error": "OSError: [Errno 5] Input/output error"}
+    monkeypatch.undo()
+    sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
+    assert not (out / "failed.json").exists() and np.load(out / "samples.npz")["arr_0"].shape[0] == 10
+
+
 def test_sample_cli_parallel_matches_sequential(checkpoint, tmp_path):
     out, report = sample_cli.main(sample_cli.parse_args([
         "--ckpt", checkpoint, "--num-sampling-steps", "6", "--iterations", "3", "--cfg-scale", "2",
