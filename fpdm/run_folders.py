@@ -69,7 +69,7 @@ LOCK_FILE = ".lock"  # RunLock's file in the folder it locks
 
 class RunLock:
     """An exclusive lock on a run folder for the lifetime of the run (`flock` on `<run>/.lock`, which names the owner's
-    host and PID): train.py's run folders, sample_ddp.py's sample folders, extract_features.py's latent folders. The
+    host, PID and a random token): train.py's run folders, sample_ddp.py's sample folders, extract_features.py's latent folders. The
     kernel releases it when the owner dies, so a lock left by a killed run is taken over (and `previous_owner` says
     whose it was); a live owner makes `acquire` fail with one line naming it. Where flock does not reach across
     machines (Lustre's localflock, BeeGFS, NFS with local_lock) or does not exist (Lustre's noflock: `unlocked`, with a
@@ -82,9 +82,18 @@ class RunLock:
         self.unlocked = None  # why this file system gave no lock (the owner is still written and checked)
         self._file = None
 
-    @staticmethod
-    def owner():
-        return f"{socket.gethostname()}:{os.getpid()}"
+    _owners = {}  # per process: its owner string, made once
+
+    @classmethod
+    def owner(cls):
+        """This process's name in .lock: host, PID and a random token, fixed for the process's life (a hostname that
+        changes mid-run, or containers with the same hostname and PID numbering, are not another owner / the same
+        owner)."""
+        pid = os.getpid()
+        if pid not in cls._owners:
+            import secrets
+            cls._owners[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
+        return cls._owners[pid]
 
     def acquire(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -126,10 +135,16 @@ class RunLock:
 
     def release(self):
         if self._file is not None:
-            self._file.seek(0)
-            self._file.truncate()  # a clean exit leaves no owner behind
-            self._file.close()  # closing releases the flock
-            self._file = None
+            try:
+                self._file.seek(0)
+                if self._file.read().strip() == self.owner():  # not another job's name (a lock local to a machine)
+                    self._file.seek(0)
+                    self._file.truncate()  # a clean exit leaves no owner behind
+            except OSError:  # a read-only or vanished folder: the kernel drops the flock all the same
+                pass
+            finally:
+                self._file.close()  # closing releases the flock
+                self._file = None
 
     def __enter__(self):
         return self.acquire()

@@ -82,6 +82,7 @@ def test_a_run_whose_folder_another_machine_took_over_stops_before_its_next_chec
         train_run(tmp_path, "--max-steps", "4", "--ckpt-every", "2", "--sample-every", "0")
     checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert checkpoints == ["step_0000002.pt"]  # step 4 was not written over the other job's
+    assert (tmp_path / "run" / ".lock").read_text() == "othernode:4242"  # its name left for it: it goes on
 
 
 def test_a_file_system_without_flock_runs_with_the_owner_checked_at_checkpoints(tmp_path, monkeypatch):

@@ -574,7 +574,7 @@ def test_a_run_folder_has_one_writer_and_metrics_hold_each_step_once(tmp_path, m
         run(tmp_path, "--max-steps", "6")
     holder = RunLock(str(run_dir)).acquire()  # a live run holds the folder
     try:
-        with pytest.raises(FileExistsError, match=r"in use by another run \(.*:\d+\)"):
+        with pytest.raises(FileExistsError, match=r"in use by another run \(.*:\d+:[0-9a-f]{8}\)"):
             run(tmp_path, "--max-steps", "6", "--resume", "auto")
     finally:
         holder.release()
