@@ -70,7 +70,7 @@ def _train(cfg, cleanup, stop_signals):
         exit_with_parent()
     accelerator, tracker = make_accelerator(cfg, run_dir)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    check_ranks_agree(cfg, ckpt_path, ckpt, accelerator)
+    check_ranks_agree(cfg, ckpt_path, ckpt, accelerator, dataset)
     check_resume_precision(cfg, ckpt, accelerator)
     decoder = load_latent_decoder(vae_path, device, accelerator.is_main_process or bool(cfg.run.eval_every),
                                   dataset.meta.get("scaling_factor") if dataset.kind == "latents" else None)

@@ -252,22 +252,26 @@ def restore(ckpt, raw_model, ema, optimizer, scheduler, cfg, accelerator):
     return ckpt["step"]
 
 
-def check_ranks_agree(cfg, ckpt_path, ckpt, accelerator):
-    """Every process must start from the same place: the same step, checkpoint and settings. A node that cannot see
-    the results folder would start from step 0 while the others resume, and the ranks would drift apart silently."""
+def check_ranks_agree(cfg, ckpt_path, ckpt, accelerator, dataset=None):
+    """Every process must start from the same place: the same step, checkpoint, settings and data. A node that cannot
+    see the results folder would start from step 0 while the others resume, and a node with another copy of the data
+    (node-local disks: a stale extraction) would draw other batches; the ranks would drift apart silently."""
     if accelerator.num_processes == 1:
         return
     import hashlib
     from accelerate.utils import gather_object
+    digest = lambda value: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]  # noqa: E731
     settings = {k: v for k, v in cfg.flat().items() if k not in ("results_dir", "resume")}
+    data = None if dataset is None else f"{len(dataset)} examples" + (
+        f", meta.json {digest(dataset.meta)}" if isinstance(getattr(dataset, "meta", None), dict) else "")
     mine = (ckpt["step"] if ckpt is not None else 0, os.path.basename(ckpt_path) if ckpt_path else None,
-            hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12])
+            digest(settings), data)
     seen = gather_object([mine])
     if any(other != seen[0] for other in seen):
-        ranks = "; ".join(f"rank {i}: step {s}, checkpoint {c or 'none'}, settings {h}" for i, (s, c, h) in
-                          enumerate(seen) if i == 0 or (s, c, h) != seen[0])
+        ranks = "; ".join(f"rank {i}: step {s}, checkpoint {c or 'none'}, settings {h}" + (f", data {d}" if d else "")
+                          for i, (s, c, h, d) in enumerate(seen) if i == 0 or (s, c, h, d) != seen[0])
         raise ValueError(f"the processes disagree on where the run stands ({ranks}): every node must see the same "
-                         f"--results-dir (shared storage) and get the same flags")
+                         f"--results-dir (shared storage) and the same data, and get the same flags")
 
 
 def check_resume_precision(cfg, ckpt, accelerator):

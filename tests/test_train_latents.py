@@ -210,6 +210,18 @@ def test_ranks_that_disagree_on_the_run_stop_in_one_line(monkeypatch):
     with pytest.raises(ValueError, match="disagree"):  # same step, other settings
         training.check_ranks_agree(train.parse_args(["--data-path", "mnist", "--lr", "3e-4"]),
                                 "/shared/run/checkpoints/step_0002000.pt", ckpt, accelerator)
+    # Node-local copies of the latents, one of them stale (another extraction: other examples, another meta.json).
+
+    class Latents(list):
+        def __init__(self, n, flip):
+            super().__init__(range(n))
+            self.meta = {"num_images": n, "flip": flip}
+    contributed.clear()
+    training.check_ranks_agree(cfg, None, None, accelerator, Latents(6, True))
+    training.check_ranks_agree(cfg, None, None, accelerator, Latents(6, True))
+    with pytest.raises(ValueError, match=r"rank 0: .*data 6 examples, meta.json \w+; rank 1: .*data 3 examples, "
+                                         r"meta.json \w+\): .*the same data"):
+        training.check_ranks_agree(cfg, None, None, accelerator, Latents(3, False))
 
 
 def test_example_draws_give_each_example_the_same_numbers_for_any_split(tmp_path):
