@@ -33,11 +33,11 @@ from fpdm.checkpoints import set_rng_state
 from fpdm.config import parse_args
 from fpdm.diagnostics import TrainingDiagnostics
 from fpdm.run_folders import STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent
-from fpdm.training import (BackgroundWork, CheckpointWriteError, EvaluationStopped, Evaluator, ExampleDraws, Preview,
-                           TrainingPreempted, build_model, check_ranks_agree, check_resume_precision,
-                           latent_decoder_path, load_latent_decoder, local_batch_size, log_layer_diagnostics,
-                           make_accelerator, make_loader, make_optimizer, open_run, preempted, restore,
-                           save_checkpoint, signal_name, sjfb_counts, start_run_folder, update_ema)
+from fpdm.training import (BackgroundWork, CheckpointWriteError, EvaluationOutOfMemory, EvaluationStopped, Evaluator,
+                           ExampleDraws, Preview, TrainingPreempted, build_model, check_ranks_agree,
+                           check_resume_precision, latent_decoder_path, load_latent_decoder, local_batch_size,
+                           log_layer_diagnostics, make_accelerator, make_loader, make_optimizer, open_run, preempted,
+                           restore, save_checkpoint, signal_name, sjfb_counts, start_run_folder, update_ema)
 
 logger = logging.getLogger("train")
 
@@ -181,6 +181,10 @@ def evaluate(evaluator, step, background):
         logger.info("the evaluation of step %d stopped by %s: the resumed run makes it", step,
                     signal_name(e.signum))
         return e.signum
+    except EvaluationOutOfMemory:  # on every process at the same chunk: the run goes on (a resume would retry it)
+        logger.warning("the evaluation of step %d ran out of device memory on a process and was skipped: lower "
+                       "--eval-batch-size (now %d)", step, evaluator.cfg.run.eval_batch_size)
+        return 0
 
 
 def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, scheduler, accelerator, metrics, step,

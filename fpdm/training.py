@@ -131,6 +131,14 @@ PREEMPTED_FILE = "preempted.json"  # in the run folder; removed when the run sta
 RUN_CSVS = ("metrics.csv", "eval.csv", "fp_diagnostics.csv")  # appended rows, synced before each checkpoint
 
 
+OUT_OF_MEMORY = 1000  # in an evaluation's per-chunk check: above any signal number
+
+
+class EvaluationOutOfMemory(Exception):
+    """A process ran out of device memory in an evaluation (Evaluator): every process gives the evaluation up at the
+    same chunk, and the run trains on without its row."""
+
+
 class EvaluationStopped(Exception):
     """A stop signal ended an evaluation (Evaluator) between two chunks, on every process; `signum` is its number.
     The step's checkpoint comes first, so the resumed run makes the evaluation again."""
@@ -739,30 +747,37 @@ class Evaluator:
         from fpdm.sampling import sample_images, to_uint8
         cfg_scale = self.cfg.run.sample_cfg_scale if self.ema.y_embedder.dropout_prob > 0 else 1.0
         size = self.cfg.run.eval_batch_size
-        for i in range(0, self.per_process, size):  # as many chunks on every process (the largest share's)
-            signum = self._stop_received()
-            if signum:
-                raise EvaluationStopped(signum)
-            if i >= len(self.noise):
+        out_of_memory = False
+        for i in range(0, self.per_process + size, size):  # as many chunks on every process, then a last check
+            self._check(out_of_memory)
+            if i >= min(len(self.noise), self.per_process) or out_of_memory:
                 continue
-            samples, _ = sample_images(self.ema, self.diffusion, self.noise[i:i + size], self.my_labels[i:i + size],
-                                       cfg_scale=cfg_scale, sampler=self.cfg.run.sample_sampler,
-                                       precision=self.precision)
-            images = to_pixels(samples, self.decoder)
-            if self.mnist:
-                yield images.float()
-            else:
-                features = self.inception.features(to_uint8(images), progress=False)
-                yield torch.from_numpy(features).to(self.accelerator.device)
+            try:
+                samples, _ = sample_images(self.ema, self.diffusion, self.noise[i:i + size],
+                                           self.my_labels[i:i + size], cfg_scale=cfg_scale,
+                                           sampler=self.cfg.run.sample_sampler, precision=self.precision)
+                images = to_pixels(samples, self.decoder)
+                if self.mnist:
+                    yield images.float()
+                else:
+                    features = self.inception.features(to_uint8(images), progress=False)
+                    yield torch.from_numpy(features).to(self.accelerator.device)
+            except torch.OutOfMemoryError:  # told to every process at the next check; the memory given back
+                out_of_memory, samples, images = True, None, None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
-    def _stop_received(self):
-        """The largest stop signal any process has received (a collective, made as often on every process), 0 if
-        none: an evaluation at ImageNet scale outlasts a scheduler's grace period, so it gives way at a chunk's
-        end."""
-        if self.stop_signals is None:
-            return 0
-        flag = torch.full((), float(self.stop_signals.received), device=self.accelerator.device)
-        return int(self.accelerator.reduce(flag, reduction="max").item())
+    def _check(self, out_of_memory):
+        """One collective per chunk, made as often on every process: the largest stop signal any process has
+        received (an evaluation at ImageNet scale outlasts a scheduler's grace period, so it gives way at a chunk's
+        end: EvaluationStopped), and whether any ran out of memory (EvaluationOutOfMemory)."""
+        received = self.stop_signals.received if self.stop_signals is not None else 0
+        flag = torch.full((), float(received + OUT_OF_MEMORY * out_of_memory), device=self.accelerator.device)
+        status = int(self.accelerator.reduce(flag, reduction="max").item())
+        if status >= OUT_OF_MEMORY:
+            raise EvaluationOutOfMemory()
+        if status:
+            raise EvaluationStopped(status)
 
     def _run(self, step, background=None):
         start = time.time()

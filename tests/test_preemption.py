@@ -72,6 +72,35 @@ def test_a_stop_signal_during_an_evaluation_ends_it_at_a_chunk_and_the_resumed_r
     assert rows("stopped") == rows("never-stopped") and len(rows("stopped")) == 3  # header, steps 2 and 4
 
 
+def test_an_evaluation_that_runs_out_of_memory_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+    """Out of device memory in the second chunk of step 2's evaluation (FID during training at ImageNet scale on a
+    smaller GPU): every process gives that evaluation up at the next chunk's check, the log names --eval-batch-size,
+    and the run trains on to the weights and step-4 evaluation of a run that never failed (a crash there made every
+    resume retry the same evaluation before any training)."""
+    import fpdm.sampling
+    flags = ["--max-steps", "4", "--ckpt-every", "4", "--eval-every", "2", "--eval-samples", "12",
+             "--eval-batch-size", "4", "--eval-steps", "3", "--num-sample-images", "0"]
+    run(tmp_path, *flags, name="never-failed")
+    reset_accelerate()
+    real, calls = fpdm.sampling.sample_images, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fpdm.sampling, "sample_images", out_of_memory_once)
+    run(tmp_path, *flags, name="failed")
+    assert len(calls) == 2 + 3  # step 2: given up after the failing chunk; step 4: its 3 chunks
+    log = open(tmp_path / "failed" / "log.txt").read()
+    assert "the evaluation of step 2 ran out of device memory on a process and was skipped: lower " \
+           "--eval-batch-size (now 4)" in log
+    rows = lambda name: [r.split(",")[:3] for r in open(tmp_path / name / "eval.csv").read().splitlines()]  # noqa: E731
+    assert rows("failed") == [rows("never-failed")[0], rows("never-failed")[2]]  # header and step 4
+    for a, b in zip(final_weights(tmp_path / "failed", 4), final_weights(tmp_path / "never-failed", 4)):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_stop_signal_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path, monkeypatch):
     """A real SIGUSR1 to this process during step 3 (then a SIGTERM during the stop, which changes nothing): the run
     finishes step 3 and stops, with step 3's checkpoint (not a periodic one: --ckpt-every 100), latest.json on it,
