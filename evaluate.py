@@ -192,7 +192,7 @@ def main(argv=None):
     try:
         return {"all": run_all, "fid": run_fid, "stats": run_stats, "fid-mnist": run_fid_mnist,
                 "all-mnist": run_all_mnist}[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:  # OSError: also a full disk, a quota, a read-only or vanished folder
         sys.exit(f"error: {e}")
 
 

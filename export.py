@@ -183,5 +183,5 @@ def write(args):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # OSError: also a full disk, a quota, a read-only or vanished folder
         raise SystemExit(f"error: {e}")

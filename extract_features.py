@@ -294,6 +294,6 @@ if __name__ == "__main__":
                         help="start over when --output holds an extraction of another setup (removing its shards)")
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # OSError: also a full disk, a quota, a read-only or vanished folder
         from fpdm.run_folders import exit_with_error
         exit_with_error(e)

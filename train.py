@@ -33,11 +33,11 @@ from fpdm.checkpoints import set_rng_state
 from fpdm.config import parse_args
 from fpdm.diagnostics import TrainingDiagnostics
 from fpdm.run_folders import STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent
-from fpdm.training import (BackgroundWork, CheckpointWriteError, EvaluationOutOfMemory, EvaluationStopped, Evaluator,
-                           ExampleDraws, Preview, TrainingPreempted, build_model, check_ranks_agree,
-                           check_resume_precision, latent_decoder_path, load_latent_decoder, local_batch_size,
-                           log_layer_diagnostics, make_accelerator, make_loader, make_optimizer, open_run, preempted,
-                           restore, save_checkpoint, signal_name, sjfb_counts, start_run_folder, update_ema)
+from fpdm.training import (BackgroundWork, EvaluationOutOfMemory, EvaluationStopped, Evaluator, ExampleDraws, Preview,
+                           TrainingPreempted, build_model, check_ranks_agree, check_resume_precision,
+                           latent_decoder_path, load_latent_decoder, local_batch_size, log_layer_diagnostics,
+                           make_accelerator, make_loader, make_optimizer, open_run, preempted, restore,
+                           save_checkpoint, signal_name, sjfb_counts, start_run_folder, update_ema)
 
 logger = logging.getLogger("train")
 
@@ -111,7 +111,7 @@ def _train(cfg, cleanup, stop_signals):
     evaluator = (Evaluator(cfg, dataset, ema, run_dir, accelerator, step, tracker, decoder, stop_signals)
                  if r.eval_every else None)
     background = BackgroundWork()  # plots drawn off the training path
-    cleanup.callback(background.close)
+    cleanup.push(background.exit)
     diagnostics = None
     if cfg.fp.fixed_point and r.fp_diagnostics and accelerator.is_main_process:
         diagnostics = TrainingDiagnostics(run_dir, dataset, diffusion, device, r.fp_power_iterations, step)
@@ -244,7 +244,7 @@ class NonFiniteLossError(RuntimeError):
 if __name__ == "__main__":
     try:
         main(parse_args(description=__doc__))
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, CheckpointWriteError) as e:
+    except (ValueError, OSError, NonFiniteLossError) as e:  # OSError: a full disk, a quota, a vanished folder too
         exit_with_error(e)
     except TrainingPreempted as e:  # checkpointed, lock released; the main process logged the line
         for sig in STOP_SIGNALS:  # a launcher's own SIGTERM now must not turn the exit code into 143

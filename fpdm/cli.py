@@ -444,5 +444,5 @@ def run_script(main, parse_args):
     """main(parse_args()) with the expected failures (bad flags, files, folders) as one line on stderr, exit 1."""
     try:
         return main(parse_args())
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # OSError: also a full disk, a quota, a read-only or vanished folder
         exit_with_error(e)

@@ -22,13 +22,19 @@ CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 
 def atomic_write(path, write, mode="w"):
     """Write through `write(file)` into a temporary file beside `path`, flush it to disk, then rename: a kill at any
-    instant leaves either the old file or the complete new one."""
+    instant leaves either the old file or the complete new one. A write the file system refuses (disk full, quota,
+    file too large) is raised as an OSError that names `path` (a file object's write names no file)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

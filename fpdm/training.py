@@ -345,6 +345,17 @@ class BackgroundWork:
     def close(self):
         self._collect(wait=True)
 
+    def exit(self, exc_type, exc, tb):
+        """close() as an ExitStack exit callback: while another error ends the run (a checkpoint that could not be
+        written, say) a plot's failure is logged, not raised in its place."""
+        try:
+            self.close()
+        except Exception as e:
+            if exc_type is None:
+                raise
+            logger.warning("a background plot failed too: %s: %s", type(e).__name__, e)
+        return False
+
 
 def start_run_folder(cfg, run_dir, accelerator, cleanup, raw_model, dataset, step, local_batch, ckpt_path,
                      init_report, tracker):

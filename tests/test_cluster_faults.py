@@ -161,3 +161,26 @@ def test_an_unwritable_scan_cache_keeps_the_scan_and_says_so(folder, monkeypatch
     from fpdm.data import ImageFolderDataset
     monkeypatch.setenv("FPDM_CACHE", "/proc/fpdm-cache")
     assert len(ImageFolderDataset(folder, 16)) == 6 and "could not cache the image scan" in capsys.readouterr().err
+
+
+def test_a_write_the_file_system_refuses_is_one_line_from_every_script(checkpoint, tmp_path):  # noqa: F811
+    """A full disk, a quota, a file-size limit, a read-only or vanished folder while a script writes (here a real
+    `ulimit -f` of 200 bytes: EFBIG on sample_ddp.py's first write beyond it, args.json): `error: [Errno 27] File too
+    large: 'OUT/args.json'` in one line and exit 1, not a traceback; the folder continues once there is room."""
+    import subprocess
+    import sys
+
+    from test_sampling import ROOT, ddp_cmd
+    out = tmp_path / "full"
+    code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200)); sys.argv[0] = 'sample_ddp.py'; "
+            "runpy.run_path('sample_ddp.py', run_name='__main__')")
+    cmd = ddp_cmd(checkpoint, str(out), 1)
+    proc = subprocess.run([sys.executable, "-c", code, *cmd[2:]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: [Errno 27] File too large: '{out / 'args.json'}'"
+    assert "Traceback" not in proc.stderr
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    sample_ddp.main(sample_ddp.parse_args(cmd[2:]))  # room again: the same command finishes the folder
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10
