@@ -11,11 +11,10 @@ committed as one file, `batches/{b:06d}.npz` (images and labels together, writte
 on any number of processes, deals the batches still missing to them in turn; on SIGTERM or SIGUSR1 (a scheduler's
 preemption) each process finishes and commits the batch in flight, writes `preempted.json` and exits with code 3
 (`accelerate launch` itself exits 1: a requeue script checks the file, and `failed.json`, which a process that failed
-writes; docs/sampling.md). Background threads write
-each image as `images/{i:06d}.png` for viewing while the next batch samples (--no-png: none; the batch files are the
-record). At the end the main process writes the PNGs still missing, exactly N samples as an ADM-format `samples.npz`
-(`arr_0`: uint8 N×H×W×3, `labels`: N) and `compute.json`. All sampling flags are sample.py's (--precision, --tf32
-included).
+writes; docs/sampling.md). Background threads write each image as `images/{i:06d}.png` for viewing while the next
+batch samples (--no-png: none; the batch files are the record). At the end the main process writes the PNGs still
+missing, exactly N samples as an ADM-format `samples.npz` (`arr_0`: uint8 N×H×W×3, `labels`: N) and `compute.json`.
+All sampling flags are sample.py's (--precision, --tf32 included).
 """
 
 import json
@@ -32,7 +31,7 @@ import torch
 from fpdm import cli, sample_config
 from fpdm.run_folders import (COLLECTIVE_TIMEOUT, LOCK_FILE, STOPPED_EXIT_CODE, RunLock, StopSignals, atomic_write,
                                check_writable, from_main_process, remove_stale_temporaries)
-from fpdm.sampling import claim_output_folder, resolve_device, to_uint8
+from fpdm.sampling import FAILED_FILE, PREEMPTED_FILE, claim_output_folder, resolve_device, to_uint8
 
 
 class SamplingStopped(Exception):
@@ -43,9 +42,6 @@ def parse_args(argv=None):
     return sample_config.parse_args(argv, "sample_ddp", __doc__)
 
 
-# What a run's end leaves for a requeue script, removed when a run continues the folder: a process stopped by a
-# signal (its batches committed) writes PREEMPTED_FILE; a process that failed writes FAILED_FILE.
-PREEMPTED_FILE, FAILED_FILE = "preempted.json", "failed.json"
 SEED_BLOCK = 1_000_003  # seeds per --seed: sample i's noise counts up from the block's start, batch b's steps down
 
 

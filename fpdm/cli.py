@@ -13,8 +13,8 @@ from fpdm.checkpoints import diffusion_settings, latest_checkpoint, load_model_f
 from fpdm.graphs import GraphedCalls, fixed_work_conflict
 from fpdm.run_folders import atomic_write, exit_with_error, from_main_process
 from fpdm.sample_config import DEFAULT_NUM_SAMPLES, FIELDS, identity
-from fpdm.sampling import CALIBRATION_FILE, DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_weights, capabilities, \
-    clip_denoised_for, diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, \
+from fpdm.sampling import CALIBRATION_FILE, DIFFUSION_DEFAULTS, FixedPointSolver, calibrate_step_weights, \
+    capabilities, clip_denoised_for, diffusion_for_sampling, file_fingerprint, is_pixel_model, iteration_schedule, \
     iterations_from_block_budget, model_calls, resolve_device, settings_hash
 
 SETTINGS_FORMAT = 2  # args.json's layout: 2 = generated from sample_config's fields (earlier folders: no "format")

@@ -77,9 +77,9 @@ class RunLock:
     """An exclusive lock on a run folder for the lifetime of the run (`flock` on `<run>/.lock`, which names the owner's
     host, PID and a random token): train.py's run folders, sample_ddp.py's sample folders, extract_features.py's
     latent folders. The kernel releases it when the owner dies, so a lock left by a killed run is taken over (and
-    `previous_owner` says whose it was); a live owner makes `acquire` fail with one line naming it. Where flock does not reach across
-    machines (Lustre's localflock, BeeGFS, NFS with local_lock) or does not exist (Lustre's noflock: `unlocked`, with a
-    warning), two runs on different machines can both start: `check_held` before every checkpoint write stops the one
+    `previous_owner` says whose it was); a live owner makes `acquire` fail with one line naming it. Where flock does
+    not reach across machines (Lustre's localflock, BeeGFS, NFS with local_lock) or does not exist (Lustre's noflock:
+    `unlocked`, with a warning), two runs on different machines can both start: `check_held` before every checkpoint write stops the one
     whose name is no longer in the file."""
 
     def __init__(self, run_dir):

@@ -691,8 +691,11 @@ SETTINGS_FILE = "args.json"
 # What sample.py and sample_ddp.py write into a folder (evaluate.py adds its tables beside samples.npz): all that
 # --overwrite may remove.
 CALIBRATION_FILE = "calibration.json"  # --fp-allocation calibrated: the measured step weights, reused by a rerun
+# sample_ddp.py's end of a run, for a requeue script, removed when a run continues the folder: a process stopped by a
+# signal (its batches committed) writes PREEMPTED_FILE, a process that failed FAILED_FILE.
+PREEMPTED_FILE, FAILED_FILE = "preempted.json", "failed.json"
 SAMPLE_OUTPUTS = (SETTINGS_FILE, "grid.png", "grid_sequential.png", "compute.json", "batches", "images",
-                  "samples.npz", "samples.*.json", "preempted.json", "failed.json", CALIBRATION_FILE)
+                  "samples.npz", "samples.*.json", PREEMPTED_FILE, FAILED_FILE, CALIBRATION_FILE)
 
 
 def _ours(name, outputs):
