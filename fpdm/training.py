@@ -761,7 +761,7 @@ class Evaluator:
         out_of_memory = False
         for i in range(0, self.per_process + size, size):  # as many chunks on every process, then a last check
             self._check(out_of_memory)
-            if i >= min(len(self.noise), self.per_process) or out_of_memory:
+            if i >= len(self.noise) or out_of_memory:
                 continue
             try:
                 samples, _ = sample_images(self.ema, self.diffusion, self.noise[i:i + size],
