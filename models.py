@@ -534,10 +534,11 @@ class FPDM(DiT):
 
         def record(z, z_next):
             with torch.no_grad():  # a cheap diagnostic, kept off the autograd graph and not synced here
-                step_size, size = (z_next - z).float(), z.float()
+                # two passes over the state: each example's norms; the batch's follow from them
+                step_size = (z_next - z).float().flatten(1).norm(dim=1)
+                size = z.float().flatten(1).norm(dim=1)
                 stats.residuals.append(step_size.norm() / size.norm().clamp_min(1e-12))
-                stats.example_residuals = (step_size.flatten(1).norm(dim=1) /
-                                           size.flatten(1).norm(dim=1).clamp_min(1e-12))
+                stats.example_residuals = step_size / size.clamp_min(1e-12)
 
         def step(z, with_grad):
             nonlocal stopped, previous
