@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from fpdm.checkpoints import set_rng_state
 from fpdm.config import parse_args
 from fpdm.diagnostics import TrainingDiagnostics
-from fpdm.run_folders import STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent
+from fpdm.run_folders import (STEP_LOOP_TIMEOUT, STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent,
+                               set_collective_timeout)
 from fpdm.training import (BackgroundWork, EvaluationOutOfMemory, EvaluationStopped, Evaluator, ExampleDraws, Preview,
                            TrainingPreempted, build_model, check_ranks_agree, check_resume_precision,
                            latent_decoder_path, load_latent_decoder, local_batch_size, log_layer_diagnostics,
@@ -126,6 +127,8 @@ def _train(cfg, cleanup, stop_signals):
     stop = 0
     if evaluator is not None and step and step % r.eval_every == 0 and not evaluator.has_row(step):
         stop = evaluate(evaluator, step, background)  # a stop signal during it: this run ends at its checkpoint
+    if set_collective_timeout(STEP_LOOP_TIMEOUT):  # the start's long waits (scans, reference statistics) are over
+        logger.info("collectives now time out after %s (a process that hangs ends the job)", STEP_LOOP_TIMEOUT)
     model.train()
     progress = tqdm(total=o.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)

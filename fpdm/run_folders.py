@@ -232,6 +232,20 @@ STOPPED_EXIT_CODE = 3
 # on several machines each launcher watches only its own processes, so the others are stopped by the job's launcher
 # (Slurm: `srun --kill-on-bad-exit=1`, docs/training.md), or wait in their next collective until this timeout.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
+# train.py's once its start is over: between two collectives of the step loop a process works at most through a
+# checkpoint write by the main process (11 GB at DiT-XL/2: minutes on slow storage), a preview or one evaluation
+# chunk. A process that hangs there (a stuck GPU, a hard-mounted file system) stops the job after this long, not 24 h.
+STEP_LOOP_TIMEOUT = datetime.timedelta(hours=1)
+
+
+def set_collective_timeout(timeout):
+    """From now on, every collective of the default process group gives up after `timeout` (NCCL: aborts and the
+    process exits, so the launcher ends the job). Returns whether one was set (False without a process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.set_timeout(timeout)
+    return True
 
 
 def from_main_process(state, compute):

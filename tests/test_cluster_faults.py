@@ -184,3 +184,39 @@ def test_a_write_the_file_system_refuses_is_one_line_from_every_script(checkpoin
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     sample_ddp.main(sample_ddp.parse_args(cmd[2:]))  # room again: the same command finishes the folder
     assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10
+
+
+HUNG_RANK = """
+import datetime, sys, time
+import torch.distributed as dist
+from fpdm.run_folders import set_collective_timeout
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(hours=24))  # train.py's start: COLLECTIVE_TIMEOUT
+set_collective_timeout(datetime.timedelta(seconds=2))  # its step loop: STEP_LOOP_TIMEOUT
+start = time.time()
+if rank == 1:
+    time.sleep(8)  # a process that hangs (a stuck GPU, a hard-mounted file system)
+try:
+    dist.barrier()
+    print("barrier passed")
+except RuntimeError:
+    print(f"timed out after {time.time() - start:.0f} s")
+"""
+
+
+def test_the_step_loops_collective_timeout_replaces_the_starts():
+    """train.py starts its process group with a 24 h timeout (start-up waits: scans, reference statistics) and sets
+    STEP_LOOP_TIMEOUT once its step loop begins (run_folders.set_collective_timeout): a collective then gives up on a
+    process that hangs after that timeout, not after 24 h (here 2 s, gloo, two real processes)."""
+    import subprocess
+    import sys
+
+    from test_train import ROOT, free_port
+    port = str(free_port())
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", HUNG_RANK, str(rank), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for rank in (0, 1)]
+    waiting = procs[0].communicate(timeout=120)[0].strip()
+    procs[1].communicate(timeout=120)
+    assert waiting in ("timed out after 2 s", "timed out after 3 s"), waiting

@@ -368,7 +368,9 @@ def test_two_process_cpu_run_through_accelerate(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # CPU, even beside a GPU
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in open(tmp_path / "ddp" / "log.txt").read()
+    log = open(tmp_path / "ddp" / "log.txt").read()
+    assert "2 process(es)" in log
+    assert "collectives now time out after 1:00:00" in log  # the step loop's (24 h through the start)
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "step_0000004.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeds
