@@ -128,7 +128,24 @@ def wait(futures):
     return []
 
 
+def write_record(out, name, content):
+    """Write one of a run's end records (preempted.json, failed.json) for a requeue script, best effort: several
+    processes write the same one at once (one wins), and a folder that refuses it must not replace the error or the
+    stop being recorded."""
+    try:
+        atomic_write(os.path.join(out, name), lambda f: json.dump(content, f))
+    except OSError:
+        pass
+
+
 def main(cfg):
+    # Stop signals are recorded from the start: one that comes while the model loads or the checkpoint is hashed
+    # stops the run before its first batch (preempted.json); one during the final samples.npz is let finish it.
+    with StopSignals() as stop:
+        return _main(cfg, stop)
+
+
+def _main(cfg, stop):
     from accelerate import PartialState
     device = resolve_device(cfg.output.device)  # as sample.py: a GPU this machine lacks is an error, not a CPU run
     state = PartialState(cpu=device.type == "cpu", timeout=COLLECTIVE_TIMEOUT)
@@ -190,7 +207,7 @@ def main(cfg):
         mine, done = missing[rank::world], num_batches - len(missing)
         stats, wall, pending = [], 0.0, []
         from tqdm.auto import tqdm
-        with ThreadPoolExecutor(PNG_THREADS) as pool, StopSignals() as stop:
+        with ThreadPoolExecutor(PNG_THREADS) as pool:
             for b in tqdm(mine, disable=not state.is_main_process, desc=f"batches (rank {rank})"):
                 if stop.received:  # preemption: the batch in flight was committed; a rerun samples from the next one
                     break
@@ -213,8 +230,7 @@ def main(cfg):
         if signum:  # each process stops on its own (batches are independent): no collective a stopped one would miss
             name = signal.Signals(signum).name
             # what a requeue script reads (`accelerate launch` itself exits 1 when a worker exits 3)
-            atomic_write(os.path.join(out, PREEMPTED_FILE),
-                         lambda f: json.dump({"signal": name, "exit_code": STOPPED_EXIT_CODE}, f))
+            write_record(out, PREEMPTED_FILE, {"signal": name, "exit_code": STOPPED_EXIT_CODE})
             raise SamplingStopped(f"stopped by {name} on rank {rank} after {len(stats)} of its {len(mine)} batches "
                                   f"(all committed): rerun the same command to continue (exit code "
                                   f"{STOPPED_EXIT_CODE})")
@@ -243,8 +259,7 @@ def main(cfg):
         # A process that fails records it: under accelerate launch the others then get SIGTERM and may stop as if
         # preempted (preempted.json), and a requeue on that alone would repeat a failure that recurs (a bad GPU).
         if claimed and not isinstance(e, SamplingStopped):
-            failure = {"rank": rank, "error": f"{type(e).__name__}: {e}"}
-            atomic_write(os.path.join(out, FAILED_FILE), lambda f: json.dump(failure, f))
+            write_record(out, FAILED_FILE, {"rank": rank, "error": f"{type(e).__name__}: {e}"})
         raise
     finally:
         if lock is not None:

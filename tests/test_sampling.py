@@ -352,6 +352,27 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_3(checkpoint, tmp_path):
     assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
 
 
+def test_a_stop_signal_while_sample_ddp_loads_stops_before_the_first_batch(checkpoint, tmp_path, monkeypatch):
+    """A scheduler's SIGUSR1 while the model loads (or the checkpoint is hashed): recorded, not fatal; the run claims
+    its folder, stops before its first batch with preempted.json for the requeue script, and the same command
+    continues (before, Python's default action ended the process with nothing recorded)."""
+    import signal
+    out = tmp_path / "early"
+    cmd = ddp_cmd(checkpoint, str(out), 1)
+    real = cli.Setup.__init__
+
+    def loading(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(cli.Setup, "__init__", loading)
+    with pytest.raises(sample_ddp.SamplingStopped, match="stopped by SIGUSR1 on rank 0 after 0 of its 4 batches"):
+        sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
+    assert json.load(open(out / "preempted.json"))["signal"] == "SIGUSR1" and os.listdir(out / "batches") == []
+    monkeypatch.undo()
+    sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
+
+
 def test_a_failed_sample_ddp_run_leaves_failed_json_for_the_requeue_script(checkpoint, tmp_path, monkeypatch):
     """A process that fails mid-run (here its second batch's commit) records it in failed.json (under accelerate
     launch the others then stop on the launcher's SIGTERM and write preempted.json: the requeue script must not
