@@ -760,7 +760,7 @@ class Evaluator:
         size = self.cfg.run.eval_batch_size
         out_of_memory = False
         for i in range(0, self.per_process + size, size):  # as many chunks on every process, then a last check
-            self._check(out_of_memory)
+            self._check(out_of_memory, stop=i < self.per_process)  # finished: a stop signal is the loop's to act on
             if i >= len(self.noise) or out_of_memory:
                 continue
             try:
@@ -773,16 +773,17 @@ class Evaluator:
                 else:
                     features = self.inception.features(to_uint8(images), progress=False)
                     yield torch.from_numpy(features).to(self.accelerator.device)
-            except torch.OutOfMemoryError:  # told to every process at the next check; the memory given back
-                out_of_memory, samples, images = True, None, None
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            except torch.OutOfMemoryError:  # told to every process at the next check
+                out_of_memory = True
+            if out_of_memory and torch.cuda.is_available():  # the failed chunk's memory, its exception gone
+                samples = images = None
+                torch.cuda.empty_cache()
 
-    def _check(self, out_of_memory):
-        """One collective per chunk, made as often on every process: the largest stop signal any process has
-        received (an evaluation at ImageNet scale outlasts a scheduler's grace period, so it gives way at a chunk's
-        end: EvaluationStopped), and whether any ran out of memory (EvaluationOutOfMemory)."""
-        received = self.stop_signals.received if self.stop_signals is not None else 0
+    def _check(self, out_of_memory, stop=True):
+        """One collective per chunk, made as often on every process: whether any ran out of memory
+        (EvaluationOutOfMemory), and with `stop` the largest stop signal any process has received (an evaluation at
+        ImageNet scale outlasts a scheduler's grace period, so it gives way at a chunk's end: EvaluationStopped)."""
+        received = self.stop_signals.received if self.stop_signals is not None and stop else 0
         flag = torch.full((), float(received + OUT_OF_MEMORY * out_of_memory), device=self.accelerator.device)
         status = int(self.accelerator.reduce(flag, reduction="max").item())
         if status >= OUT_OF_MEMORY:

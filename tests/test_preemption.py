@@ -72,6 +72,28 @@ def test_a_stop_signal_during_an_evaluation_ends_it_at_a_chunk_and_the_resumed_r
     assert rows("stopped") == rows("never-stopped") and len(rows("stopped")) == 3  # header, steps 2 and 4
 
 
+def test_a_stop_signal_during_an_evaluations_last_chunk_keeps_the_evaluation(tmp_path, monkeypatch):
+    """A SIGUSR1 while step 2's evaluation samples its last chunk: the evaluation is finished, so it is scored and
+    recorded; the run stops at the next step's boundary (step 3, checkpointed) instead of dropping it for the resumed
+    run to make again."""
+    import fpdm.sampling
+    flags = ["--max-steps", "4", "--ckpt-every", "4", "--eval-every", "2", "--eval-samples", "12",
+             "--eval-batch-size", "4", "--eval-steps", "3", "--num-sample-images", "0"]
+    real, calls = fpdm.sampling.sample_images, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the last of step 2's three chunks
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fpdm.sampling, "sample_images", signalled)
+    with pytest.raises(training.TrainingPreempted) as stopped:
+        run(tmp_path, *flags, name="stopped")
+    assert stopped.value.step == 3 and len(calls) == 3
+    assert [r.split(",")[0] for r in open(tmp_path / "stopped" / "eval.csv").read().splitlines()] == ["step", "2"]
+    assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == ["step_0000002.pt", "step_0000003.pt"]
+
+
 def test_an_evaluation_that_runs_out_of_memory_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
     """Out of device memory in the second chunk of step 2's evaluation (FID during training at ImageNet scale on a
     smaller GPU): every process gives that evaluation up at the next chunk's check, the log names --eval-batch-size,
