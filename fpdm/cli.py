@@ -425,6 +425,9 @@ class Setup:
         name = sampler or self.sampler
         options = self.options if sampler is None else (
             {"eta": cfg.sampler.eta} if capabilities(sampler).takes_eta else {})
+        if self.needs_calibration:
+            raise RuntimeError("--fp-allocation calibrated: call Setup.calibrate (once the output folder is claimed) "
+                               "before sampling")
         iterations, reuse, tol = self.iterations, cfg.fp.reuse, cfg.fp.adaptive_tol
         if capabilities(name).parallel and options.get("chunk_size") is None:
             options = {**options, "chunk_size": parallel_chunk_size(len(noise), cfg.guidance.cfg_scale != 1.0)}

@@ -32,7 +32,7 @@ def atomic_write(path, write, mode="w"):
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            if e.filename is None and e.errno is not None:
+            if e.filename in (None, tmp) and e.errno is not None:
                 raise OSError(e.errno, e.strerror, path) from e
             raise
         os.replace(tmp, path)
@@ -199,13 +199,17 @@ def check_writable(folder, flag):
 
 def exit_with_error(error, code=1):
     """The end of a script that refuses: `error: <message>` on stderr once (by the main process of a launch: rank 0,
-    or a process started without a launcher), and under torchrun / `accelerate launch` also in the worker's error
-    file, which the launcher's failure summary prints as its root cause instead of "To enable traceback see ..."."""
+    or a process started without a launcher; an OSError by the other processes too, as `error (rank N): ...`: it may
+    be that machine's alone), and under torchrun / `accelerate launch` also in the worker's error file, which the
+    launcher's failure summary prints as its root cause instead of "To enable traceback see ..."."""
     import json
     import time
     line = f"error: {error}"
-    if os.environ.get("RANK", "0") == "0":
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
         print(line, file=sys.stderr, flush=True)
+    elif isinstance(error, OSError):  # a file on this process's machine, perhaps this process's alone
+        print(f"error (rank {rank}): {error}", file=sys.stderr, flush=True)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         try:

@@ -163,8 +163,9 @@ def test_an_unwritable_scan_cache_keeps_the_scan_and_says_so(folder, monkeypatch
     assert len(ImageFolderDataset(folder, 16)) == 6 and "could not cache the image scan" in capsys.readouterr().err
 
 
-def test_a_write_the_file_system_refuses_is_one_line_from_every_script(checkpoint, tmp_path):  # noqa: F811
-    """A full disk, a quota, a file-size limit, a read-only or vanished folder while a script writes (here a real
+def test_a_write_the_file_system_refuses_is_one_line(checkpoint, tmp_path):  # noqa: F811
+    """A full disk, a quota, a file-size limit, a read-only or vanished folder while a script writes (every script
+    ends an OSError through run_folders.exit_with_error; here sample_ddp.py under a real
     `ulimit -f` of 200 bytes: EFBIG on sample_ddp.py's first write beyond it, args.json): `error: [Errno 27] File too
     large: 'OUT/args.json'` in one line and exit 1, not a traceback; the folder continues once there is room."""
     import subprocess
