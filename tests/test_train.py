@@ -67,7 +67,8 @@ def test_run_writes_checkpoints_logs_and_samples(tmp_path):
 
 def test_compile_compiles_the_trained_model_and_the_ema_it_samples_with(tmp_path, monkeypatch):
     """--compile: the blocks of the model and of its EMA (previews, FID during training) are compiled, and a run with
-    a preview goes through both."""
+    previews and evaluations (three batch sizes, grad and no-grad modes, trained and EMA weights) goes through both
+    within dynamo's recompile limit (5 graphs, limit 8: no block falls back to eager)."""
     import shutil
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("torch.compile's CPU backend needs a C++ compiler (none found)")
@@ -75,9 +76,14 @@ def test_compile_compiles_the_trained_model_and_the_ema_it_samples_with(tmp_path
     from models import DiT
     compiled, real = [], DiT.compile_regions
     monkeypatch.setattr(DiT, "compile_regions", lambda self, **kw: compiled.append(self) or real(self, **kw))
+    from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    run_dir = run(tmp_path, "--compile", "--max-steps", "2", "--sample-every", "2")
+    counters.clear()
+    run_dir = run(tmp_path, "--compile", "--max-steps", "2", "--sample-every", "2", "--eval-every", "2",
+                  "--eval-samples", "12", "--eval-steps", "3", "--eval-batch-size", "5")
+    graphs, frames = counters["stats"]["unique_graphs"], dict(counters["frames"])
     torch._dynamo.reset()
+    assert 1 <= graphs < torch._dynamo.config.recompile_limit and frames["ok"] == frames["total"], (graphs, frames)
     assert len({id(m) for m in compiled}) == 2
     assert [any(p.requires_grad for p in m.parameters()) for m in compiled] == [True, False]  # model, then EMA
     assert all(b._compiled_call_impl is not None for m in compiled for b in m.transformer_blocks())
