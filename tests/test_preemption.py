@@ -123,6 +123,25 @@ def test_an_evaluation_that_runs_out_of_memory_is_skipped_and_training_goes_on(t
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_one_process_out_of_memory_in_an_evaluation_is_skipped_by_both(tmp_path):
+    """Two processes (accelerate launch): rank 1 runs out of memory in its first chunk of step 2's evaluation while
+    rank 0 samples on; both give the evaluation up at the same check (no collective left waiting), train on, and
+    step 4's evaluation is made."""
+    flags = [*TINY_ARGS, "--results-dir", str(tmp_path), "--run-name", "two", "--max-steps", "4", "--ckpt-every", "4",
+             "--eval-every", "2", "--eval-samples", "12", "--eval-batch-size", "3", "--eval-steps", "3",
+             "--num-sample-images", "0"]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+           os.path.join(ROOT, "aconfs", "cpu_2proc.yaml"), "--main_process_port", "29519",
+           os.path.join(ROOT, "tests", "oom_eval_train.py"), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "OOM_RANK": "1",
+                               "OOM_CALL": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = open(tmp_path / "two" / "log.txt").read()
+    assert "the evaluation of step 2 ran out of device memory on a process and was skipped" in log
+    assert [r.split(",")[0] for r in open(tmp_path / "two" / "eval.csv").read().splitlines()] == ["step", "4"]
+
+
 def test_stop_signal_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path, monkeypatch):
     """A real SIGUSR1 to this process during step 3 (then a SIGTERM during the stop, which changes nothing): the run
     finishes step 3 and stops, with step 3's checkpoint (not a periodic one: --ckpt-every 100), latest.json on it,
