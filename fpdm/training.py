@@ -443,11 +443,13 @@ def checkpoint_write_failure(run_dir, name, error):
               errno.EFBIG: "file too large for the file system or `ulimit -f`"}.get(
         error.errno, error.strerror or type(error).__name__)
     latest = os.path.join(run_dir, "latest.json")
-    if os.path.isfile(latest):
+    try:
         with open(latest) as f:
             kept = f"{os.path.join(run_dir, json.load(f)['path'])} and latest.json are intact"
-    else:
+    except FileNotFoundError:
         kept = "no earlier checkpoint exists"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a stale handle on shared storage, a damaged file
+        kept = f"latest.json could not be read ({type(e).__name__}: {e}), so what it names is unchecked"
     return (f"cannot write {os.path.join(run_dir, name)} ({reason}); {kept} (the partial file was removed): free "
             f"space, then rerun with --resume auto to continue from there")
 

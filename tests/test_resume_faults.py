@@ -4,6 +4,7 @@ beside it is named), weights of another size (the sizes they fit are named)."""
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,24 @@ def test_disk_full_while_checkpointing_says_what_survived(run_copy, monkeypatch)
     monkeypatch.setattr(checkpoints.torch, "save", real_save)
     resume(run_copy, "--resume", "auto")
     assert json.loads((run_copy / "latest.json").read_text())["step"] == 6
+
+
+def test_checkpoint_failure_line_when_latest_json_cannot_be_read(tmp_path):
+    """The failure line is still one line when latest.json is damaged or unreadable (a stale handle on shared
+    storage): it says so instead of raising from inside the error report."""
+    import errno
+
+    from fpdm.training import checkpoint_write_failure
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert "no earlier checkpoint exists" in checkpoint_write_failure(str(tmp_path), "step_0000002.pt", full)
+    (tmp_path / "latest.json").write_text('{"path": "checkpoints/step_0000002.pt"')  # cut short
+    line = checkpoint_write_failure(str(tmp_path), "step_0000004.pt", full)
+    assert re.search(r"\(disk full\); latest.json could not be read \(JSONDecodeError: .*\), so what it names is "
+                     r"unchecked .*--resume auto", line), line
+    (tmp_path / "latest.json").unlink()
+    (tmp_path / "latest.json").mkdir()  # open() fails with an OSError other than "not found"
+    assert "latest.json could not be read (IsADirectoryError" in checkpoint_write_failure(str(tmp_path), "x.pt", full)
+    assert "\n" not in line
 
 
 def test_a_write_the_file_system_refuses_inside_torch_save_is_one_line(run_copy):
