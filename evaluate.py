@@ -24,7 +24,17 @@ import numpy as np
 from fpdm.metrics import (DEFAULT_INCEPTION, INCEPTION_URL, STATISTICS, InceptionFeatures, _reference_from_images,
                           check_reference_size, evaluate_inception, evaluate_mnist, feature_statistics,
                           frechet_distance, load_images, load_mnist_classifier, load_statistics, mnist_metrics,
-                          save_reference)
+                          reference_content_hash, save_reference)
+
+
+def _inputs(args, model):
+    """What a report records of its inputs: absolute paths, the reference's content hash and the Inception weights'
+    identity, so that a report found later says which files made it."""
+    full = lambda path: os.path.abspath(os.path.expanduser(str(path)))
+    return {"samples": full(args.samples), "reference": full(args.ref),
+            "reference_sha256": reference_content_hash(args.ref),
+            "inception": full(model.weights) if os.path.exists(model.weights) else model.weights,  # or "random"
+            "inception_id": model.identity}
 
 
 def _write_report(samples, command, result):
@@ -78,8 +88,8 @@ def run_fid(args):
         print(f"note: {size_note}")
     mu, sigma = feature_statistics(model.features(images, args.batch_size))
     fid = frechet_distance(mu, sigma, *load_statistics(args.ref, model, args.batch_size))
-    result = {"fid": fid, "num_samples": len(images), "image_shape": list(images.shape[1:]), "samples": args.samples,
-              "reference": args.ref, "inception": model.weights, "size_note": size_note}
+    result = {"fid": fid, "num_samples": len(images), "image_shape": list(images.shape[1:]), **_inputs(args, model),
+              "size_note": size_note}
     print(f"FID {fid:.4f} ({len(images)} samples vs {args.ref}) {_write_report(args.samples, 'fid', result)}")
     return result
 
@@ -99,7 +109,7 @@ def run_all(args):
     settings = {"k": args.k, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
                 "is_split_size": args.is_split_size, "seed": args.seed}
     result = evaluate_inception(args.samples, args.ref, model, args.batch_size, cache=not args.no_cache, **settings)
-    result.update(samples=args.samples, reference=args.ref, inception=model.weights, inception_id=model.identity)
+    result.update(_inputs(args, model))
     if result["size_note"]:
         print(f"note: {result['size_note']}")
     if result["reference_note"]:

@@ -54,6 +54,19 @@ def sample_noise_and_label(seed, index, shape, num_classes, labels=None):
     return noise, label
 
 
+def check_seed_block(seed, num_samples, num_batches):
+    """Refuse what would make two samples (or a sample and a batch's step noise) share a generator seed: torch's CPU
+    generator keeps only the low 32 bits of a seed, so seed blocks beyond 2^32 wrap onto other seeds' blocks."""
+    top = 2 ** 32 // SEED_BLOCK - 1
+    if not 0 <= seed <= top:
+        raise ValueError(f"--seed {seed}: sample_ddp.py takes seeds 0 to {top} (each seed's samples draw from a block of "
+                         f"{SEED_BLOCK:,} generator seeds, and torch keeps 32 bits of a seed: a larger one would "
+                         f"repeat another seed's noise)")
+    if num_samples + num_batches > SEED_BLOCK:
+        raise ValueError(f"--num-fid-samples {num_samples:,} in {num_batches:,} batches: at most {SEED_BLOCK:,} "
+                         f"samples and batches together per seed; split the run over several --seed values")
+
+
 def step_noise_seed(seed, b):
     """The seed of batch `b`'s DDPM step noise: counted down from the end of the block whose start sample 0's
     noise uses, so that no step noise repeats a sample's starting noise (up to a million samples and batches
@@ -147,6 +160,7 @@ def main(cfg):
 
 def _main(cfg, stop):
     from accelerate import PartialState
+    check_seed_block(cfg.sampler.seed, cfg.fid.num_fid_samples, -(-cfg.fid.num_fid_samples // cfg.fid.batch_size))
     device = resolve_device(cfg.output.device)  # as sample.py: a GPU this machine lacks is an error, not a CPU run
     state = PartialState(cpu=device.type == "cpu", timeout=COLLECTIVE_TIMEOUT)
     rank, world = state.process_index, state.num_processes

@@ -13,7 +13,7 @@ N processes train as one: every random choice of an optimizer step — batch com
 noise, label dropout and augmentation (`ExampleDraws`), the S-JFB counts (`sjfb_counts`) — is a function of
 (seed, step, position in the global batch) alone. One process, N processes and any --grad-accum-steps split take the
 same optimizer steps (same losses and weights up to float summation order), and `--resume auto` continues an
-interrupted run exactly, also on another number of processes. The whole configuration is saved with each checkpoint
+interrupted run exactly (on another number of processes: up to float summation order). The whole configuration is saved with each checkpoint
 as plain data.
 """
 
@@ -219,8 +219,11 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
     # and the weights, optimizer state and last good checkpoint stay as they were. The same all-reduce (max) and
     # read carry the stop signal (preemption): a signal reaches the processes at different steps, and all must stop
     # after the same one. (One small collective and one sync per step, as before; the flag is filled on the device.)
-    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    if cfg.optim.max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+    else:  # the norm alone: clipping to inf would still multiply every gradient by 1 (a pass over all of them)
+        accelerator.unscale_gradients()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     # fp16's GradScaler: infinite gradients are its overflow signal, no error (it skips the step and lowers its
     # scale); a non-finite loss still is.
     bad_grad = ~torch.isfinite(torch.as_tensor(grad_norm).to(device)) if accelerator.scaler is None else 0

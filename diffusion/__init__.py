@@ -36,6 +36,9 @@ def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, 
     """
     if predict_xstart and predict_v:
         raise ValueError("choose at most one of predict_xstart and predict_v")
+    if zero_terminal_snr and not (predict_v or predict_xstart):  # checked on the base schedule: a respacing that
+        # skips t = T (leading) would hide ᾱ_T = 0 from the spaced one, not the model's training from it
+        raise ValueError("zero-terminal-SNR needs v-prediction (predict_v=True): ε is unidentifiable at ᾱ_T = 0")
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)

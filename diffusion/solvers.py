@@ -19,14 +19,17 @@ import torch
 
 @dataclass
 class SolverResult:
-    """`x`: the iterate with the lowest residual; `residuals[k]`: relative residual of the k-th evaluated iterate;
-    `num_iterations`: iterations run; `num_evaluations`: evaluations of f (for the DDIM solvers: network
-    evaluations per sample, i.e. states evaluated); `converged`: the tolerance was reached."""
+    """`x`: the iterate with the lowest residual; `fx`: f(x) of that iterate, already evaluated (one Picard step
+    further: the better answer where f contracts; for a DDIM chain, one more state exact); `residuals[k]`: relative
+    residual of the k-th evaluated iterate; `num_iterations`: iterations run; `num_evaluations`: evaluations of f (for
+    the DDIM solvers: network evaluations per sample, i.e. states evaluated); `converged`: the tolerance was
+    reached."""
     x: torch.Tensor
     residuals: list = field(default_factory=list)
     num_iterations: int = 0
     num_evaluations: int = 0
     converged: bool = False
+    fx: torch.Tensor = None
 
 
 def relative_residual(fx, x):
@@ -81,6 +84,7 @@ def solve(f, x0, method="anderson", max_iter=15, tol=1e-3, m=5, lam=1e-3, beta=1
         x = _anderson_step(history_x, history_g, lam, beta)
         if x is None:  # ill-posed least squares: plain Picard step
             x = fx
+    result.fx = x0 if best_fx is None else best_fx
     return result
 
 
@@ -142,7 +146,6 @@ class BatchedSolverResult(SolverResult):
     images that had converged but were still in the batch, waiting for the next read (0 with sync_every = 1);
     `host_reads` how often the loop read the device. `fx` holds f(x) of the best iterate of each image (no extra
     evaluation; x0 for an image whose every evaluation was not finite)."""
-    fx: torch.Tensor = None
     image_residuals: list = field(default_factory=list)
     image_evaluations: list = field(default_factory=list)
     image_converged: list = field(default_factory=list)

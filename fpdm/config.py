@@ -293,7 +293,8 @@ PRESETS = {
                            patch_size=2, learn_sigma=False, predict_v=True, noise_schedule="cosine", lr=1e-3,
                            warmup_steps=100, global_batch_size=64, ema_warmup=True, log_every=250, ckpt_every=500,
                            num_sample_images=40, tracker="none", max_steps=1500),
-    # DiT's ImageNet-256 recipe on extract_features.py latents: XL/2, AdamW 1e-4, batch 256, EMA 0.9999, 400k steps.
+    # DiT's ImageNet-256 recipe on extract_features.py latents: XL/2, AdamW 1e-4, batch 256, EMA 0.9999, 400k steps;
+    # plus bf16 autocast (DiT trains in fp32 with TF32: --mixed-precision no).
     "dit-xl2-in256": dict(model="DiT-XL/2", image_size=256, global_batch_size=256, lr=1e-4, max_steps=400_000,
                           ckpt_every=5_000, keep_every=50_000, log_every=100, mixed_precision="bf16", num_workers=4),
     # The FPDM release's: XL/2 with 1 pre + 1 post block, S-JFB n ~ U{0..10}, m ~ U{1..12}, batch 512, bf16,

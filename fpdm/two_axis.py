@@ -126,5 +126,7 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
              "wall_time_s": time.perf_counter() - began, "network_evaluations_per_image": per_image,
              "host_reads": result.host_reads, "masked_chain_evaluations": result.masked_evaluations,
              "residuals_per_image": result.image_residuals}
-    x_0 = torch.cat([result.x[-1]] * (1 + doubled))  # a doubled batch back as it came (each twin: its image)
+    # h(X) of each image's best iterate X, evaluated already (one Picard step past X); a doubled batch back as it
+    # came (each twin: its image)
+    x_0 = torch.cat([result.fx[-1]] * (1 + doubled))
     return (x_0, result, stats) if return_result else x_0

@@ -70,8 +70,10 @@ def test_zero_terminal_snr_rescaling():
     assert diffusion.alphas_cumprod[-1] == 0.0
     assert diffusion.alphas_cumprod[0] == pytest.approx(1 - betas[0], rel=1e-12)
     assert np.all(np.diff(diffusion.alphas_cumprod) < 0)
-    with pytest.raises(ValueError, match="v-prediction"):
-        create_diffusion("", zero_terminal_snr=True)
+    for spacing in ("", "ddim50", "leading10"):  # also where the respacing skips t = T (its ᾱ is not 0)
+        with pytest.raises(ValueError, match="v-prediction"):
+            create_diffusion(spacing, zero_terminal_snr=True)
+    assert create_diffusion("leading10", zero_terminal_snr=True, predict_xstart=True).alphas_cumprod[-1] > 0.0
     # Respacing that keeps the final step keeps SNR_T = 0; one that does not, does not.
     assert create_diffusion("10", zero_terminal_snr=True, predict_v=True).alphas_cumprod[-1] == 0.0
     assert create_diffusion("ddim50", zero_terminal_snr=True, predict_v=True).alphas_cumprod[-1] > 0.0

@@ -452,6 +452,10 @@ def test_all_command_end_to_end_and_batch_size_independent(tiny_set, quick_frech
     assert report == json.loads(json.dumps(result))
     assert report["num_samples"] == 6 and report["num_reference"] == 6 and report["image_shape"] == [32, 32, 3]
     assert report["reference_note"] is None and report["kid_subset_size"] == 6
+    # which files made it, found later: absolute paths, the reference's content, the weights' identity
+    assert report["samples"] == os.path.abspath(t.samples) and report["reference"] == os.path.abspath(t.ref)
+    assert report["reference_sha256"] == reference_content_hash(t.ref) and report["inception_id"] == t.model.identity
+    assert report["inception"] == os.path.abspath(t.weights)
     assert report["is_split_size"] == 5000 and report["is_parts"] == 1
     assert all(report[name] is not None and np.isfinite(report[name]) for name in METRICS)
     assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
@@ -464,6 +468,16 @@ def test_all_command_end_to_end_and_batch_size_independent(tiny_set, quick_frech
     assert mu.shape == (2048,) and mu_s.shape == (2023,)
     np.testing.assert_array_equal(ref_mu, t.reference.mu)
     np.testing.assert_array_equal(ref_mu_s, t.reference.mu_s)
+
+
+def test_fid_command_reports_the_files_that_made_it(tiny_set, quick_frechet, capsys):
+    t = tiny_set
+    result = main(["fid", t.samples, t.ref, "--inception", t.weights, "--batch-size", "3", "--device", "cpu"])
+    report = json.loads((t.folder / "samples.fid.json").read_text())
+    assert report == json.loads(json.dumps(result)) and report["num_samples"] == 6 and np.isfinite(report["fid"])
+    assert report["samples"] == os.path.abspath(t.samples) and report["reference"] == os.path.abspath(t.ref)
+    assert report["reference_sha256"] == reference_content_hash(t.ref) and report["inception_id"] == t.model.identity
+    assert f"FID {report['fid']:.4f} (6 samples vs {t.ref}) -> " in capsys.readouterr().out
 
 
 def test_stats_file_round_trip_and_old_stats_files(tiny_set, quick_frechet, random_inception, tmp_path, capsys):

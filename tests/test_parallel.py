@@ -134,6 +134,23 @@ def test_picard_is_exact_after_T_iterations():
     assert (result.x - trajectory).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("mixing", ["image", "state", "global"])
+def test_the_sampler_returns_h_of_the_best_iterate_exact_after_T_evaluations(mixing):
+    """The sampler returns h(X) of the best iterate X, which it evaluated already: Picard with T' evaluations gives
+    the sequential trajectory (X itself, the T'-th iterate, still has its last state one step behind)."""
+    steps, model = 8, guided(tiny_model())
+    diffusion = create_diffusion(f"trailing{steps}", predict_v=True)
+    x, kwargs = inputs()
+    reference = sequential(model, diffusion, x, kwargs)
+    sample, result, stats = parallel_ddim_sample(model, diffusion, x, "picard", kwargs, max_iter=steps, tol=0.0,
+                                                 mixing=mixing, return_result=True)
+    assert stats["network_evaluations"] == steps * steps
+    error = (sample - reference).abs().max()
+    assert error <= 1e-5
+    assert (result.x[-1] - reference).abs().max() > 100 * error  # the iterate itself: not yet (1e-3 here)
+    assert torch.equal(result.fx[-1], sample)
+
+
 @pytest.mark.parametrize("eta", [0.7, 1.0])
 def test_stochastic_matches_sequential_with_same_noise(eta):
     model = guided(tiny_model())
@@ -337,6 +354,7 @@ def test_solvers_return_the_best_iterate():
     repelling = lambda x: 2 * x - 1  # fixed point 1, Picard runs away from it
     result = solve(repelling, x0, "picard", max_iter=6, tol=1e-8)
     assert torch.equal(result.x, x0) and result.residuals == sorted(result.residuals)
+    assert torch.equal(result.fx, repelling(x0))  # f of the best iterate, as evaluated
     result = solve(repelling, x0, "anderson", max_iter=6, tol=1e-6)  # linear: Anderson is a secant method
     assert result.converged and torch.allclose(result.x, torch.ones(5), atol=1e-5)
     with pytest.raises(ValueError, match="unknown solver"):
@@ -486,7 +504,7 @@ def test_global_mixing_is_the_previous_whole_batch_solve():
                                               return_result=True)
     f = lambda X: ddim_chain_map(guided(net), diffusion, x, X, model_kwargs=kwargs)
     direct = solve(f, x.expand(10, *x.shape).clone(), "anderson", 15, 1e-3)
-    torch.testing.assert_close(out, direct.x[-1], atol=0, rtol=0)
+    torch.testing.assert_close(out, direct.fx[-1], atol=0, rtol=0)
     assert stats["network_evaluations"] == direct.num_evaluations * 10 and "residuals_per_image" not in stats
     with pytest.raises(ValueError, match="unknown mixing"):
         parallel_ddim_sample(guided(net), diffusion, x, model_kwargs=kwargs, mixing="pairs")

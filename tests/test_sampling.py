@@ -307,6 +307,24 @@ def test_ddpm_step_noise_never_repeats_a_starting_noise():
         assert not any(tuple(row.flatten()[:4].tolist()) in starts for row in first_step)
 
 
+def test_sample_ddp_refuses_seeds_whose_noise_would_repeat_another_seeds(checkpoint, tmp_path):
+    """torch keeps 32 bits of a generator seed: seed 4296's block would wrap onto seed 1's (its sample 0 is seed 1's
+    sample 45,589). sample_ddp.py refuses such seeds and sample counts in one line, before it writes anything."""
+    shape = (1, 4, 4)
+    wrapped, own = (sample_ddp.sample_noise_and_label(s, i, shape, 10) for s, i in ((4296, 0), (1, 45_589)))
+    assert torch.equal(wrapped[0], own[0])  # why: the same draws
+    top = 2 ** 32 // sample_ddp.SEED_BLOCK - 1
+    assert (top + 1) * sample_ddp.SEED_BLOCK - 1 < 2 ** 32  # the top seed's step seeds stay below 2^32
+    for seed in (-1, top + 1):
+        args = ddp_cmd(checkpoint, str(tmp_path / f"s{seed}"), 1)[2:] + ["--seed", str(seed)]
+        with pytest.raises(ValueError, match=rf"--seed {seed}: sample_ddp.py takes seeds 0 to {top} "):
+            sample_ddp.main(sample_ddp.parse_args(args))
+        assert not (tmp_path / f"s{seed}").exists()
+    with pytest.raises(ValueError, match="at most 1,000,003 samples and batches together per seed"):
+        sample_ddp.check_seed_block(0, 1_000_000, 4)
+    sample_ddp.check_seed_block(top, 1_000_000, 3)
+
+
 def test_killed_sample_ddp_resumes_to_exactly_n_distinct_samples(checkpoint, tmp_path):
     out = tmp_path / "killed"
     # 60 steps per batch (about a second each): slow enough that the kill lands long before the last of the 4 batches.

@@ -121,6 +121,25 @@ def record_optimizer_steps(monkeypatch):
     return steps
 
 
+def test_without_clipping_the_norm_is_logged_and_the_gradients_are_not_touched(tmp_path, monkeypatch):
+    """--max-grad-norm 0 (the default): the logged norm is that of the gradients the optimizer gets, computed
+    without clip_grad_norm_'s pass that multiplies every gradient by 1 (a read and write of all of them per step)."""
+    import accelerate
+    steps = record_optimizer_steps(monkeypatch)
+
+    def no_clipping(*args, **kwargs):
+        raise AssertionError("clip_grad_norm_ called with clipping off")
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", no_clipping)
+    run_dir = run(tmp_path, "--max-steps", "2", "--log-every", "1")
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(steps) == 2
+    for record, row in zip(steps, rows):
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in record["grads"]
+                                                     if g is not None]))
+        assert float(row["grad_norm"]) == pytest.approx(norm.item(), rel=1e-5) and norm > 0
+
+
 def test_warmup_clipping_and_weight_decay_follow_their_formulas(tmp_path, monkeypatch):
     """Warm-up: step k uses lr·min(1, k/W) (and logs it). Clipping: the gradient reaching the optimizer has norm
     exactly --max-grad-norm when the raw norm is larger. Decoupled weight decay: AdamW's first step is
