@@ -153,7 +153,8 @@ def write_record(out, name, content):
 
 def main(cfg):
     # Stop signals are recorded from the start: one that comes while the model loads or the checkpoint is hashed
-    # stops the run before its first batch (preempted.json); one during the final samples.npz is let finish it.
+    # stops the run before its first batch (preempted.json); one during the final samples.npz is let finish it (with
+    # preempted.json on disk until it has, for a kill that comes first).
     with StopSignals() as stop:
         return _main(cfg, stop)
 
@@ -254,6 +255,10 @@ def _main(cfg, stop):
             stats = [s for per_process in gather_object([stats]) for s in per_process]
         state.wait_for_everyone()
         if state.is_main_process:
+            # A signal now is let finish the assembly (minutes for 50k images), but the kill that follows it may come
+            # first: the record is written when the signal comes, and removed once samples.npz is complete.
+            stop.notify(lambda signum: write_record(out, PREEMPTED_FILE, {
+                "signal": signal.Signals(signum).name, "exit_code": STOPPED_EXIT_CODE, "during": "samples.npz"}))
             arrays = np.zeros((fid.num_fid_samples, *images_shape(batch_dir)), dtype=np.uint8)
             labels = np.zeros(fid.num_fid_samples, dtype=np.int64)
             for b in range(num_batches):
@@ -267,6 +272,8 @@ def _main(cfg, stop):
                       "num_images": fid.num_fid_samples, "processes": world,
                       "batches_kept_from_earlier_runs": done, "wall_time_rank0_s": wall, **mean_compute(stats)}
             atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
+            if stop.received and os.path.exists(os.path.join(out, PREEMPTED_FILE)):  # finished all the same
+                os.remove(os.path.join(out, PREEMPTED_FILE))
             print(f"wrote {arrays.shape[0]} samples to {os.path.join(out, 'samples.npz')}")
         state.wait_for_everyone()
     except BaseException as e:

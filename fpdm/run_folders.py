@@ -267,14 +267,23 @@ class StopSignals:
     """While in the `with` block, SIGTERM and SIGUSR1 ask the training loop to stop at its next step boundary instead
     of ending the process: the handler only records the first signal's number (`received`; no I/O, nothing that could
     deadlock in a handler), a second signal changes nothing. The loop reads `received` once per step. On exit the
-    previous handlers are back. Outside the main thread (where Python cannot install handlers) it does nothing."""
+    previous handlers are back. Outside the main thread (where Python cannot install handlers) it does nothing.
+    `notify(callback)`: from then on the first signal also calls callback(signum) (at once if one came already), for
+    a phase that no loop polls (Python runs the handler in the main thread, between bytecodes, so it may write)."""
 
     def __init__(self, signals=STOP_SIGNALS):
-        self.signals, self.received, self._previous = tuple(signals), 0, {}
+        self.signals, self.received, self._previous, self._callback = tuple(signals), 0, {}, None
 
     def _handler(self, signum, frame):
         if not self.received:
             self.received = signum
+            if self._callback is not None:
+                self._callback(signum)
+
+    def notify(self, callback):
+        self._callback = callback
+        if self.received:
+            callback(self.received)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -391,6 +391,26 @@ def test_a_stop_signal_while_sample_ddp_loads_stops_before_the_first_batch(check
     assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
 
 
+def test_a_stop_signal_while_samples_npz_is_assembled_is_recorded_until_it_is_complete(checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """A scheduler's SIGTERM while the main process assembles samples.npz: the assembly finishes, but the kill that
+    follows the signal may come first, so preempted.json is on disk from the signal until samples.npz is complete
+    (before: nothing recorded, and a requeue script did not requeue)."""
+    import signal
+    out = tmp_path / "assembling"
+    cmd = ddp_cmd(checkpoint, str(out), 1)
+    real, seen = sample_ddp.images_shape, []
+
+    def signalled(batch_dir):  # the assembly's first step
+        os.kill(os.getpid(), signal.SIGTERM)
+        seen.append(json.load(open(out / "preempted.json")))
+        return real(batch_dir)
+    monkeypatch.setattr(sample_ddp, "images_shape", signalled)
+    sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
+    assert seen == [{"signal": "SIGTERM", "exit_code": 3, "during": "samples.npz"}]
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
+
+
 def test_a_failed_sample_ddp_run_leaves_failed_json_for_the_requeue_script(checkpoint, tmp_path, monkeypatch):
     """A process that fails mid-run (here its second batch's commit) records it in failed.json (under accelerate
     launch the others then stop on the launcher's SIGTERM and write preempted.json: the requeue script must not
