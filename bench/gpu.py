@@ -17,6 +17,11 @@ the sections it finished. On a lease whose machine returns only one folder, writ
                   memory, and MFU (model FLOPs from torch's FLOP counter over the GPU's peak bf16 FLOP/s). FPDM draws
                   its S-JFB counts with training.sjfb_counts from the fpdm-xl2-in256 preset (n in 0..10, m in 1..12),
                   the same sequence in every variant; its FLOPs per step follow exactly from (n, m).
+  sjfb            an FPDM-XL/2 training step with fixed S-JFB counts (n = 8, m = 2, batch 32, --dtype): ours (the
+                  n iterations under torch.no_grad()) vs the release's style (recorded by autograd, then detached:
+                  bench/bench_model.py's release_style_forward), same weights and batch, interleaved, medians:
+                  the time ratio (issue 29's target: <= 0.95), peak memory, and each variant's top 10 kernels by
+                  device time (torch.profiler, one step).
   train-compiled  the same with model.compile_regions() (compile time reported apart, steps after warm-up; FPDM's
                   is warm: its blocks reuse the DiT block code TorchDynamo compiled for DiT). Skipped, with the
                   reason, where torch.compile cannot build here (Triton needs a C compiler and Python's headers).
@@ -74,9 +79,9 @@ ROOT = os.path.dirname(HERE)
 # 9-minute lease slot with the driver's own few seconds (DEADLINE_S bounds the whole run). Each child spends ~10 s
 # importing torch and the models and starting CUDA; the models are built on the GPU. The expected times are estimates
 # (FLOPs at the GPU's rates, a local NVMe disk for the checkpoint), none measured yet.
-SECTIONS = {"train-eager": (75, 45), "train-compiled": (130, 100), "sampling": (35, 25), "precision": (40, 25),
-            "latency": (30, 15), "parallel": (30, 15), "two-axis": (30, 15), "residual": (20, 10),
-            "diagnostics": (30, 15), "vae": (30, 15), "checkpoint": (75, 45)}
+SECTIONS = {"train-eager": (75, 45), "sjfb": (25, 15), "train-compiled": (130, 100), "sampling": (35, 25),
+            "precision": (40, 25), "latency": (30, 15), "parallel": (30, 15), "two-axis": (25, 15),
+            "residual": (20, 10), "diagnostics": (25, 15), "vae": (30, 15), "checkpoint": (60, 45)}
 DEADLINE_S = 540  # the whole run; what --deadline defaults to at full size
 MIN_SECTION_S = 10  # no section starts with less time than this left
 KILL_WAIT_S = 15  # how long the driver waits for a killed section's processes to exit
@@ -88,12 +93,12 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H200 NVL": 835.5, "H100": 989.4, "H100 PCIe"
 FULL = {"input_size": 32, "batch": 32, "dit": "DiT-XL/2", "fpdm": "DiT-XL/2", "parallel_model": "DiT-B/2",
         "train_steps": 20, "warmup": 3, "sample_steps": 20, "parallel_steps": 50, "num_classes": 1000, "size": {},
         "precision_steps": 10, "contraction_calls": 2, "plot_rows": 200, "vae_channels": (128, 256, 512, 512),
-        "vae_resolution": 256, "vae_batch": 16, "vae_repeats": 3, "checkpoint_free_gb": 30}
+        "vae_resolution": 256, "vae_batch": 16, "vae_repeats": 3, "checkpoint_free_gb": 30, "sjfb_repeats": 10}
 TINY = {"input_size": 8, "batch": 4, "dit": "DiT-S/2", "fpdm": "DiT-S/2", "parallel_model": "DiT-S/2",
         "train_steps": 3, "warmup": 1, "sample_steps": 4, "parallel_steps": 6, "num_classes": 10,
         "size": {"hidden_size": 32, "num_heads": 2, "depth": 4},
         "precision_steps": 3, "contraction_calls": 1, "plot_rows": 200, "vae_channels": (32, 32),
-        "vae_resolution": 16, "vae_batch": 2, "vae_repeats": 1, "checkpoint_free_gb": 0.1}
+        "vae_resolution": 16, "vae_batch": 2, "vae_repeats": 1, "checkpoint_free_gb": 0.1, "sjfb_repeats": 2}
 
 # The precisions sample.py offers, named as its args.json records them: (name, TF32 on, sample_images' precision).
 PRECISIONS = (("fp32", False, "fp32"), ("tf32", True, "fp32"), ("bf16+tf32", True, "bf16"))
@@ -304,6 +309,66 @@ def train_section(args, sizes, compiled):
     out["fpdm/dit images_per_s"] = out["fpdm"]["images_per_s"] / out["dit"]["images_per_s"]
     out["fpdm/dit peak_mem"] = (out["fpdm"]["peak_mem_mb"] / out["dit"]["peak_mem_mb"]
                                 if out["dit"]["peak_mem_mb"] else None)
+    return out
+
+
+def sjfb_section(args, sizes):
+    """Our S-JFB training step vs the release's style at fixed counts (bench_model's variants), side by side."""
+    import statistics
+    from types import SimpleNamespace
+
+    import torch
+
+    import bench_model
+    device = torch.device(args.device)
+    width = sizes["size"].get("hidden_size", 1152)
+    config = SimpleNamespace(input_size=sizes["input_size"], patch_size=2, hidden_size=width,
+                             num_heads=sizes["size"].get("num_heads", 16), depth=sizes["size"].get("depth", 28),
+                             grad_ckpt=False, device=device.type, dtype=args.dtype, no_grad_iters=8,
+                             with_grad_iters=2, batch_size=sizes["batch"])
+    model = bench_model.build(config, "fpdm").to(device).train()
+    batch = bench_model.make_batch(config)
+    variants = ("fpdm", "fpdm_release_nograd")
+    names = {"fpdm": "ours", "fpdm_release_nograd": "release-style"}
+
+    def step(variant):
+        bench_model.train_step(model, variant, batch, config)
+    out = {"model": f"FPDM width {width}, {sizes['input_size']}x{sizes['input_size']}x4, patch 2",
+           "batch": sizes["batch"], "n": 8, "m": 2, "dtype": args.dtype}
+    for variant in variants:  # warm-up (kernels chosen, allocator grown)
+        step(variant)
+    times = {variant: [] for variant in variants}
+    for _ in range(sizes["sjfb_repeats"]):  # round-robin: machine noise hits both alike
+        for variant in variants:
+            synchronize(device)
+            start = time.perf_counter()
+            step(variant)
+            synchronize(device)
+            times[variant].append(time.perf_counter() - start)
+    for variant in variants:
+        out[names[variant]] = {"step_s": statistics.median(times[variant]), "steps": len(times[variant])}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(variant)
+            synchronize(device)
+            out[names[variant]]["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out["ours/release-style step time"] = out["ours"]["step_s"] / out["release-style"]["step_s"]
+    keep_partial(args, out)
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for variant in variants:
+        with profile(activities=activities) as prof:
+            step(variant)
+            synchronize(device)
+        def self_us(e):  # the time of the kernels themselves (a CPU op's own time on the CPU); torch < 2.4: cuda_
+            if device.type != "cuda":
+                return e.self_cpu_time_total
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        events = sorted(prof.key_averages(), key=self_us, reverse=True)[:10]
+        out[names[variant]]["top_kernels"] = [{"name": e.key[:80], "ms": self_us(e) / 1e3, "calls": e.count}
+                                              for e in events]
+        keep_partial(args, out)
     return out
 
 
@@ -719,7 +784,8 @@ def run_section(name, args):
     sizes = TINY if args.tiny else FULL
     if name.startswith("train"):
         return train_section(args, sizes, compiled=name == "train-compiled")
-    return {"sampling": sampling_section, "precision": precision_section, "latency": latency_section,
+    return {"sjfb": sjfb_section, "sampling": sampling_section, "precision": precision_section,
+            "latency": latency_section,
             "parallel": parallel_section,
             "two-axis": two_axis_section, "residual": residual_section, "diagnostics": diagnostics_section,
             "vae": vae_section, "checkpoint": checkpoint_section}[name](args, sizes)
@@ -852,6 +918,9 @@ def summary(section, r):
         comp = lambda v: f", compile {v['compile_s']:.0f} s" if v["compile_s"] is not None else ""  # noqa: E731
         return "; ".join(f"{k} {v['images_per_s']:.1f} img/s{mem(v)}{mfu(v)}{comp(v)}" for k, v in r.items()
                          if isinstance(v, dict))
+    if section == "sjfb":
+        return (f"ours {r['ours']['step_s'] * 1e3:.1f} ms, release-style {r['release-style']['step_s'] * 1e3:.1f} ms "
+                f"a step (ratio {r['ours/release-style step time']:.3f}; target <= 0.95)")
     if section == "sampling":
         return (f"dit {r['dit']['images_per_s']:.1f} img/s, fpdm {r['fpdm']['images_per_s']:.1f} img/s at "
                 f"{r['fpdm']['block_evals']} block evals")

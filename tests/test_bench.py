@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -133,7 +134,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     VAE, a training checkpoint written and read back) with their rows in the printed table; a CPU run at full sizes
     is refused with a one-line error."""
     out = tmp_path / "gpu.json"
-    sections = "train-eager,sampling,precision,latency,parallel,two-axis,residual,diagnostics,vae,checkpoint"
+    sections = "train-eager,sjfb,sampling,precision,latency,parallel,two-axis,residual,diagnostics,vae,checkpoint"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--tiny",
                            "--sections", sections, "--out", str(out), "--scratch", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT,
@@ -146,6 +147,12 @@ def test_gpu_benchmark_dry_run(tmp_path):
     for variant in ("dit", "fpdm"):
         assert train[variant]["images_per_s"] > 0 and train[variant]["tflops_per_step"] > 0
     assert train["fpdm"]["params"] < train["dit"]["params"] and len(train["fpdm"]["sjfb_draws"]) == 3
+    sjfb = report["sections"]["sjfb"]  # ours vs the release's style, same step: its ratio and each one's profile
+    assert sjfb["ours/release-style step time"] == sjfb["ours"]["step_s"] / sjfb["release-style"]["step_s"] > 0
+    for variant in ("ours", "release-style"):
+        kernels = sjfb[variant]["top_kernels"]
+        assert len(kernels) == 10 and any("mm" in k["name"] for k in kernels) and kernels[0]["ms"] > 0
+    assert re.search(r"^sjfb: .* s  ours [\d.]+ ms, release-style [\d.]+ ms a step \(ratio ", proc.stdout, re.M)
     sampling = report["sections"]["sampling"]
     assert sampling["fpdm"]["block_evals"] == sampling["dit"]["block_evals"]  # equal budgets
     parallel = report["sections"]["parallel"]
