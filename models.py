@@ -375,11 +375,18 @@ class DiT(nn.Module):
         `reuse`, `fp_solver`, `stop`).
         """
         self._check_input(x, t, y, **solver)
-        tokens = self.x_embedder(x) + self.pos_embed
+        tokens = self.embed(x)
         t_emb = self.t_embedder(t)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)
         tokens, c_final = self.trunk(tokens, t_emb + y_emb, y_emb, **solver)
         return self.unpatchify(self.final_layer(tokens, c_final))
+
+    def embed(self, x):
+        """Patch tokens of x plus the positional table: (N, T, D), contiguous. timm's PatchEmbed returns a transposed
+        view of its convolution's output, and a residual stream kept in that layout (every add follows its first
+        operand's) makes each LayerNorm copy it and each residual add read it strided, in every block; one copy here
+        instead, the same values."""
+        return self.x_embedder(x).contiguous() + self.pos_embed
 
     def trunk(self, tokens, c, y_emb, **solver):
         """Blocks between embedding and final layer; returns (tokens, the final layer's conditioning)."""

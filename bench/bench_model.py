@@ -40,7 +40,7 @@ def build(args, variant):
 def release_style_forward(model, x, t, y, n, m):
     """The release's S-JFB: the n 'no-grad' iterations run with autograd recording (torch.no_grad clashed with its
     DDP setup), and the result is detached afterwards. Same numbers as ours, more memory and time."""
-    tokens = model.x_embedder(x) + model.pos_embed
+    tokens = model.embed(x)
     y_emb = model.y_embedder(y, model.training)
     c = model.t_embedder(t) + y_emb
     for block in model.blocks_pre:

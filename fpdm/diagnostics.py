@@ -46,7 +46,7 @@ def layer_problem(model, x, t, y):
     """(h, injection, c) of FPDM `model`'s implicit layer for inputs x, t, y, exactly as `DiT.forward` and
     `FPDM.trunk` build them in eval mode (no label dropout): the pre-blocks' output (where iteration starts), the
     input injection and the layer's conditioning. The layer is f(z) = model.fixed_point_function(z, injection, c)."""
-    tokens = model.x_embedder(x) + model.pos_embed
+    tokens = model.embed(x)
     t_emb, y_emb = model.t_embedder(t), model.y_embedder(y, False)
     c = t_emb + y_emb
     c_outer = c if model.fixed_point_pre_post_timestep_conditioning else y_emb

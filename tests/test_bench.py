@@ -233,6 +233,21 @@ def test_gpu_benchmark_kills_a_section_with_its_children_and_keeps_a_report_when
         assert report["sections"][section]["error"].startswith("not run: ")
 
 
+def test_gpu_benchmark_formats_a_section_that_stopped_early():
+    """A section killed at its cap keeps what it measured, without the ratios computed at its end: the scale table
+    shows the rows it can (before, a KeyError there ended the driver and every section after it), and a summary
+    that cannot be formatted is replaced by a note instead of stopping the run."""
+    gpu = bench_script("gpu")
+    partial = {"model": "DiT-XL/2", "batch": 32,
+               "fp32": {"images_per_s": 1.0, "max_abs_diff_to_fp32": 0.0, "fid50k_hours_8gpus": 5.0},
+               "tf32": {"images_per_s": 2.0, "max_abs_diff_to_fp32": 1e-3, "fid50k_hours_8gpus": 2.5}}
+    rows = dict(gpu.scale_table({"precision": partial}))
+    assert rows["DiT-XL/2 sampling, DDPM + guidance, batch 32: tf32"].startswith("2.00 img/s, max |diff|")
+    assert gpu.formatted(gpu.summary, "latency", {"dit-batch1": {}}, default="note") == "note"
+    assert gpu.formatted(gpu.summary, "residual", {"fp32": {"floor": 1e-6}, "bf16": {"floor": 1e-3}},
+                         default="note").startswith("fp32 floor 1.0e-06")
+
+
 def test_gpu_peak_flops_by_device_name():
     """MFU's denominator: the longest matching part of torch's device name, so NVL and PCIe cards are not taken for
     SXM ones."""

@@ -253,6 +253,36 @@ def test_dit_matches_reference(size):
     torch.testing.assert_close(model(x, t, y), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fixed_point", [False, True])
+def test_every_block_gets_contiguous_tokens_and_the_same_numbers(fixed_point, monkeypatch):
+    """The residual stream is contiguous from the embedding on (timm's PatchEmbed hands back a transposed view, which
+    every add then kept: each LayerNorm copied it, each residual add read it strided, and a regionally compiled
+    block saw other strides in FPDM's layer than in DiT's). The outputs and gradients equal the transposed layout's
+    bit for bit."""
+    model = randomize(tiny(fixed_point=fixed_point), scale=0.1).train()
+    x, t, y = inputs()
+    seen = []
+    for block in model.modules():
+        if type(block).__name__ == "DiTBlock":
+            block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(0)  # the same label dropout and S-JFB counts
+        out = model(x, t, y, **({"num_iterations": (2, 2)} if fixed_point else {}))
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    out, grads = run()
+    # DiT's blocks; FPDM's pre and post blocks and 4 iterations of its layer's block
+    blocks = len(model.blocks_pre) + 4 + len(model.blocks_post) if fixed_point else len(model.blocks)
+    assert len(seen) == blocks >= 5 and all(seen)
+    monkeypatch.setattr(type(model), "embed", lambda self, x: self.x_embedder(x) + self.pos_embed)
+    seen.clear()
+    old_out, old_grads = run()
+    assert not all(seen)  # the transposed layout, as before
+    assert torch.equal(out, old_out) and all(torch.equal(a, b) for a, b in zip(grads, old_grads))
+
+
 @pytest.mark.parametrize("pre,post,pre_post_t", [(1, 1, False), (2, 1, True), (0, 0, False)])
 def test_fpdm_matches_reference(pre, post, pre_post_t):
     model = randomize(tiny(fixed_point=True, fixed_point_pre_depth=pre, fixed_point_post_depth=post,
