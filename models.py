@@ -445,6 +445,12 @@ class DiT(nn.Module):
         """Estimated FLOPs of one forward call per sample, embedders and final layer included."""
         return self._embed_and_final_flops() + len(self.blocks) * self.block_flops()
 
+    def training_flops(self, sjfb=None):
+        """Model FLOPs of one training step per sample: the forward and its backward (twice the forward's
+        matmuls). For FPDM `sjfb` = (n, m): the n no-grad iterations run forward only. Recomputation under gradient
+        checkpointing is not counted (model FLOPs, as MFU counts them)."""
+        return 3 * self.forward_flops()
+
     def _embed_and_final_flops(self):
         hidden, tokens = self.pos_embed.shape[-1], self.pos_embed.shape[1]
         embed = 2 * (tokens * self.patch_size ** 2 * self.in_channels * hidden + 256 * hidden + hidden ** 2)
@@ -630,6 +636,11 @@ class FPDM(DiT):
         injection = 2 * tokens * hidden ** 2
         pre_post = len(self.blocks_pre) + len(self.blocks_post)
         return self._embed_and_final_flops() + pre_post * self.block_flops() + injection + k * self.iteration_flops()
+
+
+    def training_flops(self, sjfb=None):
+        n, m = sjfb
+        return 3 * self.forward_flops(0) + (n + 3 * m) * self.iteration_flops()
 
 
 def _randint(low, high):

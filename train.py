@@ -213,7 +213,8 @@ def train_step(cfg, model, raw_model, diffusion, dataset, loader, optimizer, sch
             loss = diffusion.training_losses(model, x, t, model_kwargs=kwargs, noise=mine["noise"])["loss"].mean()
         accelerator.backward(loss / accum)
         nonfinite += ~torch.isfinite(loss.detach())
-        metrics.add(loss.detach() / accum, raw_model.last_stats if raw_model.fixed_point else None, t)
+        stats = raw_model.last_stats if raw_model.fixed_point else None
+        metrics.add(loss.detach() / accum, stats, t, raw_model.training_flops(stats and stats.sjfb) * len(t))
     # NaN guard, before anything reaches the optimizer: every micro-batch's loss on every process, and the
     # (all-reduced) gradient norm, checked with one host sync per step. All processes agree, nothing is saved,
     # and the weights, optimizer state and last good checkpoint stay as they were. The same all-reduce (max) and

@@ -74,6 +74,9 @@ from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # the repository's packages also where it is not installed (a GPU machine's copy)
+
+from fpdm.measure import peak_key, peak_tflops  # noqa: E402 -- the MFU denominators
 
 # section -> (cap in seconds, expected seconds on an H100/H200 at full size); the caps add up to 8 min 50 s, under a
 # 9-minute lease slot with the driver's own few seconds (DEADLINE_S bounds the whole run). Each child spends ~10 s
@@ -85,10 +88,6 @@ SECTIONS = {"train-eager": (75, 45), "sjfb": (20, 15), "train-compiled": (130, 1
 DEADLINE_S = 540  # the whole run; what --deadline defaults to at full size
 MIN_SECTION_S = 10  # no section starts with less time than this left
 KILL_WAIT_S = 15  # how long the driver waits for a killed section's processes to exit
-# Dense (no sparsity) bf16 tensor-core peaks by a part of the device name; the longest part that matches wins, so
-# "NVIDIA H200 NVL" is an NVL card, not an SXM H200. torch names the H100 SXM "NVIDIA H100 80GB HBM3".
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H200 NVL": 835.5, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.5,
-                    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
 
 FULL = {"input_size": 32, "batch": 32, "dit": "DiT-XL/2", "fpdm": "DiT-XL/2", "parallel_model": "DiT-B/2",
         "train_steps": 20, "warmup": 3, "sample_steps": 20, "parallel_steps": 50, "num_classes": 1000, "size": {},
@@ -103,17 +102,6 @@ TINY = {"input_size": 8, "batch": 4, "dit": "DiT-S/2", "fpdm": "DiT-S/2", "paral
 # The precisions sample.py offers, named as its args.json records them: (name, TF32 on, sample_images' precision).
 PRECISIONS = (("fp32", False, "fp32"), ("tf32", True, "fp32"), ("bf16+tf32", True, "bf16"))
 FID_SAMPLES, FID_STEPS, FID_GPUS = 50_000, 250, 8  # DiT's FID-50K: DDPM-250 with guidance, here spread on 8 GPUs
-
-
-def peak_key(device_name):
-    """The PEAK_BF16_TFLOPS entry of a device name (the longest that matches), or None."""
-    matches = [key for key in PEAK_BF16_TFLOPS if key.lower() in device_name.lower()]
-    return max(matches, key=len) if matches else None
-
-
-def peak_tflops(device_name):
-    key = peak_key(device_name)
-    return PEAK_BF16_TFLOPS[key] if key else None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -851,7 +839,6 @@ def main():
               "deadline_s": deadline, "sections": {}, "wall_s": {}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    sys.path.insert(0, ROOT)
     from fpdm.run_folders import atomic_write
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         for section in sections:

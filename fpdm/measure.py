@@ -1,5 +1,6 @@
-"""Shared by bench/, experiments/ and tests: bytes autograd saves for backward, peak RSS, random-weight models, and
-the waits for the device: this repository's reads (SyncCounter) and those inside torch's ops (device_waits)."""
+"""Shared by bench/, experiments/, train.py and tests: bytes autograd saves for backward, peak RSS, random-weight
+models, GPUs' peak FLOP/s, and the waits for the device: this repository's reads (SyncCounter) and those inside
+torch's ops (device_waits)."""
 
 import os
 import re
@@ -7,6 +8,25 @@ import resource
 import sys
 
 import torch
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s by a part of the device name; the longest part that matches
+# wins, so "NVIDIA H200 NVL" is an NVL card, not an SXM H200. torch names the H100 SXM "NVIDIA H100 80GB HBM3".
+# MFU's denominator (bench/gpu.py, train.py's log).
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H200 NVL": 835.5, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.5,
+                    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
+
+
+def peak_key(device_name):
+    """The PEAK_BF16_TFLOPS entry of a device name (the longest that matches), or None."""
+    matches = [key for key in PEAK_BF16_TFLOPS if key.lower() in device_name.lower()]
+    return max(matches, key=len) if matches else None
+
+
+def peak_tflops(device_name):
+    """The dense bf16 peak of a device name, or None for a device not in the table."""
+    key = peak_key(device_name)
+    return PEAK_BF16_TFLOPS[key] if key else None
 
 
 def perturb_parameters_(model, scale=0.02):

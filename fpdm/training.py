@@ -523,26 +523,33 @@ class MetricsWindow:
     sync per step), then one row for metrics.csv, the tracker and the log line. With --fp-diagnostics, also each
     example's final relative residual summed per timestep bucket (row 0) with the bucket's count (row 1) since the
     last diagnostics row, all processes' added up and read with one sync per diagnostics row (`take_residual_by_t`;
-    fpdm/diagnostics.py)."""
+    fpdm/diagnostics.py). `tflops_per_gpu`: this process's model FLOPs (DiT.training_flops, S-JFB's counts as drawn)
+    per second; `mfu` on a GPU of measure.PEAK_BF16_TFLOPS: that over its dense bf16 peak, whatever the precision."""
 
     FIELDS = ["step", "loss", "grad_norm", "lr", "steps_per_s", "images_per_s", "peak_mem_mb", "sjfb_no_grad",
-              "sjfb_with_grad", "fp_residual"]
+              "sjfb_with_grad", "fp_residual", "tflops_per_gpu", "mfu"]
 
     def __init__(self, path, cfg, accelerator, tracker):
+        from fpdm.measure import peak_tflops
         self.path, self.cfg, self.tracker = path, cfg, tracker
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
+        self.peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.by_t = cfg.fp.fixed_point and cfg.run.fp_diagnostics
         self.buckets = torch.arange(BUCKETS, device=self.device)
         self.residual_by_t = torch.zeros(2, BUCKETS, device=self.device)
-        if self.is_main and not os.path.exists(path):
+        self.columns = self.FIELDS
+        if self.is_main and os.path.exists(path):  # a resumed run's file keeps its columns (an older run's: fewer)
+            with open(path, newline="") as f:
+                self.columns = next(csv.reader(f), None) or self.FIELDS
+        elif self.is_main:
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.FIELDS)
         self.reset()
 
     def reset(self):
         self.loss, self.steps, self.start = torch.zeros((), device=self.device), 0, time.time()
-        self.micro, self.sjfb, self.residual = 0, [0, 0], 0.0
+        self.micro, self.sjfb, self.residual, self.flops = 0, [0, 0], 0.0, 0.0
         if self.device.type == "cuda":  # peak_mem_mb: this window's (a CPU run's is the process's peak RSS)
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -565,11 +572,12 @@ class MetricsWindow:
         self.residual_by_t = torch.zeros_like(self.residual_by_t)
         return [s / n if n else math.nan for s, n in zip(sums, counts)]
 
-    def add(self, loss, stats=None, t=None):
-        """One micro-batch: its loss (already divided by the accumulation steps), the FPDM call's stats and the
-        micro-batch's timesteps."""
+    def add(self, loss, stats=None, t=None, flops=0.0):
+        """One micro-batch: its loss (already divided by the accumulation steps), the FPDM call's stats, the
+        micro-batch's timesteps and its model FLOPs."""
         self.loss += loss
         self.micro += 1
+        self.flops += flops
         self.steps = self.micro // self.cfg.optim.grad_accum_steps
         if stats is not None:
             self.sjfb = [self.sjfb[0] + stats.sjfb[0], self.sjfb[1] + stats.sjfb[1]]
@@ -591,17 +599,21 @@ class MetricsWindow:
                "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": steps / elapsed,
                "images_per_s": steps * self.cfg.optim.global_batch_size / elapsed,
                "peak_mem_mb": peak_memory_bytes(self.device) / 2**20, "sjfb_no_grad": self.sjfb[0] / micro,
-               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": residual / micro}
+               "sjfb_with_grad": self.sjfb[1] / micro, "fp_residual": residual / micro,
+               "tflops_per_gpu": self.flops / elapsed / 1e12}
+        row["mfu"] = row["tflops_per_gpu"] / self.peak if self.peak else None
         if self.is_main:
             with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow([row[k] for k in self.FIELDS])
+                csv.writer(f).writerow(["" if row.get(k) is None else row.get(k, "") for k in self.columns])
             progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
             fixed_point = (f"  S-JFB n {row['sjfb_no_grad']:.1f} m {row['sjfb_with_grad']:.1f}  residual "
                            f"{row['fp_residual']:.3g}" if self.cfg.fp.fixed_point else "")
-            logger.info("step %d  loss %.4f  grad %.3f  %.2f steps/s  %.0f img/s  mem %.0f MB%s", step, row["loss"],
-                        row["grad_norm"], row["steps_per_s"], row["images_per_s"], row["peak_mem_mb"], fixed_point)
+            mfu = f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+            logger.info("step %d  loss %.4f  grad %.3f  %.2f steps/s  %.0f img/s  %.1f TFLOP/s per GPU%s  mem %.0f MB%s",
+                        step, row["loss"], row["grad_norm"], row["steps_per_s"], row["images_per_s"],
+                        row["tflops_per_gpu"], mfu, row["peak_mem_mb"], fixed_point)
         if self.tracker:
-            accelerator.log({k: row[k] for k in self.FIELDS if k != "step"}, step=step)
+            accelerator.log({k: row[k] for k in self.FIELDS if k != "step" and row[k] is not None}, step=step)
         self.reset()
         return row
 

@@ -134,6 +134,26 @@ def test_metrics_window_averages_residuals_per_timestep_bucket(tmp_path):
     assert all(math.isnan(v) for v in window.take_residual_by_t(accelerator))  # and start over after a row
 
 
+def test_metrics_window_keeps_an_older_runs_columns_on_resume(tmp_path):
+    """A run started before metrics.csv gained columns (tflops_per_gpu, mfu) and resumed now: its rows keep the
+    file's header, so the CSV stays one table; a new file gets every column."""
+    import csv
+    cfg = configs.TrainConfig().replace(tracker="none")
+    accelerator = SimpleNamespace(is_main_process=True, device=torch.device("cpu"),
+                                  reduce=lambda tensor, reduction: tensor)
+    old = training.MetricsWindow.FIELDS[:10]
+    (tmp_path / "old.csv").write_text(",".join(old) + "\n")
+    for name in ("old.csv", "new.csv"):
+        window = training.MetricsWindow(str(tmp_path / name), cfg, accelerator, None)
+        window.add(torch.tensor(0.5), None, torch.tensor([1, 2]), flops=4e12)
+        row = window.log(1, torch.tensor(1.0), 1e-3, accelerator, SimpleNamespace(set_postfix=lambda **_: None))
+        assert row["tflops_per_gpu"] > 0 and row["mfu"] is None  # the CPU has no peak in the table
+        with open(tmp_path / name, newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == (old if name == "old.csv" else training.MetricsWindow.FIELDS)
+        assert len(rows) == 2 and len(rows[1]) == len(rows[0]) and rows[1][0] == "1"
+
+
 def test_training_writes_diagnostics_and_trains_bit_identically_without_them(tmp_path):
     """A row of fp_diagnostics.csv every --fp-diagnostics-every steps and at the last (finite contraction, residuals
     finite where a bucket had examples), both PNGs (drawn off the training path, there when the run returns); the

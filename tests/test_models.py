@@ -764,6 +764,21 @@ def test_regional_compile_reuses_graphs_for_any_sjfb_counts():
     assert 1 <= counters["stats"]["unique_graphs"] <= 4 and not counters["recompiles"]
 
 
+@pytest.mark.parametrize("fixed_point", [False, True])
+def test_training_flops_equal_torchs_flop_counter_at_xl2(fixed_point):
+    """train.py's TFLOP/s and MFU come from DiT.training_flops: at XL/2 (on the meta device: shapes only) it is the
+    figure torch's FLOP counter gives for a training step, S-JFB's no-grad iterations counted forward only."""
+    from torch.utils.flop_counter import FlopCounterMode
+    fp = dict(fixed_point=True, fixed_point_pre_depth=1, fixed_point_post_depth=1) if fixed_point else {}
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=32, num_classes=1000, **fp).train()
+        x, t, y = torch.randn(2, 4, 32, 32), torch.tensor([1, 2]), torch.tensor([1, 2])
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y, **({"num_iterations": (5, 3)} if fixed_point else {})).sum().backward()
+    estimate = 2 * model.training_flops((5, 3) if fixed_point else None)
+    assert estimate == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
 def test_iteration_policy_is_checked_in_one_place():
     """FPDM.solve takes one IterationPolicy; its conflicts are refused when it is built, whoever builds it (the
     model's keywords, GuidedModel, two-axis sampling)."""

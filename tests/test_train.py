@@ -14,6 +14,7 @@ import torch
 
 import sjfb_recording_train
 import train
+from models import DiT
 from fpdm import checkpoints
 from fpdm import config as configs
 from fpdm import training
@@ -57,6 +58,12 @@ def test_run_writes_checkpoints_logs_and_samples(tmp_path):
     assert all(0 <= float(r["sjfb_no_grad"]) <= 3 and 1 <= float(r["sjfb_with_grad"]) <= 3 for r in rows)
     assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
     assert all(0 < float(r["fp_residual"]) < 10 for r in rows)
+    # model FLOPs: each step's, from its S-JFB counts (one micro-batch a step here); MFU only on a GPU of the table
+    model = DiT(**ckpt["model_config"])
+    for r in rows:
+        counts = (round(float(r["sjfb_no_grad"])), round(float(r["sjfb_with_grad"])))
+        per_step = float(r["tflops_per_gpu"]) * 1e12 / float(r["steps_per_s"])
+        assert per_step == pytest.approx(model.training_flops(counts) * 8, rel=1e-9) and r["mfu"] == ""
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["step_0000003.png", "step_0000006.png"]
     assert "saved checkpoints/step_0000006.pt" in open(os.path.join(run_dir, "log.txt")).read()
     # EMA (decay 0.9999) moved between steps 3 and 6, far less than the model did (exact formula: test below).
