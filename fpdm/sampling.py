@@ -163,11 +163,13 @@ class GuidedModel:
     FPDM.fixed_point_function) and hands its output back in the input's dtype, so that everything the samplers do
     between calls (DDIM updates, the Anderson solves of parallel DDIM) stays float32. `graphs` (a
     graphs.GraphedCalls) replays each network call from a CUDA graph: for fixed iteration counts (a list or an int)
-    without a tolerance or Anderson, i.e. calls without host decisions inside (a guidance scale is a graph input)."""
+    without a tolerance or Anderson, i.e. calls without host decisions inside (a guidance scale is a graph input).
+    `residual_history`: FPDM's residual after every iteration of each call (`residuals`), not only the last
+    (IterationPolicy.history; a tolerance or an allocator records them all anyway)."""
 
     def __init__(self, model, cfg_scale=1.0, iterations_per_step=None, reuse=False, guidance_channels=None,
                  tol=None, guidance_interval=None, guidance_schedule="constant", num_train_timesteps=1000,
-                 fp_solver=None, precision="fp32", graphs=None, images_only=False):
+                 fp_solver=None, precision="fp32", graphs=None, images_only=False, residual_history=False):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -191,6 +193,7 @@ class GuidedModel:
         if conflict:
             raise ValueError(f"CUDA graphs replay calls whose work is fixed in advance: not with {conflict[1]}")
         self.graphs = graphs
+        self.residual_history = residual_history
         self.calls = 0
         self.iterations, self.block_evals, self.flops, self.passes = [], [], [], []
         self._residuals = []  # per call, that call's residual tensors: on the device until read (no sync per call)
@@ -242,7 +245,8 @@ class GuidedModel:
                                      f"model calls: give one entry per model call")
                 iters = iters[self.calls]
             # reuse: the sampler decides, whatever the model was built with
-            kwargs["policy"] = IterationPolicy(iters, self.tol, self.cache or False, self.fp_solver, stop)
+            kwargs["policy"] = IterationPolicy(iters, self.tol, self.cache or False, self.fp_solver, stop,
+                                               self.residual_history)
         guided = self.cfg_scale != 1.0  # then the batch is doubled
         if guided and len(x) % 2:
             raise ValueError(f"a guided call takes a doubled batch (the images, then the same images with the null "
@@ -323,7 +327,7 @@ class GuidedModel:
                 cache.solution = solution[0] if solution else None
             outer, self.cache = self.cache, cache
             try:
-                policy = IterationPolicy(iters, None, cache or False, None, None)
+                policy = IterationPolicy(iters, None, cache or False, None, None, self.residual_history)
                 out, passes = self._network(x, t, y, scale_arg, guided, {"policy": policy})
             finally:
                 self.cache = outer
@@ -589,11 +593,12 @@ def guided_batch(noise, labels, cfg_scale, null_class):
 def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=1.0, iterations_per_step=None,
                   reuse=False, tol=None, clip_denoised=None, progress=False, guidance_channels=None,
                   guidance_interval=None, guidance_schedule="constant", fp_solver=None, precision="fp32", graphs=None,
-                  **options):
+                  residual_history=False, **options):
     """Draw samples from `noise` (N, C, H, W) with class `labels` (N,) with SAMPLERS[sampler] (`options` are its
     own, e.g. eta); returns (samples, GuidedModel), whose `compute()` reports the compute and `info` the sampler's.
     `precision` "bf16" runs the network calls (only they) under bf16 autocast (see GuidedModel); samples keep the
     noise's dtype. `graphs` (graphs.GraphedCalls) replays the network calls from CUDA graphs (see GuidedModel).
+    `residual_history`: the returned GuidedModel's `residuals` hold every FPDM iteration's, not only each call's last.
 
     With cfg_scale != 1 the batch is doubled internally (second half: the null class). clip_denoised=None follows
     `clip_denoised_for(model)`: pixel models clip x̂_0, latent models do not.
@@ -612,7 +617,8 @@ def sample_images(model, diffusion, noise, labels, *, sampler="ddim", cfg_scale=
     was_training = model.training
     model.eval()
     fn = GuidedModel(model, cfg_scale, iterations_per_step, reuse, guidance_channels, tol, guidance_interval,
-                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver, precision, graphs)
+                     guidance_schedule, getattr(diffusion, "original_num_steps", 1000), fp_solver, precision, graphs,
+                     residual_history=residual_history)
     x, y = guided_batch(noise, labels, cfg_scale, model.num_classes)
     diffusion.prepare(x.device)  # schedule tables on the device once, not copied at each step
     try:
@@ -651,13 +657,14 @@ def calibrate_step_weights(model, diffusion, noise, labels, iterations, *, reuse
             torch.manual_seed(0)
             return sample_images(model, diffusion, noise, labels, iterations_per_step=schedule, **options)
 
-    base, _ = run(iterations)
+    base, base_fn = run(iterations)
     weights = []
     for i in tqdm(range(len(iterations)), desc="calibrating step weights", disable=not progress):
         more = list(iterations)
         more[i] += 1
         out, fn = run(more)
-        before, after = fn.residuals[i][-2:]
+        # step i starts from the same state in both runs: the base run's last residual there is this run's one but last
+        before, after = base_fn.residuals[i][-1], fn.residuals[i][-1]
         removed = max(before - after, 1e-3 * before, TINY)
         moved = float((out - base).flatten(1).norm(dim=1).mean())
         weights.append(max(moved, TINY) / removed)

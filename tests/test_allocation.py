@@ -217,7 +217,8 @@ def test_calibrated_weights_on_a_real_fpdm(reuse, cfg):
     for i in range(steps):
         more = list(iterations)
         more[i] += 1
-        out, fn = sample_images(model, diffusion, noise, labels, iterations_per_step=more, **options)
+        out, fn = sample_images(model, diffusion, noise, labels, iterations_per_step=more, residual_history=True,
+                                **options)
         r = fn.residuals[i]
         assert len(r) == 3
         raw.append(float((out - base).flatten(1).norm(dim=1).mean()) / max(r[1] - r[2], 1e-3 * r[1]))

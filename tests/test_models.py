@@ -578,6 +578,30 @@ def test_a_training_step_computes_only_the_last_residual():
     assert len(model.last_stats.residuals) == 5
 
 
+def test_without_history_no_residual_op_runs_inside_the_iteration_loop():
+    """IterationPolicy(history=False) (the samplers' default): an eval call's iterations run the ops of a model that
+    tracks no residual at all; the one residual comes after the loop."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = randomize(tiny(fixed_point=True), scale=0.1).eval()
+    x, t, y = inputs()
+
+    def ops(iterations, **options):
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x, t, y, num_iterations=iterations, **options)
+        return sum(1 for e in prof.events() if e.name.startswith("aten::") and
+                   (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+    def per_iteration(**options):
+        return (ops(8, **options) - ops(4, **options)) / 4
+    model.fixed_point_track_residuals = False
+    untracked = per_iteration()
+    model.fixed_point_track_residuals = True
+    assert per_iteration(history=False) == untracked < per_iteration(history=True) - 5
+    model(x, t, y, num_iterations=3, history=False)
+    assert len(model.last_stats.residuals) == 1
+
+
 def test_tolerance_stops_early_and_respects_cap():
     model = make_contractive(randomize(tiny(fixed_point=True), scale=0.1)).eval()
     x, t, y = inputs()

@@ -135,14 +135,26 @@ def test_sampler_registry_has_one_signature_and_clear_errors():
 
 def test_reuse_lowers_first_iteration_residual():
     model = tiny_fpdm()
-    _, plain = run_sampler(model, iterations_per_step=4)
-    _, reused = run_sampler(model, iterations_per_step=4, reuse=True)
+    _, plain = run_sampler(model, iterations_per_step=4, residual_history=True)
+    _, reused = run_sampler(model, iterations_per_step=4, reuse=True, residual_history=True)
     first_plain = [r[0] for r in plain.residuals[1:]]  # step 0 has nothing to reuse
     first_reused = [r[0] for r in reused.residuals[1:]]
     assert all(b < a for a, b in zip(first_plain, first_reused))
     assert np.mean(first_reused) < 0.7 * np.mean(first_plain)  # measured: 0.55 vs 1.03
     assert reused.residuals[0][0] == pytest.approx(plain.residuals[0][0])
     assert model.solution_cache.solution is None and not model.fixed_point_reuse_solution  # model left untouched
+
+
+def test_samplers_record_each_calls_last_residual_unless_asked_for_every_one():
+    """By default a sampling call computes FPDM's residual once, after its last iteration (what the compute report
+    and the calibration read; no residual kernels inside the iteration loop): the same figure as the full history's
+    last, and the same samples; residual_history=True records every iteration's."""
+    model = tiny_fpdm()
+    every_samples, every = run_sampler(model, iterations_per_step=4, reuse=True, residual_history=True)
+    last_samples, last = run_sampler(model, iterations_per_step=4, reuse=True)
+    assert [len(r) for r in every.residuals] == [4] * 10 and [len(r) for r in last.residuals] == [1] * 10
+    assert [r[-1] for r in last.residuals] == [r[-1] for r in every.residuals]
+    assert last.compute() == every.compute() and torch.equal(last_samples, every_samples)
 
 
 def test_adaptive_stopping_respects_tolerance_and_cap():
