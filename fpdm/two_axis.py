@@ -126,7 +126,8 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
              "wall_time_s": time.perf_counter() - began, "network_evaluations_per_image": per_image,
              "host_reads": result.host_reads, "masked_chain_evaluations": result.masked_evaluations,
              "residuals_per_image": result.image_residuals}
-    # h(X) of each image's best iterate X, evaluated already (one Picard step past X); a doubled batch back as it
-    # came (each twin: its image)
-    x_0 = torch.cat([result.fx[-1]] * (1 + doubled))
+    # what parallel DDIM returns (Picard: h(X) of the best iterate, evaluated already; Anderson: X); a doubled batch
+    # back as it came (each twin: its image)
+    final = result.fx if solver == "picard" else result.x
+    x_0 = torch.cat([final[-1]] * (1 + doubled))
     return (x_0, result, stats) if return_result else x_0

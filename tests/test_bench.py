@@ -84,6 +84,10 @@ def test_parallel_rows(quick):
     assert [r["solver"] for r in result["rows"]] == solvers
     assert all(r["network_evaluations"] >= r["steps"] for r in result["rows"])  # at least one pass over every state
     assert len([r for r in quick[0]["ratios"] if r["benchmark"] == "parallel"]) == len(solvers)
+    for r in result["rows"]:  # the returned sample: Picard's h(X) of its best iterate, Anderson's X
+        if r["solver"] in ("picard", "anderson"):
+            chosen = r["max_abs_diff_its_h" if r["solver"] == "picard" else "max_abs_diff_best_iterate"]
+            assert r["max_abs_diff"] == chosen
 
 
 def test_hotpath_figures(quick):

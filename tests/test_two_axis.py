@@ -61,6 +61,16 @@ def test_converges_to_sequential_ddim_with_a_converged_layer(setup, k, cfg_scale
         assert (unconverged - reference).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_returns_what_parallel_ddim_returns(setup, solver):
+    """As parallel DDIM: Picard gives h(X) of its best iterate X (evaluated already), Anderson X itself."""
+    net, diffusion, x, y = setup
+    out, result, _ = two_axis_sample(GuidedModel(net, iterations_per_step=1), diffusion, x, model_kwargs={"y": y},
+                                     solver=solver, max_iter=3, tol=0.0, return_result=True)
+    assert torch.equal(out, (result.fx if solver == "picard" else result.x)[-1])
+    assert not torch.equal(result.fx[-1], result.x[-1])
+
+
 def test_chunking_reaches_the_same_point(setup):
     net, diffusion, x, y = setup
     reference = converged_sequential(net, diffusion, x, y, 2.0)
