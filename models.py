@@ -127,7 +127,8 @@ class FinalLayer(nn.Module):
 class FixedPointStats:
     """What one FPDM call did: the iterations run, the S-JFB counts asked for (n without a graph, m with one) and the
     relative residual ||f(z) - z|| / ||z|| (norm over the batch) after each iteration, as 0-d tensors (no device
-    sync until read; in training mode, unless a tolerance or stop rule needs them all, only the last iteration's);
+    sync until read; in training mode and with IterationPolicy(history=False), the samplers' default, unless a
+    tolerance or stop rule needs them all, only the last iteration's);
     with them, the last iteration's residual of each example (norm over its tokens), a (B,) tensor (train.py
     buckets it by timestep). `FPDM.last_stats` holds the last call's."""
     iterations: int = 0

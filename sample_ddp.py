@@ -272,6 +272,7 @@ def _main(cfg, stop):
                       "num_images": fid.num_fid_samples, "processes": world,
                       "batches_kept_from_earlier_runs": done, "wall_time_rank0_s": wall, **mean_compute(stats)}
             atomic_write(os.path.join(out, "compute.json"), lambda f: json.dump(report, f, indent=2))
+            stop.notify(None)  # complete: a signal from here on is no preemption of this run
             if stop.received and os.path.exists(os.path.join(out, PREEMPTED_FILE)):  # finished all the same
                 os.remove(os.path.join(out, PREEMPTED_FILE))
             print(f"wrote {arrays.shape[0]} samples to {os.path.join(out, 'samples.npz')}")

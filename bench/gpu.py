@@ -72,6 +72,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+STARTED = time.perf_counter()  # --deadline counts from here: torch's import and CUDA's start are part of the run
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # the repository's packages also where it is not installed (a GPU machine's copy)
@@ -785,7 +787,7 @@ def run_section(name, args):
 # ------------------------------------------------------------------------------------------------------------------
 
 def main():
-    began = time.perf_counter()  # --deadline counts from here: torch's import and CUDA's start are part of the run
+    began = STARTED
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda if available (else an error unless --tiny)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",

@@ -482,17 +482,27 @@ class Reference:
     image_size: tuple = None  # (H, W) of the reference images; None where a stats file records none
 
 
+_CONTENT_HASHES = {}  # (files, sizes, modification times) -> sha256: a reference is read once per process
+
+
 def reference_content_hash(path):
     """sha256 of a reference: the bytes of an .npz file, or the names and bytes of a folder's images (those
-    `load_images` reads, in its order)."""
+    `load_images` reads, in its order). Remembered for the process while no file's size or modification time
+    changes (evaluate.py's cache key and its report ask for the same hash)."""
     path = os.path.expanduser(str(path))
-    if not os.path.isdir(path):
-        return _sha256_file(path).hexdigest()
-    digest = hashlib.sha256()
-    for file in list_images(path, recursive=False):
-        digest.update(os.path.basename(file).encode() + b"\0")
-        _sha256_file(file, digest)
-    return digest.hexdigest()
+    files = list_images(path, recursive=False) if os.path.isdir(path) else [path]
+    signature = (os.path.isdir(path), tuple((os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                                            for f in files))
+    if signature not in _CONTENT_HASHES:
+        if not os.path.isdir(path):
+            _CONTENT_HASHES[signature] = _sha256_file(path).hexdigest()
+        else:
+            digest = hashlib.sha256()
+            for file in files:
+                digest.update(os.path.basename(file).encode() + b"\0")
+                _sha256_file(file, digest)
+            _CONTENT_HASHES[signature] = digest.hexdigest()
+    return _CONTENT_HASHES[signature]
 
 
 def reference_cache_path(path, model, content_hash=None):

@@ -281,8 +281,9 @@ class StopSignals:
                 self._callback(signum)
 
     def notify(self, callback):
+        """callback(signum) on the first signal from now on (None: no longer)."""
         self._callback = callback
-        if self.received:
+        if self.received and callback is not None:
             callback(self.received)
 
     def __enter__(self):

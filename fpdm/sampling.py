@@ -289,7 +289,8 @@ class GuidedModel:
 
     @property
     def residuals(self):
-        """Every call's relative residual after each iteration, as floats (one device sync for all calls)."""
+        """Every call's relative residual after its last iteration (with residual_history, a tolerance or an
+        allocator: after each iteration), as floats (one device sync for all calls)."""
         flat = [r for call in self._residuals for r in call]
         values = torch.stack(flat).float().tolist() if flat else []
         out, start = [], 0
@@ -337,7 +338,8 @@ class GuidedModel:
                 extra += (torch.stack(stats.residuals),)
             return (out, *extra), (passes, (stats.iterations, stats.sjfb, bool(stats.residuals)))
 
-        outputs, (passes, layer) = self.graphs(call, (scale is None, guided, iters, len(solution), self.precision),
+        outputs, (passes, layer) = self.graphs(call, (scale is None, guided, iters, len(solution), self.precision,
+                                                      self.residual_history),
                                                (x, t, y, *scale_in, *solution))
         if layer is not None:
             iterations, sjfb, tracked = layer

@@ -440,12 +440,17 @@ def test_reference_cache_written_once_and_reused(tiny_set, random_inception):
     assert reference_content_hash(folder) != digest
 
 
-def test_all_command_end_to_end_and_batch_size_independent(tiny_set, quick_frechet, capsys):
+def test_all_command_end_to_end_and_batch_size_independent(tiny_set, quick_frechet, capsys, monkeypatch):
+    from fpdm import metrics
     t = tiny_set
+    metrics._CONTENT_HASHES.clear()
+    real, hashed = metrics._sha256_file, []
+    monkeypatch.setattr(metrics, "_sha256_file", lambda path, *rest: hashed.append(str(path)) or real(path, *rest))
     with counting_forward() as calls:
         result = main(["all", t.samples, t.ref, "--inception", t.weights, "--batch-size", "2", "--device", "cpu",
                        "--kid-subsets", "10"])
     assert calls == [2, 2, 2]  # one pass over the samples; the reference came from its cache
+    assert hashed.count(str(t.ref)) == 1  # its content hash: the cache key's and the report's, read once
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in ("FID", "sFID", "IS", "Precision", "Recall", "KID"))
     report = json.loads((t.folder / "samples.all.json").read_text())

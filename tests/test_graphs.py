@@ -59,7 +59,7 @@ def test_graph_replayed_calls_give_eager_samples_and_reports(case):
         runs[mode] = samples, fn.compute(), fn.residuals, graphs
     assert torch.equal(runs["graphs"][0], runs["eager"][0])
     assert runs["graphs"][1] == runs["eager"][1]  # iterations, block evaluations, FLOPs, final residuals
-    assert runs["graphs"][2] == runs["eager"][2]  # every iteration's residual
+    assert runs["graphs"][2] == runs["eager"][2]  # the residuals recorded (every iteration's: residual_history)
     graphs = runs["graphs"][3]
     distinct = {"dit-ddim": 1, "dit-guided-interval": 2, "dit-ddpm": 1, "dit-dpmpp": 1,
                 "fpdm-reuse-schedule": 3,  # k = 3 without a solution coming in, then k = 1 and k = 2 with one
@@ -67,6 +67,21 @@ def test_graph_replayed_calls_give_eager_samples_and_reports(case):
                 "dit-linear-schedule": 1,  # the scale changes at every step: a graph input
                 "dit-ddpm-bf16": 1, "fpdm-reuse-bf16": 2}[case]
     assert graphs.captures == distinct
+
+
+def test_one_graph_set_for_models_recording_the_last_or_every_residual():
+    """sample.py keeps one set of graphs for all batches: a GuidedModel recording every iteration's residual gets its
+    own graphs, not the replay of one captured recording only the last."""
+    model = tiny(True)
+    diffusion = diffusion_for_sampling({"learn_sigma": True}, 4)
+    noise, labels = batch()
+    graphs = GraphedCalls(EmulatedGraphs())
+    lengths = {}
+    for history in (False, True):
+        _, fn = sample_images(model, diffusion, noise, labels, iterations_per_step=3, graphs=graphs,
+                              residual_history=history)
+        lengths[history] = [len(r) for r in fn.residuals]
+    assert lengths == {False: [1] * 4, True: [3] * 4} and graphs.captures == 2
 
 
 def test_graphed_calls_copy_inputs_in_and_clone_outputs_out():

@@ -423,6 +423,21 @@ def test_a_stop_signal_while_samples_npz_is_assembled_is_recorded_until_it_is_co
     assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
 
 
+def test_a_stop_signal_after_samples_npz_is_complete_records_no_preemption(checkpoint, tmp_path, monkeypatch):
+    """A signal after the assembly (during the last line or the release of the folder): the run is complete, and no
+    preempted.json tells a requeue script otherwise."""
+    import signal
+    out = tmp_path / "late"
+    cmd = ddp_cmd(checkpoint, str(out), 1)
+
+    def late(*args, **kwargs):  # the run's last line
+        if str(args[0]).startswith("wrote "):
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(sample_ddp, "print", late, raising=False)
+    sample_ddp.main(sample_ddp.parse_args(cmd[2:]))
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10 and not (out / "preempted.json").exists()
+
+
 def test_a_failed_sample_ddp_run_leaves_failed_json_for_the_requeue_script(checkpoint, tmp_path, monkeypatch):
     """A process that fails mid-run (here its second batch's commit) records it in failed.json (under accelerate
     launch the others then stop on the launcher's SIGTERM and write preempted.json: the requeue script must not
