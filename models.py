@@ -642,7 +642,6 @@ class FPDM(DiT):
         pre_post = len(self.blocks_pre) + len(self.blocks_post)
         return self._embed_and_final_flops() + pre_post * self.block_flops() + injection + k * self.iteration_flops()
 
-
     def training_flops(self, sjfb=None):
         n, m = sjfb
         return 3 * self.forward_flops(0) + (n + 3 * m) * self.iteration_flops()
