@@ -56,11 +56,12 @@ def main():
 
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     budgets = [int(b) for b in args.budgets.split(",")]
-    done = common.finished_rows(args.name, vars(args), ("budget", "method"))
+    ident = common.identity(ckpt)
+    done = common.finished_rows(args.name, vars(args), ("budget", "method"), ident)
     rows, by_schedule = [], {}  # schedules that come out the same are sampled once
 
     def save():
-        return common.write_json(args.name, {"args": vars(args), "checkpoint": ckpt, "rows": rows,
+        return common.write_json(args.name, {"args": vars(args), "identity": ident, "checkpoint": ckpt, "rows": rows,
                                              "paired": paired_vs_best_fixed(rows)})
 
     for budget in budgets:

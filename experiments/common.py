@@ -2,9 +2,12 @@
 
 import contextlib
 import csv
+import glob
+import hashlib
 import json
 import os
 import statistics
+import sys
 
 from fpdm import demo_recipe  # (the demo's FPDM recipe and sample_quality)
 
@@ -93,15 +96,35 @@ def paired_difference(baseline, other):
             "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}
 
 
-def finished_rows(name, args, key):
-    """Rows of experiments/results/<name>.json written with the same `args` (a rerun of an interrupted script
-    continues), keyed by the tuple of the row fields `key`; {} when there is no such file."""
+def identity(*checkpoints):
+    """What an experiment's rows depend on besides its flags: the code (sha256 of models.py, diffusion/, fpdm/,
+    experiments/common.py and the running script) and the checkpoints' contents. A report records it; rows of a
+    report with another identity are not reused (a retrained model or a changed sampler is a new experiment)."""
+    from fpdm.sampling import file_fingerprint
+    script = getattr(sys.modules["__main__"], "__file__", None)  # none in an interactive session
+    files = [os.path.join(ROOT, "models.py"), *sorted(glob.glob(os.path.join(ROOT, "diffusion", "*.py"))),
+             *sorted(glob.glob(os.path.join(ROOT, "fpdm", "*.py"))), os.path.abspath(__file__),
+             *([os.path.abspath(script)] if script else [])]
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(os.path.relpath(path, ROOT).encode() + b"\0" + f.read())
+    return {"code": digest.hexdigest()[:16], "checkpoints": [file_fingerprint(c) for c in checkpoints]}
+
+
+def finished_rows(name, args, key, ident):
+    """Rows of experiments/results/<name>.json written with the same `args` and `identity` (a rerun of an
+    interrupted script continues; one after a change of code or checkpoint starts over), keyed by the tuple of the
+    row fields `key`; {} when there is no such file."""
     path = os.path.join(RESULTS, f"{name}.json")
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         report = json.load(f)
     if report.get("args") != json.loads(json.dumps(args)):
+        return {}
+    if report.get("identity") != ident:
+        print(f"{path}: made by other code or checkpoints than these; every row is measured again", flush=True)
         return {}
     return {tuple(row[k] for k in key): row for row in report.get("rows", [])}
 

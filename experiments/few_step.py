@@ -37,7 +37,8 @@ def main():
     settings = [("DiT", dit, dit_config, 1, None, False), ("FPDM equal", fpdm, fpdm_config, 1, 6, True),
                 ("FPDM light", fpdm, fpdm_config, 2, 2, True)]
     rows = []
-    done = common.finished_rows(args.name, vars(args), ("sampler", "model", "steps"))  # a rerun skips finished rows
+    ident = common.identity(fpdm_ckpt, dit_ckpt)
+    done = common.finished_rows(args.name, vars(args), ("sampler", "model", "steps"), ident)  # a rerun continues
     for sampler in args.samplers.split(","):
         for steps in (int(s) for s in args.steps.split(",")):
             for name, model, config, step_factor, iterations, reuse in settings:
@@ -47,13 +48,13 @@ def main():
                                                     args.num_per_class, args.cfg_scale, args.timestep_spacing, sampler)
                     row["model"] = name
                 rows.append(row)
-                common.write_json(args.name, {"args": vars(args), "fpdm_checkpoint": fpdm_ckpt,  # after every row
+                common.write_json(args.name, {"args": vars(args), "identity": ident, "fpdm_checkpoint": fpdm_ckpt,
                                               "dit_checkpoint": dit_ckpt, "rows": rows})
                 print(f"{sampler:<9} {name:<10} {row['steps']:>3} steps {row['block_evals']:>4} block evals: "
                       f"FID-MNIST {row['fid_mean']:7.2f} ± {row['fid_std']:5.2f}  accuracy "
                       f"{row['accuracy_mean']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     samplers = args.samplers.split(",")
-    path = common.write_json(args.name, {"args": vars(args), "fpdm_checkpoint": fpdm_ckpt,
+    path = common.write_json(args.name, {"args": vars(args), "identity": ident, "fpdm_checkpoint": fpdm_ckpt,
                                          "dit_checkpoint": dit_ckpt, "rows": rows})
     with common.figure(args.name, "FID-MNIST against compute, by sampler", "transformer-block evaluations per image",
                        None, ncols=len(samplers), size=(4.2 * len(samplers), 3.8), legend_size=8) as axes:

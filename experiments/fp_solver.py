@@ -26,7 +26,8 @@ def main():
 
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     solvers = {"iterate": None, "anderson": FixedPointSolver("anderson", history=args.history)}
-    done = common.finished_rows(args.name, vars(args), ("block_evals", "reuse", "solver"))  # a rerun continues
+    ident = common.identity(ckpt)
+    done = common.finished_rows(args.name, vars(args), ("block_evals", "reuse", "solver"), ident)  # a rerun continues
     rows, paired = [], []
     for budget in (int(b) for b in args.budgets.split(",")):
         iterations = iterations_from_block_budget(model, budget, args.steps, "flat")
@@ -48,7 +49,8 @@ def main():
             paired.append({"block_evals": budget, "reuse": reuse, **diff})
             print(f"budget {budget:>4} reuse {'on ' if reuse else 'off'}: Anderson − iteration {diff['mean']:+.2f} ± "
                   f"{diff['std']:.2f} (paired over seeds)", flush=True)
-            common.write_json(args.name, {"args": vars(args), "checkpoint": ckpt, "rows": rows, "paired": paired})
+            common.write_json(args.name, {"args": vars(args), "identity": ident, "checkpoint": ckpt, "rows": rows,
+                                          "paired": paired})
     with common.figure(args.name, "FPDM's layer at sampling: iteration vs Anderson",
                        "transformer-block evaluations per image", "FID-MNIST (lower is better)") as ax:
         for name in solvers:

@@ -76,7 +76,8 @@ def main():
     args = p.parse_args()
     ckpt, model, train_config, seeds = common.load_for_sampling(args)
     key = ("method", "iterations", "outer")
-    done = common.finished_rows(args.name, vars(args), key)
+    ident = common.identity(ckpt)
+    done = common.finished_rows(args.name, vars(args), key, ident)
     rows = []
     for config in configurations(args):
         row = done.get(tuple(config[k] for k in key))
@@ -90,7 +91,7 @@ def main():
                                                                        "critical_path_blocks")},
                    "seconds": sum(r["seconds"] for r in runs)}
         rows.append(row)
-        common.write_json(args.name, {"args": vars(args), "checkpoint": ckpt, "rows": rows})
+        common.write_json(args.name, {"args": vars(args), "identity": ident, "checkpoint": ckpt, "rows": rows})
         print(f"{row['method']:<12} iterations {row['iterations']} outer {row['outer'] or '-':>2}: FID-MNIST "
               f"{row['fid_mean']:7.2f} ± {row['fid_std']:5.2f}  block evals {row['block_evals']:6.0f}  critical path "
               f"{row['critical_path_calls']:4.1f} calls / {row['critical_path_blocks']:5.1f} blocks "
