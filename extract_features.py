@@ -70,6 +70,18 @@ def _setup(dataset, vae, image_size, flip, shard_size, skip_bad_images):
             "flip": flip, "shard_size": shard_size, "shard_layout": SHARD_LAYOUT, "skip_bad_images": skip_bad_images}
 
 
+def check_same_files(dataset, gather):
+    """Refuse, on every process alike, an extraction whose processes list different image folders (a stale
+    node-local copy would encode other images under the same shard indices): `gather` is accelerate's
+    gather_object, a collective every process calls."""
+    names = hashlib.sha256("\n".join(os.path.relpath(p, dataset.root) for p in dataset.files).encode()).hexdigest()
+    seen = gather([(len(dataset.files), names)])
+    if len(set(seen)) > 1:
+        listed = ", ".join(f"process {r}: {n} files ({h[:12]})" for r, (n, h) in enumerate(seen))
+        raise ValueError(f"the processes see different image folders at {dataset.root} ({listed}): give every node "
+                         f"the same copy")
+
+
 def _prepare(output, setup, overwrite=False):
     """On process 0, before any shard: keep an earlier extraction with the same setup (a run with --skip-bad-images
     also continues one without: its shards skipped nothing); one of another setup is refused in one line naming what
@@ -170,12 +182,17 @@ def _extract(data_path, output, vae, image_size, batch_size, shard_size, flip, a
     device = accelerator.device if accelerator else torch.device(device or ("cuda" if torch.cuda.is_available()
                                                                              else "cpu"))
     vae_name = vae if isinstance(vae, str) else getattr(vae.config, "_name_or_path", "") or type(vae).__name__
+    if os.path.isdir(os.path.expanduser(vae_name)):  # a local folder: absolute, so that train.py finds it anywhere
+        vae_name = os.path.abspath(os.path.expanduser(vae_name))
     vae = (vae_io.load(vae) if isinstance(vae, str) else vae).eval()
     scaling_factor = vae_io.scaling_factor(vae)
     if os.path.isfile(os.path.join(output, "meta.json")):
         with open(os.path.join(output, "meta.json")) as f:
             if json.load(f).get("format") != LATENT_FORMAT:
                 raise ValueError(f"{output} holds a foreign meta.json; choose an empty output folder")
+    if accelerator and world > 1:
+        from accelerate.utils import gather_object
+        check_same_files(dataset, gather_object)
     setup = _setup(dataset, vae, image_size, flip, shard_size, skip_bad_images) if is_main else None
     vae = vae.to(device)
     if accelerator:

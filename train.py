@@ -13,8 +13,8 @@ N processes train as one: every random choice of an optimizer step — batch com
 noise, label dropout and augmentation (`ExampleDraws`), the S-JFB counts (`sjfb_counts`) — is a function of
 (seed, step, position in the global batch) alone. One process, N processes and any --grad-accum-steps split take the
 same optimizer steps (same losses and weights up to float summation order), and `--resume auto` continues an
-interrupted run exactly (on another number of processes: up to float summation order). The whole configuration is saved with each checkpoint
-as plain data.
+interrupted run exactly (on another number of processes: up to float summation order). The whole configuration is
+saved with each checkpoint as plain data.
 """
 
 import copy
@@ -35,7 +35,7 @@ from fpdm.diagnostics import TrainingDiagnostics
 from fpdm.run_folders import (STEP_LOOP_TIMEOUT, STOP_SIGNALS, StopSignals, exit_with_error, exit_with_parent,
                                set_collective_timeout)
 from fpdm.training import (BackgroundWork, EvaluationOutOfMemory, EvaluationStopped, Evaluator, ExampleDraws, Preview,
-                           TrainingPreempted, build_model, check_ranks_agree, check_resume_precision,
+                           TrainingPreempted, build_model, check_data_flags, check_ranks_agree, check_resume_precision,
                            latent_decoder_path, load_latent_decoder, local_batch_size, log_layer_diagnostics,
                            make_accelerator, make_loader, make_optimizer, open_run, preempted, restore,
                            save_checkpoint, signal_name, sjfb_counts, start_run_folder, update_ema)
@@ -65,6 +65,7 @@ def _train(cfg, cleanup, stop_signals):
     o, r = cfg.optim, cfg.run
     dataset = data.build_dataset(cfg.data.data_path, image_size=cfg.data.image_size, skip_bad_images=
                                  cfg.data.skip_bad_images, unconditional=cfg.data.unconditional, scan=False)
+    check_data_flags(cfg, dataset)
     vae_path = latent_decoder_path(cfg, dataset)
     run_dir, ckpt_path, ckpt = open_run(cfg)
     if "LOCAL_RANK" in os.environ:  # a worker of accelerate launch / torchrun: stop when the launcher dies

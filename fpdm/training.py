@@ -294,6 +294,19 @@ def check_resume_precision(cfg, ckpt, accelerator):
                          f"change it on purpose")
 
 
+def check_data_flags(cfg, dataset):
+    """Refuse, in one line and before anything is written, data flags the data cannot use: --vae on pixel data (an
+    image folder trains in pixel space: train.py encodes nothing; DiT's train.py encodes at every step, here
+    extract_features.py does it once), --skip-bad-images on a latent folder (its images were read at extraction)."""
+    if dataset.kind != "latents" and cfg.data.vae:
+        raise ValueError(f"--vae {cfg.data.vae}: {cfg.data.data_path} is pixel data, trained in pixel space (nothing "
+                         f"is encoded while training); to train on latents run extract_features.py --vae "
+                         f"{cfg.data.vae} on it and pass its output folder as --data-path")
+    if dataset.kind == "latents" and cfg.data.skip_bad_images:
+        raise ValueError(f"--skip-bad-images: {cfg.data.data_path} holds latents, whose images were read at "
+                         f"extraction (extract_features.py --skip-bad-images); drop the flag")
+
+
 def latent_decoder_path(cfg, dataset):
     """The VAE that turns a latent run's samples into images for previews and FID (--vae, else the one the latent
     folder was extracted with); None for pixel data or when nothing is decoded. Refuses, in one line and before
@@ -609,8 +622,8 @@ class MetricsWindow:
             fixed_point = (f"  S-JFB n {row['sjfb_no_grad']:.1f} m {row['sjfb_with_grad']:.1f}  residual "
                            f"{row['fp_residual']:.3g}" if self.cfg.fp.fixed_point else "")
             mfu = f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-            logger.info("step %d  loss %.4f  grad %.3f  %.2f steps/s  %.0f img/s  %.1f TFLOP/s per GPU%s  mem %.0f MB%s",
-                        step, row["loss"], row["grad_norm"], row["steps_per_s"], row["images_per_s"],
+            logger.info("step %d  loss %.4f  grad %.3f  %.2f steps/s  %.0f img/s  %.1f TFLOP/s per GPU%s  mem %.0f "
+                        "MB%s", step, row["loss"], row["grad_norm"], row["steps_per_s"], row["images_per_s"],
                         row["tflops_per_gpu"], mfu, row["peak_mem_mb"], fixed_point)
         if self.tracker:
             accelerator.log({k: row[k] for k in self.FIELDS if k != "step" and row[k] is not None}, step=step)

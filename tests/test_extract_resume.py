@@ -211,3 +211,18 @@ def test_two_processes_skip_bad_images_and_resume_on_another_count(tmp_path, vae
     os.remove(os.path.join(two, shards[3]))
     assert extract(root, two, vae_dir, **settings) == a.meta
     assert torch.allclose(LatentDataset(two)[len(a) - 1][0], a[len(a) - 1][0], atol=2e-3, rtol=2e-3)
+
+
+def test_processes_that_see_different_image_folders_are_refused(tmp_path):
+    """A node whose copy of the image folder differs (a stale node-local copy) would encode other images under the
+    same shard indices: every process compares the file lists before any shard and all refuse alike, naming each
+    process's count."""
+    same, other = image_folder(tmp_path / "a", n=6), image_folder(tmp_path / "b", n=5)
+    datasets = [ImageFolderDataset(str(root), 16, scan=False) for root in (same, same, other)]
+    sent = []  # what process 0 contributes to the gather (a one-process gather returns it alone)
+    extract_features.check_same_files(datasets[0], lambda item: sent.extend(item) or item)
+    # process 1, gathering process 0's item and its own (accelerate's gather_object)
+    extract_features.check_same_files(datasets[1], lambda item: sent + item)  # the same folder: fine
+    with pytest.raises(ValueError, match=r"the processes see different image folders .*process 0: 6 files .*"
+                                         r"process 1: 5 files .*give every node the same copy"):
+        extract_features.check_same_files(datasets[2], lambda item: sent + item)

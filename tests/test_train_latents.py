@@ -123,6 +123,27 @@ def test_a_latent_run_without_a_vae_stops_in_one_line(latent_run_inputs, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_data_flags_the_data_cannot_use_are_refused(latent_run_inputs, tmp_path, monkeypatch):
+    """--vae with an image folder (trained in pixel space: nothing would encode it; DiT's train.py encodes at every
+    step) and --skip-bad-images with a latent folder (its images were read at extraction): one line each, before
+    anything is written, instead of a silently ignored flag. extract_features.py records a local VAE's absolute
+    path, so a run started from another folder still finds it."""
+    root = latent_run_inputs
+    cases = ((["--data-path", str(root / "images"), "--vae", str(root / "vae")],
+              rf"--vae {root / 'vae'}: {root / 'images'} is pixel data, trained in pixel space"),
+             (["--data-path", str(root / "latents"), "--skip-bad-images"],
+              rf"--skip-bad-images: {root / 'latents'} holds latents, whose images were read at extraction"))
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train.main(train.parse_args([*LATENT_ARGS, *extra, "--results-dir", str(tmp_path), "--max-steps", "1"]))
+    assert os.listdir(tmp_path) == []
+    from extract_features import extract
+    monkeypatch.chdir(root)  # --vae given relative to where extraction ran
+    meta = extract("images", str(tmp_path / "latents"), "vae", image_size=16, batch_size=4, shard_size=8, flip=False,
+                   device="cpu")
+    assert meta["vae"] == str(root / "vae")
+
+
 def test_the_launch_config_decides_the_precision_and_a_resume_keeps_it(tmp_path, monkeypatch):
     """A bf16 launch config (accelerate launch passes it on as ACCELERATE_MIXED_PRECISION; the README's recipe test
     goes through the real launcher) and no --mixed-precision: the run trains in bf16 (logged, in config.json and the
