@@ -27,7 +27,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.parallel import _chain_outputs, _model_outputs, check_model, images_of_guided_batch
+from diffusion.parallel import _chain_outputs, _model_outputs, check_model, images_of_guided_batch, returned_sample
 from diffusion.solvers import solve_batched
 from models import StateCache
 
@@ -126,8 +126,5 @@ def two_axis_sample(model, diffusion, noise, inner_iterations=None, solver="ande
              "wall_time_s": time.perf_counter() - began, "network_evaluations_per_image": per_image,
              "host_reads": result.host_reads, "masked_chain_evaluations": result.masked_evaluations,
              "residuals_per_image": result.image_residuals}
-    # what parallel DDIM returns (Picard: h(X) of the best iterate, evaluated already; Anderson: X); a doubled batch
-    # back as it came (each twin: its image)
-    final = result.fx if solver == "picard" else result.x
-    x_0 = torch.cat([final[-1]] * (1 + doubled))
+    x_0 = returned_sample(result, solver, doubled)
     return (x_0, result, stats) if return_result else x_0
