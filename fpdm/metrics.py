@@ -491,8 +491,9 @@ def reference_content_hash(path):
     changes (evaluate.py's cache key and its report ask for the same hash)."""
     path = os.path.expanduser(str(path))
     files = list_images(path, recursive=False) if os.path.isdir(path) else [path]
-    signature = (os.path.isdir(path), tuple((os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                                            for f in files))
+    stats = [os.stat(f) for f in files]
+    signature = (os.path.isdir(path), tuple((os.path.abspath(f), st.st_size, st.st_mtime_ns)
+                                            for f, st in zip(files, stats)))
     if signature not in _CONTENT_HASHES:
         if not os.path.isdir(path):
             _CONTENT_HASHES[signature] = _sha256_file(path).hexdigest()
